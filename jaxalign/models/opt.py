@@ -1,0 +1,379 @@
+"""OPT (Zhang et al., 2022) as a Flax NNX module: token + learned position embeddings, a stack of decoder blocks,
+and a language-model head tied to the token embeddings. Every released size is covered by `OPTConfig` presets.
+
+Computes the same function as transformers' `OPTForCausalLM` (see tests/test_opt_parity.py). OPT's quirks are
+commented where they occur: the position offset of 2, post-LayerNorm blocks in opt-350m, and the `project_in` /
+`project_out` layers when the embedding width differs from the decoder width.
+
+Numerics: parameters are stored in `param_dtype` (fp32); matmuls run in `dtype` (bf16 on accelerators);
+logits are always fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# OPT's learned position table is indexed by position + 2: fairseq reserved the first two rows (padding_idx + 1).
+POSITION_OFFSET = 2
+# HF OPT uses torch.nn.LayerNorm's default epsilon (flax's default is 1e-6).
+LAYER_NORM_EPS = 1e-5
+_ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
+
+# Fields of a transformers OPTConfig that we read and write back.
+_HF_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings",
+    "word_embed_proj_dim", "do_layer_norm_before", "dropout", "attention_dropout", "activation_function",
+    "enable_bias", "layer_norm_elementwise_affine", "init_std", "pad_token_id", "bos_token_id", "eos_token_id",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+  """Architecture (the fields of transformers' OPTConfig) plus how to compute it (dtype, remat, attention)."""
+
+  vocab_size: int = 50272
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  ffn_dim: int = 3072
+  max_position_embeddings: int = 2048
+  word_embed_proj_dim: int = 768
+  do_layer_norm_before: bool = True
+  dropout: float = 0.1
+  attention_dropout: float = 0.0
+  activation_function: str = "relu"
+  enable_bias: bool = True
+  layer_norm_elementwise_affine: bool = True
+  init_std: float = 0.02
+  pad_token_id: int = 1
+  bos_token_id: int = 2
+  eos_token_id: int = 2
+  # How to compute (not part of the architecture, never exported).
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  attention_impl: str = "auto"  # "xla", "cudnn", or "auto" (cuDNN flash attention on GPU in half precision)
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+    if self.activation_function not in _ACTIVATIONS:
+      raise ValueError(f"activation_function {self.activation_function!r} not supported; one of {sorted(_ACTIVATIONS)}")
+    if self.attention_impl not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"attention_impl {self.attention_impl!r} not supported; one of 'auto', 'xla', 'cudnn'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], **compute) -> OPTConfig:
+    """Builds a config from a transformers `config.json` dict; `compute` sets dtype/remat/attention_impl."""
+    if hf.get("model_type", "opt") != "opt":
+      raise ValueError(f"Expected an OPT config (model_type 'opt'), got model_type {hf.get('model_type')!r}")
+    if hf.get("_remove_final_layer_norm", False):
+      raise ValueError("OPT configs with _remove_final_layer_norm=True (pre-2022 OPT conversions) are not supported")
+    fields = {k: hf[k] for k in _HF_FIELDS if hf.get(k) is not None}
+    fields.setdefault("word_embed_proj_dim", fields.get("hidden_size", cls.hidden_size))
+    return cls(**fields, **compute)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The transformers `config.json` contents for this architecture."""
+    hf = {k: getattr(self, k) for k in _HF_FIELDS}
+    hf.update(model_type="opt", architectures=["OPTForCausalLM"], tie_word_embeddings=True)
+    return hf
+
+  def replace(self, **changes) -> OPTConfig:
+    return dataclasses.replace(self, **changes)
+
+
+def _preset(hidden, layers, heads, *, embed=None, pre_ln=True) -> OPTConfig:
+  return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * hidden,
+                   word_embed_proj_dim=embed or hidden, do_layer_norm_before=pre_ln)
+
+
+# The released OPT architectures (facebook/opt-*). 350m is the odd one: post-LN and 512-wide embeddings.
+PRESETS: dict[str, OPTConfig] = {
+    "opt-125m": _preset(768, 12, 12),
+    "opt-350m": _preset(1024, 24, 16, embed=512, pre_ln=False),
+    "opt-1.3b": _preset(2048, 24, 32),
+    "opt-2.7b": _preset(2560, 32, 32),
+    "opt-6.7b": _preset(4096, 32, 32),
+    "opt-13b": _preset(5120, 40, 40),
+    "opt-30b": _preset(7168, 48, 56),
+    "opt-66b": _preset(9216, 64, 72),
+}
+
+
+def preset(name: str, **changes) -> OPTConfig:
+  """The architecture of a released OPT size ("opt-350m" or "facebook/opt-350m"), with optional overrides."""
+  key = name.removeprefix("facebook/")
+  if key not in PRESETS:
+    raise ValueError(f"Unknown OPT preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[key].replace(**changes)
+
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """OPT's positions from a padding mask: 0, 1, 2, … over real tokens (so left padding works), -1 on padding."""
+  mask = attention_mask.astype(jnp.int32)
+  return jnp.cumsum(mask, axis=1) * mask - 1
+
+
+def attention_mask_4d(
+    query_slots: jax.Array, key_valid: jax.Array, query_segments: jax.Array | None = None,
+    key_segments: jax.Array | None = None, explicit: jax.Array | None = None,
+) -> jax.Array:
+  """Boolean attention mask [B, 1, T, S]: causal (by slot), keys not padding, same segment, and `explicit`.
+
+  `query_slots` [B, T] are the key-slot indices of the queries (their own slot; with a cache, offset by the cache
+  index). A query always sees its own slot, so padded queries never get an all-masked row (no NaNs).
+  """
+  num_keys = key_valid.shape[1]
+  key_slots = jnp.arange(num_keys)[None, None, :]
+  causal = key_slots <= query_slots[:, :, None]
+  mask = causal & key_valid[:, None, :].astype(bool)
+  if query_segments is not None:
+    mask &= query_segments[:, :, None] == key_segments[:, None, :]
+  if explicit is not None:
+    mask &= explicit.astype(bool)
+  mask |= key_slots == query_slots[:, :, None]
+  return mask[:, None, :, :]
+
+
+class OPTAttention(nnx.Module):
+  """Multi-head self-attention. OPT scales queries by head_dim**-0.5 before the dot product."""
+
+  def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    linear = _linear_factory(config, rngs)
+    self.q_proj = linear(config.hidden_size, config.hidden_size)
+    self.k_proj = linear(config.hidden_size, config.hidden_size)
+    self.v_proj = linear(config.hidden_size, config.hidden_size)
+    self.out_proj = linear(config.hidden_size, config.hidden_size)
+
+  def __call__(self, x, mask, layer_cache=None, cache_index=None, dropout_key=None):
+    cfg = self.config
+    batch, length, _ = x.shape
+    split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    new_cache = None
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if cfg.attention_dropout > 0.0 and dropout_key is not None:
+      out = _attention_with_dropout(q, k, v, mask, cfg.attention_dropout, dropout_key)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=_attention_implementation(cfg, q.dtype))
+    out = self.out_proj(out.reshape(batch, length, cfg.hidden_size))
+    return out, new_cache
+
+
+def _attention_implementation(cfg: OPTConfig, dtype) -> str | None:
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  # cuDNN flash attention exists only on GPU and only in half precision.
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def _attention_with_dropout(q, k, v, mask, rate, key):
+  """Explicit softmax attention, used only when attention-probability dropout is on (OPT's default is 0)."""
+  scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def _linear_factory(config: OPTConfig, rngs: nnx.Rngs):
+  init = nnx.initializers.normal(config.init_std)
+
+  def linear(d_in, d_out, use_bias=config.enable_bias):
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
+                      kernel_init=init, rngs=rngs)
+
+  return linear
+
+
+def _layer_norm(config: OPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  affine = config.layer_norm_elementwise_affine
+  return nnx.LayerNorm(config.hidden_size, epsilon=LAYER_NORM_EPS, use_bias=affine, use_scale=affine,
+                       dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+
+
+class OPTDecoderLayer(nnx.Module):
+  """Attention and a ReLU feed-forward network, each in a residual branch with LayerNorm.
+
+  Pre-LN (every OPT but 350m) normalises each branch's input; post-LN (opt-350m) normalises after each residual sum.
+  """
+
+  def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    linear = _linear_factory(config, rngs)
+    self.self_attn = OPTAttention(config, rngs=rngs)
+    self.self_attn_layer_norm = _layer_norm(config, rngs)
+    self.fc1 = linear(config.hidden_size, config.ffn_dim)
+    self.fc2 = linear(config.ffn_dim, config.hidden_size)
+    self.final_layer_norm = _layer_norm(config, rngs)
+
+  def __call__(self, x, mask, layer_cache=None, cache_index=None, dropout_key=None):
+    cfg = self.config
+    keys = jax.random.split(dropout_key, 3) if dropout_key is not None else (None, None, None)
+    residual = x
+    if cfg.do_layer_norm_before:
+      x = self.self_attn_layer_norm(x)
+    x, new_cache = self.self_attn(x, mask, layer_cache, cache_index, keys[0])
+    x = residual + dropout(x, cfg.dropout, keys[1])
+    if not cfg.do_layer_norm_before:
+      x = self.self_attn_layer_norm(x)
+
+    residual = x
+    if cfg.do_layer_norm_before:
+      x = self.final_layer_norm(x)
+    x = self.fc2(_ACTIVATIONS[cfg.activation_function](self.fc1(x)))
+    x = residual + dropout(x, cfg.dropout, keys[2])
+    if not cfg.do_layer_norm_before:
+      x = self.final_layer_norm(x)
+    return x, new_cache
+
+
+def _run_layer(layer: OPTDecoderLayer, x, mask, dropout_key):
+  return layer(x, mask, dropout_key=dropout_key)[0]
+
+
+# Rematerialised layer call: keeps only each block's input for the backward pass.
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class OPTForCausalLM(nnx.Module):
+  """The OPT decoder with its tied language-model head.
+
+  Call `model(input_ids, attention_mask)` for fp32 logits; `model.hidden_states(...)` for the final hidden states
+  (what reward heads and chunked log-prob computations use) and, with a cache, incremental decoding.
+  """
+
+  def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    embed_init = nnx.initializers.normal(config.init_std)
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.word_embed_proj_dim, dtype=config.dtype,
+                                  param_dtype=config.param_dtype, embedding_init=embed_init, rngs=rngs)
+    self.embed_positions = nnx.Embed(config.max_position_embeddings + POSITION_OFFSET, config.hidden_size,
+                                     dtype=config.dtype, param_dtype=config.param_dtype,
+                                     embedding_init=embed_init, rngs=rngs)
+    linear = _linear_factory(config, rngs)
+    # opt-350m embeds tokens in 512 dims and projects to and from the 1024-wide decoder.
+    if config.word_embed_proj_dim != config.hidden_size:
+      self.project_in = linear(config.word_embed_proj_dim, config.hidden_size, use_bias=False)
+      self.project_out = linear(config.hidden_size, config.word_embed_proj_dim, use_bias=False)
+    else:
+      self.project_in = self.project_out = None
+    self.layers = nnx.List([OPTDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+    # Pre-LN models end with a LayerNorm; post-LN blocks already end normalised.
+    self.final_layer_norm = _layer_norm(config, rngs) if config.do_layer_norm_before else None
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
+    cfg = self.config
+    dtype = dtype or cfg.dtype
+    shape = (batch_size, max_length, cfg.num_attention_heads, cfg.head_dim)
+    return {
+        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)],
+        "index": jnp.zeros((), jnp.int32),
+        "key_valid": jnp.zeros((batch_size, max_length), bool),
+        "next_position": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+  def hidden_states(
+      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
+      dropout_key: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict | None]:
+    """Final hidden states [B, T, word_embed_proj_dim] and the updated cache (None without a cache).
+
+    input_ids [B, T]; attention_mask [B, T] (1 = real token; default all ones); positions [B, T] 0-based
+      (default: counted over real tokens, continuing from the cache); segment_ids [B, T] for packed rows
+      (attention only within equal ids; pass positions restarting per segment); mask [B, T, S] an extra boolean
+      attention mask ANDed with the causal/padding/segment mask (S = T without a cache); dropout_key enables dropout.
+    """
+    cfg = self.config
+    batch, length = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((batch, length), jnp.int32)
+    real = attention_mask.astype(bool)
+    if cache is None:
+      if positions is None:
+        positions = default_positions(attention_mask)
+      slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
+      key_valid, cache_index = real, None
+    else:
+      cache_index = cache["index"]
+      if positions is None:
+        positions = cache["next_position"][:, None] + default_positions(attention_mask)
+      slots = cache_index + jnp.broadcast_to(jnp.arange(length), (batch, length))
+      key_valid = jax.lax.dynamic_update_slice_in_dim(cache["key_valid"], real, cache_index, axis=1)
+    mask4 = attention_mask_4d(slots, key_valid, segment_ids, segment_ids, mask)
+
+    x = self.embed_tokens(input_ids)
+    if self.project_in is not None:
+      x = self.project_in(x)
+    # Padding gets position -1, i.e. row 1 of the table, as in transformers.
+    x = x + self.embed_positions(positions + POSITION_OFFSET)
+
+    layer_caches = []
+    for i, layer in enumerate(self.layers):
+      key = jax.random.fold_in(dropout_key, i) if dropout_key is not None else None
+      if cache is not None:
+        x, layer_cache = layer(x, mask4, cache["layers"][i], cache_index, key)
+        layer_caches.append(layer_cache)
+      elif cfg.remat:
+        x = _run_layer_remat(layer, x, mask4, key)
+      else:
+        x = _run_layer(layer, x, mask4, key)
+
+    if self.final_layer_norm is not None:
+      x = self.final_layer_norm(x)
+    if self.project_out is not None:
+      x = self.project_out(x)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {
+          "layers": layer_caches,
+          "index": cache_index + length,
+          "key_valid": key_valid,
+          "next_position": cache["next_position"] + attention_mask.sum(axis=1).astype(jnp.int32),
+      }
+    return x, new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """The tied LM head: hidden @ embed_tokens.T, multiplied in the compute dtype and accumulated/returned in fp32."""
+    table = self.embed_tokens.embedding[...]
+    dtype = self.config.dtype
+    return jnp.einsum("btd,vd->btv", hidden.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
+    """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""
+    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
+    return self.logits(hidden)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameters (the tied head counted once, as it is stored once)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
