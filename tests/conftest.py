@@ -2,6 +2,8 @@
 
 import os
 
+# Eight CPU devices so sharding tests run anywhere; unsharded code just uses the first one.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
