@@ -169,8 +169,11 @@ class OPTAttention(nnx.Module):
   def __call__(self, x, mask, layer_cache=None, cache_index=None, dropout_key=None):
     cfg = self.config
     batch, length, _ = x.shape
+    keys = _split_key(dropout_key, 5)
     split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
-    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    q = split(project(self.q_proj, x, keys[0]))
+    k = split(project(self.k_proj, x, keys[1]))
+    v = split(project(self.v_proj, x, keys[2]))
     new_cache = None
     if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
@@ -178,11 +181,22 @@ class OPTAttention(nnx.Module):
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     if cfg.attention_dropout > 0.0 and dropout_key is not None:
-      out = _attention_with_dropout(q, k, v, mask, cfg.attention_dropout, dropout_key)
+      out = _attention_with_dropout(q, k, v, mask, cfg.attention_dropout, keys[3])
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=_attention_implementation(cfg, q.dtype))
-    out = self.out_proj(out.reshape(batch, length, cfg.hidden_size))
+    out = project(self.out_proj, out.reshape(batch, length, cfg.hidden_size), keys[4])
     return out, new_cache
+
+
+def _split_key(key: jax.Array | None, n: int) -> list:
+  return list(jax.random.split(key, n)) if key is not None else [None] * n
+
+
+def project(linear: nnx.Module, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+  """Applies a projection; LoRA-wrapped ones (models/lora.py) also take a key for their input dropout."""
+  if isinstance(linear, nnx.Linear):
+    return linear(x)
+  return linear(x, dropout_key=dropout_key)
 
 
 def _attention_implementation(cfg: OPTConfig, dtype) -> str | None:
@@ -235,7 +249,7 @@ class OPTDecoderLayer(nnx.Module):
 
   def __call__(self, x, mask, layer_cache=None, cache_index=None, dropout_key=None):
     cfg = self.config
-    keys = jax.random.split(dropout_key, 3) if dropout_key is not None else (None, None, None)
+    keys = _split_key(dropout_key, 5)
     residual = x
     if cfg.do_layer_norm_before:
       x = self.self_attn_layer_norm(x)
@@ -247,7 +261,7 @@ class OPTDecoderLayer(nnx.Module):
     residual = x
     if cfg.do_layer_norm_before:
       x = self.final_layer_norm(x)
-    x = self.fc2(_ACTIVATIONS[cfg.activation_function](self.fc1(x)))
+    x = project(self.fc2, _ACTIVATIONS[cfg.activation_function](project(self.fc1, x, keys[3])), keys[4])
     x = residual + dropout(x, cfg.dropout, keys[2])
     if not cfg.do_layer_norm_before:
       x = self.final_layer_norm(x)

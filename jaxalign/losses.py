@@ -1,0 +1,90 @@
+"""Losses and their metrics as pure functions of arrays (fp32 throughout).
+
+Conventions: `logits[:, t]` predicts `input_ids[:, t + 1]`; a loss mask marks target tokens, i.e. `loss_mask[:, t]`
+is 1 when token t is scored given tokens < t. DPO and reward-model metrics use TRL's names.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reference_free")
+
+
+def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+  """log p(token t | tokens < t) for t = 1..T-1, shape [B, T-1] (fp32)."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Summed log-probs of the masked target tokens of each row, shape [B]."""
+  return (token_logprobs(logits, input_ids) * loss_mask[:, 1:]).sum(axis=-1)
+
+
+def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean token negative log-likelihood over all masked targets of the batch."""
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  nll = -(token_logprobs(logits, input_ids) * mask).sum()
+  num_tokens = mask.sum()
+  loss = nll / jnp.maximum(num_tokens, 1.0)
+  return loss, {"loss": loss, "perplexity": jnp.exp(loss), "num_tokens": num_tokens}
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array, *, beta: float = 0.1, loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict]:
+  """Direct Preference Optimization (Rafailov et al., 2023) and its variants, averaged over pairs.
+
+  logits h = beta * ((pi_c - ref_c) - (pi_r - ref_r)):
+    sigmoid:         -(1 - eps) log σ(h) - eps log σ(-h)   (eps = label_smoothing: conservative DPO)
+    ipo:             ((pi_c - ref_c) - (pi_r - ref_r) - 1 / (2 beta))^2   (Azar et al., 2023)
+    hinge:           max(0, 1 - h)   (SLiC)
+    reference_free:  the sigmoid loss with the reference log-probs taken as 0
+  """
+  if loss_type not in DPO_LOSS_TYPES:
+    raise ValueError(f"dpo loss_type {loss_type!r} unknown; one of {DPO_LOSS_TYPES}")
+  if loss_type == "reference_free":
+    reference_chosen_logps = jnp.zeros_like(reference_chosen_logps)
+    reference_rejected_logps = jnp.zeros_like(reference_rejected_logps)
+  chosen_ratio = policy_chosen_logps - reference_chosen_logps
+  rejected_ratio = policy_rejected_logps - reference_rejected_logps
+  h = beta * (chosen_ratio - rejected_ratio)
+  if loss_type == "ipo":
+    losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+  elif loss_type == "hinge":
+    losses = jax.nn.relu(1.0 - h)
+  else:
+    losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
+  chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+  loss = losses.mean()
+  return loss, {
+      "loss": loss,
+      "rewards/chosen": chosen_rewards.mean(),
+      "rewards/rejected": rejected_rewards.mean(),
+      "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32).mean(),
+      "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+      "logps/chosen": policy_chosen_logps.mean(),
+      "logps/rejected": policy_rejected_logps.mean(),
+  }
+
+
+def reward_model_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *, margin: jax.Array | None = None,
+                      center_rewards_coefficient: float = 0.0) -> tuple[jax.Array, dict]:
+  """Bradley–Terry loss -log σ(r_c - r_r - margin), plus an optional penalty pulling rewards toward 0 (centering)."""
+  diff = chosen_rewards - rejected_rewards
+  if margin is not None:
+    diff = diff - margin
+  loss = -jax.nn.log_sigmoid(diff).mean()
+  if center_rewards_coefficient:
+    loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+  return loss, {
+      "loss": loss,
+      "accuracy": (chosen_rewards > rejected_rewards).astype(jnp.float32).mean(),
+      "rewards/chosen": chosen_rewards.mean(),
+      "rewards/rejected": rejected_rewards.mean(),
+      "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+  }
