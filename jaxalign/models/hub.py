@@ -229,7 +229,7 @@ def opt_param_map(config: opt.OPTConfig, prefix: str = "model.") -> ParamMap:
   return mapping
 
 
-def _opt_prefix(reader: CheckpointReader) -> str:
+def opt_prefix(reader: CheckpointReader) -> str:
   # Current transformers checkpoints say "model.decoder.*"; facebook's original OPT uploads say "decoder.*".
   for prefix in ("model.", ""):
     if f"{prefix}decoder.embed_tokens.weight" in reader.names():
@@ -255,7 +255,7 @@ def from_pretrained(name_or_path: str, *, revision: str | None = None, shardings
   abstract = abstract_opt(config)
   if shardings is None and shardings_fn is not None:
     shardings = shardings_fn(abstract)
-  prefix = _opt_prefix(reader)
+  prefix = opt_prefix(reader)
   return load_into(abstract, reader, opt_param_map(config, prefix), shardings, ignore=["lm_head.weight"])
 
 

@@ -1,0 +1,56 @@
+"""Model FLOPs per token and model-FLOPs utilisation (MFU) against the device's dense peak.
+
+Counting follows the PaLM appendix: a multiply-add is 2 FLOPs; a forward pass costs 2 FLOPs per matmul weight per
+token plus attention's two T x T products (4 · T · d per layer per token, counted for the full, non-causal square);
+a backward pass costs twice the forward. Embedding lookups are free; the tied LM head is a matmul and counts.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxalign.models.opt import OPTConfig
+
+# Dense bf16 peak FLOP/s by device kind (substring match, first hit wins; most specific first).
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def forward_flops_per_token(config: OPTConfig, seq_len: int) -> float:
+  """FLOPs of one forward pass per token for rows of `seq_len` tokens."""
+  d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
+  matmul_weights = layers * (4 * d * d + 2 * d * f) + config.vocab_size * config.word_embed_proj_dim
+  if config.word_embed_proj_dim != d:
+    matmul_weights += 2 * d * config.word_embed_proj_dim
+  attention = layers * 4 * seq_len * d
+  return 2.0 * matmul_weights + attention
+
+
+def training_flops_per_token(config: OPTConfig, seq_len: int, *, extra_forwards: int = 0) -> float:
+  """Forward + backward (3 forwards) per token, plus `extra_forwards` (e.g. 1 for a live DPO reference model)."""
+  return (3 + extra_forwards) * forward_flops_per_token(config, seq_len)
+
+
+def device_peak_flops(device=None, override_tflops: float = 0.0) -> float | None:
+  """Dense bf16 peak of one device in FLOP/s: the override if given, else from the table; None if unknown (CPU)."""
+  if override_tflops:
+    return override_tflops * 1e12
+  kind = (device or jax.devices()[0]).device_kind
+  return next((peak for name, peak in PEAK_FLOPS if name.lower() in kind.lower()), None)
+
+
+def mfu(flops_per_second: float, num_devices: int, peak_per_device: float | None) -> float | None:
+  """Achieved fraction of the mesh's peak, or None when the peak is unknown."""
+  if not peak_per_device:
+    return None
+  return flops_per_second / (num_devices * peak_per_device)
