@@ -73,15 +73,16 @@ class OPTConfig:
     return self.hidden_size // self.num_attention_heads
 
   @classmethod
-  def from_hf_dict(cls, hf: dict[str, Any], **compute) -> OPTConfig:
-    """Builds a config from a transformers `config.json` dict; `compute` sets dtype/remat/attention_impl."""
+  def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> OPTConfig:
+    """Builds a config from a transformers `config.json` dict; `overrides` (dtype, remat, dropout…) win."""
     if hf.get("model_type", "opt") != "opt":
       raise ValueError(f"Expected an OPT config (model_type 'opt'), got model_type {hf.get('model_type')!r}")
     if hf.get("_remove_final_layer_norm", False):
       raise ValueError("OPT configs with _remove_final_layer_norm=True (pre-2022 OPT conversions) are not supported")
     fields = {k: hf[k] for k in _HF_FIELDS if hf.get(k) is not None}
     fields.setdefault("word_embed_proj_dim", fields.get("hidden_size", cls.hidden_size))
-    return cls(**fields, **compute)
+    fields.update(overrides)
+    return cls(**fields)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers `config.json` contents for this architecture."""

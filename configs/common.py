@@ -1,0 +1,100 @@
+"""Defaults shared by every stage. Each stage file starts from `get_config()` and changes what it needs."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "sft"  # sft | dpo | reward
+  c.seed = 0
+  c.resume = True  # continue from the workdir's checkpoints; False refuses a workdir that has some
+  # Where the weights start: a Hub id, a Hugging Face folder, a training workdir, "stage:<name>" (an earlier stage
+  # of the same study), or "" for a random init of `model.preset` + `model.arch`.
+  c.init_from = "facebook/opt-350m"
+  c.tokenizer = "facebook/opt-350m"  # Hub id or local folder; "synthetic" trains a tiny BPE on the synthetic data
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "opt-350m"  # architecture for random init (see jaxalign.models.opt.PRESETS)
+  c.model.arch = ml_collections.ConfigDict()  # field overrides of the preset, e.g. num_hidden_layers
+  c.model.dtype = "float32"  # compute dtype: bfloat16 on GPU/TPU; parameters stay float32
+  c.model.remat = False
+  c.model.attention_impl = "auto"  # auto | xla | cudnn
+  c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "Anthropic/hh-rlhf"  # Hub id, local folder/file, or "synthetic"
+  c.data.subsets = ""  # comma-separated HH subsets; "" = all four (the paper's 160,800-pair train split)
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.eval_pairs = 512  # held-out pairs for evaluation during training (0 = none)
+  c.data.max_length = 512
+  c.data.max_prompt_length = 256
+  c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)
+  c.data.loss_on = "conversation"  # SFT: conversation (the paper) | completion (final response only)
+  c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | both (plain language modelling)
+  c.data.packing = False  # SFT: pack several examples per row (segment masks keep them apart)
+  c.data.buckets = (128, 256, 512, 1024)  # padded row lengths (capped at max_length)
+  c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache
+  c.data.synthetic_pairs = 2000  # size of the synthetic train split when source = "synthetic"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | rmsprop
+  c.optimizer.lr = 2e-5
+  c.optimizer.schedule = "linear"  # linear | cosine | constant (after warmup)
+  c.optimizer.warmup_steps = 0
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip = 1.0  # global norm; 0 = off
+
+  c.training = ml_collections.ConfigDict()
+  c.training.batch_size = 8  # examples (SFT) or pairs (DPO, reward) per optimizer step, over all devices
+  c.training.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
+  c.training.num_epochs = 1.0
+  c.training.max_steps = -1  # -1: run the epochs
+  c.training.log_every = 10
+  c.training.eval_every = 0  # steps between evaluations; 0 = only at the end
+  c.training.progress_bar = True
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1
+  c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | reference_free
+  c.dpo.label_smoothing = 0.0
+  c.dpo.reference = "model"  # model (live forward) | precomputed (one pass first, cached on disk)
+  c.dpo.reference_dtype = "float32"  # a frozen reference copy may be kept in bfloat16
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.05
+  c.lora.targets = ("q_proj", "v_proj")
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.heads = ("reward",)  # or ("harmless", "helpful"): one head per criterion, trained on its HH subsets
+  c.reward.margin = 0.0
+  c.reward.center_rewards_coefficient = 0.0
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 2
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+  c.mesh.min_fsdp_size = 2**18
+  c.mesh.distributed = "auto"  # auto | on | off (jax.distributed.initialize)
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True
+  c.logging.peak_tflops = 0.0  # device peak for MFU; 0 = look up the device kind
+
+  c.export = ml_collections.ConfigDict()
+  c.export.enabled = True  # write <workdir>/model in Hugging Face format at the end
+  c.export.dtype = ""  # "" keeps float32
+
+  c.stages = ()  # a study: names of sub-configs in `stage_configs`, run in order
+  c.stage_configs = ml_collections.ConfigDict()
+  return c

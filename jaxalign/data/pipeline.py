@@ -1,0 +1,202 @@
+"""From a stage config to what the training loop reads: a resumable stream of sharded global batches and a fixed
+set of held-out batches. Glue over hh -> tokenize -> batches; the decisions live in those modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+
+from jaxalign import parallel
+from jaxalign.data import batches as batches_lib, hh, synthetic, tokenize
+from jaxalign.tokenizer import train_bpe_tokenizer
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+SYNTHETIC_TEST_FRACTION = 0.1
+SYNTHETIC_VOCAB_SIZE = 1024
+
+
+def cache_dir(config) -> str:
+  """Where tokenized data, synthetic data and reference log-probs are cached (shared by runs and stages)."""
+  return config.data.cache_dir or os.environ.get("JAXALIGN_CACHE", os.path.expanduser("~/.cache/jaxalign"))
+
+
+def _synthetic_dir(config) -> str:
+  return os.path.join(cache_dir(config), f"synthetic-hh-{config.data.synthetic_pairs}-seed{config.seed}")
+
+
+def data_source(config) -> str:
+  """The data location to load: `data.source`, or the synthetic set written (once) into the cache."""
+  if config.data.source != SYNTHETIC:
+    return config.data.source
+  out = _synthetic_dir(config)
+  if not os.path.exists(os.path.join(out, "done")) and jax.process_index() == 0:
+    n_train = config.data.synthetic_pairs
+    synthetic.write_synthetic_hh(out, n_train=n_train, n_test=max(1, int(n_train * SYNTHETIC_TEST_FRACTION)),
+                                 seed=config.seed)
+    open(os.path.join(out, "done"), "w").close()
+  return out
+
+
+def tokenizer_path(config, workdir: str) -> str:
+  """`config.tokenizer`, or for "synthetic" a tiny byte-level BPE trained (once) on the synthetic corpus."""
+  if config.tokenizer != SYNTHETIC:
+    return config.tokenizer
+  out = os.path.join(cache_dir(config), f"synthetic-tokenizer-{SYNTHETIC_VOCAB_SIZE}")
+  if not os.path.exists(os.path.join(out, "tokenizer.json")) and jax.process_index() == 0:
+    train_bpe_tokenizer(synthetic.synthetic_corpus(seed=0), out, vocab_size=SYNTHETIC_VOCAB_SIZE)
+  return out
+
+
+def head_index(source: str, heads: tuple[str, ...]) -> int:
+  """Which reward head a pair trains: the head whose name appears in its source (e.g. 'harmless' in harmless-base)."""
+  if len(heads) == 1:
+    return 0
+  matches = [i for i, name in enumerate(heads) if name in source]
+  if len(matches) != 1:
+    raise ValueError(f"cannot tell which reward head {heads} a pair from {source!r} trains: name each head after "
+                     "part of its subsets' names (e.g. 'harmless' for harmless-base, 'helpful' for helpful-*)")
+  return matches[0]
+
+
+class TrainStream:
+  """Global batches for the train step: this host's rows from the iterator, made into sharded jax arrays.
+
+  `extra_fields(indices)` adds per-example arrays (reward heads, precomputed reference log-probs) by example index.
+  """
+
+  def __init__(self, iterator: batches_lib.BatchIterator, sharding, extra_fields=None):
+    self.iterator = iterator
+    self.sharding = sharding
+    self.extra_fields = extra_fields
+    self.last_shape: tuple[int, ...] = ()
+
+  def next_global(self) -> dict[str, jax.Array]:
+    batch = next(self.iterator)
+    if self.extra_fields is not None:
+      batch.update(self.extra_fields(batch.pop("index")))
+    else:
+      batch.pop("index")
+    rows = next(iter(batch.values()))
+    self.last_shape = (rows.shape[0] * jax.process_count(), rows.shape[1])
+    return batches_lib.to_global(batch, self.sharding)
+
+  def state(self) -> dict:
+    return self.iterator.state()
+
+  def restore(self, state: dict) -> None:
+    self.iterator.restore(state)
+
+
+@dataclasses.dataclass
+class TrainingData:
+  train: TrainStream
+  eval_batches: list[dict[str, jax.Array]]
+  total_steps: int
+  train_pairs: tokenize.TokenizedPairs | None  # kept for a precomputed-reference pass
+  reference_logps: np.ndarray | None = None  # [N, 2] (chosen, rejected) per train pair
+
+  def attach_reference_logps(self, logps: np.ndarray) -> None:
+    """Makes every train batch carry `reference_chosen_logps` / `reference_rejected_logps` from `logps` [N, 2]."""
+    self.reference_logps = logps
+    previous = self.train.extra_fields
+
+    def fields(indices):
+      out = previous(indices) if previous is not None else {}
+      out["reference_chosen_logps"] = logps[indices, 0].astype(np.float32)
+      out["reference_rejected_logps"] = logps[indices, 1].astype(np.float32)
+      return out
+
+    self.train.extra_fields = fields
+
+
+def _head_fields(config, pairs: list[hh.PreferencePair]):
+  """For multi-head reward models: a function adding each row's `head` index; None otherwise."""
+  if config.task != "reward" or len(config.reward.heads) == 1:
+    return None
+  heads = np.array([head_index(p.source, tuple(config.reward.heads)) for p in pairs], np.int32)
+  return lambda indices: {"head": heads[indices]}
+
+
+def _check_divisible(config, mesh) -> None:
+  micro = config.training.batch_size // config.training.grad_accum
+  if micro % mesh.size:
+    raise ValueError(f"config.training.batch_size / grad_accum = {micro} rows per micro-batch cannot be split over "
+                     f"{mesh.size} devices: make it a multiple of {mesh.size}")
+
+
+def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int):
+  """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields)."""
+  if batch_kind == "sft":
+    collate = lambda idx, length: {**batches_lib.collate_sft(examples, idx, length, pad_id), "index": idx}
+  else:
+    collate = lambda idx, length: {**batches_lib.collate_dpo(examples, idx, length, pad_id), "index": idx}
+  return batches_lib.BatchIterator(examples.lengths, collate, global_batch_size=global_batch_size, seed=seed,
+                                   max_length=config.data.max_length, buckets=tuple(buckets))
+
+
+def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
+  if batch_kind != "sft":
+    return pairs
+  examples = tokenize.sft_examples(pairs, loss_on=config.data.loss_on, max_length=config.data.max_length)
+  if config.data.sft_responses == "both":
+    # Language modelling on both sides of each pair: an unaligned "pretrained" model for the offline quickstart.
+    swapped = dataclasses.replace(pairs, chosen_ids=pairs.rejected_ids)
+    rejected = tokenize.sft_examples(swapped, loss_on=config.data.loss_on, max_length=config.data.max_length)
+    examples = tokenize.SFTExamples(examples.input_ids + rejected.input_ids, examples.loss_mask + rejected.loss_mask)
+  if config.data.packing:
+    examples = tokenize.pack_examples(examples, seq_len=config.data.max_length)
+  return examples
+
+
+def _load(config, tokenizer, split: str):
+  subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
+  pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
+  tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length,
+                                      max_prompt_length=config.data.max_prompt_length,
+                                      truncation_mode=config.data.truncation_mode,
+                                      cache_dir=os.path.join(cache_dir(config), "tokenized"))
+  return pairs, tokenized
+
+
+def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingData:
+  """The train stream and held-out batches of a stage; `batch_kind` "sft" or "pairs"."""
+  del workdir  # data is cached by content, not per run
+  _check_divisible(config, mesh)
+  sharding = parallel.batch_sharding(mesh)
+  pad_id = tokenizer.pad_token_id
+  buckets = config.data.buckets
+  train_pairs_text, train_pairs = _load(config, tokenizer, config.data.train_split)
+  train_examples = _examples(config, train_pairs, batch_kind)
+  iterator = _iterator(config, train_examples, batch_kind, seed=config.seed,
+                       global_batch_size=config.training.batch_size, buckets=buckets, pad_id=pad_id)
+  stream = TrainStream(iterator, sharding, _head_fields(config, train_pairs_text))
+
+  if config.training.max_steps > 0:
+    total_steps = config.training.max_steps
+  else:
+    total_steps = math.ceil(config.training.num_epochs * iterator.batches_per_epoch)
+
+  eval_batches = []
+  if config.data.eval_pairs:
+    eval_text, eval_pairs = _load(config, tokenizer, config.data.eval_split)
+    keep = np.sort(np.random.default_rng(config.seed).permutation(len(eval_pairs))[:config.data.eval_pairs])
+    eval_text = [eval_text[i] for i in keep]
+    eval_pairs = tokenize.TokenizedPairs(*[[field[i] for i in keep] if isinstance(field, list) else field[keep]
+                                           for field in dataclasses.astuple(eval_pairs)])
+    eval_examples = _examples(config, eval_pairs, batch_kind)
+    eval_size = min(config.training.batch_size, len(eval_examples) // mesh.size * mesh.size)
+    if eval_size:
+      eval_iterator = _iterator(config, eval_examples, batch_kind, seed=config.seed, global_batch_size=eval_size,
+                                buckets=buckets, pad_id=pad_id)
+      eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text))
+      eval_batches = [eval_stream.next_global() for _ in range(eval_iterator.batches_per_epoch)]
+    log.info("held-out: %d batches of %d", len(eval_batches), eval_size)
+  return TrainingData(stream, eval_batches, total_steps, train_pairs if batch_kind != "sft" else None)

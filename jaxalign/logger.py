@@ -1,0 +1,91 @@
+"""Training metrics: a progress bar, `metrics.jsonl` in the workdir, TensorBoard events, throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxalign import flops
+
+
+class MetricLogger:
+  """Receives every step's metrics (device arrays) and writes a record every `training.log_every` steps.
+
+  Throughput counts real (non-padding) tokens; MFU is model FLOPs over the mesh's dense bf16 peak (absent on CPU
+  unless `logging.peak_tflops` is set).
+  """
+
+  def __init__(self, workdir: str, config, *, total_steps: int, start_step: int,
+               flops_per_token: Callable[[int], float], num_devices: int):
+    self.is_main = jax.process_index() == 0
+    self.log_every = config.training.log_every
+    self.total_steps = total_steps
+    self.flops_per_token = flops_per_token
+    self.num_devices = num_devices
+    self.peak = flops.device_peak_flops(override_tflops=config.logging.peak_tflops)
+    self.shapes: set[tuple[int, ...]] = set()
+    self._window = {"tokens": 0.0, "flops": 0.0, "steps": 0, "sums": {}}
+    self._window_start = time.perf_counter()
+    self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
+                    disable=not (self.is_main and config.training.progress_bar))
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+    self.tensorboard = None
+    if self.is_main and config.logging.tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def train_step(self, step: int, metrics: dict, shape: tuple[int, ...]) -> None:
+    """Accounts one finished step; `shape` is its batch's (rows, padded length)."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.shapes.add(tuple(shape))
+    tokens = values.pop("tokens")
+    window = self._window
+    window["tokens"] += tokens
+    window["flops"] += tokens * self.flops_per_token(shape[-1])
+    window["steps"] += 1
+    for k, v in values.items():
+      window["sums"][k] = window["sums"].get(k, 0.0) + v
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+    if step % self.log_every == 0 or step == self.total_steps:
+      self._flush(step)
+
+  def _flush(self, step: int) -> None:
+    window = self._window
+    elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+    record = {f"train/{k}": v / window["steps"] for k, v in window["sums"].items()}
+    record["perf/tokens_per_second"] = window["tokens"] / elapsed
+    record["perf/steps_per_second"] = window["steps"] / elapsed
+    utilisation = flops.mfu(window["flops"] / elapsed, self.num_devices, self.peak)
+    if utilisation is not None:
+      record["perf/mfu"] = utilisation
+    self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", tok_s=f"{record['perf/tokens_per_second']:.0f}",
+                         **({"mfu": f"{utilisation:.1%}"} if utilisation is not None else {}))
+    self.write(step, record)
+    self._window = {"tokens": 0.0, "flops": 0.0, "steps": 0, "sums": {}}
+    self._window_start = time.perf_counter()
+
+  def write(self, step: int, record: dict[str, float]) -> None:
+    if not self.is_main or not record:
+      return
+    self.jsonl.write(json.dumps({"step": step, **{k: float(np.asarray(v)) for k, v in record.items()}}) + "\n")
+    self.jsonl.flush()
+    if self.tensorboard is not None:
+      for k, v in record.items():
+        self.tensorboard.add_scalar(k, v, step)
+    if any(k.startswith("eval/") for k in record):
+      tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+
+  def close(self) -> None:
+    self.bar.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
+    if self.tensorboard is not None:
+      self.tensorboard.close()

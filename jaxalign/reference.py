@@ -1,0 +1,77 @@
+"""Precomputed DPO reference log-probs: one forward pass of the starting model over every train pair, cached on disk.
+
+The reference is then not in memory while training and costs no forward per step. The cache key is a fingerprint
+of the reference weights, the tokenized pairs and the compute dtype, so a rerun (or a resumed run) reads the file
+instead of recomputing, and any change to weights or data recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign import parallel, tasks
+from jaxalign.data import batches as batches_lib, pipeline
+from jaxalign.models import hub
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(model: nnx.Module, pairs, dtype: str) -> str:
+  """A digest of the model's parameters (gathered to the host), the pairs' token ids and the compute dtype."""
+  digest = hashlib.blake2b(digest_size=16)
+  digest.update(dtype.encode())
+  for path, variable in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
+    digest.update(str(path).encode())
+    digest.update(np.ascontiguousarray(hub.host_numpy(variable.get_value())).tobytes())
+  for ids in (*pairs.prompt_ids, *pairs.chosen_ids, *pairs.rejected_ids):
+    digest.update(np.asarray(ids, np.int32).tobytes())
+    digest.update(b"|")
+  return digest.hexdigest()
+
+
+def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[int, ...], max_length: int,
+                  pad_id: int, mesh) -> np.ndarray:
+  """(chosen, rejected) summed response log-probs of every pair, [N, 2], in length-sorted batches."""
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch))
+  sharding = parallel.batch_sharding(mesh)
+  buckets = batches_lib.bucket_lengths(buckets, max_length)
+  lengths = pairs.lengths
+  order = np.argsort(lengths, kind="stable")
+  host_rows = batch_size // jax.process_count()
+  out = np.zeros((len(lengths), 2), np.float64)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
+    length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
+    mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
+    batch = batches_lib.to_global(batches_lib.collate_dpo(pairs, mine, length, pad_id), sharding)
+    chosen, rejected = forward(state, batch)
+    out[chunk, 0] = hub.host_numpy(chosen)[:len(chunk)]
+    out[chunk, 1] = hub.host_numpy(rejected)[:len(chunk)]
+  return out
+
+
+def precomputed_logps(model: nnx.Module, data: pipeline.TrainingData, config, mesh, pad_id: int) -> np.ndarray:
+  """The reference log-probs of the train pairs, from the cache when this model and data were seen before."""
+  pairs = data.train_pairs
+  key = fingerprint(model, pairs, config.model.dtype)
+  path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
+  if os.path.exists(path):
+    log.info("reference log-probs read from %s", path)
+    return np.load(path)
+  log.info("computing reference log-probs for %d pairs (cached in %s)", len(pairs.prompt_ids), path)
+  logps = compute_logps(model, pairs, batch_size=config.training.batch_size // config.training.grad_accum,
+                        buckets=tuple(config.data.buckets), max_length=config.data.max_length, pad_id=pad_id,
+                        mesh=mesh)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path + ".tmp.npy", logps)
+    os.replace(path + ".tmp.npy", path)  # atomic: a killed run never leaves a half-written cache
+  return logps

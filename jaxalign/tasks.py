@@ -1,0 +1,124 @@
+"""What is trained: SFT, DPO and reward modelling, each a loss over a batch dict, all driven by one loop.
+
+A task knows which batches it reads (`batch_kind`: "sft" rows or preference "pairs"), how to compute its loss and
+metrics from a model and a batch, and how many tokens a batch holds (for throughput). Pairs run chosen and
+rejected through the model as one concatenated batch (one forward, one backward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import losses
+
+Batch = dict[str, jax.Array]
+
+
+def _pad_to(x: jax.Array, length: int, value) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+
+
+def concatenated_pairs(batch: Batch, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Chosen rows then rejected rows, padded to one length: (input_ids, attention_mask, loss_mask) [2B, L]."""
+  length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+  parts = []
+  for field, value in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", 0)):
+    parts.append(jnp.concatenate([_pad_to(batch[f"chosen_{field}"], length, value),
+                                  _pad_to(batch[f"rejected_{field}"], length, value)], axis=0))
+  return tuple(parts)
+
+
+def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+  """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
+  ids, mask, loss_mask = concatenated_pairs(batch, model.config.pad_token_id)
+  logps = losses.sequence_logprobs(model(ids, mask, dropout_key=dropout_key), ids, loss_mask)
+  num_pairs = batch["chosen_input_ids"].shape[0]
+  return logps[:num_pairs], logps[num_pairs:]
+
+
+def pair_tokens(batch: Batch) -> jax.Array:
+  return batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTTask:
+  """Next-token cross-entropy on the masked targets (the whole conversation, or only the final response)."""
+
+  batch_kind = "sft"
+  uses_reference = False
+
+  def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    logits = model(batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
+                   segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
+    return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+  def tokens(self, batch: Batch) -> jax.Array:
+    return batch["attention_mask"].sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOTask:
+  """DPO against a reference: a model (frozen copy, or the LoRA base with adapters off) or precomputed log-probs.
+
+  With precomputed reference log-probs the batch carries `reference_chosen_logps` / `reference_rejected_logps`
+  and `reference` is None.
+  """
+
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
+  batch_kind = "pairs"
+  uses_reference = True
+
+  def reference_logps(self, reference, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    if reference is None:
+      return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    chosen, rejected = pair_logprobs(reference, batch)
+    return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+
+  def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    ref_chosen, ref_rejected = self.reference_logps(reference, batch)
+    chosen, rejected = pair_logprobs(model, batch, dropout_key)
+    return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+                           label_smoothing=self.label_smoothing)
+
+  def tokens(self, batch: Batch) -> jax.Array:
+    return pair_tokens(batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTask:
+  """Bradley–Terry reward modelling; with several heads each pair trains the head named by its `head` index."""
+
+  margin: float = 0.0
+  center_rewards_coefficient: float = 0.0
+  batch_kind = "pairs"
+  uses_reference = False
+
+  def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    ids, mask, _ = concatenated_pairs(batch, model.config.pad_token_id)
+    rewards = model(ids, mask, dropout_key=dropout_key)
+    num_pairs = batch["chosen_input_ids"].shape[0]
+    head = batch.get("head", jnp.zeros((num_pairs,), jnp.int32))
+    picked = jnp.take_along_axis(rewards, jnp.concatenate([head, head])[:, None], axis=1)[:, 0]
+    margin = jnp.full((num_pairs,), self.margin) if self.margin else None
+    return losses.reward_model_loss(picked[:num_pairs], picked[num_pairs:], margin=margin,
+                                    center_rewards_coefficient=self.center_rewards_coefficient)
+
+  def tokens(self, batch: Batch) -> jax.Array:
+    return pair_tokens(batch)
+
+
+def make_task(config: Any):
+  """The task named by `config.task` with its settings from the config."""
+  if config.task == "sft":
+    return SFTTask()
+  if config.task == "dpo":
+    return DPOTask(beta=config.dpo.beta, loss_type=config.dpo.loss_type, label_smoothing=config.dpo.label_smoothing)
+  if config.task == "reward":
+    return RewardTask(margin=config.reward.margin, center_rewards_coefficient=config.reward.center_rewards_coefficient)
+  raise ValueError(f"task {config.task!r} unknown; one of 'sft', 'dpo', 'reward'")
