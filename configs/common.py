@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = -1  # use the first N devices (-1: all)
   c.mesh.data = -1  # -1: all devices not used by fsdp
   c.mesh.fsdp = 1
   c.mesh.min_fsdp_size = 2**18

@@ -96,6 +96,8 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "reward.heads", bool(heads) and len(set(heads)) == len(heads), "distinct head names")
   _check(config, "checkpoint.every_steps", config.checkpoint.every_steps >= 0, "a step count >= 0 (0 = at the end)")
   _check(config, "checkpoint.keep", config.checkpoint.keep >= 1, "a count >= 1")
+  _check(config, "mesh.num_devices", config.mesh.num_devices == -1 or config.mesh.num_devices >= 1,
+         "-1 (all) or a device count")
   _check(config, "mesh.data", config.mesh.data == -1 or config.mesh.data >= 1, "-1 or a device count")
   _check(config, "mesh.fsdp", config.mesh.fsdp == -1 or config.mesh.fsdp >= 1, "-1 or a device count")
   _one_of(config, "mesh.distributed", ("auto", "on", "off"))

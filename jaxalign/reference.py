@@ -58,9 +58,8 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
   return out
 
 
-def precomputed_logps(model: nnx.Module, data: pipeline.TrainingData, config, mesh, pad_id: int) -> np.ndarray:
-  """The reference log-probs of the train pairs, from the cache when this model and data were seen before."""
-  pairs = data.train_pairs
+def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndarray:
+  """The reference log-probs of `pairs`, from the cache when this model and these pairs were seen before."""
   key = fingerprint(model, pairs, config.model.dtype)
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
   if os.path.exists(path):
@@ -75,3 +74,9 @@ def precomputed_logps(model: nnx.Module, data: pipeline.TrainingData, config, me
     np.save(path + ".tmp.npy", logps)
     os.replace(path + ".tmp.npy", path)  # atomic: a killed run never leaves a half-written cache
   return logps
+
+
+def attach_precomputed(model: nnx.Module, data: pipeline.TrainingData, config, mesh, pad_id: int) -> None:
+  """Computes (or reads) the starting model's log-probs on the train and held-out pairs and adds them to batches."""
+  eval_logps = cached_logps(model, data.eval_pairs, config, mesh, pad_id) if data.eval_pairs is not None else None
+  data.attach_reference_logps(cached_logps(model, data.train_pairs, config, mesh, pad_id), eval_logps)

@@ -210,7 +210,7 @@ class StepFunctions:
       metrics = jax.tree.map(lambda m: m / accum, metrics)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics["grad_norm"] = optax.global_norm(grads)
+      metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
       metrics["tokens"] = task.tokens(batch).astype(jnp.float32)
       return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -253,7 +253,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   data = pipeline.build(config, tokenizer, workdir, task.batch_kind, mesh)
@@ -283,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
       reference_state = jax.tree.map(lambda x: jnp.array(x, dtype=config.dpo.reference_dtype, copy=True),
                                      reference_state)
   if task.uses_reference and config.dpo.reference == "precomputed":
-    data.attach_reference_logps(reference_lib.precomputed_logps(model, data, config, mesh, tokenizer.pad_token_id))
+    reference_lib.attach_precomputed(model, data, config, mesh, tokenizer.pad_token_id)
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,

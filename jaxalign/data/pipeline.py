@@ -98,23 +98,38 @@ class TrainStream:
 @dataclasses.dataclass
 class TrainingData:
   train: TrainStream
-  eval_batches: list[dict[str, jax.Array]]
+  eval_stream: TrainStream | None  # one pass over the held-out examples, the same batches at every evaluation
   total_steps: int
-  train_pairs: tokenize.TokenizedPairs | None  # kept for a precomputed-reference pass
-  reference_logps: np.ndarray | None = None  # [N, 2] (chosen, rejected) per train pair
+  train_pairs: tokenize.TokenizedPairs | None  # kept for a precomputed-reference pass (pair tasks only)
+  eval_pairs: tokenize.TokenizedPairs | None
+  _eval_batches: list | None = None
 
-  def attach_reference_logps(self, logps: np.ndarray) -> None:
-    """Makes every train batch carry `reference_chosen_logps` / `reference_rejected_logps` from `logps` [N, 2]."""
-    self.reference_logps = logps
-    previous = self.train.extra_fields
+  @property
+  def eval_batches(self) -> list[dict[str, jax.Array]]:
+    if self._eval_batches is None:
+      self._eval_batches = []
+      if self.eval_stream is not None:
+        self.eval_stream.restore({**self.eval_stream.state(), "epoch": 0, "position": 0})
+        self._eval_batches = [self.eval_stream.next_global()
+                              for _ in range(self.eval_stream.iterator.batches_per_epoch)]
+    return self._eval_batches
 
-    def fields(indices):
-      out = previous(indices) if previous is not None else {}
-      out["reference_chosen_logps"] = logps[indices, 0].astype(np.float32)
-      out["reference_rejected_logps"] = logps[indices, 1].astype(np.float32)
-      return out
+  def attach_reference_logps(self, train_logps: np.ndarray, eval_logps: np.ndarray | None) -> None:
+    """Makes batches carry `reference_chosen_logps` / `reference_rejected_logps` from [N, 2] arrays per split."""
+    for stream, logps in ((self.train, train_logps), (self.eval_stream, eval_logps)):
+      if stream is not None:
+        stream.extra_fields = _with_reference(stream.extra_fields, logps)
+    self._eval_batches = None
 
-    self.train.extra_fields = fields
+
+def _with_reference(previous, logps: np.ndarray):
+  def fields(indices):
+    out = previous(indices) if previous is not None else {}
+    out["reference_chosen_logps"] = logps[indices, 0].astype(np.float32)
+    out["reference_rejected_logps"] = logps[indices, 1].astype(np.float32)
+    return out
+
+  return fields
 
 
 def _head_fields(config, pairs: list[hh.PreferencePair]):
@@ -184,19 +199,18 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
   else:
     total_steps = math.ceil(config.training.num_epochs * iterator.batches_per_epoch)
 
-  eval_batches = []
+  eval_stream, eval_pairs = None, None
   if config.data.eval_pairs:
     eval_text, eval_pairs = _load(config, tokenizer, config.data.eval_split)
     keep = np.sort(np.random.default_rng(config.seed).permutation(len(eval_pairs))[:config.data.eval_pairs])
-    eval_text = [eval_text[i] for i in keep]
-    eval_pairs = tokenize.TokenizedPairs(*[[field[i] for i in keep] if isinstance(field, list) else field[keep]
-                                           for field in dataclasses.astuple(eval_pairs)])
+    eval_text, eval_pairs = [eval_text[i] for i in keep], eval_pairs.subset(keep)
     eval_examples = _examples(config, eval_pairs, batch_kind)
     eval_size = min(config.training.batch_size, len(eval_examples) // mesh.size * mesh.size)
     if eval_size:
       eval_iterator = _iterator(config, eval_examples, batch_kind, seed=config.seed, global_batch_size=eval_size,
                                 buckets=buckets, pad_id=pad_id)
       eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text))
-      eval_batches = [eval_stream.next_global() for _ in range(eval_iterator.batches_per_epoch)]
-    log.info("held-out: %d batches of %d", len(eval_batches), eval_size)
-  return TrainingData(stream, eval_batches, total_steps, train_pairs if batch_kind != "sft" else None)
+      log.info("held-out: %d batches of %d", eval_iterator.batches_per_epoch, eval_size)
+  pair_task = batch_kind != "sft"
+  return TrainingData(stream, eval_stream, total_steps, train_pairs if pair_task else None,
+                      eval_pairs if pair_task else None)

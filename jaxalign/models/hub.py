@@ -149,7 +149,7 @@ def load_into(abstract_model: nnx.Module, reader: CheckpointReader, param_map: P
     if sharding is None:
       value = jax.numpy.asarray(array)
     else:
-      sharding = getattr(sharding, "value", sharding)
+      sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
       value = jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index])
     variable.set_value(value)
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,277 @@
+"""The training loop end to end on tiny models and synthetic data: sharding equivalence, exact resume after SIGKILL,
+multi-process training, precomputed references, exports, config errors, studies."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs import common
+from jaxalign import config_lib, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jaxalign-cache"))
+
+
+def tiny_config(cache_dir: str, task: str = "sft", /, **fields):
+  """A 2-layer OPT on 400 synthetic pairs; `fields` are dotted overrides, e.g. {"dpo.beta": 0.5}."""
+  c = common.get_config()
+  c.task = task
+  c.seed = 0
+  c.init_from = ""
+  c.tokenizer = "synthetic"
+  c.data.source = "synthetic"
+  c.data.synthetic_pairs = 400
+  c.data.cache_dir = cache_dir
+  c.data.eval_pairs = 16
+  c.data.max_length = 128
+  c.data.max_prompt_length = 64
+  c.data.buckets = (128,)
+  c.model.preset = "opt-125m"
+  c.model.arch.update(vocab_size=1024, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                      word_embed_proj_dim=32, max_position_embeddings=160)
+  c.model.dropout = 0.0
+  c.optimizer.lr = 1e-3
+  c.training.batch_size = 8
+  c.training.max_steps = 4
+  c.training.log_every = 1
+  c.training.progress_bar = False
+  c.checkpoint.every_steps = 2
+  c.checkpoint.async_save = False
+  c.logging.tensorboard = False
+  for name, value in fields.items():
+    parent = c
+    *path, leaf = name.split(".")
+    for part in path:
+      parent = parent[part]
+    parent[leaf] = value
+  return c
+
+
+def exported(workdir: str) -> dict[str, np.ndarray]:
+  return load_file(os.path.join(workdir, trainer.EXPORT_DIR, "model.safetensors"))
+
+
+def losses_by_step(workdir: str) -> dict[int, float]:
+  """The last logged train loss of each step (a resumed run logs the steps after its checkpoint again)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "train/loss" in record:
+        out[record["step"]] = record["train/loss"]
+  return out
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """Committed checkpoint steps (Orbax's unfinished `<step>.orbax-checkpoint-tmp-*` folders are not digits)."""
+  folder = os.path.join(workdir, "checkpoints")
+  return [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+
+
+def config_file(tmp_path, config) -> str:
+  """A config file for `train.py` that returns exactly `config`."""
+  path = tmp_path / "config.py"
+  path.write_text("import ml_collections\n\ndef get_config():\n"
+                  f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+  return str(path)
+
+
+def train_cli(config_path: str, workdir: str, env_extra: dict | None = None, devices: int = 1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO,
+             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), f"--config={config_path}",
+                           f"--workdir={workdir}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def assert_same_params(a: dict, b: dict, atol: float = 0.0):
+  assert a.keys() == b.keys()
+  for name in a:
+    if atol:
+      np.testing.assert_allclose(a[name], b[name], atol=atol, err_msg=name)
+    else:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------- tests
+
+
+def test_sft_trains_and_exports_a_transformers_model(cache_dir, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 12, "optimizer.lr": 3e-3})
+  export = trainer.run(config, str(tmp_path))
+  losses = losses_by_step(str(tmp_path))
+  assert losses[12] < losses[1] - 0.5, losses
+  done = json.load(open(tmp_path / trainer.DONE_FILE))
+  assert done["compilations"]["train"] == 1 and done["train_shapes"] == [[8, 128]]  # one bucket, one program
+
+  from jaxalign.models import hub
+
+  ours = hub.from_pretrained(export)
+  theirs = transformers.OPTForCausalLM.from_pretrained(export).eval()
+  ids = np.array([[2, 17, 40, 99, 5, 300]])
+  with torch.no_grad():
+    expected = theirs(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours(ids)), expected, atol=1e-4)
+
+
+def test_first_dpo_step_loss_is_ln2_and_eight_devices_match_one(cache_dir, tmp_path):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+  runs = {}
+  for name, mesh in (("one", {"mesh.num_devices": 1}), ("eight", {"mesh.data": 4, "mesh.fsdp": 2})):
+    config = tiny_config(cache_dir, "dpo", **{"training.max_steps": 1, "mesh.min_fsdp_size": 0,
+                                              "data.eval_pairs": 0}, **mesh)
+    trainer.run(config, str(tmp_path / name))
+    runs[name] = (losses_by_step(str(tmp_path / name)), exported(str(tmp_path / name)))
+  assert runs["one"][0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+  assert runs["eight"][0][1] == pytest.approx(runs["one"][0][1], abs=1e-5)
+  assert_same_params(runs["eight"][1], runs["one"][1], atol=1e-5)
+
+
+def test_precomputed_reference_equals_live_reference_and_is_cached(cache_dir, tmp_path, caplog):
+  results = {}
+  for mode in ("model", "precomputed"):
+    config = tiny_config(cache_dir, "dpo", **{"dpo.reference": mode, "training.max_steps": 3})
+    trainer.run(config, str(tmp_path / mode))
+    results[mode] = losses_by_step(str(tmp_path / mode))
+  for step in (1, 2, 3):
+    assert results["precomputed"][step] == pytest.approx(results["model"][step], abs=1e-5)
+  reference_files = os.listdir(os.path.join(cache_dir, "reference"))
+  assert len(reference_files) == 2  # train and held-out pairs
+  caplog.set_level("INFO", logger="jaxalign")
+  config = tiny_config(cache_dir, "dpo", **{"dpo.reference": "precomputed", "training.max_steps": 1})
+  trainer.run(config, str(tmp_path / "again"))
+  assert "reference log-probs read from" in caplog.text
+
+
+def test_lora_dpo_trains_only_adapters_and_exports_merged(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "dpo", **{"lora.enabled": True, "training.max_steps": 2, "optimizer.lr": 1e-2})
+  trainer.run(config, str(tmp_path))
+  losses = losses_by_step(str(tmp_path))
+  assert losses[1] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == reference
+  names = exported(str(tmp_path)).keys()
+  assert not any("lora" in n for n in names) and "model.decoder.layers.0.self_attn.q_proj.weight" in names
+
+
+def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 150, "checkpoint.every_steps": 10,
+                                            "checkpoint.async_save": True, "data.eval_pairs": 0})
+  path = config_file(tmp_path, config)
+  straight = train_cli(path, str(tmp_path / "straight"))
+  assert straight.wait(timeout=600) == 0, straight.stdout.read()
+
+  killed_dir = tmp_path / "killed"
+  victim = train_cli(path, str(killed_dir))
+  deadline = time.time() + 600
+  # SIGKILL once a checkpoint exists past the first one, while training is still running.
+  while max(checkpoint_steps(killed_dir), default=0) < 20:
+    assert time.time() < deadline and victim.poll() is None, "run ended before it could be killed"
+    time.sleep(0.02)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert not (killed_dir / trainer.DONE_FILE).exists()
+  resumed = train_cli(path, str(killed_dir))
+  output = resumed.stdout.read()
+  assert resumed.wait(timeout=600) == 0, output
+  assert "resumed from step" in output
+  assert losses_by_step(str(killed_dir)) == losses_by_step(str(tmp_path / "straight"))
+  assert_same_params(exported(str(killed_dir)), exported(str(tmp_path / "straight")))
+
+
+def test_two_processes_train_like_one(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 3, "data.eval_pairs": 0,
+                                            "checkpoint.every_steps": 0, "mesh.min_fsdp_size": 0, "mesh.fsdp": 2})
+  path = config_file(tmp_path, config)
+  single = train_cli(path, str(tmp_path / "single"), devices=2)
+  assert single.wait(timeout=600) == 0, single.stdout.read()
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [train_cli(path, str(tmp_path / "multi"), devices=1, env_extra={
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+      "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}) for i in range(2)]
+  for proc in procs:
+    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+  for step, loss in losses_by_step(str(tmp_path / "single")).items():
+    assert losses_by_step(str(tmp_path / "multi"))[step] == pytest.approx(loss, abs=1e-5)
+  assert_same_params(exported(str(tmp_path / "multi")), exported(str(tmp_path / "single")), atol=1e-5)
+
+
+def test_corrupted_newest_checkpoint_falls_back_with_a_message(cache_dir, tmp_path, caplog):
+  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 4, "data.eval_pairs": 0})
+  trainer.run(config, str(tmp_path))
+  os.remove(tmp_path / trainer.DONE_FILE)
+  newest = tmp_path / "checkpoints" / "4"
+  for root, _, files in os.walk(newest / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  caplog.set_level("WARNING")
+  trainer.run(config, str(tmp_path))
+  assert "checkpoint step 4" in caplog.text and "could not be restored" in caplog.text
+
+
+def test_study_runs_stages_in_order_and_skips_finished_ones(cache_dir, tmp_path, caplog):
+  c = common.get_config()
+  c.stages = ("sft", "dpo")
+  c.stage_configs.sft = tiny_config(cache_dir, "sft", **{"training.max_steps": 2, "data.eval_pairs": 0})
+  c.stage_configs.dpo = tiny_config(cache_dir, "dpo", **{"training.max_steps": 2, "data.eval_pairs": 0,
+                                                          "init_from": "stage:sft"})
+  trainer.run(c, str(tmp_path))
+  assert losses_by_step(str(tmp_path / "dpo"))[1] == pytest.approx(math.log(2), abs=1e-6)
+  caplog.set_level("INFO", logger="jaxalign")
+  trainer.run(c, str(tmp_path))
+  assert caplog.text.count("already finished") == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("task", "ppo", "config.task = 'ppo' is not allowed"),
+    ("dpo.loss_type", "kto", "config.dpo.loss_type"),
+    ("data.max_prompt_length", 600, "config.data.max_prompt_length"),
+    ("training.grad_accum", 3, "a divisor of training.batch_size"),
+    ("optimizer.lr", -1.0, "config.optimizer.lr"),
+    ("optimizer.schedule", "step", "config.optimizer.schedule"),
+    ("model.dtype", "float8", "config.model.dtype"),
+    ("lora.targets", ("query",), "config.lora.targets"),
+    ("init_from", "stage:sft", "config.init_from"),
+    ("data.packing", True, "packing only for task 'sft'"),
+])
+def test_bad_configs_fail_before_compiling_with_the_field_name(field, value, message, tmp_path):
+  overrides = {field: value}
+  if field == "lora.targets":
+    overrides["lora.enabled"] = True
+  task = "dpo" if field == "data.packing" else "sft"
+  config = tiny_config(str(tmp_path), task, **overrides)
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    trainer.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_study_errors_name_the_stage(tmp_path):
+  c = common.get_config()
+  c.stages = ("sft",)
+  c.stage_configs.sft = tiny_config(str(tmp_path), "sft", **{"dpo.beta": 0.0})
+  with pytest.raises(config_lib.ConfigError, match=r"config\.stage_configs\.sft\.dpo\.beta"):
+    trainer.run(c, str(tmp_path))
+
+
+def test_indivisible_batch_is_a_clear_error(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "sft", **{"training.batch_size": 6, "mesh.num_devices": 4})
+  with pytest.raises(ValueError, match="training.batch_size"):
+    trainer.run(config, str(tmp_path))
