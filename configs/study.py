@@ -1,0 +1,61 @@
+"""Our tuned recipe, all stages, sized for one H100 in about half an hour:
+
+  sft      1 epoch on the chosen conversations, bf16 compute, batch 32, lr 2e-5 with 100 warmup steps
+  dpo      full-parameter DPO from the base model with the reference-DPO defaults: lr 1e-6, batch 64, 150 warmup
+           steps, beta 0.1; the reference log-probs precomputed once (no second model in memory)
+  sft_dpo  the same DPO from the SFT model
+  reward   a two-head (harmless, helpful) reward model, each head trained on its HH subsets (the paper's future
+           work), usable as an offline judge by evaluate.py
+"""
+
+from configs import common
+
+STAGES = ("sft", "dpo", "sft_dpo", "reward")
+
+
+def _accelerated(c):
+  c.init_from = "facebook/opt-350m"
+  c.model.dtype = "bfloat16"
+  c.checkpoint.every_steps = 1000
+  return c
+
+
+def _dpo(init_from: str):
+  c = _accelerated(common.get_config())
+  c.task = "dpo"
+  c.init_from = init_from
+  c.data.max_length = 1024
+  c.data.max_prompt_length = 512
+  c.optimizer.lr = 1e-6
+  c.optimizer.warmup_steps = 150
+  c.optimizer.schedule = "constant"
+  c.training.batch_size = 64
+  c.dpo.beta = 0.1
+  c.dpo.reference = "precomputed"
+  return c
+
+
+def get_config():
+  c = common.get_config()
+  c.stages = STAGES
+
+  sft = _accelerated(common.get_config())
+  sft.task = "sft"
+  sft.data.max_length = 512
+  sft.optimizer.lr = 2e-5
+  sft.optimizer.warmup_steps = 100
+  sft.training.batch_size = 32
+
+  reward = _accelerated(common.get_config())
+  reward.task = "reward"
+  reward.reward.heads = ("harmless", "helpful")
+  reward.data.max_length = 512
+  reward.optimizer.lr = 1e-5
+  reward.optimizer.warmup_steps = 50
+  reward.training.batch_size = 32
+
+  c.stage_configs.sft = sft
+  c.stage_configs.dpo = _dpo("facebook/opt-350m")
+  c.stage_configs.sft_dpo = _dpo("stage:sft")
+  c.stage_configs.reward = reward
+  return c
