@@ -5,13 +5,15 @@
 from configs import common
 
 STAGES = ("base", "sft", "dpo", "sft_dpo", "reward")
+SYNTHETIC_PAIRS = 2000
 
 
 def _tiny(c):
   c.init_from = ""
   c.tokenizer = "synthetic"
   c.data.source = "synthetic"
-  c.data.synthetic_pairs = 2000
+  c.data.synthetic_pairs = SYNTHETIC_PAIRS
+  c.data.subsets = "harmless-base,helpful-base"
   c.data.eval_pairs = 128
   c.data.max_length = 128
   c.data.max_prompt_length = 64

@@ -25,18 +25,23 @@ SYNTHETIC_VOCAB_SIZE = 1024
 
 def cache_dir(config) -> str:
   """Where tokenized data, synthetic data and reference log-probs are cached (shared by runs and stages)."""
-  return config.data.cache_dir or os.environ.get("JAXALIGN_CACHE", os.path.expanduser("~/.cache/jaxalign"))
+  return config.data.cache_dir or default_cache_dir()
 
 
-def _synthetic_dir(config) -> str:
-  return os.path.join(cache_dir(config), f"synthetic-hh-{config.data.synthetic_pairs}-seed{config.seed}")
+def default_cache_dir() -> str:
+  return os.environ.get("JAXALIGN_CACHE", os.path.expanduser("~/.cache/jaxalign"))
+
+
+def synthetic_dir(cache: str, num_pairs: int, seed: int) -> str:
+  """Where the synthetic HH set of `num_pairs` train pairs for `seed` is written in the cache."""
+  return os.path.join(cache, f"synthetic-hh-{num_pairs}-seed{seed}")
 
 
 def data_source(config) -> str:
   """The data location to load: `data.source`, or the synthetic set written (once) into the cache."""
   if config.data.source != SYNTHETIC:
     return config.data.source
-  out = _synthetic_dir(config)
+  out = synthetic_dir(cache_dir(config), config.data.synthetic_pairs, config.seed)
   if not os.path.exists(os.path.join(out, "done")) and jax.process_index() == 0:
     n_train = config.data.synthetic_pairs
     synthetic.write_synthetic_hh(out, n_train=n_train, n_test=max(1, int(n_train * SYNTHETIC_TEST_FRACTION)),
@@ -171,11 +176,14 @@ def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
   return examples
 
 
-def _load(config, tokenizer, split: str):
+def _load(config, tokenizer, split: str, batch_kind: str):
+  """The split's pairs and their tokens. SFT rows are cut later, keeping their start (as TRL's SFTTrainer does);
+  pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
   pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
-  tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length,
-                                      max_prompt_length=config.data.max_prompt_length,
+  pair_task = batch_kind != "sft"
+  tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length if pair_task else None,
+                                      max_prompt_length=config.data.max_prompt_length if pair_task else None,
                                       truncation_mode=config.data.truncation_mode,
                                       cache_dir=os.path.join(cache_dir(config), "tokenized"))
   return pairs, tokenized
@@ -188,7 +196,7 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
   sharding = parallel.batch_sharding(mesh)
   pad_id = tokenizer.pad_token_id
   buckets = config.data.buckets
-  train_pairs_text, train_pairs = _load(config, tokenizer, config.data.train_split)
+  train_pairs_text, train_pairs = _load(config, tokenizer, config.data.train_split, batch_kind)
   train_examples = _examples(config, train_pairs, batch_kind)
   iterator = _iterator(config, train_examples, batch_kind, seed=config.seed,
                        global_batch_size=config.training.batch_size, buckets=buckets, pad_id=pad_id)
@@ -201,7 +209,7 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
 
   eval_stream, eval_pairs = None, None
   if config.data.eval_pairs:
-    eval_text, eval_pairs = _load(config, tokenizer, config.data.eval_split)
+    eval_text, eval_pairs = _load(config, tokenizer, config.data.eval_split, batch_kind)
     keep = np.sort(np.random.default_rng(config.seed).permutation(len(eval_pairs))[:config.data.eval_pairs])
     eval_text, eval_pairs = [eval_text[i] for i in keep], eval_pairs.subset(keep)
     eval_examples = _examples(config, eval_pairs, batch_kind)

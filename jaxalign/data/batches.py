@@ -1,0 +1,197 @@
+"""Static-shape batches: bucketed padding, a deterministic resumable iterator, per-host slices, global jax arrays.
+
+A batch is a dict of numpy arrays, right-padded with the pad id to one of a few bucket lengths (so a run compiles a
+handful of programs), the smallest bucket that holds the longest row of the *global* batch (so every host agrees).
+
+  SFT:  input_ids [B, L] int32, attention_mask [B, L] int32 (1 = real token), loss_mask [B, L] float32
+        (loss_mask[:, t] = 1: token t is a target, predicted from tokens < t); packed rows add segment_ids [B, L]
+        int32 (1, 2, 3… per example, 0 = padding) and positions [B, L] int32 (0-based per example, 0 on padding).
+  DPO:  chosen_input_ids, chosen_attention_mask, chosen_loss_mask, and the same for rejected_ (all [B, L], chosen
+        and rejected padded to the same L so they can run as one [2B, L] forward), plus prompt_length [B] int32
+        (the shared prompt's token count; the loss masks are 1 exactly on the response tokens).
+
+Order: epoch e visits the examples in `np.random.default_rng([seed, e]).permutation(n)`, in consecutive global
+batches of `global_batch_size`; the last `n % global_batch_size` examples of each permutation are dropped (counted
+in `dropped_per_epoch`; a different permutation drops different ones next epoch). The iterator's state is
+{epoch, position} (plus checks), so a restored run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxalign.data.tokenize import SFTExamples, TokenizedPairs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (128, 256, 512, 1024)
+
+
+def bucket_lengths(buckets: tuple[int, ...], max_length: int) -> tuple[int, ...]:
+  """The buckets below `max_length`, then `max_length` itself: every row fits the last one."""
+  return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
+
+
+def pick_bucket(length: int, buckets: tuple[int, ...]) -> int:
+  """The smallest bucket that holds `length` tokens."""
+  for bucket in buckets:
+    if length <= bucket:
+      return bucket
+  raise ValueError(f"a row of {length} tokens does not fit the largest bucket {buckets[-1]}")
+
+
+def _pad(rows: list[np.ndarray], length: int, value, dtype) -> np.ndarray:
+  out = np.full((len(rows), length), value, dtype)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def _sequences(ids: list[np.ndarray], loss: list[np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  return {
+      "input_ids": _pad(ids, length, pad_id, np.int32),
+      "attention_mask": _pad([np.ones(len(row), np.int32) for row in ids], length, 0, np.int32),
+      "loss_mask": _pad(loss, length, 0, np.float32),
+  }
+
+
+def collate_sft(examples: SFTExamples, indices: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The SFT batch of `examples[indices]`, right-padded to `length`."""
+  batch = _sequences([examples.input_ids[i] for i in indices], [examples.loss_mask[i] for i in indices], length,
+                     pad_id)
+  if examples.segment_ids is not None:
+    batch["segment_ids"] = _pad([examples.segment_ids[i] for i in indices], length, 0, np.int32)
+    batch["positions"] = _pad([examples.positions[i] for i in indices], length, 0, np.int32)
+  return batch
+
+
+def _response_rows(pairs: TokenizedPairs, responses: list[np.ndarray], indices: np.ndarray):
+  """(ids, loss masks) of prompt + response rows; the loss marks the response tokens only."""
+  ids, loss = [], []
+  for i in indices:
+    prompt, response = pairs.prompt_ids[i], responses[i]
+    ids.append(np.concatenate([prompt, response]))
+    loss.append(np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(response), np.float32)]))
+  return ids, loss
+
+
+def collate_dpo(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The DPO batch of `pairs[indices]`: chosen_* and rejected_* rows right-padded to `length`, and prompt_length."""
+  batch = {}
+  for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids)):
+    for key, value in _sequences(*_response_rows(pairs, responses, indices), length, pad_id).items():
+      batch[f"{side}_{key}"] = value
+  batch["prompt_length"] = np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32)
+  return batch
+
+
+class BatchIterator:
+  """Endless iterator of this host's slice of each global batch, epoch after epoch; see the module docstring.
+
+  lengths: tokens per example (what its row needs); collate(indices, length) -> batch dict. global_batch_size must
+  be divisible by process_count; host p gets rows [p*b, (p+1)*b) of each global batch, b = global_batch_size /
+  process_count (process_index / process_count default to jax's; pass them to simulate hosts in tests).
+  """
+
+  def __init__(self, lengths: np.ndarray, collate: Callable[[np.ndarray, int], dict], *, global_batch_size: int,
+               seed: int, max_length: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+               process_index: int | None = None, process_count: int | None = None):
+    self.lengths = np.asarray(lengths)
+    self.collate = collate
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    self.buckets = bucket_lengths(buckets, max_length)
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    too_long = np.flatnonzero(self.lengths > max_length)
+    if too_long.size:
+      raise ValueError(f"{too_long.size} examples are longer than max_length={max_length} (e.g. example "
+                       f"{too_long[0]}: {self.lengths[too_long[0]]} tokens); tokenize with that max_length")
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} is outside 0..{self.process_count - 1}")
+    if global_batch_size % self.process_count:
+      raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {self.process_count} hosts")
+    self.batches_per_epoch, self.dropped_per_epoch = divmod(len(self.lengths), global_batch_size)
+    if self.batches_per_epoch == 0:
+      raise ValueError(f"{len(self.lengths)} examples are fewer than one global batch of {global_batch_size}")
+    self.host_batch_size = global_batch_size // self.process_count
+    self.epoch = self.position = 0
+    self._cached_order: tuple[int, np.ndarray | None] = (-1, None)
+    log.info("%d examples: %d batches of %d per epoch, %d dropped per epoch; buckets %s", len(self.lengths),
+             self.batches_per_epoch, global_batch_size, self.dropped_per_epoch, self.buckets)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    # One permutation per epoch, kept while the epoch lasts.
+    if self._cached_order[0] != epoch:
+      self._cached_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)))
+    return self._cached_order[1]
+
+  def global_indices(self, epoch: int, position: int) -> np.ndarray:
+    """Example indices of global batch `position` of `epoch`."""
+    start = position * self.global_batch_size
+    return self._order(epoch)[start:start + self.global_batch_size]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    indices = self.global_indices(self.epoch, self.position)
+    length = pick_bucket(int(self.lengths[indices].max()), self.buckets)
+    start = self.process_index * self.host_batch_size
+    batch = self.collate(indices[start:start + self.host_batch_size], length)
+    self.position += 1
+    if self.position == self.batches_per_epoch:
+      self.epoch, self.position = self.epoch + 1, 0
+    return batch
+
+  def state(self) -> dict[str, int]:
+    """JSON-serialisable position of the iterator (the next batch to produce), for checkpoints."""
+    return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_examples": len(self.lengths),
+            "global_batch_size": self.global_batch_size}
+
+  def restore(self, state: dict[str, int]) -> None:
+    """Continues from a `state()`; refuses one taken over other data, seed or batch size."""
+    expected = {k: v for k, v in self.state().items() if k not in ("epoch", "position")}
+    different = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+    if different:
+      raise ValueError(f"data iterator state does not match this run (saved, current): {different}")
+    if not 0 <= state["position"] < self.batches_per_epoch:
+      raise ValueError(f"data iterator position {state['position']} is outside 0..{self.batches_per_epoch - 1}")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def sft_batches(examples: SFTExamples, *, pad_id: int, **kwargs) -> BatchIterator:
+  """A BatchIterator over SFT examples or packed rows; kwargs as BatchIterator's."""
+  return BatchIterator(examples.lengths, lambda idx, length: collate_sft(examples, idx, length, pad_id), **kwargs)
+
+
+def dpo_batches(pairs: TokenizedPairs, *, pad_id: int, **kwargs) -> BatchIterator:
+  """A BatchIterator over tokenized preference pairs; kwargs as BatchIterator's."""
+  return BatchIterator(pairs.lengths, lambda idx, length: collate_dpo(pairs, idx, length, pad_id), **kwargs)
+
+
+def _check_host_rows(sharding: jax.sharding.Sharding, global_rows: int) -> None:
+  """The per-host slice (process p holds rows [p*b, (p+1)*b)) must be what the sharding puts on p's devices."""
+  host_rows = global_rows // jax.process_count()
+  start = jax.process_index() * host_rows
+  covered = set()
+  for index in sharding.addressable_devices_indices_map((global_rows,)).values():
+    covered.update(range(global_rows)[index[0]])
+  if covered != set(range(start, start + host_rows)):
+    raise ValueError(f"the batch sharding puts rows {sorted(covered)[:4]}… on process {jax.process_index()}, not its "
+                     f"slice [{start}, {start + host_rows}): lay the mesh's batch axes out in process order")
+
+
+def to_global(host_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Global jax arrays from every host's slice, split along the batch axis by `sharding`.
+
+  sharding: over the leading (batch) axis only, e.g. `parallel.batch_sharding(mesh)`; it applies to [B] and
+  [B, L] arrays alike.
+  """
+  global_rows = len(next(iter(host_batch.values()))) * jax.process_count()
+  _check_host_rows(sharding, global_rows)
+  return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in host_batch.items()}

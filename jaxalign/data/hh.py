@@ -1,0 +1,280 @@
+"""Anthropic HH-RLHF and generic preference data: load records, split them into prompt / chosen / rejected, count skips.
+
+Sources (all read through `datasets`):
+  * the Hub id "Anthropic/hh-rlhf": one `data_dir` per subset; by default all four, whose train splits together are
+    the paper's 160,800 pairs;
+  * a local folder laid out like that repository: `<folder>/<subset>/<split>.jsonl.gz` (or `.jsonl`);
+  * a local folder holding `<split>.jsonl[.gz]` directly, or a single `.jsonl[.gz]` file.
+Each file is in one of two formats, told apart by its fields:
+  * HH: `{"chosen": text, "rejected": text}`, two whole conversations ("\\n\\nHuman: … \\n\\nAssistant: …")
+    that share everything up to the final "\\n\\nAssistant:";
+  * generic: `{"prompt": text, "chosen": response, "rejected": response}` (TRL's convention: responses only).
+
+An HH pair's prompt is the chosen text through its last "\\n\\nAssistant:"; the responses are what follows in the chosen
+and rejected texts. Where the rejected text does not share that prompt the prompt falls back to the longest common
+prefix that ends at a turn boundary (a "\\n\\nAssistant:"). In harmless-base test that is 4 pairs; of the 5 whose
+texts differ before their own last "\\n\\nAssistant:", the fifth (#1950) shares the chosen prompt and only its
+rejected response runs on into more turns. Unusable records are skipped and counted by reason in a `SkipReport`; a
+source with no usable record at all is an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import datasets
+
+log = logging.getLogger(__name__)
+
+HH_HUB_ID = "Anthropic/hh-rlhf"
+# The subsets whose train splits make up the Hub dataset's default train split (160,800 pairs).
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+ASSISTANT = "\n\nAssistant:"
+_EXTENSIONS = (".jsonl.gz", ".jsonl")
+_HH_FIELDS = ("chosen", "rejected")
+_GENERIC_FIELDS = ("prompt", "chosen", "rejected")
+# How many record locations per reason a SkipReport keeps, to point at examples without flooding the log.
+_EXAMPLES_KEPT = 5
+
+# Skip reasons.
+MISSING_FIELD = "missing_field"  # the field is absent or null
+NOT_A_STRING = "not_a_string"  # the field holds a number, list, object, …
+NO_ASSISTANT_MARKER = "no_assistant_marker"  # HH chosen text without "\n\nAssistant:"
+NO_SHARED_PROMPT = "no_shared_prompt"  # chosen and rejected share no prefix ending at an "\n\nAssistant:"
+EMPTY_RESPONSE = "empty_response"  # a response that is empty or only whitespace
+IDENTICAL = "identical"  # chosen and rejected are the same text: no preference to learn
+# Not a skip: the pair was split with the turn-boundary fallback.
+FALLBACK = "fallback_prompt"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+  """One usable preference pair. `prompt + chosen` is the whole chosen conversation (likewise for rejected).
+
+  prompt: the conversation through the final "\\n\\nAssistant:" (generic data: the record's prompt);
+  chosen / rejected: the two responses (for HH they start with the space after "Assistant:");
+  source: the file (or Hub subset/split) it came from; index: its 0-based record index there.
+  """
+
+  prompt: str
+  chosen: str
+  rejected: str
+  source: str
+  index: int
+
+
+@dataclasses.dataclass
+class SkipReport:
+  """Counts what happened to every record read: `total == used + sum(skipped.values())`.
+
+  skipped: count per skip reason (the module's constants); fallback: pairs split with the turn-boundary fallback
+  (they are used); examples: the first few "source#index" locations per reason (and for FALLBACK).
+  """
+
+  total: int = 0
+  used: int = 0
+  fallback: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def note(self, reason: str, source: str, index: int) -> None:
+    """Records one skipped record (or, with FALLBACK, one used pair that needed the fallback)."""
+    if reason == FALLBACK:
+      self.fallback += 1
+    else:
+      self.skipped[reason] += 1
+    kept = self.examples.setdefault(reason, [])
+    if len(kept) < _EXAMPLES_KEPT:
+      kept.append(f"{source}#{index}")
+
+  def merge(self, other: SkipReport) -> None:
+    """Adds another source's counts to these."""
+    self.total += other.total
+    self.used += other.used
+    self.fallback += other.fallback
+    self.skipped.update(other.skipped)
+    for reason, kept in other.examples.items():
+      mine = self.examples.setdefault(reason, [])
+      mine.extend(kept[: _EXAMPLES_KEPT - len(mine)])
+
+  def summary(self) -> str:
+    """One line: records read, used (with the fallback) and skipped by reason."""
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items())) or "none"
+    return (f"{self.total} records: {self.used} used ({self.fallback} with the turn-boundary prompt fallback), "
+            f"{sum(self.skipped.values())} skipped ({skipped})")
+
+
+class UnusableRecord(Exception):
+  """Raised by the split functions for a record that cannot be used; `args[0]` is the skip reason."""
+
+
+def _check_strings(record: dict, fields: tuple[str, ...]) -> None:
+  for field in fields:
+    value = record.get(field)
+    if value is None:
+      raise UnusableRecord(MISSING_FIELD)
+    if not isinstance(value, str):
+      raise UnusableRecord(NOT_A_STRING)
+
+
+def _check_responses(chosen: str, rejected: str) -> None:
+  if not chosen.strip() or not rejected.strip():
+    raise UnusableRecord(EMPTY_RESPONSE)
+
+
+def shared_prompt(chosen: str, rejected: str) -> tuple[str, bool]:
+  """The prompt of an HH pair and whether the fallback was needed.
+
+  Normally the chosen text through its last "\\n\\nAssistant:". If the rejected text does not start with that, the
+  longest common prefix of the two texts cut back to its last "\\n\\nAssistant:", so both responses answer the same
+  conversation (they may then span several turns). Raises UnusableRecord when there is no such prompt.
+  """
+  end = chosen.rfind(ASSISTANT)
+  if end < 0:
+    raise UnusableRecord(NO_ASSISTANT_MARKER)
+  prompt = chosen[: end + len(ASSISTANT)]
+  if rejected.startswith(prompt):
+    return prompt, False
+  common = len(os.path.commonprefix([chosen, rejected]))
+  end = chosen.rfind(ASSISTANT, 0, common)
+  if end < 0:
+    raise UnusableRecord(NO_SHARED_PROMPT)
+  return chosen[: end + len(ASSISTANT)], True
+
+
+def split_hh_record(record: dict) -> tuple[str, str, str, bool]:
+  """(prompt, chosen response, rejected response, used the fallback) of an HH record; raises UnusableRecord."""
+  _check_strings(record, _HH_FIELDS)
+  chosen, rejected = record["chosen"], record["rejected"]
+  if chosen == rejected:
+    raise UnusableRecord(IDENTICAL)
+  prompt, fallback = shared_prompt(chosen, rejected)
+  chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
+  _check_responses(chosen_response, rejected_response)
+  return prompt, chosen_response, rejected_response, fallback
+
+
+def split_generic_record(record: dict) -> tuple[str, str, str, bool]:
+  """(prompt, chosen, rejected, False) of a generic {prompt, chosen, rejected} record; raises UnusableRecord."""
+  _check_strings(record, _GENERIC_FIELDS)
+  if record["chosen"] == record["rejected"]:
+    raise UnusableRecord(IDENTICAL)
+  _check_responses(record["chosen"], record["rejected"])
+  return record["prompt"], record["chosen"], record["rejected"], False
+
+
+def _splitter(columns: list[str], source: str):
+  """The split function for a file, chosen by its fields."""
+  if "prompt" in columns:
+    return split_generic_record
+  if all(field in columns for field in _HH_FIELDS):
+    return split_hh_record
+  raise ValueError(f"{source}: records have fields {sorted(columns)}; expected {list(_HH_FIELDS)} (HH format) or "
+                   f"{list(_GENERIC_FIELDS)} (generic preference format)")
+
+
+def pairs_from_records(records: list[dict], source: str) -> tuple[list[PreferencePair], SkipReport]:
+  """Splits one source's records into pairs; raises ValueError naming the source when none is usable."""
+  columns = sorted({key for record in records for key in record})
+  split = _splitter(columns, source)
+  pairs, report = [], SkipReport(total=len(records))
+  for index, record in enumerate(records):
+    try:
+      prompt, chosen, rejected, fallback = split(record)
+    except UnusableRecord as e:
+      report.note(e.args[0], source, index)
+      continue
+    if fallback:
+      report.note(FALLBACK, source, index)
+    pairs.append(PreferencePair(prompt, chosen, rejected, source, index))
+  report.used = len(pairs)
+  if not pairs:
+    raise ValueError(f"{source}: no usable preference pair among its {len(records)} records ({report.summary()}); "
+                     "check that it is HH or {prompt, chosen, rejected} JSON lines")
+  return pairs, report
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+  for ext in _EXTENSIONS:
+    path = folder / f"{split}{ext}"
+    if path.is_file():
+      return path
+  return None
+
+
+def _expected(folder: Path, split: str) -> str:
+  return " or ".join(str(folder / f"{split}{ext}") for ext in _EXTENSIONS)
+
+
+def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]:
+  """The files a local source stands for (see the module docstring for the layouts)."""
+  if root.is_file():
+    return [root]
+  if subsets is not None:
+    missing = [_expected(root / s, split) for s in subsets if _split_file(root / s, split) is None]
+    if missing:
+      raise FileNotFoundError(f"{root}: missing {'; '.join(missing)}")
+    return [_split_file(root / s, split) for s in subsets]
+  direct = _split_file(root, split)
+  if direct is not None:
+    return [direct]
+  found = [s for s in HH_SUBSETS if _split_file(root / s, split) is not None]
+  if not found:
+    raise FileNotFoundError(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
+                            f"the subsets {list(HH_SUBSETS)}")
+  if len(found) < len(HH_SUBSETS):
+    log.warning("%s: using the %s split of %s only; missing %s (the paper's data uses all four)", root, split, found,
+                [s for s in HH_SUBSETS if s not in found])
+  return [_split_file(root / s, split) for s in found]
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+  try:
+    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+  except datasets.exceptions.DatasetGenerationError as e:
+    raise ValueError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from e
+  return dataset.to_list()
+
+
+def _read_hub(hub_id: str, subset: str | None, split: str) -> list[dict]:
+  return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+
+
+def load_records(source: str, *, split: str = "train",
+                 subsets: list[str] | None = None) -> list[tuple[str, list[dict]]]:
+  """The raw records of each file a source stands for, as (source label, records) in a fixed order.
+
+  source: a local file or folder, else a Hub dataset id. For "Anthropic/hh-rlhf" `subsets` defaults to all four
+  (HH_SUBSETS); for a local HH-layout folder to the subsets present (with a warning when some are missing).
+  """
+  root = Path(source).expanduser()
+  if root.exists():
+    return [(str(path), _read_json_lines(path)) for path in local_files(root, split, subsets)]
+  if source.count("/") != 1:
+    raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
+  if subsets is None and source == HH_HUB_ID:
+    subsets = list(HH_SUBSETS)
+  return [(f"{source}:{subset or ''}/{split}", _read_hub(source, subset, split)) for subset in (subsets or [None])]
+
+
+def load_preference_pairs(
+    source: str = HH_HUB_ID, *, split: str = "train", subsets: list[str] | None = None,
+) -> tuple[list[PreferencePair], SkipReport]:
+  """Loads and splits preference pairs from `source` (see `load_records`); logs and returns the skip summary.
+
+  Returns the usable pairs in source order and a SkipReport accounting for every record read.
+  """
+  pairs, report = [], SkipReport()
+  for label, records in load_records(source, split=split, subsets=subsets):
+    source_pairs, source_report = pairs_from_records(records, label)
+    log.info("%s: %s", label, source_report.summary())
+    pairs.extend(source_pairs)
+    report.merge(source_report)
+  log.info("%s (%s): %s", source, split, report.summary())
+  for reason, where in report.examples.items():
+    log.info("  %s, e.g. %s", reason, ", ".join(where))
+  return pairs, report

@@ -1,0 +1,90 @@
+"""Evaluation prompt sets: the paper's selection from the HH test splits, or a JSON list of prompts.
+
+The paper's procedure (its eval notebook): harmful = the harmless-base TEST rows whose `chosen` text contains "kill",
+"murder" or "rape" (192 rows, case-sensitive), `random.seed(100)`, `random.sample(rows, 50)`; helpful =
+`random.sample(helpful-base TEST rows, 50)` drawn next from the same random stream; prompt = the conversation
+without its final Assistant turn, in the paper's text form: "Human: …\\n\\nAssistant: …\\n\\nHuman: …"
+(stripped, so no leading "\\n\\n" and no trailing "Assistant:").
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from jaxalign.data import hh
+
+PAPER_KEYWORDS = ("kill", "murder", "rape")
+PAPER_SEED = 100
+FINAL_TURN_STYLES = ("turn", "paper")
+
+
+def prompt_without_final_turn(conversation: str, style: str = "turn") -> str:
+  """The conversation without its final Assistant turn, stripped.
+
+  style "turn": cut at the last "\\n\\nAssistant:". style "paper": the paper's code, which splits on "\\n\\n" and
+  drops the last paragraph only if it starts with "Assistant:", so a final reply of several paragraphs stays (whole
+  or in part) in the prompt; use it to reproduce the paper's prompt files exactly.
+  """
+  if style == "turn":
+    end = conversation.rfind(hh.ASSISTANT)
+    return (conversation[:end] if end >= 0 else conversation).strip()
+  if style == "paper":
+    parts = conversation.strip().split("\n\n")
+    if parts[-1].startswith("Assistant:"):
+      parts = parts[:-1]
+    return "\n\n".join(parts)
+  raise ValueError(f"style must be one of {FINAL_TURN_STYLES}, got {style!r}")
+
+
+def _test_rows(source: str, subset: str) -> list[tuple[str, dict]]:
+  """The (location, record) rows of one subset's test split, in file order."""
+  (label, records), = hh.load_records(source, split="test", subsets=[subset])
+  return [(f"{label}#{i}", record) for i, record in enumerate(records)]
+
+
+def _sample(rng: random.Random, rows: list, n: int, what: str) -> list:
+  if n > len(rows):
+    raise ValueError(f"cannot sample {n} {what} prompts from {len(rows)} candidate rows; lower the count")
+  return rng.sample(rows, n)
+
+
+def _prompts(rows: list[tuple[str, dict]], style: str) -> list[str]:
+  prompts = []
+  for where, record in rows:
+    if not isinstance(record.get("chosen"), str):
+      raise ValueError(f"{where}: field 'chosen' should be the conversation text, got {record.get('chosen')!r}")
+    prompts.append(prompt_without_final_turn(record["chosen"], style))
+  return prompts
+
+
+def paper_prompt_sets(
+    source: str = hh.HH_HUB_ID, *, n_harmful: int = 50, n_helpful: int = 50,
+    keywords: tuple[str, ...] = PAPER_KEYWORDS, seed: int = PAPER_SEED, style: str = "turn",
+) -> dict[str, list[str]]:
+  """{"harmful": [...], "helpful": [...]} selected as in the paper (module docstring) from `source`.
+
+  source: the Hub id or a local folder with harmless-base/test.jsonl[.gz] (and helpful-base/test… unless
+  n_helpful=0). The harmful sample is drawn first, then the helpful one from the same stream, so changing
+  n_harmful or the harmful candidates changes the helpful set too, as it would have in the paper. style: see
+  `prompt_without_final_turn` ("paper" reproduces the published files exactly).
+  """
+  rng = random.Random(seed)
+  candidates = [(where, record) for where, record in _test_rows(source, "harmless-base")
+                if isinstance(record.get("chosen"), str) and any(k in record["chosen"] for k in keywords)]
+  harmful = _sample(rng, candidates, n_harmful, "harmful")
+  helpful = _sample(rng, _test_rows(source, "helpful-base"), n_helpful, "helpful") if n_helpful else []
+  return {"harmful": _prompts(harmful, style), "helpful": _prompts(helpful, style)}
+
+
+def load_prompt_file(path: str | Path) -> list[str]:
+  """A JSON list of prompt strings (the format of the paper's data/prompts/*.json)."""
+  with open(path, encoding="utf-8") as f:
+    prompts = json.load(f)
+  if not isinstance(prompts, list):
+    raise ValueError(f"{path}: expected a JSON list of prompt strings, got a {type(prompts).__name__}")
+  for i, prompt in enumerate(prompts):
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise ValueError(f"{path}: item {i} should be a non-empty prompt string, got {prompt!r}")
+  return prompts

@@ -1,0 +1,377 @@
+"""Preference pairs to token ids: exact prompt/response boundary, truncation, an on-disk cache, SFT examples, packing.
+
+The boundary contract, for every pair before truncation (tests check it on the real OPT tokenizer):
+
+    prompt_ids + chosen_ids[:-1] == tokenizer(prompt + chosen).input_ids     (likewise for rejected)
+
+i.e. the ids are those of the whole conversation as the tokenizer encodes it (with OPT's leading `</s>`), cut at a
+token boundary, with EOS appended to each response. BPE can merge characters across the text boundary; then the
+merged token, and anything after it, belongs to the responses (counted as `boundary_adjusted`).
+
+Speed: texts are encoded in batches by the Rust tokenizer, on all cores. With GPT-2-style byte-level BPE (OPT) the
+prompt up to its final turn is encoded once for both responses (see `splits_at_newlines`), so the shared text is
+not encoded twice.
+
+Truncation follows the reference DPO preprocessing: when the prompt plus the longer response exceeds `max_length`,
+the prompt is cut to `max_prompt_length` (keeping its end by default, and always its leading special tokens); if
+still too long, both responses are cut to the room left (`max_length - len(prompt)`), losing their EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxalign.data.hh import PreferencePair
+
+log = logging.getLogger(__name__)
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+LOSS_ON = ("conversation", "completion")
+# Pairs encoded per call: big enough for the Rust encoder's threads, small enough to bound the Encoding objects.
+_CHUNK = 4096
+# Bump when the tokenization output changes, so stale caches are not reused.
+_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+  """Per-pair int32 id arrays (same order as the pairs) and per-pair flags.
+
+  prompt_ids: starts with the tokenizer's special prefix (OPT: `</s>`, id 2); chosen_ids / rejected_ids: the
+  responses, ending with EOS unless cut by truncation. prompt_truncated / response_truncated / boundary_adjusted:
+  bool [N].
+  """
+
+  prompt_ids: list[np.ndarray]
+  chosen_ids: list[np.ndarray]
+  rejected_ids: list[np.ndarray]
+  prompt_truncated: np.ndarray
+  response_truncated: np.ndarray
+  boundary_adjusted: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.prompt_ids)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """Tokens a DPO row needs per pair: prompt plus the longer response."""
+    return np.array([len(p) + max(len(c), len(r))
+                     for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], np.int64)
+
+  def subset(self, indices) -> TokenizedPairs:
+    """The pairs at `indices`, in that order."""
+    return TokenizedPairs([self.prompt_ids[i] for i in indices], [self.chosen_ids[i] for i in indices],
+                          [self.rejected_ids[i] for i in indices], self.prompt_truncated[indices],
+                          self.response_truncated[indices], self.boundary_adjusted[indices])
+
+  def counts(self) -> dict[str, int]:
+    return {"pairs": len(self), "prompt_truncated": int(self.prompt_truncated.sum()),
+            "response_truncated": int(self.response_truncated.sum()),
+            "boundary_adjusted": int(self.boundary_adjusted.sum())}
+
+
+@dataclasses.dataclass
+class SFTExamples:
+  """SFT sequences: int32 `input_ids` and float32 `loss_mask` per example (or packed row).
+
+  loss_mask[t] = 1 marks token t as a target: the loss scores predicting token t from tokens < t (so position 0,
+  the leading `</s>`, is never a target). Packed rows also carry `segment_ids` (1, 2, 3… per example in the row)
+  and `positions` (0-based, restarting at each example; the model adds OPT's offset of 2). Rows are not padded
+  here; `batches` pads them (pad id, loss 0, segment 0, position 0). counts: what was truncated or dropped.
+  """
+
+  input_ids: list[np.ndarray]
+  loss_mask: list[np.ndarray]
+  segment_ids: list[np.ndarray] | None = None
+  positions: list[np.ndarray] | None = None
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.array([len(ids) for ids in self.input_ids], np.int64)
+
+
+def _backend(tokenizer):
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; batched tokenization with offsets "
+                    "needs one: load it with jaxalign.tokenizer.load_tokenizer / AutoTokenizer")
+  return backend
+
+
+def special_prefix_ids(tokenizer) -> list[int]:
+  """The ids the tokenizer puts before every text: OPT's `[2]` (its leading `</s>`), `[]` for GPT-2."""
+  probe = "Hello"
+  with_special = tokenizer(probe).input_ids
+  plain = tokenizer(probe, add_special_tokens=False).input_ids
+  for start in range(len(with_special) - len(plain) + 1):
+    if with_special[start:start + len(plain)] == plain:
+      return with_special[:start]
+  raise ValueError(f"Could not find the special-token prefix of {type(tokenizer).__name__}: {probe!r} encodes to "
+                   f"{with_special} with special tokens and {plain} without")
+
+
+def splits_at_newlines(backend) -> bool:
+  """Whether a text may be encoded in two pieces at a newline that follows a non-space character.
+
+  True for byte-level BPE with GPT-2's pre-tokenizer regex and no normalizer (GPT-2, OPT, RoBERTa, our tiny BPE): no
+  pre-token of that regex holds both a non-space character and a newline, and nothing before such a point depends on
+  what follows it, so the ids of the whole text are the ids of the two pieces, concatenated. Other tokenizers (e.g.
+  SentencePiece's dummy prefix, or regexes that join punctuation with the newlines after it) get no split.
+  """
+  spec = json.loads(backend.to_str())
+  pre = spec.get("pre_tokenizer") or {}
+  return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+          and not pre.get("add_prefix_space", False))
+
+
+def _head_length(prompt: str, splittable: bool) -> int:
+  """How much of the prompt to encode once for both conversations: up to its last newline after a non-space
+  character (for HH, the start of the final "\n\nAssistant:"); 0 when the tokenizer allows no split."""
+  if not splittable:
+    return 0
+  cut = prompt.rfind("\n")
+  # str.isspace is a superset of the regex's \s, so this errs on the safe side.
+  while cut > 0 and prompt[cut - 1].isspace():
+    cut = prompt.rfind("\n", 0, cut)
+  return max(cut, 0)
+
+
+def _prompt_token_count(encoding, prompt_chars: int, text_chars: int) -> tuple[int, bool]:
+  """Tokens of an encoded text that come before its first response character (at `prompt_chars`), and whether the
+  token holding that character starts inside the prompt (BPE merged across the boundary)."""
+  if prompt_chars == 0:
+    return 0, False
+  # Step over characters no token covers (some tokenizers trim whitespace from offsets).
+  for char in range(prompt_chars, text_chars):
+    token = encoding.char_to_token(char)
+    if token is not None:
+      start, _ = encoding.token_to_chars(token)
+      return token, start < prompt_chars
+  return len(encoding), False
+
+
+def _shared_prompt_length(chosen, chosen_ids: list[int], rejected_ids: list[int], prompt_chars: int,
+                          text_chars: int) -> tuple[int, bool]:
+  """Leading tokens that both texts give the prompt, and whether the boundary had to move off the text boundary.
+
+  chosen: the Encoding (with offsets) of the chosen text; *_ids: the ids of both texts (every `Encoding.ids` access
+  builds a new list, so the caller fetches them once). The rejected text needs no offsets: its first tokens equal
+  the chosen text's, which lie inside the shared prompt, up to where the two id lists part.
+  """
+  n_chosen, merged = _prompt_token_count(chosen, prompt_chars, text_chars)
+  n = n_chosen
+  if chosen_ids[:n] != rejected_ids[:n]:
+    n = next(i for i in range(n) if i == len(rejected_ids) or chosen_ids[i] != rejected_ids[i])
+  return n, merged or n != n_chosen
+
+
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_length: int | None,
+              max_prompt_length: int | None, keep_end: bool, n_prefix: int):
+  """Reference-DPO truncation; returns (prompt, chosen, rejected, prompt_cut, responses_cut)."""
+  if max_length is None:
+    return prompt, chosen, rejected, False, False
+  longer = max(len(chosen), len(rejected))
+  prompt_cut = len(prompt) + longer > max_length and len(prompt) > max_prompt_length
+  if prompt_cut:
+    # The special prefix stays: OPT always sees `</s>` first.
+    body = prompt[n_prefix:]
+    keep = max_prompt_length - n_prefix
+    prompt = prompt[:n_prefix] + (body[-keep:] if keep_end else body[:keep])
+  room = max_length - len(prompt)
+  responses_cut = longer > room
+  if responses_cut:
+    chosen, rejected = chosen[:room], rejected[:room]
+  return prompt, chosen, rejected, prompt_cut, responses_cut
+
+
+def _check_lengths(max_length, max_prompt_length, truncation_mode, n_prefix) -> None:
+  if truncation_mode not in TRUNCATION_MODES:
+    raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+  if max_length is None:
+    if max_prompt_length is not None:
+      raise ValueError("max_prompt_length needs max_length (None means no truncation at all)")
+    return
+  if max_prompt_length is None or not n_prefix < max_prompt_length < max_length:
+    raise ValueError(f"need {n_prefix} (special prefix) < max_prompt_length < max_length, got max_prompt_length="
+                     f"{max_prompt_length}, max_length={max_length}")
+
+
+def _fingerprint(pairs: list[PreferencePair], backend, settings: tuple) -> str:
+  """Hash of the pairs' text, the whole tokenizer definition and the settings: the cache key."""
+  digest = hashlib.blake2b(digest_size=16)
+  digest.update(repr((_CACHE_VERSION, settings)).encode())
+  digest.update(backend.to_str().encode())
+  for pair in pairs:
+    for text in (pair.prompt, pair.chosen, pair.rejected):
+      digest.update(f"{len(text)}:{text}".encode())
+  return digest.hexdigest()
+
+
+_ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_FLAG_FIELDS = ("prompt_truncated", "response_truncated", "boundary_adjusted")
+
+
+def _save(tokenized: TokenizedPairs, path: Path) -> None:
+  arrays = {name: getattr(tokenized, name) for name in _FLAG_FIELDS}
+  for name in _ID_FIELDS:
+    ragged = getattr(tokenized, name)
+    arrays[name] = np.concatenate(ragged) if ragged else np.zeros(0, np.int32)
+    arrays[name + "_lengths"] = np.array([len(ids) for ids in ragged], np.int64)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+  np.savez(tmp, **arrays)
+  # Atomic, so concurrent hosts sharing the cache folder never read half a file.
+  os.replace(tmp, path)
+
+
+def _load(path: Path) -> TokenizedPairs:
+  with np.load(path) as arrays:
+    fields = {name: arrays[name] for name in _FLAG_FIELDS}
+    for name in _ID_FIELDS:
+      fields[name] = np.split(arrays[name], np.cumsum(arrays[name + "_lengths"])[:-1])
+  return TokenizedPairs(**fields)
+
+
+def _encode(pairs: list[PreferencePair], backend, prefix: list[int], eos: int, **truncation) -> TokenizedPairs:
+  ids = {name: [] for name in _ID_FIELDS}
+  flags = {name: np.zeros(len(pairs), bool) for name in _FLAG_FIELDS}
+  splittable = splits_at_newlines(backend)
+  for begin in range(0, len(pairs), _CHUNK):
+    chunk = pairs[begin:begin + _CHUNK]
+    # The prompt's head is encoded once; each text's tail (rest of the prompt + response) separately. Only the
+    # chosen tails need offsets (`encode_batch_fast` skips them).
+    cuts = [_head_length(p.prompt, splittable) for p in chunk]
+    heads = backend.encode_batch_fast([p.prompt[:cut] for p, cut in zip(chunk, cuts)], add_special_tokens=False)
+    chosen = backend.encode_batch([p.prompt[cut:] + p.chosen for p, cut in zip(chunk, cuts)], add_special_tokens=False)
+    rejected = backend.encode_batch_fast([p.prompt[cut:] + p.rejected for p, cut in zip(chunk, cuts)],
+                                         add_special_tokens=False)
+    for i, pair, cut, head, c, r in zip(range(begin, begin + len(chunk)), chunk, cuts, heads, chosen, rejected):
+      c_ids, r_ids = c.ids, r.ids
+      tail_prompt_chars = len(pair.prompt) - cut
+      n, flags["boundary_adjusted"][i] = _shared_prompt_length(c, c_ids, r_ids, tail_prompt_chars,
+                                                               tail_prompt_chars + len(pair.chosen))
+      prompt, chosen_ids, rejected_ids, flags["prompt_truncated"][i], flags["response_truncated"][i] = _truncate(
+          prefix + head.ids + c_ids[:n], c_ids[n:] + [eos], r_ids[n:] + [eos], n_prefix=len(prefix), **truncation)
+      for name, values in zip(_ID_FIELDS, (prompt, chosen_ids, rejected_ids)):
+        ids[name].append(np.array(values, np.int32))
+  return TokenizedPairs(**ids, **flags)
+
+
+def tokenize_pairs(
+    pairs: list[PreferencePair], tokenizer, *, max_length: int | None, max_prompt_length: int | None,
+    truncation_mode: str = "keep_end", cache_dir: str | os.PathLike | None = None,
+) -> TokenizedPairs:
+  """Tokenizes preference pairs (batched, in Rust) with the exact boundary and truncation of the module docstring.
+
+  max_length / max_prompt_length: token budgets (both None: no truncation); truncation_mode: "keep_end" (the
+  prompt keeps its last tokens, as in the paper) or "keep_start". cache_dir: when given, the result is stored as
+  `pairs-<fingerprint>.npz`, keyed by the pairs' text, the tokenizer and these settings, and reused on the next call.
+  """
+  backend = _backend(tokenizer)
+  prefix = special_prefix_ids(tokenizer)
+  _check_lengths(max_length, max_prompt_length, truncation_mode, len(prefix))
+  truncation = dict(max_length=max_length, max_prompt_length=max_prompt_length,
+                    keep_end=truncation_mode == "keep_end")
+  path = None
+  if cache_dir is not None:
+    settings = (tuple(prefix), tokenizer.eos_token_id, tuple(sorted(truncation.items())))
+    path = Path(cache_dir) / f"pairs-{_fingerprint(pairs, backend, settings)}.npz"
+    if path.is_file():
+      log.info("tokenized pairs loaded from cache %s", path)
+      return _load(path)
+  tokenized = _encode(pairs, backend, prefix, tokenizer.eos_token_id, **truncation)
+  log.info("tokenized %s", tokenized.counts())
+  if path is not None:
+    _save(tokenized, path)
+    log.info("tokenized pairs cached in %s", path)
+  return tokenized
+
+
+def sft_examples(tokenized: TokenizedPairs, *, loss_on: str = "conversation",
+                 max_length: int | None = None) -> SFTExamples:
+  """SFT sequences from the chosen side: prompt ids + chosen ids (ending with EOS).
+
+  loss_on: "conversation" (the paper: every token after the leading `</s>` is a target) or "completion" (only the
+  final assistant response). max_length: sequences longer than this keep their start (as TRL's SFTTrainer does);
+  a completion example whose response is cut away entirely has no target and is dropped. Both are counted.
+  """
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+  input_ids, loss_mask = [], []
+  counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+  for prompt, chosen in zip(tokenized.prompt_ids, tokenized.chosen_ids):
+    ids = np.concatenate([prompt, chosen])
+    mask = np.ones(len(ids), np.float32)
+    mask[: 1 if loss_on == "conversation" else len(prompt)] = 0
+    if max_length is not None and len(ids) > max_length:
+      ids, mask = ids[:max_length], mask[:max_length]
+      counts["truncated"] += 1
+    if not mask.any():
+      counts["dropped_no_target"] += 1
+      continue
+    input_ids.append(ids)
+    loss_mask.append(mask)
+  counts["examples"] = len(input_ids)
+  log.info("SFT examples (loss on %s): %s", loss_on, counts)
+  return SFTExamples(input_ids, loss_mask, counts=counts)
+
+
+def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+  """Groups item indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."""
+  rows: list[list[int]] = []
+  free: list[int] = []
+  # rows_with_free[s]: the rows with exactly s free tokens; counts mirrors their sizes for a vectorised search.
+  rows_with_free: list[list[int]] = [[] for _ in range(capacity + 1)]
+  counts = np.zeros(capacity + 1, np.int64)
+  for item in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[item])
+    fits = np.flatnonzero(counts[n:])
+    if fits.size:
+      space = n + int(fits[0])
+      row = rows_with_free[space].pop()
+      counts[space] -= 1
+    else:
+      row, space = len(rows), capacity
+      rows.append([])
+      free.append(capacity)
+    rows[row].append(int(item))
+    free[row] = space - n
+    rows_with_free[free[row]].append(row)
+    counts[free[row]] += 1
+  return rows
+
+
+def pack_examples(examples: SFTExamples, *, seq_len: int) -> SFTExamples:
+  """Packs SFT examples into rows of at most `seq_len` tokens (best-fit decreasing; deterministic).
+
+  Each row carries `segment_ids` (1, 2, 3… per example) and `positions` (0-based, restarting per example), so with
+  a segment-aware attention mask no token attends across examples and each example sees the positions it would see
+  alone. Targets never cross examples because every example's first token has loss_mask 0.
+  """
+  lengths = examples.lengths
+  too_long = np.flatnonzero(lengths > seq_len)
+  if too_long.size:
+    raise ValueError(f"pack_examples: {too_long.size} examples are longer than seq_len={seq_len} (e.g. example "
+                     f"{too_long[0]} has {lengths[too_long[0]]} tokens); cut them with sft_examples(max_length=...)")
+  fields = {"input_ids": [], "loss_mask": [], "segment_ids": [], "positions": []}
+  for row in _best_fit_decreasing(lengths, seq_len):
+    fields["input_ids"].append(np.concatenate([examples.input_ids[i] for i in row]))
+    fields["loss_mask"].append(np.concatenate([examples.loss_mask[i] for i in row]))
+    fields["segment_ids"].append(np.repeat(np.arange(1, len(row) + 1, dtype=np.int32), lengths[row]))
+    fields["positions"].append(np.concatenate([np.arange(lengths[i], dtype=np.int32) for i in row]))
+  counts = dict(examples.counts, rows=len(fields["input_ids"]),
+                fill=round(float(lengths.sum()) / max(1, len(fields["input_ids"]) * seq_len), 4))
+  log.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", len(examples), counts["rows"], seq_len,
+           100 * counts["fill"])
+  return SFTExamples(**fields, counts=counts)

@@ -1,0 +1,145 @@
+"""Batches: bucket shapes, DPO/SFT contents, (seed, epoch) order, exact resume, per-host slices, global arrays."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign.data import batches, tokenize
+
+PAD = 1
+
+
+def make_pairs(n=22, seed=0):
+  """Tokenized pairs with varied lengths (prompt 2..40, responses 1..30 tokens), built directly."""
+  rng = np.random.default_rng(seed)
+  ids = lambda lo, hi: rng.integers(3, 300, rng.integers(lo, hi)).astype(np.int32)  # noqa: E731
+  flags = np.zeros(n, bool)
+  return tokenize.TokenizedPairs([ids(2, 40) for _ in range(n)], [ids(1, 30) for _ in range(n)],
+                                 [ids(1, 30) for _ in range(n)], flags, flags, flags)
+
+
+def dpo_iter(pairs, **kwargs):
+  settings = dict(pad_id=PAD, global_batch_size=4, seed=3, max_length=80, buckets=(16, 32, 64))
+  return batches.dpo_batches(pairs, **{**settings, **kwargs})
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_buckets_are_capped_at_max_length():
+  assert batches.bucket_lengths((128, 256, 512, 1024), 512) == (128, 256, 512)
+  assert batches.bucket_lengths((128, 256, 512, 1024), 300) == (128, 256, 300)
+  assert batches.pick_bucket(129, (128, 256)) == 256
+  with pytest.raises(ValueError, match="does not fit"):
+    batches.pick_bucket(300, (128, 256))
+
+
+def test_dpo_batches_have_bucket_shapes_and_response_loss_masks():
+  pairs = make_pairs()
+  iterator = dpo_iter(pairs)
+  for _ in range(2 * iterator.batches_per_epoch):
+    indices = iterator.global_indices(iterator.epoch, iterator.position)
+    batch = next(iterator)
+    length = batch["chosen_input_ids"].shape[1]
+    assert length in (16, 32, 64, 80) and length == batches.pick_bucket(int(pairs.lengths[indices].max()),
+                                                                        iterator.buckets)
+    for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids)):
+      assert batch[f"{side}_input_ids"].shape == (4, length) and batch[f"{side}_input_ids"].dtype == np.int32
+      assert batch[f"{side}_loss_mask"].dtype == np.float32
+      for row, i in enumerate(indices):
+        n_prompt, n_response = len(pairs.prompt_ids[i]), len(responses[i])
+        n = n_prompt + n_response
+        ids = batch[f"{side}_input_ids"][row]
+        assert ids[:n].tolist() == pairs.prompt_ids[i].tolist() + responses[i].tolist()
+        assert np.all(ids[n:] == PAD)
+        assert batch[f"{side}_attention_mask"][row].tolist() == [1] * n + [0] * (length - n)
+        assert batch[f"{side}_loss_mask"][row].tolist() == [0] * n_prompt + [1] * n_response + [0] * (length - n)
+    assert batch["prompt_length"].tolist() == [len(pairs.prompt_ids[i]) for i in indices]
+
+
+def test_order_is_a_fresh_permutation_per_epoch_and_drops_the_remainder():
+  pairs = make_pairs(n=22)
+  iterator = dpo_iter(pairs)
+  assert (iterator.batches_per_epoch, iterator.dropped_per_epoch) == (5, 2)
+  epochs = [np.concatenate([iterator.global_indices(e, p) for p in range(5)]) for e in range(2)]
+  for order in epochs:
+    assert len(set(order.tolist())) == 20
+  assert epochs[0].tolist() != epochs[1].tolist()
+  assert dpo_iter(pairs).global_indices(1, 2).tolist() == iterator.global_indices(1, 2).tolist()
+  assert dpo_iter(pairs, seed=4).global_indices(0, 0).tolist() != iterator.global_indices(0, 0).tolist()
+
+
+def test_restored_iterator_continues_with_exactly_the_uninterrupted_batches():
+  pairs = make_pairs()
+  reference = take(dpo_iter(pairs), 13)  # crosses two epoch boundaries (5 batches per epoch)
+  for stop in (3, 5, 7):
+    first = dpo_iter(pairs)
+    take(first, stop)
+    state = json.loads(json.dumps(first.state()))  # as a checkpoint would store it
+    resumed = dpo_iter(pairs)
+    resumed.restore(state)
+    assert_same(take(resumed, 13 - stop), reference[stop:])
+
+
+def test_restore_refuses_a_state_from_another_run():
+  state = dpo_iter(make_pairs()).state()
+  with pytest.raises(ValueError, match="global_batch_size"):
+    dpo_iter(make_pairs(), global_batch_size=2).restore(state)
+  with pytest.raises(ValueError, match="num_examples"):
+    dpo_iter(make_pairs(n=30)).restore(state)
+
+
+def test_two_hosts_together_see_each_global_batch_exactly_once():
+  pairs = make_pairs()
+  single = take(dpo_iter(pairs), 7)
+  hosts = [take(dpo_iter(pairs, process_index=p, process_count=2), 7) for p in range(2)]
+  for step, batch in enumerate(single):
+    for key, value in batch.items():
+      joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]])
+      np.testing.assert_array_equal(joined, value, err_msg=key)
+  with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
+    dpo_iter(pairs, process_count=3, process_index=0)
+
+
+def test_sft_batches_of_packed_rows_pad_segments_and_positions():
+  rng = np.random.default_rng(0)
+  lengths = [5, 9, 3, 7, 11, 2, 6, 4]
+  examples = tokenize.SFTExamples([rng.integers(3, 300, n).astype(np.int32) for n in lengths],
+                                  [np.r_[0.0, np.ones(n - 1)].astype(np.float32) for n in lengths])
+  packed = tokenize.pack_examples(examples, seq_len=16)
+  iterator = batches.sft_batches(packed, pad_id=PAD, global_batch_size=2, seed=0, max_length=16, buckets=(8,))
+  batch = next(iterator)
+  assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions"}
+  assert batch["input_ids"].shape == (2, 16)
+  pad = batch["attention_mask"] == 0
+  assert np.array_equal(pad, batch["segment_ids"] == 0)
+  assert np.all(batch["input_ids"][pad] == PAD) and np.all(batch["loss_mask"][pad] == 0)
+  assert np.all(batch["positions"][pad] == 0)
+
+
+def test_examples_longer_than_max_length_are_an_error():
+  with pytest.raises(ValueError, match="longer than max_length=10"):
+    dpo_iter(make_pairs(), max_length=10)
+
+
+def test_to_global_builds_batch_sharded_arrays():
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  n = jax.device_count()
+  batch = next(dpo_iter(make_pairs(n=4 * n), global_batch_size=2 * n))
+  arrays = batches.to_global(batch, sharding)
+  for key, value in batch.items():
+    assert arrays[key].sharding == sharding and arrays[key].shape == value.shape
+    np.testing.assert_array_equal(np.asarray(arrays[key]), value)
