@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_prompt_length = 256
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)
   c.data.loss_on = "conversation"  # SFT: conversation (the paper) | completion (final response only)
-  c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | both (plain language modelling)
+  c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | rejected | both
   c.data.packing = False  # SFT: pack several examples per row (segment masks keep them apart)
   c.data.buckets = (128, 256, 512, 1024)  # padded row lengths (capped at max_length)
   c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache
@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.label_smoothing = 0.0
   c.dpo.reference = "model"  # model (live forward) | precomputed (one pass first, cached on disk)
   c.dpo.reference_dtype = "float32"  # a frozen reference copy may be kept in bfloat16
+  c.dpo.prefix_sharing = False  # prompt + chosen + rejected as one row: the prompt is computed once
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = False

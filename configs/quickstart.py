@@ -37,13 +37,13 @@ def _tiny(c):
 def get_config():
   c = common.get_config()
   c.stages = STAGES
-  # "base": the pretrained model of the study, here a tiny OPT pretrained briefly on the synthetic conversations.
+  # "base": the pretrained, unaligned model of the study; here a tiny OPT trained briefly on the rejected answers.
   base = _tiny(common.get_config())
   base.task = "sft"
   base.optimizer.lr = 3e-3
   base.optimizer.warmup_steps = 20
   base.training.max_steps = 150
-  base.data.sft_responses = "both"  # an unaligned model: it has seen refusals and compliance alike
+  base.data.sft_responses = "rejected"  # an unaligned model: it learned to comply with harm and to be unhelpful
 
   sft = _tiny(common.get_config())
   sft.task = "sft"
@@ -54,7 +54,7 @@ def get_config():
   dpo = _tiny(common.get_config())
   dpo.task = "dpo"
   dpo.init_from = "stage:base"
-  dpo.optimizer.lr = 5e-4
+  dpo.optimizer.lr = 2e-4
   dpo.optimizer.schedule = "constant"
   dpo.training.max_steps = 100
   dpo.dpo.beta = 0.1

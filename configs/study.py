@@ -2,7 +2,8 @@
 
   sft      1 epoch on the chosen conversations, bf16 compute, batch 32, lr 2e-5 with 100 warmup steps
   dpo      full-parameter DPO from the base model with the reference-DPO defaults: lr 1e-6, batch 64, 150 warmup
-           steps, beta 0.1; the reference log-probs precomputed once (no second model in memory)
+           steps, beta 0.1; the reference log-probs precomputed once (no second model in memory); prompt, chosen
+           and rejected in one prefix-shared row (the prompt computed once)
   sft_dpo  the same DPO from the SFT model
   reward   a two-head (harmless, helpful) reward model, each head trained on its HH subsets (the paper's future
            work), usable as an offline judge by evaluate.py
@@ -32,6 +33,7 @@ def _dpo(init_from: str):
   c.training.batch_size = 64
   c.dpo.beta = 0.1
   c.dpo.reference = "precomputed"
+  c.dpo.prefix_sharing = True
   return c
 
 

@@ -56,7 +56,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
          f"between 1 and data.max_length - 1 ({config.data.max_length - 1})")
   _one_of(config, "data.truncation_mode", ("keep_end", "keep_start"))
   _one_of(config, "data.loss_on", ("conversation", "completion"))
-  _one_of(config, "data.sft_responses", ("chosen", "both"))
+  _one_of(config, "data.sft_responses", ("chosen", "rejected", "both"))
   buckets = tuple(config.data.buckets)
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
@@ -85,6 +85,8 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "dpo.label_smoothing", 0 <= config.dpo.label_smoothing < 0.5, "a number in [0, 0.5)")
   _one_of(config, "dpo.reference", ("model", "precomputed"))
   _one_of(config, "dpo.reference_dtype", DTYPES)
+  _check(config, "dpo.prefix_sharing", not (config.dpo.prefix_sharing and config.task != "dpo"),
+         "prefix sharing only for task 'dpo'")
 
   if config.lora.enabled:
     _check(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")

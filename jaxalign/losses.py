@@ -12,10 +12,22 @@ import jax.numpy as jnp
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reference_free")
 
 
+def gathered_logprobs(logits: jax.Array, predecessor: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(targets[:, t]) under the distribution at slot predecessor[:, t], shape [B, T] (fp32).
+
+  Computed as target logit minus log-sum-exp, so no [B, T, vocab] log-softmax is materialised.
+  """
+  logits = logits.astype(jnp.float32)
+  batch, length, vocab = logits.shape
+  log_norm = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits.reshape(batch, length * vocab), predecessor * vocab + targets, axis=1)
+  return target_logits - jnp.take_along_axis(log_norm, predecessor, axis=1)
+
+
 def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
   """log p(token t | tokens < t) for t = 1..T-1, shape [B, T-1] (fp32)."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+  previous = jnp.broadcast_to(jnp.arange(input_ids.shape[1] - 1), (input_ids.shape[0], input_ids.shape[1] - 1))
+  return gathered_logprobs(logits[:, :-1], previous, input_ids[:, 1:])
 
 
 def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import losses
+from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
 
 Batch = dict[str, jax.Array]
 
@@ -40,7 +41,27 @@ def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax
   return logps[:num_pairs], logps[num_pairs:]
 
 
+def shared_pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+  """Summed response log-probs of chosen and rejected, [B] each, from prefix-shared rows (`collate_dpo_shared`):
+  one forward over prompt + chosen + rejected, the rejected tokens unable to attend to the chosen ones."""
+  side = batch["response_side"]
+  blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
+  logits = model(batch["input_ids"], batch["attention_mask"], positions=batch["positions"], mask=~blocked,
+                 dropout_key=dropout_key)
+  logps = losses.gathered_logprobs(logits, batch["predecessor"], batch["input_ids"])
+  return (logps * (side == CHOSEN_SIDE)).sum(axis=-1), (logps * (side == REJECTED_SIDE)).sum(axis=-1)
+
+
+def dpo_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+  """Chosen and rejected log-probs from whichever layout the batch has (prefix-shared or separate rows)."""
+  if "response_side" in batch:
+    return shared_pair_logprobs(model, batch, dropout_key)
+  return pair_logprobs(model, batch, dropout_key)
+
+
 def pair_tokens(batch: Batch) -> jax.Array:
+  if "response_side" in batch:
+    return batch["attention_mask"].sum()
   return batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
 
 
@@ -77,12 +98,12 @@ class DPOTask:
   def reference_logps(self, reference, batch: Batch) -> tuple[jax.Array, jax.Array]:
     if reference is None:
       return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-    chosen, rejected = pair_logprobs(reference, batch)
+    chosen, rejected = dpo_logprobs(reference, batch)
     return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
 
   def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
     ref_chosen, ref_rejected = self.reference_logps(reference, batch)
-    chosen, rejected = pair_logprobs(model, batch, dropout_key)
+    chosen, rejected = dpo_logprobs(model, batch, dropout_key)
     return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
                            label_smoothing=self.label_smoothing)
 

@@ -35,6 +35,7 @@ def tiny_config(cache_dir: str, task: str = "sft", /, **fields):
   c.tokenizer = "synthetic"
   c.data.source = "synthetic"
   c.data.synthetic_pairs = 400
+  c.data.subsets = "harmless-base,helpful-base"
   c.data.cache_dir = cache_dir
   c.data.eval_pairs = 16
   c.data.max_length = 128
@@ -275,3 +276,15 @@ def test_indivisible_batch_is_a_clear_error(cache_dir, tmp_path):
   config = tiny_config(cache_dir, "sft", **{"training.batch_size": 6, "mesh.num_devices": 4})
   with pytest.raises(ValueError, match="training.batch_size"):
     trainer.run(config, str(tmp_path))
+
+
+def test_prefix_shared_dpo_equals_the_concatenated_forward(cache_dir, tmp_path):
+  results = {}
+  for sharing in (False, True):
+    config = tiny_config(cache_dir, "dpo", **{"dpo.prefix_sharing": sharing, "training.max_steps": 3,
+                                              "dpo.reference": "model"})
+    trainer.run(config, str(tmp_path / str(sharing)))
+    results[sharing] = losses_by_step(str(tmp_path / str(sharing))), exported(str(tmp_path / str(sharing)))
+  for step in (1, 2, 3):
+    assert results[True][0][step] == pytest.approx(results[False][0][step], abs=1e-5)
+  assert_same_params(results[True][1], results[False][1], atol=1e-5)

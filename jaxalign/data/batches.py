@@ -89,6 +89,46 @@ def collate_dpo(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id:
   return batch
 
 
+# response_side values of a prefix-shared DPO row.
+PROMPT_SIDE, CHOSEN_SIDE, REJECTED_SIDE, PAD_SIDE = 0, 1, 2, 3
+
+
+def shared_lengths(pairs: TokenizedPairs) -> np.ndarray:
+  """Tokens a prefix-shared DPO row needs per pair: prompt + chosen + rejected."""
+  return np.array([len(p) + len(c) + len(r) for p, c, r in zip(pairs.prompt_ids, pairs.chosen_ids,
+                                                                 pairs.rejected_ids)], np.int64)
+
+
+def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Prefix-shared DPO rows: prompt, chosen, rejected as ONE sequence, so the prompt is computed once.
+
+  input_ids / attention_mask [B, L]; positions [B, L]: the rejected response restarts right after the prompt (it
+  sees the positions it would see alone); response_side [B, L]: 0 prompt, 1 chosen, 2 rejected, 3 padding (the
+  model masks rejected->chosen attention with it); predecessor [B, L]: the slot whose logits predict each token
+  (t - 1, except the first rejected token, predicted from the prompt's last slot); prompt_length [B].
+  """
+  rows = {"input_ids": [], "positions": [], "response_side": [], "predecessor": []}
+  for i in indices:
+    prompt, chosen, rejected = pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]
+    n_prompt, n_chosen, n_rejected = len(prompt), len(chosen), len(rejected)
+    predecessor = np.arange(-1, n_prompt + n_chosen + n_rejected - 1, dtype=np.int32)
+    predecessor[0] = 0
+    predecessor[n_prompt + n_chosen] = n_prompt - 1
+    rows["input_ids"].append(np.concatenate([prompt, chosen, rejected]))
+    rows["positions"].append(np.concatenate([np.arange(n_prompt + n_chosen), n_prompt + np.arange(n_rejected)]))
+    rows["response_side"].append(np.repeat(np.array([PROMPT_SIDE, CHOSEN_SIDE, REJECTED_SIDE], np.int32),
+                                           [n_prompt, n_chosen, n_rejected]))
+    rows["predecessor"].append(predecessor)
+  return {
+      "input_ids": _pad(rows["input_ids"], length, pad_id, np.int32),
+      "attention_mask": _pad([np.ones(len(r), np.int32) for r in rows["input_ids"]], length, 0, np.int32),
+      "positions": _pad(rows["positions"], length, 0, np.int32),
+      "response_side": _pad(rows["response_side"], length, PAD_SIDE, np.int32),
+      "predecessor": _pad(rows["predecessor"], length, 0, np.int32),
+      "prompt_length": np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32),
+  }
+
+
 class BatchIterator:
   """Endless iterator of this host's slice of each global batch, epoch after epoch; see the module docstring.
 

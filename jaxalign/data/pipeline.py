@@ -153,24 +153,34 @@ def _check_divisible(config, mesh) -> None:
 
 
 def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int):
-  """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields)."""
+  """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields).
+
+  Prefix-shared DPO rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length`.
+  """
+  max_length, lengths = config.data.max_length, examples.lengths
   if batch_kind == "sft":
-    collate = lambda idx, length: {**batches_lib.collate_sft(examples, idx, length, pad_id), "index": idx}
+    collate = batches_lib.collate_sft
+  elif config.task == "dpo" and config.dpo.prefix_sharing:
+    collate, lengths, max_length = batches_lib.collate_dpo_shared, batches_lib.shared_lengths(examples), 2 * max_length
+    buckets = tuple(buckets) + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
   else:
-    collate = lambda idx, length: {**batches_lib.collate_dpo(examples, idx, length, pad_id), "index": idx}
-  return batches_lib.BatchIterator(examples.lengths, collate, global_batch_size=global_batch_size, seed=seed,
-                                   max_length=config.data.max_length, buckets=tuple(buckets))
+    collate = batches_lib.collate_dpo
+  return batches_lib.BatchIterator(
+      lengths, lambda idx, length: {**collate(examples, idx, length, pad_id), "index": idx},
+      global_batch_size=global_batch_size, seed=seed, max_length=max_length, buckets=tuple(buckets))
 
 
 def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
   if batch_kind != "sft":
     return pairs
-  examples = tokenize.sft_examples(pairs, loss_on=config.data.loss_on, max_length=config.data.max_length)
-  if config.data.sft_responses == "both":
-    # Language modelling on both sides of each pair: an unaligned "pretrained" model for the offline quickstart.
-    swapped = dataclasses.replace(pairs, chosen_ids=pairs.rejected_ids)
-    rejected = tokenize.sft_examples(swapped, loss_on=config.data.loss_on, max_length=config.data.max_length)
-    examples = tokenize.SFTExamples(examples.input_ids + rejected.input_ids, examples.loss_mask + rejected.loss_mask)
+  sides = {"chosen": [pairs], "rejected": [], "both": [pairs]}[config.data.sft_responses]
+  if config.data.sft_responses in ("rejected", "both"):
+    # Language modelling on the rejected side too: an unaligned "pretrained" model for the offline quickstart.
+    sides.append(dataclasses.replace(pairs, chosen_ids=pairs.rejected_ids))
+  parts = [tokenize.sft_examples(side, loss_on=config.data.loss_on, max_length=config.data.max_length)
+           for side in sides]
+  examples = tokenize.SFTExamples([ids for part in parts for ids in part.input_ids],
+                                  [mask for part in parts for mask in part.loss_mask])
   if config.data.packing:
     examples = tokenize.pack_examples(examples, seq_len=config.data.max_length)
   return examples

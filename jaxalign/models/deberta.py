@@ -78,7 +78,7 @@ class DebertaConfig:
   conv_act: str = "tanh"
   initializer_range: float = 0.02
   pad_token_id: int = 0
-  num_labels: int = 1
+  num_labels: int = 2
   # How to compute (not part of the architecture).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -100,9 +100,10 @@ class DebertaConfig:
     if self.conv_kernel_size > 0 and self.conv_kernel_size % 2 == 0:
       raise ValueError(f"conv_kernel_size ({self.conv_kernel_size}) must be odd: padding (k - 1) // 2 on both sides "
                        "keeps the length only for odd kernels (transformers fails on even ones too)")
-    norms = {x.strip() for x in self.norm_rel_ebd.lower().split("|")} - {"none", "layer_norm"}
-    if norms:
-      raise ValueError(f"norm_rel_ebd {self.norm_rel_ebd!r}: unknown entries {sorted(norms)}; use 'layer_norm' or 'none'")
+    unknown = self._rel_norms - {"none", "layer_norm"}
+    if unknown:
+      raise ValueError(f"norm_rel_ebd {self.norm_rel_ebd!r}: unknown entries {sorted(unknown)}; "
+                       "use 'layer_norm' or 'none'")
 
   @property
   def head_dim(self) -> int:
@@ -111,17 +112,19 @@ class DebertaConfig:
   @property
   def rel_span(self) -> int:
     """Relative distances are embedded in [-rel_span, rel_span): position_buckets or max_relative_positions."""
-    if self.position_buckets > 0:
-      return self.position_buckets
-    return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+    return self.position_buckets if self.position_buckets > 0 else self.max_relative
 
   @property
   def max_relative(self) -> int:
     return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
 
   @property
+  def _rel_norms(self) -> set[str]:
+    return {x.strip() for x in self.norm_rel_ebd.lower().split("|")}  # transformers' "a|b" syntax
+
+  @property
   def normalize_rel_embeddings(self) -> bool:
-    return "layer_norm" in [x.strip() for x in self.norm_rel_ebd.lower().split("|")]
+    return "layer_norm" in self._rel_norms
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], **compute) -> DebertaConfig:
@@ -134,8 +137,8 @@ class DebertaConfig:
     if isinstance(pos_att_type, str):  # older configs write "p2c|c2p"
       pos_att_type = pos_att_type.lower().split("|")
     fields["pos_att_type"] = tuple(x.strip() for x in pos_att_type)
-    # transformers stores the head size as id2label; num_labels appears only in configs built by hand.
-    fields["num_labels"] = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    # transformers writes the number of outputs as id2label; num_labels appears only in configs written by hand.
+    fields["num_labels"] = hf.get("num_labels") or len(hf.get("id2label") or {}) or cls.num_labels
     return cls(**fields, **compute)
 
   def replace(self, **changes) -> DebertaConfig:
@@ -164,7 +167,7 @@ def relative_positions(length: int, config: DebertaConfig) -> np.ndarray:
   """[length, length] relative distance query - key, log-bucketed when the config says so (a trace-time constant)."""
   ids = np.arange(length)
   relative = ids[:, None] - ids[None, :]
-  if config.position_buckets > 0 and config.max_relative > 0:
+  if config.position_buckets > 0:
     relative = log_bucket_positions(relative, config.position_buckets, config.max_relative)
   return relative
 
@@ -222,12 +225,13 @@ class DebertaEmbeddings(nnx.Module):
 
 
 class DisentangledSelfAttention(nnx.Module):
-  """Attention scores = content·content + content·position (c2p) + position·content (p2c), each over sqrt(d·k)
-  where k counts the terms in use.
+  """Attention scores = content·content + content·position (c2p) + position·content (p2c), all over
+  sqrt(head_dim · (1 + number of pos_att_type terms)).
 
-  c2p[i, j] = q_i · Kr[δ(i, j)] and p2c[i, j] = k_j · Qr[δ(j, i)] with δ the (bucketed, clipped, shifted) distance
-  into the relative embedding table; Kr/Qr are the table projected by the key/query projections (share_att_key)
-  or by their own pos_key_proj/pos_query_proj.
+  c2p[i, j] = q_i · Kr[δ(i, j)] and p2c[i, j] = k_j · Qr[δ(i, j)], with δ(i, j) = clip(bucket(i - j) + span) the row
+  of the relative embedding table (transformers writes p2c's index as -bucket(j - i): the same number, as buckets are
+  odd-symmetric). Kr/Qr are the table projected by the key/query projections (share_att_key) or by their own
+  pos_key_proj/pos_query_proj.
   """
 
   def __init__(self, config: DebertaConfig, *, rngs: nnx.Rngs):
@@ -248,7 +252,7 @@ class DisentangledSelfAttention(nnx.Module):
   def __call__(self, x, mask, rel_embeddings, rel_index):
     cfg = self.config
     q, k, v = self._heads(self.query_proj(x)), self._heads(self.key_proj(x)), self._heads(self.value_proj(x))
-    # transformers divides by sqrt(head_dim · (1 + number of pos_att_type terms)) even without relative attention.
+    # transformers counts the pos_att_type terms in the scale even without relative attention.
     scale = np.sqrt(cfg.head_dim * (1 + len(cfg.pos_att_type)), dtype=np.float32)
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     if cfg.relative_attention and "c2p" in cfg.pos_att_type:
@@ -258,7 +262,7 @@ class DisentangledSelfAttention(nnx.Module):
     if cfg.relative_attention and "p2c" in cfg.pos_att_type:
       pos_query = self._heads((self.query_proj if cfg.share_att_key else self.pos_query_proj)(rel_embeddings))
       by_distance = jnp.einsum("bshd,rhd->bhsr", k, pos_query, preferred_element_type=jnp.float32)
-      # Row j, column i holds k_j · Qr[δ(j, i)]: gather by key, then transpose to [query, key].
+      # by_distance[j, r] = k_j · Qr[r] is gathered per key row j at δ(i, j) = δᵀ[j, i], then turned to [query, key].
       scores += jnp.take_along_axis(by_distance, rel_index.T[None, None], axis=-1).swapaxes(-1, -2)
     scores = jnp.where(mask, scores / scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

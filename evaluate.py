@@ -1,0 +1,27 @@
+"""Evaluate models: python evaluate.py --config configs/eval.py --workdir runs/eval --config.models="base=...,sft=..."
+
+Generates answers to the harmful and helpful prompt sets, judges them, and writes results.json, results.md,
+responses-<model>.jsonl and PNG plots into the workdir; prints the HmR / HpR / CAS table.
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxalign import evaluator
+
+config_flags.DEFINE_config_file("config", None, "Path to an evaluation config (configs/eval.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for the reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("jaxalign").setLevel(logging.INFO)
+  evaluator.run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

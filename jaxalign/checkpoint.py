@@ -1,0 +1,195 @@
+"""Checkpoints: the train state (sharded arrays) plus a JSON side item, written by Orbax in the background and read
+back straight onto the devices and shardings the caller asks for, newest restorable step first.
+
+One step folder holds two Orbax items:
+  state   any pytree of arrays: params (a plain dict or an `nnx.State`), the optax state, the RNG key data, the step.
+          `nnx.State` and optax's namedtuples round-trip as they are (Orbax walks them as pytrees and restores into
+          the structure of the abstract tree given to `restore_latest`), so no conversion happens here.
+  extra   a JSON dict: the data-iterator position, the config, the last metrics. JSON turns tuples into lists.
+
+Atomicity comes from Orbax: a step is written under `<step>.orbax-checkpoint-tmp*` and renamed (or, on object
+stores, marked with `commit_success.txt`) only when every process has finished, so a run killed mid-save leaves the
+earlier steps intact and the unfinished folder invisible; it is deleted when the next `Checkpointer` opens the folder.
+Every method must be called on every process: Orbax synchronises them and picks the process that writes shared files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+EXTRA_ITEM = "extra"
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint in the folder could be restored."""
+
+
+class Restored(NamedTuple):
+  """What `restore_latest` found: the step, the state laid out like the abstract state, and the JSON extra."""
+
+  step: int
+  state: Any
+  extra: dict
+
+
+def _absolute(directory: str | os.PathLike) -> epath.Path:
+  # Orbax refuses relative local paths (its TensorStore specs need absolute ones); gs:// and friends pass through.
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest committed step in a checkpoint folder (unfinished temporary folders ignored), or None.
+
+  Committed is not the same as restorable: a damaged step still counts here; `Checkpointer.restore_latest` skips it.
+  """
+  # The step naming `Checkpointer` writes (Orbax's default); the lookup skips uncommitted folders as Orbax does.
+  newest = ocp.path.step.latest_step_metadata(_absolute(directory), ocp.path.step.standard_name_format())
+  return None if newest is None else newest.step
+
+
+class Checkpointer:
+  """Saves every `save_every_steps` steps (0: only forced saves), keeps the newest `keep` (None: all).
+
+  With `async_save` (the default) `save` returns once the arrays are copied to host memory, so the caller may donate
+  or overwrite them right away; the files are written in a background thread. Call `close()` (or use `with`) before
+  the process exits or before reading the folder from elsewhere, or the last save may be lost.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every_steps: int, keep: int | None,
+               async_save: bool = True):
+    if save_every_steps < 0:
+      raise ValueError(f"checkpoint save_every_steps must be >= 0 (0 = only forced saves), got {save_every_steps}")
+    if keep is not None and keep < 1:
+      raise ValueError(f"checkpoint keep must be >= 1 or None (keep all), got {keep}")
+    self.directory = _absolute(directory)
+    self.save_every_steps = save_every_steps
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,  # still the portable spelling: preservation_policy is missing from older Orbax releases
+        # Frees the space of saves cut short by a kill; committed steps are never touched.
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Steps that failed to restore: a resumed run reaching one of them overwrites it instead of skipping the save.
+    self._unrestorable: set[int] = set()
+
+  def steps(self) -> list[int]:
+    """Saved steps, oldest first; a step still being written in the background is listed too."""
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int, force: bool = False) -> bool:
+    return force or (self.save_every_steps > 0 and step % self.save_every_steps == 0)
+
+  def save(self, step: int, *, state: Any, extra: dict, force: bool = False) -> bool:
+    """Starts saving `state` and `extra` as `step` if `should_save(step, force)`; returns whether it did.
+
+    A step that is already saved is skipped (the forced save at the end of a run often lands on a periodic one),
+    unless `restore_latest` found it damaged: then it is replaced.
+    """
+    if not self.should_save(step, force):
+      return False
+    if not isinstance(extra, dict):
+      raise TypeError(f"checkpoint extra must be a dict, got {type(extra).__name__}")
+    try:
+      # Checked now: with async saves a bad value would only surface at the next save or at close().
+      json.dumps(extra)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"checkpoint extra for step {step} is not JSON-serialisable ({e}); convert numpy/jax values "
+                      "with int()/float()/.tolist() and configs with .to_dict()") from e
+    if step in self._manager.all_steps():
+      if step not in self._unrestorable:
+        log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
+        return False
+      log.warning("replacing the unrestorable checkpoint step %d in %s", step, self.directory)
+      self._manager.delete(step)
+      self._unrestorable.discard(step)
+    # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
+    return self._manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+
+  def restore_latest(self, abstract_state: Any) -> Restored | None:
+    """Restores the newest step that loads, or returns None when the folder has no checkpoint.
+
+    `abstract_state` is the state's pytree with `jax.ShapeDtypeStruct` leaves carrying shardings; each array is read
+    directly onto its devices in that sharding (and cast to that dtype). A step that fails (damaged or missing
+    files, a missing item, a structure or shape that differs from `abstract_state`) is logged as a warning and the
+    previous one tried; if every step fails, `CheckpointRestoreError` lists each step's error.
+    """
+    unsharded = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+                 if getattr(leaf, "sharding", None) is None]
+    if unsharded:
+      # Orbax would quietly fall back to the saved layout or one device: wrong on another mesh or host count.
+      raise ValueError(f"restore_latest: every leaf of abstract_state needs a sharding (jax.ShapeDtypeStruct(shape, "
+                       f"dtype, sharding=...)); {len(unsharded)} have none, e.g. {', '.join(unsharded[:3])}")
+    self._manager.wait_until_finished()
+    failures: list[str] = []
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(abstract_state), EXTRA_ITEM: ocp.args.JsonRestore()}))
+        error = None
+      except Exception as e:  # whatever broke, the previous step may load; all failures are reported below
+        error = e
+      error = _agree_across_processes(error)
+      if error is None:
+        if failures:
+          log.warning("resuming from checkpoint step %d in %s, older than the unrestorable newest one", step,
+                      self.directory)
+        return Restored(step, restored[STATE_ITEM], restored[EXTRA_ITEM])
+      reason = _describe(error)
+      log.warning("checkpoint step %d in %s could not be restored (%s); %s", step, self.directory, reason,
+                  f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left")
+      failures.append(f"step {step}: {reason}")
+      self._unrestorable.add(step)
+    if failures:
+      raise CheckpointRestoreError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(failures)
+                                   + "\nCheck that the config (model, optimizer, mesh) matches the run that saved "
+                                   "them, or move the folder away to start afresh.")
+    return None
+
+  def wait(self) -> None:
+    """Blocks until background saves are committed (raises if one failed)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes background saves and releases Orbax's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _agree_across_processes(error: Exception | None) -> Exception | None:
+  """Makes a restore count as failed everywhere if it failed on any process, so all resume from the same step."""
+  failed_anywhere = multihost_utils.process_allgather(np.int32(error is not None))
+  if error is None and np.any(failed_anywhere):
+    return RuntimeError("restored on this process but failed on another one (see that process's log)")
+  return error
+
+
+def _describe(error: BaseException) -> str:
+  """One line per exception in the chain: Orbax wraps the telling TensorStore error (e.g. a short file) in a generic
+  one whose message runs on with a dump of the store's spec."""
+  parts = []
+  while error is not None and len(parts) < 4:
+    lines = str(error).strip().splitlines() or [""]
+    parts.append(f"{type(error).__name__}: {lines[0][:200]}")
+    error = error.__cause__ or error.__context__
+  return "; caused by ".join(parts)
