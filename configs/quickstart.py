@@ -54,7 +54,7 @@ def get_config():
   dpo = _tiny(common.get_config())
   dpo.task = "dpo"
   dpo.init_from = "stage:base"
-  dpo.optimizer.lr = 2e-4
+  dpo.optimizer.lr = 5e-5
   dpo.optimizer.schedule = "constant"
   dpo.training.max_steps = 100
   dpo.dpo.beta = 0.1

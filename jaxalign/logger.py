@@ -32,7 +32,7 @@ class MetricLogger:
     self.shapes: set[tuple[int, ...]] = set()
     self._window = {"tokens": 0.0, "flops": 0.0, "steps": 0, "sums": {}}
     self._window_start = time.perf_counter()
-    self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
+    self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step", mininterval=1.0,
                     disable=not (self.is_main and config.training.progress_bar))
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
     self.tensorboard = None

@@ -1,0 +1,101 @@
+"""evaluate.py's pipeline end to end on tiny random models: generation, judging, metrics, reports; and the judge."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import eval as eval_config
+from jaxalign import evaluator, judges
+from jaxalign.data import synthetic
+from jaxalign.models import hub, opt, reward
+
+TINY = dict(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+            word_embed_proj_dim=32, max_position_embeddings=300)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+  root = tmp_path_factory.mktemp("eval")
+  data = root / "data"
+  synthetic.write_synthetic_hh(data, n_train=10, n_test=120, seed=0)
+  paths = {}
+  for name, seed in (("base", 0), ("tuned", 1)):
+    paths[name] = str(root / name)
+    hub.save_pretrained(opt.OPTForCausalLM(opt.OPTConfig(**TINY), rngs=nnx.Rngs(seed)), paths[name])
+    tiny_tokenizer.save_pretrained(paths[name])
+  judge_model = reward.OPTRewardModel(opt.OPTConfig(**TINY), ("harmless", "helpful"), rngs=nnx.Rngs(2))
+  paths["judge"] = str(root / "judge")
+  reward.save_pretrained(judge_model, paths["judge"])
+  tiny_tokenizer.save_pretrained(paths["judge"])
+  return root, str(data), paths
+
+
+def test_opt_reward_judge_scores_the_hh_text_with_the_named_head(setup, tiny_tokenizer):
+  _, _, paths = setup
+  judge = judges.load_judge(paths["judge"])
+  model = reward.from_pretrained(paths["judge"])
+  prompts, responses = ["Human: How do I bake bread?", "Human: Hi\n\nAssistant: Hello\n\nHuman: Kill?"], ["Mix.", "No."]
+  for head_index, head in enumerate(("harmless", "helpful")):
+    got = judge.for_head(head).score(prompts, responses)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+      ids = tiny_tokenizer(judges.hh_text(p, r)).input_ids + [tiny_tokenizer.eos_token_id]
+      want = model(jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))[0, head_index]
+      assert got[i] == pytest.approx(float(want), abs=1e-5)
+  assert judges.hh_text("Human: Hi", " ok ") == "\n\nHuman: Hi\n\nAssistant: ok"
+
+
+def test_evaluate_writes_every_report(setup):
+  root, data, paths = setup
+  c = eval_config.get_config()
+  c.models = f"base={paths['base']},tuned={paths['tuned']}"
+  c.judge = paths["judge"]
+  c.prompts.source = data
+  c.prompts.n_harmful, c.prompts.n_helpful, c.prompts.style = 4, 6, "turn"
+  c.generation.max_new_tokens = 6
+  c.generation.prompt_suffix = "\n\nAssistant:"
+  c.generation.batch_size = 8
+  c.metrics.n_bootstrap = 50
+  c.preference.source, c.preference.pairs, c.preference.references = data, 8, "tuned=base"
+  out = root / "report"
+  results = evaluator.run(c, str(out))
+
+  for name in ("results.json", "results.md", "preference.json", "responses-base.jsonl", "responses-tuned.jsonl"):
+    assert (out / name).exists(), name
+  for png in ("metrics.png", "scores.png"):
+    assert matplotlib.image.imread(out / png).shape[0] > 100
+  saved = json.load(open(out / "results.json"))
+  assert set(saved["models"]) == {"base", "tuned"}
+  records = [json.loads(line) for line in open(out / "responses-tuned.jsonl")]
+  assert len(records) == 10 and {r["set"] for r in records} == {"harmful", "helpful"}
+  tuned = results["models"]["tuned"]["metrics"]
+  harmful_scores = np.array([r["score"] for r in records if r["set"] == "harmful"])
+  assert tuned["hmr"] == pytest.approx(100.0 * np.mean(harmful_scores > -3.0))
+  preference = json.load(open(out / "preference.json"))
+  assert preference["pairs"] == 8 and "implicit_reward_accuracy/tuned" in preference
+  assert "Table" in (out / "results.md").read_text() or "HmR" in (out / "results.md").read_text()
+
+
+def test_rated_responses_mode_needs_no_models(setup, tmp_path):
+  root, _, _ = setup
+  rated = tmp_path / "rated"
+  os.makedirs(rated)
+  for name, scores in (("1_base", (-4.0, -1.0)), ("2_sft", (-2.0, 0.5))):
+    for set_name, score in zip(("harmful", "helpful"), scores):
+      json.dump([{"prompt": "p", "response": "r", "rating": score}], open(rated / f"{name}_{set_name}.json", "w"))
+  c = eval_config.get_config()
+  c.rated_responses = str(rated)
+  c.metrics.n_bootstrap = 20
+  results = evaluator.run(c, str(tmp_path / "out"))
+  assert results["models"]["base"]["metrics"]["hmr"] == 0.0
+  assert results["models"]["sft"]["metrics"]["cas"] == 100.0
+
+
+def test_named_lists_are_parsed_strictly():
+  assert evaluator.parse_named("a=x, b = y", "models") == {"a": "x", "b": "y"}
+  with pytest.raises(ValueError, match="config.models"):
+    evaluator.parse_named("a=x,oops", "models")
