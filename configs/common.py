@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | rejected | both
   c.data.packing = False  # SFT: pack several examples per row (segment masks keep them apart)
   c.data.buckets = (128, 256, 512, 1024)  # padded row lengths (capped at max_length)
+  c.data.group_by_length = False  # batches of similar lengths (sorted within windows of 64 batches), less padding
   c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache
   c.data.synthetic_pairs = 2000  # size of the synthetic train split when source = "synthetic"
 

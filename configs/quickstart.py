@@ -20,11 +20,11 @@ def _tiny(c):
   c.data.buckets = (64, 128)
   c.model.preset = "opt-125m"
   c.model.arch.vocab_size = 1024
-  c.model.arch.hidden_size = 64
-  c.model.arch.ffn_dim = 256
+  c.model.arch.hidden_size = 128
+  c.model.arch.ffn_dim = 512
   c.model.arch.num_hidden_layers = 2
   c.model.arch.num_attention_heads = 4
-  c.model.arch.word_embed_proj_dim = 64
+  c.model.arch.word_embed_proj_dim = 128
   c.model.arch.max_position_embeddings = 256
   c.model.dropout = 0.0
   c.training.batch_size = 16
@@ -42,14 +42,15 @@ def get_config():
   base.task = "sft"
   base.optimizer.lr = 3e-3
   base.optimizer.warmup_steps = 20
-  base.training.max_steps = 150
+  base.training.max_steps = 200
   base.data.sft_responses = "rejected"  # an unaligned model: it learned to comply with harm and to be unhelpful
 
   sft = _tiny(common.get_config())
   sft.task = "sft"
   sft.init_from = "stage:base"
-  sft.optimizer.lr = 1e-3
-  sft.training.max_steps = 100
+  sft.optimizer.lr = 2e-3
+  sft.data.loss_on = "completion"  # a tiny model learns the answers faster when only they are scored
+  sft.training.max_steps = 150
 
   dpo = _tiny(common.get_config())
   dpo.task = "dpo"

@@ -16,6 +16,8 @@ STAGES = ("sft", "dpo", "sft_dpo", "reward")
 
 def _accelerated(c):
   c.init_from = "facebook/opt-350m"
+  c.data.group_by_length = True
+  c.data.buckets = (128, 256, 384, 512, 768, 1024)
   c.model.dtype = "bfloat16"
   c.checkpoint.every_steps = 1000
   return c

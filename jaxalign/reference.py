@@ -36,13 +36,16 @@ def fingerprint(model: nnx.Module, pairs, dtype: str) -> str:
 
 
 def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[int, ...], max_length: int,
-                  pad_id: int, mesh) -> np.ndarray:
-  """(chosen, rejected) summed response log-probs of every pair, [N, 2], in length-sorted batches."""
+                  pad_id: int, mesh, prefix_sharing: bool = False) -> np.ndarray:
+  """(chosen, rejected) summed response log-probs of every pair, [N, 2], in length-sorted batches (prefix-shared
+  rows when `prefix_sharing`: the prompt computed once)."""
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch))
+  forward = jax.jit(lambda state, batch: tasks.dpo_logprobs(nnx.merge(graphdef, state), batch))
   sharding = parallel.batch_sharding(mesh)
-  buckets = batches_lib.bucket_lengths(buckets, max_length)
-  lengths = pairs.lengths
+  collate, lengths = batches_lib.collate_dpo, pairs.lengths
+  if prefix_sharing:
+    collate, lengths, max_length = batches_lib.collate_dpo_shared, batches_lib.shared_lengths(pairs), 2 * max_length
+  buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
   order = np.argsort(lengths, kind="stable")
   host_rows = batch_size // jax.process_count()
   out = np.zeros((len(lengths), 2), np.float64)
@@ -51,7 +54,7 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
     length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
     mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
-    batch = batches_lib.to_global(batches_lib.collate_dpo(pairs, mine, length, pad_id), sharding)
+    batch = batches_lib.to_global(collate(pairs, mine, length, pad_id), sharding)
     chosen, rejected = forward(state, batch)
     out[chunk, 0] = hub.host_numpy(chosen)[:len(chunk)]
     out[chunk, 1] = hub.host_numpy(rejected)[:len(chunk)]
@@ -60,7 +63,7 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
 
 def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndarray:
   """The reference log-probs of `pairs`, from the cache when this model and these pairs were seen before."""
-  key = fingerprint(model, pairs, config.model.dtype)
+  key = fingerprint(model, pairs, f"{config.model.dtype}-shared{config.dpo.prefix_sharing}")
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
   if os.path.exists(path):
     log.info("reference log-probs read from %s", path)
@@ -68,7 +71,7 @@ def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndar
   log.info("computing reference log-probs for %d pairs (cached in %s)", len(pairs.prompt_ids), path)
   logps = compute_logps(model, pairs, batch_size=config.training.batch_size // config.training.grad_accum,
                         buckets=tuple(config.data.buckets), max_length=config.data.max_length, pad_id=pad_id,
-                        mesh=mesh)
+                        mesh=mesh, prefix_sharing=config.dpo.prefix_sharing)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.save(path + ".tmp.npy", logps)

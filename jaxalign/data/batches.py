@@ -10,7 +10,8 @@ handful of programs), the smallest bucket that holds the longest row of the *glo
         and rejected padded to the same L so they can run as one [2B, L] forward), plus prompt_length [B] int32
         (the shared prompt's token count; the loss masks are 1 exactly on the response tokens).
 
-Order: epoch e visits the examples in `np.random.default_rng([seed, e]).permutation(n)`, in consecutive global
+Order: epoch e visits the examples in `epoch_order` (a permutation seeded by [seed, e], optionally grouped by
+length), in consecutive global
 batches of `global_batch_size`; the last `n % global_batch_size` examples of each permutation are dropped (counted
 in `dropped_per_epoch`; a different permutation drops different ones next epoch). The iterator's state is
 {epoch, position} (plus checks), so a restored run continues with exactly the batches it would have seen.
@@ -129,6 +130,30 @@ def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, 
   }
 
 
+# With length grouping, examples are sorted by length within windows of this many global batches.
+GROUP_WINDOW_BATCHES = 64
+
+
+def epoch_order(lengths: np.ndarray, global_batch_size: int, seed: int, epoch: int,
+                group_by_length: bool = False) -> np.ndarray:
+  """The example order of one epoch: a permutation seeded by (seed, epoch).
+
+  With `group_by_length`, each window of GROUP_WINDOW_BATCHES global batches is sorted by length and cut into
+  batches, and the batches are shuffled: rows in a batch have similar lengths, so bucket padding wastes little,
+  while the order stays random at the level of batches.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
+  if not group_by_length:
+    return order
+  window = GROUP_WINDOW_BATCHES * global_batch_size
+  usable = len(order) // global_batch_size * global_batch_size
+  grouped = [chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.split(order[:usable],
+                                                                                    range(window, usable, window))]
+  batches_in_order = np.concatenate(grouped).reshape(-1, global_batch_size)
+  return np.concatenate([batches_in_order[rng.permutation(len(batches_in_order))].reshape(-1), order[usable:]])
+
+
 class BatchIterator:
   """Endless iterator of this host's slice of each global batch, epoch after epoch; see the module docstring.
 
@@ -138,12 +163,13 @@ class BatchIterator:
   """
 
   def __init__(self, lengths: np.ndarray, collate: Callable[[np.ndarray, int], dict], *, global_batch_size: int,
-               seed: int, max_length: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+               seed: int, max_length: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, group_by_length: bool = False,
                process_index: int | None = None, process_count: int | None = None):
     self.lengths = np.asarray(lengths)
     self.collate = collate
     self.global_batch_size = global_batch_size
     self.seed = seed
+    self.group_by_length = group_by_length
     self.buckets = bucket_lengths(buckets, max_length)
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
@@ -167,7 +193,8 @@ class BatchIterator:
   def _order(self, epoch: int) -> np.ndarray:
     # One permutation per epoch, kept while the epoch lasts.
     if self._cached_order[0] != epoch:
-      self._cached_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)))
+      self._cached_order = (epoch, epoch_order(self.lengths, self.global_batch_size, self.seed, epoch,
+                                               self.group_by_length))
     return self._cached_order[1]
 
   def global_indices(self, epoch: int, position: int) -> np.ndarray:

@@ -167,7 +167,8 @@ def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size
     collate = batches_lib.collate_dpo
   return batches_lib.BatchIterator(
       lengths, lambda idx, length: {**collate(examples, idx, length, pad_id), "index": idx},
-      global_batch_size=global_batch_size, seed=seed, max_length=max_length, buckets=tuple(buckets))
+      global_batch_size=global_batch_size, seed=seed, max_length=max_length, buckets=tuple(buckets),
+      group_by_length=config.data.group_by_length)
 
 
 def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
