@@ -143,3 +143,14 @@ def test_to_global_builds_batch_sharded_arrays():
   for key, value in batch.items():
     assert arrays[key].sharding == sharding and arrays[key].shape == value.shape
     np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+
+
+def test_length_grouping_keeps_every_example_and_cuts_padding():
+  lengths = np.random.default_rng(0).integers(10, 1000, 1000)
+  plain = batches.epoch_order(lengths, 8, seed=1, epoch=0)
+  grouped = batches.epoch_order(lengths, 8, seed=1, epoch=0, group_by_length=True)
+  assert sorted(grouped) == list(range(1000))
+  np.testing.assert_array_equal(grouped, batches.epoch_order(lengths, 8, seed=1, epoch=0, group_by_length=True))
+  padded = lambda order: lengths[order].reshape(-1, 8).max(axis=1).sum() * 8
+  assert padded(grouped) < 0.7 * padded(plain)
+  assert not np.array_equal(grouped, batches.epoch_order(lengths, 8, seed=1, epoch=1, group_by_length=True))
