@@ -9,7 +9,7 @@
            work), usable as an offline judge by evaluate.py
 """
 
-from configs import common
+from configs import common, dpo
 
 STAGES = ("sft", "dpo", "sft_dpo", "reward")
 
@@ -24,16 +24,8 @@ def _accelerated(c):
 
 
 def _dpo(init_from: str):
-  c = _accelerated(common.get_config())
-  c.task = "dpo"
+  c = _accelerated(dpo.get_config())  # the reference-DPO defaults: lr 1e-6, batch 64, 150 warmup steps, beta 0.1
   c.init_from = init_from
-  c.data.max_length = 1024
-  c.data.max_prompt_length = 512
-  c.optimizer.lr = 1e-6
-  c.optimizer.warmup_steps = 150
-  c.optimizer.schedule = "constant"
-  c.training.batch_size = 64
-  c.dpo.beta = 0.1
   c.dpo.reference = "precomputed"
   c.dpo.prefix_sharing = True
   return c
