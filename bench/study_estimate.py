@@ -85,7 +85,7 @@ def main():
   text_pairs, _ = hh.load_preference_pairs(args.data)
   scale = TRAIN_PAIRS / len(text_pairs)
   arch = opt.preset("opt-350m")
-  print(f"| stage | task | TFLOP (train) | TFLOP (reference pass) | assumed MFU | minutes |\n|---|---|---|---|---|---|")
+  print("| stage | task | TFLOP (train) | TFLOP (reference pass) | assumed MFU | minutes |\n|---|---|---|---|---|---|")
   total = 0.0
   for name in recipe.stages:
     stage = recipe.stage_configs[name]

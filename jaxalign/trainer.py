@@ -12,13 +12,11 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -338,8 +336,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
            len(metric_logger.shapes))
   if config.export.enabled:
     export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype)
-    tokenizer.save_pretrained(export_dir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:
+    if config.export.enabled:
+      tokenizer.save_pretrained(export_dir)  # the folder is then all evaluate.py needs
     with open(os.path.join(workdir, DONE_FILE), "w") as f:
       json.dump(summary, f, indent=2)
   return export_dir
