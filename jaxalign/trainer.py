@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
 EXPORT_DIR = "model"
-STAGE_PREFIX = "stage:"
 
 
 # ------------------------------------------------------------------------------------------------------ entry
