@@ -59,6 +59,7 @@ def get_config():
   dpo.optimizer.schedule = "constant"
   dpo.training.max_steps = 100
   dpo.dpo.beta = 0.1
+  dpo.dpo.prefix_sharing = True  # the prompt is computed once for both answers
 
   sft_dpo = _tiny(common.get_config())
   sft_dpo.update(dpo.to_dict())
