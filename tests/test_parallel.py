@@ -66,3 +66,19 @@ def test_sharded_forward_and_grad_equal_single_device():
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@needs_8
+def test_from_pretrained_places_each_parameter_on_its_fsdp_sharding(tmp_path):
+  from jaxalign.models import hub
+
+  model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(0))
+  hub.save_pretrained(model, str(tmp_path))
+  mesh = parallel.make_mesh(data=4, fsdp=2)
+  loaded = hub.from_pretrained(str(tmp_path), shardings_fn=lambda abstract: parallel.tree_shardings(
+      nnx.state(abstract), mesh, min_size=0))
+  kernel = loaded.layers[1].fc2.kernel[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert {s.data.shape for s in kernel.addressable_shards} == {(32, 32)}
+  ids = jnp.array([[5, 6, 7, 8, 9, 10, 11, 12]] * 8)
+  np.testing.assert_allclose(loaded(ids), model(ids), atol=1e-5)
