@@ -41,7 +41,8 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
 
 
 def prompt_sets(config) -> dict[str, list[str]]:
-  """The harmful and helpful prompts: JSON files if given, else the paper's selection from `prompts.source`."""
+  """The harmful and helpful prompts: JSON files if given, else the paper's selection from `prompts.source` (with
+  the dataset's chosen answers as `<set>_references`, for win rates)."""
   p = config.prompts
   if p.harmful_file or p.helpful_file:
     if not (p.harmful_file and p.helpful_file):
@@ -49,7 +50,7 @@ def prompt_sets(config) -> dict[str, list[str]]:
     return {"harmful": prompts_lib.load_prompt_file(p.harmful_file),
             "helpful": prompts_lib.load_prompt_file(p.helpful_file)}
   return prompts_lib.paper_prompt_sets(p.source, n_harmful=p.n_harmful, n_helpful=p.n_helpful,
-                                       keywords=tuple(p.keywords), seed=p.seed, style=p.style)
+                                       keywords=tuple(p.keywords), seed=p.seed, style=p.style, with_references=True)
 
 
 def load_policy(path: str, dtype: str):
@@ -69,9 +70,12 @@ def judges_by_set(config) -> dict[str, judges.Judge]:
 
 
 def generate_and_score(config, models: dict[str, str], prompts: dict[str, list[str]], judge_of: dict) -> dict:
-  """{model: {set: [{prompt, response, score}]}} for every model and prompt set."""
+  """{model: {set: [{prompt, response, score[, reference_score]}]}} for every model and prompt set; the reference
+  score is the judge's score of the dataset's chosen answer, where the prompt set has one."""
   mesh = parallel.make_mesh()
   suffix = config.generation.prompt_suffix
+  reference_scores = {s: judge_of[s].score(prompts[s], prompts[f"{s}_references"]) for s in SETS
+                      if f"{s}_references" in prompts}
   records: dict[str, dict[str, list[dict]]] = {}
   for name, path in models.items():
     model, tokenizer = load_policy(path, config.model_dtype)
@@ -86,6 +90,8 @@ def generate_and_score(config, models: dict[str, str], prompts: dict[str, list[s
       scores = judge_of[set_name].score(prompts[set_name], generations.texts)
       records[name][set_name] = [{"prompt": p, "response": r, "score": float(s)}
                                  for p, r, s in zip(prompts[set_name], generations.texts, scores)]
+      for record, reference in zip(records[name][set_name], reference_scores.get(set_name, ())):
+        record["reference_score"] = float(reference)
       log.info("%s / %s: mean score %.3f", name, set_name, float(np.mean(scores)))
     del model
   return records

@@ -75,6 +75,9 @@ def test_evaluate_writes_every_report(setup):
   tuned = results["models"]["tuned"]["metrics"]
   harmful_scores = np.array([r["score"] for r in records if r["set"] == "harmful"])
   assert tuned["hmr"] == pytest.approx(100.0 * np.mean(harmful_scores > -3.0))
+  reference_scores = np.array([r["reference_score"] for r in records if r["set"] == "harmful"])
+  expected_win = 100.0 * np.mean((harmful_scores > reference_scores) + 0.5 * (harmful_scores == reference_scores))
+  assert tuned["win_rate_harmful"] == pytest.approx(expected_win)
   preference = json.load(open(out / "preference.json"))
   assert preference["pairs"] == 8 and "implicit_reward_accuracy/tuned" in preference
   assert "Table" in (out / "results.md").read_text() or "HmR" in (out / "results.md").read_text()

@@ -59,23 +59,41 @@ def _prompts(rows: list[tuple[str, dict]], style: str) -> list[str]:
   return prompts
 
 
+def _final_answer(conversation: str) -> str:
+  """The text of the conversation's final Assistant turn, stripped."""
+  return conversation[conversation.rfind(hh.ASSISTANT) + len(hh.ASSISTANT):].strip()
+
+
+def _paper_rows(source: str, n_harmful: int, n_helpful: int, keywords: tuple[str, ...],
+                seed: int) -> dict[str, list[tuple[str, dict]]]:
+  """The (location, record) rows the paper's procedure selects (module docstring)."""
+  rng = random.Random(seed)
+  candidates = [(where, record) for where, record in _test_rows(source, "harmless-base")
+                if isinstance(record.get("chosen"), str) and any(k in record["chosen"] for k in keywords)]
+  harmful = _sample(rng, candidates, n_harmful, "harmful")
+  helpful = _sample(rng, _test_rows(source, "helpful-base"), n_helpful, "helpful") if n_helpful else []
+  return {"harmful": harmful, "helpful": helpful}
+
+
 def paper_prompt_sets(
     source: str = hh.HH_HUB_ID, *, n_harmful: int = 50, n_helpful: int = 50,
     keywords: tuple[str, ...] = PAPER_KEYWORDS, seed: int = PAPER_SEED, style: str = "turn",
+    with_references: bool = False,
 ) -> dict[str, list[str]]:
   """{"harmful": [...], "helpful": [...]} selected as in the paper (module docstring) from `source`.
 
   source: the Hub id or a local folder with harmless-base/test.jsonl[.gz] (and helpful-base/test… unless
   n_helpful=0). The harmful sample is drawn first, then the helpful one from the same stream, so changing
   n_harmful or the harmful candidates changes the helpful set too, as it would have in the paper. style: see
-  `prompt_without_final_turn` ("paper" reproduces the published files exactly).
+  `prompt_without_final_turn` ("paper" reproduces the published files exactly). with_references: also
+  "harmful_references" / "helpful_references", each row's final chosen answer (for win rates against the dataset).
   """
-  rng = random.Random(seed)
-  candidates = [(where, record) for where, record in _test_rows(source, "harmless-base")
-                if isinstance(record.get("chosen"), str) and any(k in record["chosen"] for k in keywords)]
-  harmful = _sample(rng, candidates, n_harmful, "harmful")
-  helpful = _sample(rng, _test_rows(source, "helpful-base"), n_helpful, "helpful") if n_helpful else []
-  return {"harmful": _prompts(harmful, style), "helpful": _prompts(helpful, style)}
+  rows = _paper_rows(source, n_harmful, n_helpful, keywords, seed)
+  sets = {name: _prompts(set_rows, style) for name, set_rows in rows.items()}
+  if with_references:
+    for name, set_rows in rows.items():
+      sets[f"{name}_references"] = [_final_answer(record["chosen"]) for _, record in set_rows]
+  return sets
 
 
 def load_prompt_file(path: str | Path) -> list[str]:
