@@ -1,0 +1,688 @@
+"""CPU side by side with TRL: jaxalign's DPO and SFT train steps vs TRL's `DPOTrainer` / `SFTTrainer` (PyTorch CPU).
+
+Same model, same weights, same token ids, same batches, run alternately in one process:
+
+  * model: a small OPT (4 layers, hidden 256, 4 heads, ffn 1024, vocab 50272), random init, built by jaxalign and
+    written with `hub.save_pretrained`; TRL trains `OPTForCausalLM.from_pretrained` of that folder (its reference
+    model is a second copy). Dropout 0 on both sides (TRL's DPO default `disable_dropout=True`). fp32.
+  * data: real Anthropic HH pairs (harmless-base test) and the real OPT tokenizer from ../shared. Pairs are tokenized
+    ONCE by jaxalign (max_length 256, max_prompt_length 128, prompt keeps its end) and TRL is handed these very ids
+    (`prompt_ids` / `chosen_ids` / `rejected_ids`; its own tokenization step is bypassed, because TRL >= 1.0 no longer
+    has `max_prompt_length` and only truncates whole rows from the end). SFT: the chosen conversations (prompt +
+    chosen, EOS), cut to 256 tokens keeping the start, loss on every token after the leading `</s>`, handed to
+    `SFTTrainer` as a pre-tokenized `input_ids` dataset.
+  * optimizer: AdamW, constant lr 1e-6, weight decay 0, grad clip 1.0 on both; batch 8 pairs (DPO) / 8 sequences
+    (SFT); no accumulation, no eval, no logging, no checkpoints. TRL samples sequentially, so step k of every
+    implementation sees the same batch k.
+  * DPO: beta 0.1, sigmoid loss, live reference model (TRL's default; `precompute_ref_log_probs=False`).
+    jaxalign runs three variants on the same batches: (a) separate chosen / rejected rows + live reference (the
+    like-for-like row), (b) prefix-shared rows (`collate_dpo_shared`: prompt computed once) + live reference,
+    (c) prefix-shared rows + precomputed reference log-probs (computed before timing, not timed).
+    Rows marked * (skip with --no-proposed) are NOT the library: a script-local task that runs the LM head and its
+    log-softmax only at the scored positions, as TRL's fused LM head does (see `scored_head_tasks`) — the change
+    this benchmark suggests for `tasks.py` / `losses.py`, measured before it is made.
+  * shapes: TRL pads each batch to its longest row (its default); jaxalign pads to buckets — 128/256 for plain rows,
+    256/384/512 for prefix-shared rows — and compiles every bucket the timed batches need before timing (compile time
+    is reported separately).
+  * timing: TRL steps are timed by a `TrainerCallback` (on_step_begin -> on_step_end: forward, backward, clipping,
+    optimizer; its Python collation of the batch is outside); jaxalign steps from the call with a numpy batch to
+    `block_until_ready` of the metrics. Warm-up: --warmup untimed TRL steps; jaxalign's untimed steps are its
+    compiling ones (one per bucket shape). Then --rounds rounds of: --steps TRL steps, then --steps steps of each
+    jaxalign variant on the same batches (run inside TRL's step-end callback, so the two never overlap and a change
+    in machine load hits both). Reported: median per-step pairs/s (seqs/s) and tokens/s, the ratio of medians to
+    TRL, and the spread of the per-round ratios.
+  * tokens/s counts the real (unpadded) tokens of the plain layout — prompt + chosen and prompt + rejected rows —
+    for every DPO row, so it is proportional to pairs/s; prefix sharing computes fewer tokens for the same work.
+
+  python bench/trl_cpu.py                    # ~7 minutes on 2 idle cores (longer when the machine is busy)
+  python bench/trl_cpu.py --record           # also appends the table to BENCHMARKS.md
+  python bench/trl_cpu.py --breakdown        # also times where a jaxalign DPO step goes (forward, backward, head)
+
+Needs `trl` (the `bench` extra). Skips, with the reason printed, when ../shared or trl is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SHARED = os.path.join(REPO, "..", "shared", "data")
+DEFAULT_DATA = os.path.join(SHARED, "hh-rlhf", "harmless-base", "test.jsonl.gz")
+DEFAULT_TOKENIZER = os.path.join(SHARED, "tokenizers", "opt", "hf")
+
+BATCH = 8
+MAX_LENGTH = 256
+MAX_PROMPT_LENGTH = 128
+LR = 1e-6
+BETA = 0.1
+ROW_BUCKETS = (128, 256)
+SHARED_BUCKETS = (256, 384, 512)
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--data", default=DEFAULT_DATA, help="HH jsonl(.gz) file")
+  parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+  parser.add_argument("--rounds", type=int, default=4, help="alternation rounds")
+  parser.add_argument("--steps", type=int, default=1, help="timed DPO steps per implementation per round")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed TRL steps (and jaxalign steps) before round 1")
+  parser.add_argument("--sft-steps", type=int, default=2, help="timed SFT steps per implementation per round")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  parser.add_argument("--skip-sft", action="store_true")
+  parser.add_argument("--skip-dpo", action="store_true")
+  parser.add_argument("--breakdown", action="store_true", help="also time the parts of a jaxalign DPO step")
+  parser.add_argument("--no-proposed", action="store_true",
+                      help="skip the script-local variants with the LM head on the scored positions only")
+  parser.add_argument("--seed", type=int, default=0, help="batch order and model init")
+  parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+  return parser.parse_args()
+
+
+def skip_reason(args) -> str | None:
+  for path, what in ((args.data, "HH data"), (args.tokenizer, "OPT tokenizer")):
+    if not os.path.exists(path):
+      return f"{what} not found at {path} (../shared is missing?)"
+  import importlib.util
+
+  for module in ("torch", "trl"):
+    if importlib.util.find_spec(module) is None:
+      return f"{module} is not installed (pip install -e '.[bench]')"
+  return None
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+
+
+def small_opt_config():
+  from jaxalign.models import opt
+
+  return opt.OPTConfig(vocab_size=50272, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                       word_embed_proj_dim=256, dropout=0.0, attention_dropout=0.0)
+
+
+def load_data(args):
+  """(tokenized DPO pairs at 256/128, SFT examples cut to 256, permutation of the pair indices)."""
+  import numpy as np
+
+  from jaxalign import tokenizer as tokenizer_lib
+  from jaxalign.data import hh, tokenize
+
+  tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer)
+  pairs, report = hh.load_preference_pairs(args.data, split="test")
+  dpo = tokenize.tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+  sft = tokenize.sft_examples(tokenize.tokenize_pairs(pairs, tokenizer, max_length=None, max_prompt_length=None),
+                              max_length=MAX_LENGTH)
+  order = np.random.default_rng(args.seed).permutation(len(dpo))
+  print(f"data: {report.summary()}; DPO {dpo.counts()}; SFT {sft.counts}", flush=True)
+  return tokenizer, dpo, sft, order
+
+
+class Timer:
+  """Per-step times, with the examples and real tokens of each step and the alternation round it ran in."""
+
+  def __init__(self):
+    self.times: list[float] = []
+    self.units: list[float] = []  # examples per step
+    self.tokens: list[float] = []
+    self.rounds: list[int] = []
+
+  def add(self, seconds: float, examples: int, tokens: int, round_index: int) -> None:
+    self.times.append(seconds)
+    self.units.append(examples)
+    self.tokens.append(tokens)
+    self.rounds.append(round_index)
+
+  def per_s(self) -> tuple[float, float]:
+    """Median per-step examples/s and tokens/s."""
+    return (statistics.median(u / t for u, t in zip(self.units, self.times)),
+            statistics.median(k / t for k, t in zip(self.tokens, self.times)))
+
+  def round_rate(self, round_index: int) -> float:
+    """Examples/s over the steps of one round."""
+    picked = [i for i, r in enumerate(self.rounds) if r == round_index]
+    return sum(self.units[i] for i in picked) / sum(self.times[i] for i in picked)
+
+
+# -------------------------------------------------------------------------------------------------- jaxalign
+
+
+class JaxVariant:
+  """One jaxalign train step (trainer.StepFunctions) with its own state, over a list of numpy batches."""
+
+  def __init__(self, name, task, model, batches, tokens, *, reference: str):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import common
+    from jaxalign import trainer
+
+    self.name, self.batches, self.tokens = name, batches, tokens
+    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+    graphdef, params, rest = trainer.split_model(model, use_lora=False)
+    opt_config = common.get_config().optimizer
+    opt_config.lr, opt_config.schedule, opt_config.weight_decay, opt_config.grad_clip = LR, "constant", 0.0, 1.0
+    tx = trainer.make_optimizer(opt_config, total_steps=1_000)
+    params = copy(params)
+    self.state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    self.rest = copy(rest)
+    reference_graphdef = self.reference_state = None
+    if reference == "model":
+      reference_graphdef, reference_state = nnx.split(model)
+      self.reference_state = copy(reference_state)
+    self.steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference_mode=reference,
+                                       reference_graphdef=reference_graphdef)
+    self.timer = Timer()
+    self.compile_s = 0.0
+
+  def step(self, index: int):
+    import jax
+
+    self.state, metrics = self.steps.train(self.state, self.rest, self.reference_state, self.batches[index])
+    return jax.block_until_ready(metrics)
+
+  def compile(self, indices) -> None:
+    """Runs one step per distinct batch shape among `indices` (the compilations), timed as compile_s."""
+    seen = set()
+    for i in indices:
+      shape = tuple(sorted((k, v.shape) for k, v in self.batches[i].items()))
+      if shape in seen:
+        continue
+      seen.add(shape)
+      start = time.perf_counter()
+      self.step(i)
+      self.compile_s += time.perf_counter() - start
+
+  def run(self, indices, examples: int, round_index: int) -> None:
+    for i in indices:
+      start = time.perf_counter()
+      self.step(i)
+      self.timer.add(time.perf_counter() - start, examples, self.tokens[i], round_index)
+
+
+def dpo_row_tokens(pairs, idx) -> int:
+  return int(sum(2 * len(pairs.prompt_ids[i]) + len(pairs.chosen_ids[i]) + len(pairs.rejected_ids[i]) for i in idx))
+
+
+# ---- Proposed library change, tried here without touching the library: run the LM head (a [D x 50272] matmul, its
+# log-softmax and their backward) only on the positions that are scored, as TRL's fused LM head does, instead of on
+# every slot of every padded row. The host lists the scored slots (flat indices into the [rows * L] hidden states),
+# padded to a multiple of HEAD_BUCKET so that few programs compile.
+HEAD_BUCKET = 512
+
+
+def add_head_slots(batch: dict) -> dict:
+  """A copy of a DPO (plain or prefix-shared) or SFT batch with head_slots / head_targets / head_rows / head_weights
+  [K]: for each scored token, the flat slot whose hidden state predicts it, the token, and the output it adds to."""
+  from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
+
+  if "response_side" in batch:  # prefix-shared: chosen of pair i -> output i, rejected -> output B + i
+    ids, side, pred = batch["input_ids"], batch["response_side"], batch["predecessor"]
+    rows, cols = np.nonzero((side == CHOSEN_SIDE) | (side == REJECTED_SIDE))
+    slots = rows * ids.shape[1] + pred[rows, cols]
+    outputs = np.where(side[rows, cols] == CHOSEN_SIDE, rows, ids.shape[0] + rows)
+  else:  # plain rows (chosen rows then rejected rows) or SFT rows: slot t - 1 predicts token t
+    if "input_ids" in batch:
+      ids, loss = batch["input_ids"], batch["loss_mask"]
+    else:
+      ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+      loss = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+    rows, cols = np.nonzero(loss[:, 1:] > 0)
+    cols = cols + 1
+    slots = rows * ids.shape[1] + cols - 1
+    outputs = rows
+  n = len(slots)
+  k = -(-n // HEAD_BUCKET) * HEAD_BUCKET
+  pad = lambda x, dtype: np.concatenate([x, np.zeros(k - n, dtype)]).astype(dtype)
+  return dict(batch, head_slots=pad(slots, np.int32), head_targets=pad(ids[rows, cols], np.int32),
+              head_rows=pad(outputs, np.int32), head_weights=pad(np.ones(n), np.float32))
+
+
+def scored_logprobs(model, batch, dropout_key=None):
+  """Per-output summed log-probs, computing logits only at head_slots; [outputs]."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxalign import tasks
+  from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
+
+  if "response_side" in batch:  # as tasks.shared_pair_logprobs: rejected tokens cannot see chosen ones
+    side = batch["response_side"]
+    blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
+                                    mask=~blocked, dropout_key=dropout_key)
+    outputs = 2 * batch["input_ids"].shape[0]
+  elif "input_ids" in batch:
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
+                                    segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
+    outputs = batch["input_ids"].shape[0]
+  else:
+    ids, mask, _ = tasks.concatenated_pairs(batch, model.config.pad_token_id)
+    hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
+    outputs = ids.shape[0]
+  picked = hidden.reshape(-1, hidden.shape[-1])[batch["head_slots"]]
+  logits = model.logits(picked[None])[0]  # [K, vocab] fp32
+  logps = jnp.take_along_axis(logits, batch["head_targets"][:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, -1)
+  return jax.ops.segment_sum(logps * batch["head_weights"], batch["head_rows"], num_segments=outputs)
+
+
+def scored_head_tasks():
+  """(DPO task, SFT task) whose losses run the LM head on the scored positions only (see add_head_slots)."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from jaxalign import losses, tasks
+
+  def pair_logps(model, batch, dropout_key=None):
+    logps = scored_logprobs(model, batch, dropout_key)
+    return logps[:logps.shape[0] // 2], logps[logps.shape[0] // 2:]
+
+  @dataclasses.dataclass(frozen=True)
+  class ScoredHeadDPOTask(tasks.DPOTask):
+    def reference_logps(self, reference, batch):
+      if reference is None:
+        return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+      return tuple(jax.lax.stop_gradient(x) for x in pair_logps(reference, batch))
+
+    def loss(self, model, batch, *, dropout_key=None, reference=None):
+      ref_chosen, ref_rejected = self.reference_logps(reference, batch)
+      chosen, rejected = pair_logps(model, batch, dropout_key)
+      return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+                             label_smoothing=self.label_smoothing)
+
+  @dataclasses.dataclass(frozen=True)
+  class ScoredHeadSFTTask(tasks.SFTTask):
+    def loss(self, model, batch, *, dropout_key=None, reference=None):
+      num_tokens = batch["head_weights"].sum()
+      loss = -scored_logprobs(model, batch, dropout_key).sum() / jnp.maximum(num_tokens, 1.0)
+      return loss, {"loss": loss, "perplexity": jnp.exp(loss), "num_tokens": num_tokens}
+
+  return ScoredHeadDPOTask(beta=BETA), ScoredHeadSFTTask()
+
+
+def check_scored_head(model, plain, shared) -> float:
+  """Max |difference| between the scored-head log-probs and jaxalign's own, on a plain and a prefix-shared batch."""
+  from jaxalign import tasks
+
+  diffs = []
+  for batch in (plain, shared):
+    ours = np.concatenate([np.asarray(x) for x in tasks.dpo_logprobs(model, batch)])
+    diffs.append(np.abs(ours - np.asarray(scored_logprobs(model, add_head_slots(batch)))).max())
+  return float(max(diffs))
+
+
+def make_dpo_batches(pairs, order, count, pad_id):
+  """Per step: (plain-row batch, prefix-shared batch, real tokens), pairs order[8k : 8k+8]."""
+  from jaxalign.data import batches as B
+
+  rows, shared, tokens = [], [], []
+  row_lengths, shared_lengths = pairs.lengths, B.shared_lengths(pairs)
+  for k in range(count):
+    idx = order[k * BATCH:(k + 1) * BATCH]
+    rows.append(B.collate_dpo(pairs, idx, B.pick_bucket(int(row_lengths[idx].max()), ROW_BUCKETS), pad_id))
+    shared.append(B.collate_dpo_shared(pairs, idx, B.pick_bucket(int(shared_lengths[idx].max()), SHARED_BUCKETS),
+                                       pad_id))
+    tokens.append(dpo_row_tokens(pairs, idx))
+  print(f"DPO batches: plain-row lengths {[b['chosen_input_ids'].shape[1] for b in rows]}, prefix-shared "
+        f"{[b['input_ids'].shape[1] for b in shared]}; mean real tokens {np.mean(tokens):.0f} / step", flush=True)
+  return rows, shared, tokens
+
+
+def with_reference_logps(model, rows, shared) -> tuple[list[dict], float]:
+  """Copies of the shared batches with reference_chosen/rejected_logps (the initial model's, from the plain rows),
+  and the seconds that took."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from jaxalign import tasks
+
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch))
+  start = time.perf_counter()
+  out = []
+  for row_batch, shared_batch in zip(rows, shared):
+    chosen, rejected = forward(state, row_batch)
+    out.append(dict(shared_batch, reference_chosen_logps=np.asarray(chosen, np.float32),
+                    reference_rejected_logps=np.asarray(rejected, np.float32)))
+  return out, time.perf_counter() - start
+
+
+def check_same_function(model, hf_model, batch) -> float:
+  """Max |difference| of the summed response log-probs of our model and the torch model on one plain-row batch."""
+  import torch
+
+  from jaxalign import tasks
+
+  ours = np.concatenate([np.asarray(x) for x in tasks.pair_logprobs(model, batch)])
+  ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+  mask = np.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+  loss = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+  with torch.no_grad():
+    logits = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                      attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float()
+  logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:], dtype=torch.long)[..., None])
+  theirs = (logps[..., 0].numpy() * loss[:, 1:]).sum(-1)
+  return float(np.abs(ours - theirs).max())
+
+
+# ------------------------------------------------------------------------------------------------------- TRL
+
+
+def trl_common_args(out_dir, max_steps):
+  return dict(output_dir=out_dir, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=LR,
+              lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=max_steps,
+              logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
+              use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+              train_sampling_strategy="sequential")
+
+
+def alternating_callback(warmup, steps, timer, examples, tokens, between_rounds):
+  """A TrainerCallback timing each TRL step and calling between_rounds(r) after round r's TRL steps."""
+  from transformers import TrainerCallback
+
+  class Alternate(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+      self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+      elapsed = time.perf_counter() - self.start
+      step = state.global_step  # 1-based, already incremented
+      if step > warmup:
+        timer.add(elapsed, examples, tokens[step - 1], (step - warmup - 1) // steps)
+      if step == warmup:
+        between_rounds(-1)
+      elif step > warmup and (step - warmup) % steps == 0:
+        between_rounds((step - warmup) // steps - 1)
+
+  return Alternate()
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+def run_dpo(args, model, model_dir, pairs, order, pad_id):
+  import datasets
+  import torch
+  from transformers import OPTForCausalLM
+  from trl import DPOConfig, DPOTrainer
+
+  from jaxalign import tasks
+
+  count = args.warmup + args.rounds * args.steps
+  rows, shared, tokens = make_dpo_batches(pairs, order, count, pad_id)
+  hf_policy = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  hf_reference = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  print(f"same function: max |logp(ours) - logp(torch)| over 16 rows = "
+        f"{check_same_function(model, hf_policy, rows[0]):.2e}", flush=True)
+
+  shared_with_reference, ref_s = with_reference_logps(model, rows, shared)
+  task = tasks.DPOTask(beta=BETA)
+  variants = [
+      JaxVariant("DPO, live reference", task, model, rows, tokens, reference="model"),
+      JaxVariant("DPO, prefix-shared, live reference", task, model, shared, tokens, reference="model"),
+      JaxVariant("DPO, prefix-shared, precomputed reference", task, model, shared_with_reference, tokens,
+                 reference="precomputed"),
+  ]
+  notes = [f"precomputing the reference log-probs of the {count} batches took {ref_s:.1f}s (incl. compile), untimed"]
+  if not args.no_proposed:
+    print(f"scored-positions LM head: max |logp difference| vs jaxalign's = "
+          f"{check_scored_head(model, rows[0], shared[0]):.2e}", flush=True)
+    scored_task, _ = scored_head_tasks()
+    variants += [
+        JaxVariant("DPO, live reference, scored-positions LM head*", scored_task, model,
+                   [add_head_slots(b) for b in rows], tokens, reference="model"),
+        JaxVariant("DPO, prefix-shared, precomputed reference, scored-positions LM head*", scored_task, model,
+                   [add_head_slots(b) for b in shared_with_reference], tokens, reference="precomputed"),
+    ]
+    notes.append("*: not in the library — a script-local task (bench/trl_cpu.py `scored_head_tasks`) that runs the "
+                 "LM head and log-softmax only at the scored (response / target) positions, as TRL's fused LM head "
+                 f"does; the scored slots are listed by the host and padded to a multiple of {HEAD_BUCKET}")
+  for v in variants:
+    v.compile(range(count))
+    print(f"  compiled {v.name}: {v.compile_s:.1f}s", flush=True)
+
+  trl_timer = Timer()
+
+  def between_rounds(r):
+    if r < 0:  # after TRL's warm-up; jaxalign's warm-up was its compiling steps
+      return
+    indices = range(args.warmup + r * args.steps, args.warmup + (r + 1) * args.steps)
+    for v in variants:
+      v.run(indices, BATCH, r)
+    line = ", ".join(f"{v.name} {v.timer.round_rate(r):.2f}" for v in variants)
+    print(f"  round {r + 1}/{args.rounds}: pairs/s TRL {trl_timer.round_rate(r):.2f}, {line}", flush=True)
+
+  dataset = datasets.Dataset.from_dict({
+      "prompt_ids": [pairs.prompt_ids[i].tolist() for i in order[:count * BATCH]],
+      "chosen_ids": [pairs.chosen_ids[i].tolist() for i in order[:count * BATCH]],
+      "rejected_ids": [pairs.rejected_ids[i].tolist() for i in order[:count * BATCH]],
+  })
+
+  class PreTokenizedDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer on ids tokenized by jaxalign (same truncation on both sides); everything else TRL's own."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+      return dataset
+
+  with tempfile.TemporaryDirectory() as out_dir:
+    config = DPOConfig(**trl_common_args(out_dir, count), beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
+                       precompute_ref_log_probs=False, disable_dropout=True)
+    callback = alternating_callback(args.warmup, args.steps, trl_timer, BATCH, tokens, between_rounds)
+    trainer = PreTokenizedDPOTrainer(model=hf_policy, ref_model=hf_reference, args=config, train_dataset=dataset,
+                                     processing_class=_hf_tokenizer(args), callbacks=[callback])
+    trainer.train()
+  results = [("TRL DPOTrainer", "live reference", trl_timer, None)]
+  results += [("jaxalign", v.name.removeprefix("DPO, "), v.timer, v.compile_s) for v in variants]
+  return results, notes, variants[0]
+
+
+def run_sft(args, model, model_dir, examples, order, pad_id):
+  import datasets
+  import torch
+  from transformers import OPTForCausalLM
+  from trl import SFTConfig, SFTTrainer
+
+  from jaxalign import tasks
+  from jaxalign.data import batches as B
+
+  steps = args.sft_steps
+  count = args.warmup + args.rounds * steps
+  lengths = examples.lengths
+  batches, tokens = [], []
+  for k in range(count):
+    idx = order[k * BATCH:(k + 1) * BATCH]
+    batches.append(B.collate_sft(examples, idx, B.pick_bucket(int(lengths[idx].max()), ROW_BUCKETS), pad_id))
+    tokens.append(int(lengths[idx].sum()))
+  print(f"SFT batches: lengths {[b['input_ids'].shape[1] for b in batches]}", flush=True)
+  variants = [JaxVariant("SFT", tasks.SFTTask(), model, batches, tokens, reference="precomputed")]
+  if not args.no_proposed:
+    variants.append(JaxVariant("SFT, scored-positions LM head*", scored_head_tasks()[1], model,
+                               [add_head_slots(b) for b in batches], tokens, reference="precomputed"))
+  for v in variants:
+    v.compile(range(count))
+    print(f"  compiled {v.name}: {v.compile_s:.1f}s", flush=True)
+  trl_timer = Timer()
+
+  def between_rounds(r):
+    if r < 0:
+      return
+    for v in variants:
+      v.run(range(args.warmup + r * steps, args.warmup + (r + 1) * steps), BATCH, r)
+    line = ", ".join(f"{v.name} {v.timer.round_rate(r):.2f}" for v in variants)
+    print(f"  round {r + 1}/{args.rounds}: seqs/s TRL {trl_timer.round_rate(r):.2f}, {line}", flush=True)
+
+  dataset = datasets.Dataset.from_dict({"input_ids": [examples.input_ids[i].tolist()
+                                                      for i in order[:count * BATCH]]})
+  hf_model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  with tempfile.TemporaryDirectory() as out_dir:
+    config = SFTConfig(**trl_common_args(out_dir, count), max_length=MAX_LENGTH, packing=False, padding_free=False)
+    callback = alternating_callback(args.warmup, steps, trl_timer, BATCH, tokens, between_rounds)
+    trainer = SFTTrainer(model=hf_model, args=config, train_dataset=dataset, processing_class=_hf_tokenizer(args),
+                         callbacks=[callback])
+    trainer.train()
+  return [("TRL SFTTrainer", "SFT", trl_timer, None)] + [("jaxalign", v.name, v.timer, v.compile_s) for v in variants]
+
+
+def _hf_tokenizer(args):
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(args.tokenizer)
+
+
+# -------------------------------------------------------------------------------------------------- breakdown
+
+
+def breakdown(model, variant: JaxVariant, repeats: int = 3) -> list[str]:
+  """Times the pieces of the like-for-like DPO step on one of its batches (pieces interleaved, medians)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxalign import losses, tasks
+
+  index = len(variant.batches) - 1
+  batch = {k: jnp.asarray(v) for k, v in variant.batches[index].items()}
+  scored = {k: jnp.asarray(v) for k, v in add_head_slots(variant.batches[index]).items()}
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  merge = lambda params: nnx.merge(graph, params, rest)
+
+  def hidden(params, batch):
+    ids, mask, _ = tasks.concatenated_pairs(batch, model.config.pad_token_id)
+    return merge(params).hidden_states(ids, mask)[0]
+
+  all_positions = lambda params, batch: jnp.concatenate(tasks.dpo_logprobs(merge(params), batch))
+  scored_only = lambda params, batch: scored_logprobs(merge(params), batch)
+
+  def policy_grad(logps_fn):
+    def loss(params, batch, reference):
+      logps = logps_fn(params, batch)
+      half = logps.shape[0] // 2
+      return losses.dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], beta=BETA)[0]
+    return jax.grad(loss)
+
+  reference = all_positions(params, batch)
+  pieces = [
+      ("decoder forward, 4 layers, no LM head", jax.jit(hidden), (params, batch)),
+      ("forward + LM head + log-softmax at all 16 x 256 slots (jaxalign today)", jax.jit(all_positions),
+       (params, batch)),
+      ("forward + LM head + log-softmax at the scored slots only*", jax.jit(scored_only), (params, scored)),
+      ("policy forward + backward, all slots (jaxalign today)", jax.jit(policy_grad(all_positions)),
+       (params, batch, reference)),
+      ("policy forward + backward, scored slots only*", jax.jit(policy_grad(scored_only)),
+       (params, scored, reference)),
+      ("whole train step: reference forward + policy forward + backward + AdamW (jaxalign today)",
+       lambda: variant.step(index), ()),
+  ]
+  times = {name: [] for name, _, _ in pieces}
+  for name, fn, fn_args in pieces:
+    jax.block_until_ready(fn(*fn_args))  # compile
+  for _ in range(repeats):
+    for name, fn, fn_args in pieces:
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*fn_args))
+      times[name].append(time.perf_counter() - start)
+  n_scored = int(np.asarray(scored["head_weights"]).sum())
+  lines = [f"jaxalign DPO step, one batch of {BATCH} pairs (16 rows x 256 slots, {n_scored} scored tokens), fp32, "
+           f"median of {repeats} interleaved repeats:", "", "| piece | ms |", "|---|---|"]
+  lines += [f"| {name} | {statistics.median(t) * 1e3:.0f} |" for name, t in times.items()]
+  return lines
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main():
+  args = parse_args()
+  reason = skip_reason(args)
+  if reason:
+    print(f"SKIPPED bench/trl_cpu.py: {reason}")
+    return
+  import jax
+  import torch
+  import transformers
+  import trl
+  from flax import nnx
+
+  from jaxalign.models import hub, opt
+
+  import warnings
+
+  import datasets
+
+  warnings.filterwarnings("ignore", category=FutureWarning)
+  transformers.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  datasets.disable_progress_bars()
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(args.seed)
+  tokenizer, pairs, sft, order = load_data(args)
+  pad_id = tokenizer.pad_token_id
+  model = opt.OPTForCausalLM(small_opt_config(), rngs=nnx.Rngs(args.seed))
+  machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "
+             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average "
+             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
+  print(machine, flush=True)
+  results, notes, like_for_like = [], [], None
+  with tempfile.TemporaryDirectory() as model_dir:
+    hub.save_pretrained(model, model_dir)
+    if not args.skip_dpo:
+      dpo_results, notes, like_for_like = run_dpo(args, model, model_dir, pairs, order, pad_id)
+      results += dpo_results
+    if not args.skip_sft:
+      results += run_sft(args, model, model_dir, sft, order, pad_id)
+
+  table = format_table(results, args)
+  machine += f"; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"
+  print("\n" + table + "\n")
+  for note in notes:
+    print(f"- {note}")
+  extra = []
+  if args.breakdown and like_for_like is not None:
+    extra = breakdown(model, like_for_like)
+    print("\n" + "\n".join(extra))
+  if args.record:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    command = "python bench/trl_cpu.py " + " ".join(a for a in sys.argv[1:] if a != "--record")
+    body = "\n".join([f"Machine: {machine}.", "", table, "", *[f"- {n}" for n in notes]] +
+                     (["", *extra] if extra else []))
+    with open(os.path.join(REPO, "BENCHMARKS.md"), "a") as f:
+      f.write(f"\n### {stamp} — `{command.strip()}` (CPU, vs TRL)\n\n{body}\n")
+
+
+def format_table(results, args) -> str:
+  lines = ["| implementation | variant | pairs/s or seqs/s | tokens/s | ratio vs TRL | ratio per round (min-max) | "
+           "compile s | timed steps |", "|---|---|---|---|---|---|---|---|"]
+  baseline = None
+  for impl, variant, timer, compile_s in results:
+    if not timer.times:
+      continue
+    per_s, tok_s = timer.per_s()
+    if impl.startswith("TRL"):
+      baseline, baseline_timer = per_s, timer
+    unit = "seqs/s" if variant.startswith("SFT") else "pairs/s"
+    ratio = f"{per_s / baseline:.2f}x" if baseline else "n/a"
+    per_round = sorted(timer.round_rate(r) / baseline_timer.round_rate(r) for r in sorted(set(timer.rounds)))
+    spread = f"{per_round[0]:.2f}-{per_round[-1]:.2f}x" if baseline else "n/a"
+    compile_text = f"{compile_s:.0f}" if compile_s is not None else "-"
+    lines.append(f"| {impl} | {variant} | {per_s:.2f} {unit} | {tok_s:,.0f} | {ratio} | {spread} | {compile_text} | "
+                 f"{len(timer.times)} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()
