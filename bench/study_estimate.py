@@ -28,43 +28,50 @@ SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "s
 TRAIN_PAIRS = 160_800  # Anthropic/hh-rlhf default train split (all four subsets)
 
 
-def padded_rows(lengths: np.ndarray, stage, buckets: tuple[int, ...], max_length: int, seed: int = 0) -> np.ndarray:
-  """The padded row length of every batch of one epoch, batched as the trainer batches them."""
+def padded_batches(lengths: np.ndarray, targets: np.ndarray, stage, buckets: tuple[int, ...], max_length: int, *,
+                   sort: bool = False) -> list[tuple[int, int]]:
+  """(padded row length, LM-head positions per row) of every batch of one epoch, batched as the trainer batches
+  them (or length-sorted, as the reference pass runs)."""
   batch_size = stage.training.batch_size
-  order = batches.epoch_order(lengths, batch_size, seed, 0, stage.data.group_by_length)
+  order = (np.argsort(-lengths, kind="stable") if sort
+           else batches.epoch_order(lengths, batch_size, 0, 0, stage.data.group_by_length))
   bucket_set = batches.bucket_lengths(buckets, max_length)
   usable = len(order) // batch_size * batch_size
-  per_batch = lengths[order[:usable]].reshape(-1, batch_size).max(axis=1)
-  return np.array([batches.pick_bucket(int(n), bucket_set) for n in per_batch])
+  out = []
+  for chunk in order[:usable].reshape(-1, batch_size):
+    length = batches.pick_bucket(int(lengths[chunk].max()), bucket_set)
+    out.append((length, batches.target_width(int(targets[chunk].max()), length)))
+  return out
 
 
 def stage_flops(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig, scale: float) -> tuple[float, float]:
-  """(training FLOPs, FLOPs of a precomputed-reference pass) of one stage, scaled to the full train split."""
+  """(training FLOPs, FLOPs of a precomputed-reference pass) of one stage, scaled to the full train split: every
+  padded token through the decoder, the LM head at each row's padded scored positions (none for reward models)."""
   batch = stage.training.batch_size
   buckets = tuple(stage.data.buckets)
+  shared = stage.task == "dpo" and stage.dpo.prefix_sharing
   if stage.task == "sft":
     examples = tokenize.sft_examples(pairs, max_length=stage.data.max_length)
     lengths, rows_per_item, max_length = examples.lengths, 1, stage.data.max_length
-  elif stage.dpo.prefix_sharing:
-    lengths, rows_per_item, max_length = batches.shared_lengths(pairs), 1, 2 * stage.data.max_length
-    buckets = buckets + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
+    targets = np.array([int(mask.sum()) for mask in examples.loss_mask])
   else:
-    lengths, rows_per_item, max_length = pairs.lengths, 2, stage.data.max_length
-  padded = padded_rows(lengths, stage, buckets, max_length)
-  epochs = stage.training.num_epochs
+    lengths = batches.shared_lengths(pairs) if shared else pairs.lengths
+    rows_per_item, max_length = (1, 2 * stage.data.max_length) if shared else (2, stage.data.max_length)
+    targets = batches.pair_target_counts(pairs, shared)
+    if shared:
+      buckets = buckets + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
+  head = 0 if stage.task == "reward" else 1
+  rows = batch * rows_per_item
+
+  def total(extra_forwards: int, sort: bool = False) -> float:
+    return sum(flops.training_flops(arch, n, rows * n, head * rows * width, extra_forwards=extra_forwards)
+               for n, width in padded_batches(lengths, targets, stage, buckets, max_length, sort=sort))
+
   live_reference = stage.task == "dpo" and stage.dpo.reference == "model"
-  train = sum(batch * rows_per_item * n * flops.training_flops_per_token(arch, int(n),
-                                                                         extra_forwards=int(live_reference))
-              for n in padded) * epochs * scale
+  train = total(int(live_reference)) * stage.training.num_epochs * scale
   reference = 0.0
   if stage.task == "dpo" and stage.dpo.reference == "precomputed":
-    # The reference pass runs length-sorted batches in the training row layout.
-    ordered = np.sort(lengths)[::-1]
-    usable = len(ordered) // batch * batch
-    bucket_set = batches.bucket_lengths(buckets, max_length)
-    sorted_rows = [batches.pick_bucket(int(n), bucket_set) for n in ordered[:usable].reshape(-1, batch).max(axis=1)]
-    reference = sum(batch * rows_per_item * n * flops.forward_flops_per_token(arch, int(n))
-                    for n in sorted_rows) * scale
+    reference = total(0, sort=True) / 3 * scale  # forward only: a third of a training step's FLOPs
   return train, reference
 
 

@@ -2,7 +2,8 @@
 
   python bench/train_step.py --preset opt-350m --dtype bfloat16 --runs sft:32x512,dpo:16x1024
 
-Rows are full (every token real), so the figures are per real token at that length. Random init (no weights
+Rows are full (every token real; DPO rows are half prompt, half response), so the figures are per real token at
+that length; the LM head runs on the scored tokens only, as in training, and MFU counts it only there. Random init (no weights
 needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), optimizer AdamW, dropout as in OPT.
 DPO uses precomputed reference log-probs (the study recipe) unless --live-reference.
 """
@@ -23,6 +24,7 @@ from flax import nnx
 
 from configs import common
 from jaxalign import flops, parallel, tasks, trainer
+from jaxalign.data import batches
 from jaxalign.models import opt
 
 
@@ -32,12 +34,17 @@ def synthetic_batch(task: str, batch: int, length: int, vocab: int, seed: int = 
   ones = np.ones((batch, length), np.int32)
   loss = np.ones((batch, length), np.float32)
   if task == "sft":
-    return {"input_ids": ids(), "attention_mask": ones, "loss_mask": loss}
+    loss[:, 0] = 0  # the leading </s> is never a target
+    targets, target_mask = batches.target_positions(list(loss), length)
+    return {"input_ids": ids(), "attention_mask": ones, "loss_mask": loss, "targets": targets,
+            "target_mask": target_mask}
   prompt = length // 2
   loss[:, :prompt] = 0
+  targets, target_mask = batches.target_positions(list(loss), length)
   out = {}
   for side in ("chosen", "rejected"):
-    out.update({f"{side}_input_ids": ids(), f"{side}_attention_mask": ones, f"{side}_loss_mask": loss})
+    out.update({f"{side}_input_ids": ids(), f"{side}_attention_mask": ones, f"{side}_loss_mask": loss,
+                f"{side}_targets": targets, f"{side}_target_mask": target_mask})
   out["prompt_length"] = np.full((batch,), prompt, np.int32)
   out["reference_chosen_logps"] = np.full((batch,), -100.0, np.float32)
   out["reference_rejected_logps"] = np.full((batch,), -100.0, np.float32)
@@ -75,8 +82,9 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
   step_s = (time.perf_counter() - start) / steps
   rows = batch * (2 if task == "dpo" else 1)
   tokens = rows * length
+  scored = float(task_obj.scored_tokens(batch_arrays))
   extra = 1 if reference_mode == "model" else 0
-  flops_per_s = tokens * flops.training_flops_per_token(config, length, extra_forwards=extra) / step_s
+  flops_per_s = flops.training_flops(config, length, tokens, scored, extra_forwards=extra) / step_s
   peak = flops.device_peak_flops()
   stats = jax.devices()[0].memory_stats() or {}
   return {

@@ -2,7 +2,8 @@
 
 Counting follows the PaLM appendix: a multiply-add is 2 FLOPs; a forward pass costs 2 FLOPs per matmul weight per
 token plus attention's two T x T products (4 · T · d per layer per token, counted for the full, non-causal square);
-a backward pass costs twice the forward. Embedding lookups are free; the tied LM head is a matmul and counts.
+a backward pass costs twice the forward. Embedding lookups are free; the tied LM head is a matmul and counts where
+it runs (the trainer runs it only at scored positions).
 """
 
 from __future__ import annotations
@@ -26,19 +27,30 @@ PEAK_FLOPS = (
 )
 
 
-def forward_flops_per_token(config: OPTConfig, seq_len: int) -> float:
-  """FLOPs of one forward pass per token for rows of `seq_len` tokens."""
+def body_flops_per_token(config: OPTConfig, seq_len: int) -> float:
+  """Forward FLOPs per token of everything but the LM head, for rows of `seq_len` tokens."""
   d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
-  matmul_weights = layers * (4 * d * d + 2 * d * f) + config.vocab_size * config.word_embed_proj_dim
+  matmul_weights = layers * (4 * d * d + 2 * d * f)
   if config.word_embed_proj_dim != d:
     matmul_weights += 2 * d * config.word_embed_proj_dim
-  attention = layers * 4 * seq_len * d
-  return 2.0 * matmul_weights + attention
+  return 2.0 * matmul_weights + layers * 4 * seq_len * d
 
 
-def training_flops_per_token(config: OPTConfig, seq_len: int, *, extra_forwards: int = 0) -> float:
-  """Forward + backward (3 forwards) per token, plus `extra_forwards` (e.g. 1 for a live DPO reference model)."""
-  return (3 + extra_forwards) * forward_flops_per_token(config, seq_len)
+def head_flops_per_token(config: OPTConfig) -> float:
+  """Forward FLOPs of the (tied) LM head for one position."""
+  return 2.0 * config.vocab_size * config.word_embed_proj_dim
+
+
+def forward_flops_per_token(config: OPTConfig, seq_len: int) -> float:
+  """FLOPs of one forward pass per token (LM head included) for rows of `seq_len` tokens."""
+  return body_flops_per_token(config, seq_len) + head_flops_per_token(config)
+
+
+def training_flops(config: OPTConfig, seq_len: int, tokens: float, scored: float, *, extra_forwards: int = 0) -> float:
+  """Forward + backward (3 forwards) over `tokens` tokens whose LM head runs at `scored` positions only (as the
+  trainer computes it), plus `extra_forwards` such forwards (1 for a live DPO reference model)."""
+  forward = tokens * body_flops_per_token(config, seq_len) + scored * head_flops_per_token(config)
+  return (3 + extra_forwards) * forward
 
 
 def device_peak_flops(device=None, override_tflops: float = 0.0) -> float | None:

@@ -22,11 +22,11 @@ class MetricLogger:
   """
 
   def __init__(self, workdir: str, config, *, total_steps: int, start_step: int,
-               flops_per_token: Callable[[int], float], num_devices: int):
+               step_flops: Callable[[int, float, float], float], num_devices: int):
     self.is_main = jax.process_index() == 0
     self.log_every = config.training.log_every
     self.total_steps = total_steps
-    self.flops_per_token = flops_per_token
+    self.step_flops = step_flops
     self.num_devices = num_devices
     self.peak = flops.device_peak_flops(override_tflops=config.logging.peak_tflops)
     self.shapes: set[tuple[int, ...]] = set()
@@ -42,13 +42,13 @@ class MetricLogger:
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def train_step(self, step: int, metrics: dict, shape: tuple[int, ...]) -> None:
-    """Accounts one finished step; `shape` is its batch's (rows, padded length)."""
+    """Accounts one finished step; `shape` is its batch's (rows, padded length, scored positions per row)."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self.shapes.add(tuple(shape))
-    tokens = values.pop("tokens")
+    tokens, scored = values.pop("tokens"), values.pop("scored_tokens")
     window = self._window
     window["tokens"] += tokens
-    window["flops"] += tokens * self.flops_per_token(shape[-1])
+    window["flops"] += self.step_flops(shape[1], tokens, scored)
     window["steps"] += 1
     for k, v in values.items():
       window["sums"][k] = window["sums"].get(k, 0.0) + v

@@ -1,7 +1,5 @@
-"""Losses and their metrics as pure functions of arrays (fp32 throughout).
-
-Conventions: `logits[:, t]` predicts `input_ids[:, t + 1]`; a loss mask marks target tokens, i.e. `loss_mask[:, t]`
-is 1 when token t is scored given tokens < t. DPO and reward-model metrics use TRL's names.
+"""Losses and their metrics as pure functions of arrays (fp32 throughout). DPO and reward-model metrics use TRL's
+names. Token log-probs come from the logits at the positions that predict the scored tokens (see `tasks.py`).
 """
 
 from __future__ import annotations
@@ -12,35 +10,19 @@ import jax.numpy as jnp
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reference_free")
 
 
-def gathered_logprobs(logits: jax.Array, predecessor: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(targets[:, t]) under the distribution at slot predecessor[:, t], shape [B, T] (fp32).
+def selected_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(targets) under each position's logits: [..., vocab] and [...] -> [...] (fp32).
 
-  Computed as target logit minus log-sum-exp, so no [B, T, vocab] log-softmax is materialised.
+  Target logit minus log-sum-exp, so no full log-softmax is materialised.
   """
   logits = logits.astype(jnp.float32)
-  batch, length, vocab = logits.shape
-  log_norm = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits.reshape(batch, length * vocab), predecessor * vocab + targets, axis=1)
-  return target_logits - jnp.take_along_axis(log_norm, predecessor, axis=1)
+  return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
-def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-  """log p(token t | tokens < t) for t = 1..T-1, shape [B, T-1] (fp32)."""
-  previous = jnp.broadcast_to(jnp.arange(input_ids.shape[1] - 1), (input_ids.shape[0], input_ids.shape[1] - 1))
-  return gathered_logprobs(logits[:, :-1], previous, input_ids[:, 1:])
-
-
-def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
-  """Summed log-probs of the masked target tokens of each row, shape [B]."""
-  return (token_logprobs(logits, input_ids) * loss_mask[:, 1:]).sum(axis=-1)
-
-
-def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
-  """Mean token negative log-likelihood over all masked targets of the batch."""
-  mask = loss_mask[:, 1:].astype(jnp.float32)
-  nll = -(token_logprobs(logits, input_ids) * mask).sum()
-  num_tokens = mask.sum()
-  loss = nll / jnp.maximum(num_tokens, 1.0)
+def sft_loss(target_logps: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean token negative log-likelihood over all scored targets of the batch."""
+  num_tokens = target_mask.sum()
+  loss = -(target_logps * target_mask).sum() / jnp.maximum(num_tokens, 1.0)
   return loss, {"loss": loss, "perplexity": jnp.exp(loss), "num_tokens": num_tokens}
 
 

@@ -46,6 +46,7 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
   if prefix_sharing:
     collate, lengths, max_length = batches_lib.collate_dpo_shared, batches_lib.shared_lengths(pairs), 2 * max_length
   buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
+  targets = batches_lib.pair_target_counts(pairs, shared=prefix_sharing)
   order = np.argsort(lengths, kind="stable")
   host_rows = batch_size // jax.process_count()
   out = np.zeros((len(lengths), 2), np.float64)
@@ -54,7 +55,8 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
     length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
     mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
-    batch = batches_lib.to_global(collate(pairs, mine, length, pad_id), sharding)
+    width = batches_lib.target_width(int(targets[chunk].max()), length)
+    batch = batches_lib.to_global(collate(pairs, mine, length, pad_id, width), sharding)
     chosen, rejected = forward(state, batch)
     out[chunk, 0] = hub.host_numpy(chosen)[:len(chunk)]
     out[chunk, 1] = hub.host_numpy(rejected)[:len(chunk)]

@@ -23,20 +23,30 @@ def _pad_to(x: jax.Array, length: int, value) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
 
 
-def concatenated_pairs(batch: Batch, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Chosen rows then rejected rows, padded to one length: (input_ids, attention_mask, loss_mask) [2B, L]."""
+def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array,
+                    targets: jax.Array, target_mask: jax.Array) -> jax.Array:
+  """log p of the tokens at `targets` [rows, S], each from the hidden state at `predecessors` [rows, S]; 0 where
+  `target_mask` is 0. The LM head runs on these S positions only: most tokens (prompt, padding) are not scored."""
+  picked = jnp.take_along_axis(hidden, predecessors[..., None], axis=1)
+  tokens = jnp.take_along_axis(input_ids, targets, axis=1)
+  return losses.selected_logprobs(model.logits(picked), tokens) * target_mask
+
+
+def concatenated_pairs(batch: Batch, pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """Chosen rows then rejected rows, padded to one length: (input_ids, attention_mask) [2B, L]."""
   length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-  parts = []
-  for field, value in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", 0)):
-    parts.append(jnp.concatenate([_pad_to(batch[f"chosen_{field}"], length, value),
-                                  _pad_to(batch[f"rejected_{field}"], length, value)], axis=0))
-  return tuple(parts)
+  return tuple(jnp.concatenate([_pad_to(batch[f"chosen_{field}"], length, value),
+                                _pad_to(batch[f"rejected_{field}"], length, value)], axis=0)
+               for field, value in (("input_ids", pad_id), ("attention_mask", 0)))
 
 
 def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
   """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
-  ids, mask, loss_mask = concatenated_pairs(batch, model.config.pad_token_id)
-  logps = losses.sequence_logprobs(model(ids, mask, dropout_key=dropout_key), ids, loss_mask)
+  ids, mask = concatenated_pairs(batch, model.config.pad_token_id)
+  targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
+  target_mask = jnp.concatenate([batch["chosen_target_mask"], batch["rejected_target_mask"]])
+  hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
+  logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask).sum(axis=-1)
   num_pairs = batch["chosen_input_ids"].shape[0]
   return logps[:num_pairs], logps[num_pairs:]
 
@@ -46,10 +56,13 @@ def shared_pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Arr
   one forward over prompt + chosen + rejected, the rejected tokens unable to attend to the chosen ones."""
   side = batch["response_side"]
   blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
-  logits = model(batch["input_ids"], batch["attention_mask"], positions=batch["positions"], mask=~blocked,
-                 dropout_key=dropout_key)
-  logps = losses.gathered_logprobs(logits, batch["predecessor"], batch["input_ids"])
-  return (logps * (side == CHOSEN_SIDE)).sum(axis=-1), (logps * (side == REJECTED_SIDE)).sum(axis=-1)
+  hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
+                                  mask=~blocked, dropout_key=dropout_key)
+  targets = batch["targets"]
+  predecessors = jnp.take_along_axis(batch["predecessor"], targets, axis=1)
+  logps = target_logprobs(model, hidden, batch["input_ids"], predecessors, targets, batch["target_mask"])
+  target_side = jnp.take_along_axis(side, targets, axis=1)
+  return (logps * (target_side == CHOSEN_SIDE)).sum(axis=-1), (logps * (target_side == REJECTED_SIDE)).sum(axis=-1)
 
 
 def dpo_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
@@ -73,12 +86,19 @@ class SFTTask:
   uses_reference = False
 
   def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    logits = model(batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
-    return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
+                                    segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
+    targets = batch["targets"]
+    logps = target_logprobs(model, hidden, batch["input_ids"], jnp.maximum(targets - 1, 0), targets,
+                            batch["target_mask"])
+    return losses.sft_loss(logps, batch["target_mask"])
 
   def tokens(self, batch: Batch) -> jax.Array:
     return batch["attention_mask"].sum()
+
+  def scored_tokens(self, batch: Batch) -> jax.Array:
+    """Positions where the LM head runs."""
+    return batch["target_mask"].sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +130,11 @@ class DPOTask:
   def tokens(self, batch: Batch) -> jax.Array:
     return pair_tokens(batch)
 
+  def scored_tokens(self, batch: Batch) -> jax.Array:
+    if "response_side" in batch:
+      return batch["target_mask"].sum()
+    return batch["chosen_target_mask"].sum() + batch["rejected_target_mask"].sum()
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardTask:
@@ -121,7 +146,7 @@ class RewardTask:
   uses_reference = False
 
   def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    ids, mask, _ = concatenated_pairs(batch, model.config.pad_token_id)
+    ids, mask = concatenated_pairs(batch, model.config.pad_token_id)
     rewards = model(ids, mask, dropout_key=dropout_key)
     num_pairs = batch["chosen_input_ids"].shape[0]
     head = batch.get("head", jnp.zeros((num_pairs,), jnp.int32))
@@ -132,6 +157,9 @@ class RewardTask:
 
   def tokens(self, batch: Batch) -> jax.Array:
     return pair_tokens(batch)
+
+  def scored_tokens(self, batch: Batch) -> jax.Array:
+    return jnp.zeros((), jnp.int32)  # a scalar head, no LM head
 
 
 def make_task(config: Any):

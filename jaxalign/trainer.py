@@ -209,6 +209,7 @@ class StepFunctions:
       params = optax.apply_updates(state.params, updates)
       metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
       metrics["tokens"] = task.tokens(batch).astype(jnp.float32)
+      metrics["scored_tokens"] = task.scored_tokens(batch).astype(jnp.float32)
       return TrainState(state.step + 1, params, opt_state), metrics
 
     def eval_step(params, rest, reference_state, batch):
@@ -299,7 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   steps = StepFunctions(task, graphdef, tx, root_key, accum=config.training.grad_accum, reference_mode=reference_mode,
                         reference_graphdef=reference_graphdef)
   metric_logger = MetricLogger(workdir, config, total_steps=total_steps, start_step=int(state.step),
-                               flops_per_token=_flops_per_token(model, config, reference_mode),
+                               step_flops=_training_flops(model, reference_mode),
                                num_devices=mesh.size)
   last_saved = restored.step if restored else None
   step, pending = int(state.step), None  # pending: the previous step's metrics, read one step late (no host stall)
@@ -343,8 +344,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   return export_dir
 
 
-def _flops_per_token(model, config, reference_mode: str):
-  """Training FLOPs per token as a function of row length (a live reference adds one forward)."""
+def _training_flops(model, reference_mode: str):
+  """Training FLOPs of a step as a function of (row length, tokens, scored tokens); a live reference adds a
+  forward."""
   arch = model.backbone.config if isinstance(model, reward.OPTRewardModel) else model.config
   extra = 1 if reference_mode in ("model", "lora_off") else 0
-  return lambda seq_len: flops.training_flops_per_token(arch, seq_len, extra_forwards=extra)
+  return lambda seq_len, tokens, scored: flops.training_flops(arch, seq_len, tokens, scored, extra_forwards=extra)

@@ -121,7 +121,8 @@ def test_sft_batches_of_packed_rows_pad_segments_and_positions():
   packed = tokenize.pack_examples(examples, seq_len=16)
   iterator = batches.sft_batches(packed, pad_id=PAD, global_batch_size=2, seed=0, max_length=16, buckets=(8,))
   batch = next(iterator)
-  assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions"}
+  assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "targets",
+                        "target_mask"}
   assert batch["input_ids"].shape == (2, 16)
   pad = batch["attention_mask"] == 0
   assert np.array_equal(pad, batch["segment_ids"] == 0)

@@ -9,22 +9,20 @@ import pytest
 from jaxalign import losses
 
 
-def test_token_logprobs_and_sequence_sum():
-  # Vocab of 2; uniform logits at t=0, confident logits at t=1.
-  logits = jnp.array([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
-  ids = jnp.array([[0, 1, 0]])
-  got = losses.token_logprobs(logits, ids)
+def test_selected_logprobs_by_hand():
+  # Vocab of 2: uniform logits, then logits favouring token 0 three to one.
+  logits = jnp.array([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+  got = losses.selected_logprobs(logits, jnp.array([[1, 0]]))
   np.testing.assert_allclose(got, [[math.log(0.5), math.log(0.75)]], rtol=1e-6)
-  np.testing.assert_allclose(losses.sequence_logprobs(logits, ids, jnp.array([[0, 0, 1]])), [math.log(0.75)], rtol=1e-6)
 
 
-def test_sft_loss_is_mean_over_masked_targets():
-  logits = jnp.zeros((2, 3, 4))  # uniform over 4 tokens: each target costs ln 4
-  ids = jnp.zeros((2, 3), jnp.int32)
-  mask = jnp.array([[0, 1, 1], [0, 1, 0]])
-  loss, metrics = losses.sft_loss(logits, ids, mask)
-  assert float(loss) == pytest.approx(math.log(4.0), rel=1e-6)
+def test_sft_loss_is_mean_over_scored_targets():
+  logps = jnp.array([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+  loss, metrics = losses.sft_loss(logps, mask)
+  assert float(loss) == pytest.approx(2.0)
   assert float(metrics["num_tokens"]) == 3
+  assert float(metrics["perplexity"]) == pytest.approx(math.exp(2.0), rel=1e-6)
 
 
 def sigmoid(x):

@@ -1,5 +1,7 @@
-"""Prefix-shared DPO rows give the same log-probs as separate chosen / rejected rows."""
+"""Response log-probs: the scored-positions path equals a full-logits computation, and prefix-shared DPO rows give
+the same log-probs as separate chosen / rejected rows."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -42,3 +44,20 @@ def test_shared_row_layout():
   np.testing.assert_array_equal(row["positions"][0, p + c:p + c + r], p + np.arange(r))
   assert row["predecessor"][0, p + c] == p - 1 and row["predecessor"][0, p + c + 1] == p + c
   assert list(row["response_side"][0, -2:]) == [batches.PAD_SIDE] * 2
+
+
+def test_scored_positions_equal_the_full_logits_computation():
+  model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(1))
+  pairs = random_pairs(5, seed=2)
+  batch = {k: jnp.asarray(v) for k, v in batches.collate_dpo(pairs, np.arange(5), 20, 1).items()}
+  got = tasks.pair_logprobs(model, batch)
+  for side, want_side in zip(("chosen", "rejected"), got):
+    ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_loss_mask"]
+    logp = jax.nn.log_softmax(model(ids, batch[f"{side}_attention_mask"])[:, :-1], axis=-1)
+    token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(want_side, (token * mask[:, 1:]).sum(axis=-1), atol=1e-4)
+
+
+def test_target_width_is_one_of_four_per_length():
+  assert [batches.target_width(n, 256) for n in (0, 32, 33, 64, 65, 128, 129, 256)] == [32, 32, 64, 64, 128, 128,
+                                                                                         256, 256]

@@ -119,7 +119,9 @@ def test_sft_trains_and_exports_a_transformers_model(cache_dir, tmp_path):
   losses = losses_by_step(str(tmp_path))
   assert losses[12] < losses[1] - 0.5, losses
   done = json.load(open(tmp_path / trainer.DONE_FILE))
-  assert done["compilations"]["train"] == 1 and done["train_shapes"] == [[8, 128]]  # one bucket, one program
+  # One program per batch shape: one row bucket, and at most four widths of scored positions per row.
+  assert done["compilations"]["train"] == len(done["train_shapes"]) <= 4
+  assert {tuple(shape[:2]) for shape in done["train_shapes"]} == {(8, 128)}
 
   from jaxalign.models import hub
 

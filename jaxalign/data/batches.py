@@ -60,10 +60,37 @@ def _sequences(ids: list[np.ndarray], loss: list[np.ndarray], length: int, pad_i
   }
 
 
-def collate_sft(examples: SFTExamples, indices: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """The SFT batch of `examples[indices]`, right-padded to `length`."""
+def target_width(most_targets: int, length: int) -> int:
+  """The smallest of length/8, length/4, length/2 and length that holds `most_targets` scored tokens (so a row
+  length compiles at most four programs)."""
+  return next(w for w in (length // 8, length // 4, length // 2, length) if w >= max(most_targets, 1))
+
+
+def target_positions(loss_masks: list[np.ndarray], length: int,
+                     width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Where each row's scored tokens are: positions [rows, width] (0-padded) and a validity mask [rows, width].
+
+  The loss needs the language-model head only at these positions, and for HH pairs most tokens (the prompt,
+  the padding) are not scored. `width` defaults to `target_width` of these rows; the iterator passes the global
+  batch's so that every host builds the same shape.
+  """
+  positions = [np.flatnonzero(mask) for mask in loss_masks]
+  if width is None:
+    width = target_width(max((len(p) for p in positions), default=0), length)
+  out = np.zeros((len(positions), width), np.int32)
+  valid = np.zeros((len(positions), width), np.float32)
+  for row, p in enumerate(positions):
+    out[row, :len(p)] = p
+    valid[row, :len(p)] = 1.0
+  return out, valid
+
+
+def collate_sft(examples: SFTExamples, indices: np.ndarray, length: int, pad_id: int,
+                target_width: int | None = None) -> dict[str, np.ndarray]:
+  """The SFT batch of `examples[indices]`, right-padded to `length`, with its `targets` / `target_mask`."""
   batch = _sequences([examples.input_ids[i] for i in indices], [examples.loss_mask[i] for i in indices], length,
                      pad_id)
+  batch["targets"], batch["target_mask"] = target_positions(list(batch["loss_mask"]), length, target_width)
   if examples.segment_ids is not None:
     batch["segment_ids"] = _pad([examples.segment_ids[i] for i in indices], length, 0, np.int32)
     batch["positions"] = _pad([examples.positions[i] for i in indices], length, 0, np.int32)
@@ -80,12 +107,19 @@ def _response_rows(pairs: TokenizedPairs, responses: list[np.ndarray], indices: 
   return ids, loss
 
 
-def collate_dpo(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """The DPO batch of `pairs[indices]`: chosen_* and rejected_* rows right-padded to `length`, and prompt_length."""
+def collate_dpo(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int,
+                target_width: int | None = None) -> dict[str, np.ndarray]:
+  """The DPO batch of `pairs[indices]`: chosen_* and rejected_* rows right-padded to `length` (with targets of one
+  width, so they can run as one [2B, L] forward), and prompt_length."""
   batch = {}
   for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids)):
     for key, value in _sequences(*_response_rows(pairs, responses, indices), length, pad_id).items():
       batch[f"{side}_{key}"] = value
+  targets, valid = target_positions(list(batch["chosen_loss_mask"]) + list(batch["rejected_loss_mask"]), length,
+                                    target_width)
+  rows = len(indices)
+  batch.update(chosen_targets=targets[:rows], chosen_target_mask=valid[:rows], rejected_targets=targets[rows:],
+               rejected_target_mask=valid[rows:])
   batch["prompt_length"] = np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32)
   return batch
 
@@ -100,13 +134,21 @@ def shared_lengths(pairs: TokenizedPairs) -> np.ndarray:
                                                                  pairs.rejected_ids)], np.int64)
 
 
-def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
+def pair_target_counts(pairs: TokenizedPairs, shared: bool) -> np.ndarray:
+  """Scored tokens per pair in a row: both responses in a prefix-shared row, else the longer response."""
+  combine = (lambda c, r: c + r) if shared else max
+  return np.array([combine(len(c), len(r)) for c, r in zip(pairs.chosen_ids, pairs.rejected_ids)], np.int64)
+
+
+def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int,
+                       target_width: int | None = None) -> dict[str, np.ndarray]:
   """Prefix-shared DPO rows: prompt, chosen, rejected as ONE sequence, so the prompt is computed once.
 
   input_ids / attention_mask [B, L]; positions [B, L]: the rejected response restarts right after the prompt (it
   sees the positions it would see alone); response_side [B, L]: 0 prompt, 1 chosen, 2 rejected, 3 padding (the
   model masks rejected->chosen attention with it); predecessor [B, L]: the slot whose logits predict each token
-  (t - 1, except the first rejected token, predicted from the prompt's last slot); prompt_length [B].
+  (t - 1, except the first rejected token, predicted from the prompt's last slot); targets / target_mask [B, S]:
+  the response tokens' positions (`target_positions`); prompt_length [B].
   """
   rows = {"input_ids": [], "positions": [], "response_side": [], "predecessor": []}
   for i in indices:
@@ -120,12 +162,16 @@ def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, 
     rows["response_side"].append(np.repeat(np.array([PROMPT_SIDE, CHOSEN_SIDE, REJECTED_SIDE], np.int32),
                                            [n_prompt, n_chosen, n_rejected]))
     rows["predecessor"].append(predecessor)
+  side = _pad(rows["response_side"], length, PAD_SIDE, np.int32)
+  targets, valid = target_positions(list((side == CHOSEN_SIDE) | (side == REJECTED_SIDE)), length, target_width)
   return {
       "input_ids": _pad(rows["input_ids"], length, pad_id, np.int32),
       "attention_mask": _pad([np.ones(len(r), np.int32) for r in rows["input_ids"]], length, 0, np.int32),
       "positions": _pad(rows["positions"], length, 0, np.int32),
-      "response_side": _pad(rows["response_side"], length, PAD_SIDE, np.int32),
+      "response_side": side,
       "predecessor": _pad(rows["predecessor"], length, 0, np.int32),
+      "targets": targets,
+      "target_mask": valid,
       "prompt_length": np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32),
   }
 
@@ -157,15 +203,18 @@ def epoch_order(lengths: np.ndarray, global_batch_size: int, seed: int, epoch: i
 class BatchIterator:
   """Endless iterator of this host's slice of each global batch, epoch after epoch; see the module docstring.
 
-  lengths: tokens per example (what its row needs); collate(indices, length) -> batch dict. global_batch_size must
+  lengths: tokens per example (what its row needs); collate(indices, length[, target_width]) -> batch dict, where
+  target_width comes from `target_counts` (scored tokens per example) when given. global_batch_size must
   be divisible by process_count; host p gets rows [p*b, (p+1)*b) of each global batch, b = global_batch_size /
   process_count (process_index / process_count default to jax's; pass them to simulate hosts in tests).
   """
 
   def __init__(self, lengths: np.ndarray, collate: Callable[[np.ndarray, int], dict], *, global_batch_size: int,
                seed: int, max_length: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, group_by_length: bool = False,
-               process_index: int | None = None, process_count: int | None = None):
+               target_counts: np.ndarray | None = None, process_index: int | None = None,
+               process_count: int | None = None):
     self.lengths = np.asarray(lengths)
+    self.target_counts = None if target_counts is None else np.asarray(target_counts)
     self.collate = collate
     self.global_batch_size = global_batch_size
     self.seed = seed
@@ -209,7 +258,11 @@ class BatchIterator:
     indices = self.global_indices(self.epoch, self.position)
     length = pick_bucket(int(self.lengths[indices].max()), self.buckets)
     start = self.process_index * self.host_batch_size
-    batch = self.collate(indices[start:start + self.host_batch_size], length)
+    host_indices = indices[start:start + self.host_batch_size]
+    if self.target_counts is None:
+      batch = self.collate(host_indices, length)
+    else:  # one target width for the whole global batch, so every host builds the same shapes
+      batch = self.collate(host_indices, length, target_width(int(self.target_counts[indices].max()), length))
     self.position += 1
     if self.position == self.batches_per_epoch:
       self.epoch, self.position = self.epoch + 1, 0
@@ -231,14 +284,30 @@ class BatchIterator:
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def sft_batches(examples: SFTExamples, *, pad_id: int, **kwargs) -> BatchIterator:
+def _collator(collate, data, pad_id: int, with_index: bool):
+  def make(indices: np.ndarray, length: int, width: int) -> dict[str, np.ndarray]:
+    batch = collate(data, indices, length, pad_id, width)
+    if with_index:
+      batch["index"] = indices  # each row's example, for per-example extras (reference log-probs, reward heads)
+    return batch
+
+  return make
+
+
+def sft_batches(examples: SFTExamples, *, pad_id: int, with_index: bool = False, **kwargs) -> BatchIterator:
   """A BatchIterator over SFT examples or packed rows; kwargs as BatchIterator's."""
-  return BatchIterator(examples.lengths, lambda idx, length: collate_sft(examples, idx, length, pad_id), **kwargs)
+  targets = np.array([int(mask.sum()) for mask in examples.loss_mask], np.int64)
+  return BatchIterator(examples.lengths, _collator(collate_sft, examples, pad_id, with_index), target_counts=targets,
+                       **kwargs)
 
 
-def dpo_batches(pairs: TokenizedPairs, *, pad_id: int, **kwargs) -> BatchIterator:
-  """A BatchIterator over tokenized preference pairs; kwargs as BatchIterator's."""
-  return BatchIterator(pairs.lengths, lambda idx, length: collate_dpo(pairs, idx, length, pad_id), **kwargs)
+def dpo_batches(pairs: TokenizedPairs, *, pad_id: int, shared: bool = False, with_index: bool = False,
+                **kwargs) -> BatchIterator:
+  """A BatchIterator over tokenized preference pairs, as separate chosen / rejected rows or prefix-shared rows
+  (whose lengths, and so `max_length`, reach prompt + both responses); kwargs as BatchIterator's."""
+  collate, lengths = (collate_dpo_shared, shared_lengths(pairs)) if shared else (collate_dpo, pairs.lengths)
+  return BatchIterator(lengths, _collator(collate, pairs, pad_id, with_index),
+                       target_counts=pair_target_counts(pairs, shared), **kwargs)
 
 
 def _check_host_rows(sharding: jax.sharding.Sharding, global_rows: int) -> None:

@@ -75,22 +75,30 @@ class TrainStream:
   """Global batches for the train step: this host's rows from the iterator, made into sharded jax arrays.
 
   `extra_fields(indices)` adds per-example arrays (reward heads, precomputed reference log-probs) by example index.
+  Reward models have no LM head, so their batches leave out the scored-token positions (whose varying width would
+  only cost compilations). `last_shape` is (rows, row length, scored positions per row) of the last batch.
   """
 
-  def __init__(self, iterator: batches_lib.BatchIterator, sharding, extra_fields=None):
+  def __init__(self, iterator: batches_lib.BatchIterator, sharding, extra_fields=None, with_targets: bool = True):
     self.iterator = iterator
     self.sharding = sharding
     self.extra_fields = extra_fields
+    self.with_targets = with_targets
     self.last_shape: tuple[int, ...] = ()
 
   def next_global(self) -> dict[str, jax.Array]:
     batch = next(self.iterator)
+    indices = batch.pop("index")
     if self.extra_fields is not None:
-      batch.update(self.extra_fields(batch.pop("index")))
-    else:
-      batch.pop("index")
+      batch.update(self.extra_fields(indices))
+    target_keys = [k for k in batch if k.endswith(("targets", "target_mask"))]
+    width = max((batch[k].shape[1] for k in target_keys), default=0)
+    if not self.with_targets:
+      for key in target_keys:
+        del batch[key]
+      width = 0
     rows = next(iter(batch.values()))
-    self.last_shape = (rows.shape[0] * jax.process_count(), rows.shape[1])
+    self.last_shape = (rows.shape[0] * jax.process_count(), rows.shape[1], width)
     return batches_lib.to_global(batch, self.sharding)
 
   def state(self) -> dict:
@@ -157,18 +165,15 @@ def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size
 
   Prefix-shared DPO rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length`.
   """
-  max_length, lengths = config.data.max_length, examples.lengths
+  common = dict(pad_id=pad_id, with_index=True, global_batch_size=global_batch_size, seed=seed,
+                group_by_length=config.data.group_by_length)
   if batch_kind == "sft":
-    collate = batches_lib.collate_sft
-  elif config.task == "dpo" and config.dpo.prefix_sharing:
-    collate, lengths, max_length = batches_lib.collate_dpo_shared, batches_lib.shared_lengths(examples), 2 * max_length
+    return batches_lib.sft_batches(examples, max_length=config.data.max_length, buckets=tuple(buckets), **common)
+  shared = config.task == "dpo" and config.dpo.prefix_sharing
+  if shared:
     buckets = tuple(buckets) + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
-  else:
-    collate = batches_lib.collate_dpo
-  return batches_lib.BatchIterator(
-      lengths, lambda idx, length: {**collate(examples, idx, length, pad_id), "index": idx},
-      global_batch_size=global_batch_size, seed=seed, max_length=max_length, buckets=tuple(buckets),
-      group_by_length=config.data.group_by_length)
+  return batches_lib.dpo_batches(examples, shared=shared, max_length=config.data.max_length * (2 if shared else 1),
+                                 buckets=tuple(buckets), **common)
 
 
 def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
@@ -211,7 +216,7 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
   train_examples = _examples(config, train_pairs, batch_kind)
   iterator = _iterator(config, train_examples, batch_kind, seed=config.seed,
                        global_batch_size=config.training.batch_size, buckets=buckets, pad_id=pad_id)
-  stream = TrainStream(iterator, sharding, _head_fields(config, train_pairs_text))
+  stream = TrainStream(iterator, sharding, _head_fields(config, train_pairs_text), config.task != "reward")
 
   if config.training.max_steps > 0:
     total_steps = config.training.max_steps
@@ -228,7 +233,7 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
     if eval_size:
       eval_iterator = _iterator(config, eval_examples, batch_kind, seed=config.seed, global_batch_size=eval_size,
                                 buckets=buckets, pad_id=pad_id)
-      eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text))
+      eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text), config.task != "reward")
       log.info("held-out: %d batches of %d", eval_iterator.batches_per_epoch, eval_size)
   pair_task = batch_kind != "sft"
   return TrainingData(stream, eval_stream, total_steps, train_pairs if pair_task else None,
