@@ -151,7 +151,8 @@ def plot_metrics(results: dict[str, Any], path: str | os.PathLike) -> None:
   ax.set_ylim(0, 112)
   ax.set_ylabel("% of responses")
   ax.set_title(f"Alignment metrics per model (whiskers: {round(100 * config['ci_level'])}% bootstrap CI)")
-  ax.legend(title="model", loc="upper left", ncols=min(len(models), 4))
+  # Outside the axes, so it never hides a bar or its value.
+  ax.legend(title="model", loc="upper left", bbox_to_anchor=(1.01, 1.0))
   _save(fig, path)
 
 
