@@ -18,25 +18,29 @@ Same model, same weights, same token ids, same batches, run alternately in one p
     jaxalign runs three variants on the same batches: (a) separate chosen / rejected rows + live reference (the
     like-for-like row), (b) prefix-shared rows (`collate_dpo_shared`: prompt computed once) + live reference,
     (c) prefix-shared rows + precomputed reference log-probs (computed before timing, not timed).
-    Rows marked * (skip with --no-proposed) are NOT the library: a script-local task that runs the LM head and its
-    log-softmax only at the scored positions, as TRL's fused LM head does (see `scored_head_tasks`) — the change
-    this benchmark suggests for `tasks.py` / `losses.py`, measured before it is made.
-  * shapes: TRL pads each batch to its longest row (its default); jaxalign pads to buckets — 128/256 for plain rows,
-    256/384/512 for prefix-shared rows — and compiles every bucket the timed batches need before timing (compile time
-    is reported separately).
+  * the library's own loss path: batches come from `batches.collate_dpo` / `collate_dpo_shared` / `collate_sft`,
+    which list each row's scored positions (`targets` / `target_mask`), and the tasks run the LM head and its
+    log-softmax at those positions only (`tasks.target_logprobs`), as TRL's fused LM head does.
+  * shapes: TRL pads each batch to its longest row (its default); jaxalign pads rows to buckets — 128/256 for plain
+    rows, 256/384/512 for prefix-shared rows — and gives every batch of a variant ONE target width (`target_width`
+    argument of the collate functions): the most scored tokens of any row in the run's batches, rounded up to a
+    multiple of 16. So a variant compiles once per row bucket its batches use (plain and SFT rows: one, 256), and
+    all compiling happens before timing (reported separately). The library's `BatchIterator` would instead pick
+    each batch's width from `batches.target_width` (L/8, L/4, L/2 or L); `--breakdown` times that width too.
   * timing: TRL steps are timed by a `TrainerCallback` (on_step_begin -> on_step_end: forward, backward, clipping,
     optimizer; its Python collation of the batch is outside); jaxalign steps from the call with a numpy batch to
     `block_until_ready` of the metrics. Warm-up: --warmup untimed TRL steps; jaxalign's untimed steps are its
     compiling ones (one per bucket shape). Then --rounds rounds of: --steps TRL steps, then --steps steps of each
     jaxalign variant on the same batches (run inside TRL's step-end callback, so the two never overlap and a change
     in machine load hits both). Reported: median per-step pairs/s (seqs/s) and tokens/s, the ratio of medians to
-    TRL, and the spread of the per-round ratios.
+    TRL, the spread of the per-round ratios, and the ratio of total examples / total time over all timed steps.
+    The per-round ratios also move with the batch: TRL pads to the batch's longest row, jaxalign to its bucket.
   * tokens/s counts the real (unpadded) tokens of the plain layout — prompt + chosen and prompt + rejected rows —
     for every DPO row, so it is proportional to pairs/s; prefix sharing computes fewer tokens for the same work.
 
-  python bench/trl_cpu.py                    # ~7 minutes on 2 idle cores (longer when the machine is busy)
+  python bench/trl_cpu.py                    # ~5-7 minutes on 2 cores (longer when the machine is busy)
   python bench/trl_cpu.py --record           # also appends the table to BENCHMARKS.md
-  python bench/trl_cpu.py --breakdown        # also times where a jaxalign DPO step goes (forward, backward, head)
+  python bench/trl_cpu.py --breakdown        # also times where a jaxalign DPO step goes (forward, head, backward)
 
 Needs `trl` (the `bench` extra). Skips, with the reason printed, when ../shared or trl is missing.
 """
@@ -68,13 +72,14 @@ LR = 1e-6
 BETA = 0.1
 ROW_BUCKETS = (128, 256)
 SHARED_BUCKETS = (256, 384, 512)
+WIDTH_MULTIPLE = 16  # fixed target widths are rounded up to this
 
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", default=DEFAULT_DATA, help="HH jsonl(.gz) file")
   parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-  parser.add_argument("--rounds", type=int, default=4, help="alternation rounds")
+  parser.add_argument("--rounds", type=int, default=5, help="alternation rounds")
   parser.add_argument("--steps", type=int, default=1, help="timed DPO steps per implementation per round")
   parser.add_argument("--warmup", type=int, default=1, help="untimed TRL steps (and jaxalign steps) before round 1")
   parser.add_argument("--sft-steps", type=int, default=2, help="timed SFT steps per implementation per round")
@@ -82,8 +87,6 @@ def parse_args():
   parser.add_argument("--skip-sft", action="store_true")
   parser.add_argument("--skip-dpo", action="store_true")
   parser.add_argument("--breakdown", action="store_true", help="also time the parts of a jaxalign DPO step")
-  parser.add_argument("--no-proposed", action="store_true",
-                      help="skip the script-local variants with the LM head on the scored positions only")
   parser.add_argument("--seed", type=int, default=0, help="batch order and model init")
   parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
   return parser.parse_args()
@@ -113,8 +116,6 @@ def small_opt_config():
 
 def load_data(args):
   """(tokenized DPO pairs at 256/128, SFT examples cut to 256, permutation of the pair indices)."""
-  import numpy as np
-
   from jaxalign import tokenizer as tokenizer_lib
   from jaxalign.data import hh, tokenize
 
@@ -147,6 +148,10 @@ class Timer:
     """Median per-step examples/s and tokens/s."""
     return (statistics.median(u / t for u, t in zip(self.units, self.times)),
             statistics.median(k / t for k, t in zip(self.tokens, self.times)))
+
+  def total_rate(self) -> float:
+    """Examples/s over all timed steps (total examples / total time)."""
+    return sum(self.units) / sum(self.times)
 
   def round_rate(self, round_index: int) -> float:
     """Examples/s over the steps of one round."""
@@ -215,137 +220,47 @@ def dpo_row_tokens(pairs, idx) -> int:
   return int(sum(2 * len(pairs.prompt_ids[i]) + len(pairs.chosen_ids[i]) + len(pairs.rejected_ids[i]) for i in idx))
 
 
-# ---- Proposed library change, tried here without touching the library: run the LM head (a [D x 50272] matmul, its
-# log-softmax and their backward) only on the positions that are scored, as TRL's fused LM head does, instead of on
-# every slot of every padded row. The host lists the scored slots (flat indices into the [rows * L] hidden states),
-# padded to a multiple of HEAD_BUCKET so that few programs compile.
-HEAD_BUCKET = 512
+def fixed_width(counts) -> int:
+  """One target width for all of a variant's batches: the most scored tokens of any row, rounded up."""
+  return -(-max(int(max(counts)), 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
-def add_head_slots(batch: dict) -> dict:
-  """A copy of a DPO (plain or prefix-shared) or SFT batch with head_slots / head_targets / head_rows / head_weights
-  [K]: for each scored token, the flat slot whose hidden state predicts it, the token, and the output it adds to."""
-  from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
-
-  if "response_side" in batch:  # prefix-shared: chosen of pair i -> output i, rejected -> output B + i
-    ids, side, pred = batch["input_ids"], batch["response_side"], batch["predecessor"]
-    rows, cols = np.nonzero((side == CHOSEN_SIDE) | (side == REJECTED_SIDE))
-    slots = rows * ids.shape[1] + pred[rows, cols]
-    outputs = np.where(side[rows, cols] == CHOSEN_SIDE, rows, ids.shape[0] + rows)
-  else:  # plain rows (chosen rows then rejected rows) or SFT rows: slot t - 1 predicts token t
-    if "input_ids" in batch:
-      ids, loss = batch["input_ids"], batch["loss_mask"]
-    else:
-      ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-      loss = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-    rows, cols = np.nonzero(loss[:, 1:] > 0)
-    cols = cols + 1
-    slots = rows * ids.shape[1] + cols - 1
-    outputs = rows
-  n = len(slots)
-  k = -(-n // HEAD_BUCKET) * HEAD_BUCKET
-  pad = lambda x, dtype: np.concatenate([x, np.zeros(k - n, dtype)]).astype(dtype)
-  return dict(batch, head_slots=pad(slots, np.int32), head_targets=pad(ids[rows, cols], np.int32),
-              head_rows=pad(outputs, np.int32), head_weights=pad(np.ones(n), np.float32))
-
-
-def scored_logprobs(model, batch, dropout_key=None):
-  """Per-output summed log-probs, computing logits only at head_slots; [outputs]."""
-  import jax
-  import jax.numpy as jnp
-
-  from jaxalign import tasks
-  from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
-
-  if "response_side" in batch:  # as tasks.shared_pair_logprobs: rejected tokens cannot see chosen ones
-    side = batch["response_side"]
-    blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
-                                    mask=~blocked, dropout_key=dropout_key)
-    outputs = 2 * batch["input_ids"].shape[0]
-  elif "input_ids" in batch:
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
-                                    segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
-    outputs = batch["input_ids"].shape[0]
-  else:
-    ids, mask, _ = tasks.concatenated_pairs(batch, model.config.pad_token_id)
-    hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
-    outputs = ids.shape[0]
-  picked = hidden.reshape(-1, hidden.shape[-1])[batch["head_slots"]]
-  logits = model.logits(picked[None])[0]  # [K, vocab] fp32
-  logps = jnp.take_along_axis(logits, batch["head_targets"][:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, -1)
-  return jax.ops.segment_sum(logps * batch["head_weights"], batch["head_rows"], num_segments=outputs)
-
-
-def scored_head_tasks():
-  """(DPO task, SFT task) whose losses run the LM head on the scored positions only (see add_head_slots)."""
-  import dataclasses
-
-  import jax
-  import jax.numpy as jnp
-
-  from jaxalign import losses, tasks
-
-  def pair_logps(model, batch, dropout_key=None):
-    logps = scored_logprobs(model, batch, dropout_key)
-    return logps[:logps.shape[0] // 2], logps[logps.shape[0] // 2:]
-
-  @dataclasses.dataclass(frozen=True)
-  class ScoredHeadDPOTask(tasks.DPOTask):
-    def reference_logps(self, reference, batch):
-      if reference is None:
-        return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-      return tuple(jax.lax.stop_gradient(x) for x in pair_logps(reference, batch))
-
-    def loss(self, model, batch, *, dropout_key=None, reference=None):
-      ref_chosen, ref_rejected = self.reference_logps(reference, batch)
-      chosen, rejected = pair_logps(model, batch, dropout_key)
-      return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-                             label_smoothing=self.label_smoothing)
-
-  @dataclasses.dataclass(frozen=True)
-  class ScoredHeadSFTTask(tasks.SFTTask):
-    def loss(self, model, batch, *, dropout_key=None, reference=None):
-      num_tokens = batch["head_weights"].sum()
-      loss = -scored_logprobs(model, batch, dropout_key).sum() / jnp.maximum(num_tokens, 1.0)
-      return loss, {"loss": loss, "perplexity": jnp.exp(loss), "num_tokens": num_tokens}
-
-  return ScoredHeadDPOTask(beta=BETA), ScoredHeadSFTTask()
-
-
-def check_scored_head(model, plain, shared) -> float:
-  """Max |difference| between the scored-head log-probs and jaxalign's own, on a plain and a prefix-shared batch."""
-  from jaxalign import tasks
-
-  diffs = []
-  for batch in (plain, shared):
-    ours = np.concatenate([np.asarray(x) for x in tasks.dpo_logprobs(model, batch)])
-    diffs.append(np.abs(ours - np.asarray(scored_logprobs(model, add_head_slots(batch)))).max())
-  return float(max(diffs))
+def scored_count(batch) -> int:
+  return int(sum(batch[k].sum() for k in ("target_mask", "chosen_target_mask", "rejected_target_mask") if k in batch))
 
 
 def make_dpo_batches(pairs, order, count, pad_id):
-  """Per step: (plain-row batch, prefix-shared batch, real tokens), pairs order[8k : 8k+8]."""
+  """Per step: (plain-row batch, prefix-shared batch, real tokens), pairs order[8k : 8k+8]; and the notes."""
   from jaxalign.data import batches as B
 
-  rows, shared, tokens = [], [], []
+  indices = [order[k * BATCH:(k + 1) * BATCH] for k in range(count)]
   row_lengths, shared_lengths = pairs.lengths, B.shared_lengths(pairs)
-  for k in range(count):
-    idx = order[k * BATCH:(k + 1) * BATCH]
-    rows.append(B.collate_dpo(pairs, idx, B.pick_bucket(int(row_lengths[idx].max()), ROW_BUCKETS), pad_id))
-    shared.append(B.collate_dpo_shared(pairs, idx, B.pick_bucket(int(shared_lengths[idx].max()), SHARED_BUCKETS),
-                                       pad_id))
+  row_counts, shared_counts = B.pair_target_counts(pairs, False), B.pair_target_counts(pairs, True)
+  row_width = fixed_width(row_counts[idx].max() for idx in indices)
+  shared_width = fixed_width(shared_counts[idx].max() for idx in indices)
+  rows, shared, tokens, ladder = [], [], [], []
+  for idx in indices:
+    row_length = B.pick_bucket(int(row_lengths[idx].max()), ROW_BUCKETS)
+    shared_length = B.pick_bucket(int(shared_lengths[idx].max()), SHARED_BUCKETS)
+    rows.append(B.collate_dpo(pairs, idx, row_length, pad_id, target_width=row_width))
+    shared.append(B.collate_dpo_shared(pairs, idx, shared_length, pad_id, target_width=shared_width))
     tokens.append(dpo_row_tokens(pairs, idx))
+    ladder.append((B.target_width(int(row_counts[idx].max()), row_length),
+                   B.target_width(int(shared_counts[idx].max()), shared_length)))
+  note = (f"target widths, fixed per variant: plain rows {row_width}, prefix-shared rows {shared_width} (the "
+          f"library's `target_width` ladder would pick, per batch, plain {[w for w, _ in ladder]}, prefix-shared "
+          f"{[w for _, w in ladder]}); scored tokens per step: plain {[scored_count(b) for b in rows]}, "
+          f"prefix-shared {[scored_count(b) for b in shared]}")
   print(f"DPO batches: plain-row lengths {[b['chosen_input_ids'].shape[1] for b in rows]}, prefix-shared "
-        f"{[b['input_ids'].shape[1] for b in shared]}; mean real tokens {np.mean(tokens):.0f} / step", flush=True)
-  return rows, shared, tokens
+        f"{[b['input_ids'].shape[1] for b in shared]}; mean real tokens {np.mean(tokens):.0f} / step; {note}",
+        flush=True)
+  return rows, shared, tokens, note
 
 
 def with_reference_logps(model, rows, shared) -> tuple[list[dict], float]:
   """Copies of the shared batches with reference_chosen/rejected_logps (the initial model's, from the plain rows),
   and the seconds that took."""
   import jax
-  import numpy as np
   from flax import nnx
 
   from jaxalign import tasks
@@ -421,13 +336,14 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
   from trl import DPOConfig, DPOTrainer
 
   from jaxalign import tasks
+  from jaxalign.data import batches as B
 
   count = args.warmup + args.rounds * args.steps
-  rows, shared, tokens = make_dpo_batches(pairs, order, count, pad_id)
+  rows, shared, tokens, width_note = make_dpo_batches(pairs, order, count, pad_id)
   hf_policy = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   hf_reference = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-  print(f"same function: max |logp(ours) - logp(torch)| over 16 rows = "
-        f"{check_same_function(model, hf_policy, rows[0]):.2e}", flush=True)
+  same = check_same_function(model, hf_policy, rows[0])
+  print(f"same function: max |logp(ours) - logp(torch)| over 16 rows = {same:.2e}", flush=True)
 
   shared_with_reference, ref_s = with_reference_logps(model, rows, shared)
   task = tasks.DPOTask(beta=BETA)
@@ -437,20 +353,9 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
       JaxVariant("DPO, prefix-shared, precomputed reference", task, model, shared_with_reference, tokens,
                  reference="precomputed"),
   ]
-  notes = [f"precomputing the reference log-probs of the {count} batches took {ref_s:.1f}s (incl. compile), untimed"]
-  if not args.no_proposed:
-    print(f"scored-positions LM head: max |logp difference| vs jaxalign's = "
-          f"{check_scored_head(model, rows[0], shared[0]):.2e}", flush=True)
-    scored_task, _ = scored_head_tasks()
-    variants += [
-        JaxVariant("DPO, live reference, scored-positions LM head*", scored_task, model,
-                   [add_head_slots(b) for b in rows], tokens, reference="model"),
-        JaxVariant("DPO, prefix-shared, precomputed reference, scored-positions LM head*", scored_task, model,
-                   [add_head_slots(b) for b in shared_with_reference], tokens, reference="precomputed"),
-    ]
-    notes.append("*: not in the library — a script-local task (bench/trl_cpu.py `scored_head_tasks`) that runs the "
-                 "LM head and log-softmax only at the scored (response / target) positions, as TRL's fused LM head "
-                 f"does; the scored slots are listed by the host and padded to a multiple of {HEAD_BUCKET}")
+  notes = [f"summed response log-probs of the first batch (16 rows) agree with transformers' OPT to {same:.1e} "
+           "(max abs difference)", width_note,
+           f"precomputing the reference log-probs of the {count} batches took {ref_s:.1f}s (incl. compile), untimed"]
   for v in variants:
     v.compile(range(count))
     print(f"  compiled {v.name}: {v.compile_s:.1f}s", flush=True)
@@ -487,7 +392,9 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
     trainer.train()
   results = [("TRL DPOTrainer", "live reference", trl_timer, None)]
   results += [("jaxalign", v.name.removeprefix("DPO, "), v.timer, v.compile_s) for v in variants]
-  return results, notes, variants[0]
+  last = order[(count - 1) * BATCH:count * BATCH]  # the breakdown's batch, with the width the library would pick
+  ladder = B.collate_dpo(pairs, last, rows[-1]["chosen_input_ids"].shape[1], pad_id)
+  return results, notes, (variants[0], ladder)
 
 
 def run_sft(args, model, model_dir, examples, order, pad_id):
@@ -502,16 +409,14 @@ def run_sft(args, model, model_dir, examples, order, pad_id):
   steps = args.sft_steps
   count = args.warmup + args.rounds * steps
   lengths = examples.lengths
-  batches, tokens = [], []
-  for k in range(count):
-    idx = order[k * BATCH:(k + 1) * BATCH]
-    batches.append(B.collate_sft(examples, idx, B.pick_bucket(int(lengths[idx].max()), ROW_BUCKETS), pad_id))
-    tokens.append(int(lengths[idx].sum()))
-  print(f"SFT batches: lengths {[b['input_ids'].shape[1] for b in batches]}", flush=True)
+  indices = [order[k * BATCH:(k + 1) * BATCH] for k in range(count)]
+  width = fixed_width(int(examples.loss_mask[i].sum()) for idx in indices for i in idx)
+  batches = [B.collate_sft(examples, idx, B.pick_bucket(int(lengths[idx].max()), ROW_BUCKETS), pad_id,
+                           target_width=width) for idx in indices]
+  tokens = [int(lengths[idx].sum()) for idx in indices]
+  print(f"SFT batches: lengths {[b['input_ids'].shape[1] for b in batches]}, target width {width}, scored tokens "
+        f"{[scored_count(b) for b in batches]}", flush=True)
   variants = [JaxVariant("SFT", tasks.SFTTask(), model, batches, tokens, reference="precomputed")]
-  if not args.no_proposed:
-    variants.append(JaxVariant("SFT, scored-positions LM head*", scored_head_tasks()[1], model,
-                               [add_head_slots(b) for b in batches], tokens, reference="precomputed"))
   for v in variants:
     v.compile(range(count))
     print(f"  compiled {v.name}: {v.compile_s:.1f}s", flush=True)
@@ -546,8 +451,9 @@ def _hf_tokenizer(args):
 # -------------------------------------------------------------------------------------------------- breakdown
 
 
-def breakdown(model, variant: JaxVariant, repeats: int = 3) -> list[str]:
-  """Times the pieces of the like-for-like DPO step on one of its batches (pieces interleaved, medians)."""
+def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> list[str]:
+  """Times the pieces of the like-for-like DPO step on its last batch (pieces interleaved, medians); `ladder` is the
+  same batch with the target width `batches.target_width` picks."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -556,37 +462,35 @@ def breakdown(model, variant: JaxVariant, repeats: int = 3) -> list[str]:
 
   index = len(variant.batches) - 1
   batch = {k: jnp.asarray(v) for k, v in variant.batches[index].items()}
-  scored = {k: jnp.asarray(v) for k, v in add_head_slots(variant.batches[index]).items()}
+  ladder = {k: jnp.asarray(v) for k, v in ladder.items()}
   graph, params, rest = nnx.split(model, nnx.Param, ...)
   merge = lambda params: nnx.merge(graph, params, rest)
 
   def hidden(params, batch):
-    ids, mask, _ = tasks.concatenated_pairs(batch, model.config.pad_token_id)
+    ids, mask = tasks.concatenated_pairs(batch, model.config.pad_token_id)
     return merge(params).hidden_states(ids, mask)[0]
 
-  all_positions = lambda params, batch: jnp.concatenate(tasks.dpo_logprobs(merge(params), batch))
-  scored_only = lambda params, batch: scored_logprobs(merge(params), batch)
+  logps = lambda params, batch: jnp.concatenate(tasks.pair_logprobs(merge(params), batch))
 
-  def policy_grad(logps_fn):
-    def loss(params, batch, reference):
-      logps = logps_fn(params, batch)
-      half = logps.shape[0] // 2
-      return losses.dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], beta=BETA)[0]
-    return jax.grad(loss)
+  def loss(params, batch, reference):
+    chosen, rejected = tasks.pair_logprobs(merge(params), batch)
+    half = reference.shape[0] // 2
+    return losses.dpo_loss(chosen, rejected, reference[:half], reference[half:], beta=BETA)[0]
 
-  reference = all_positions(params, batch)
+  reference = logps(params, batch)
+  rows, length = 2 * BATCH, batch["chosen_input_ids"].shape[1]
+  width, ladder_width = batch["chosen_targets"].shape[1], ladder["chosen_targets"].shape[1]
+  grad = jax.jit(jax.grad(loss))
   pieces = [
-      ("decoder forward, 4 layers, no LM head", jax.jit(hidden), (params, batch)),
-      ("forward + LM head + log-softmax at all 16 x 256 slots (jaxalign today)", jax.jit(all_positions),
-       (params, batch)),
-      ("forward + LM head + log-softmax at the scored slots only*", jax.jit(scored_only), (params, scored)),
-      ("policy forward + backward, all slots (jaxalign today)", jax.jit(policy_grad(all_positions)),
-       (params, batch, reference)),
-      ("policy forward + backward, scored slots only*", jax.jit(policy_grad(scored_only)),
-       (params, scored, reference)),
-      ("whole train step: reference forward + policy forward + backward + AdamW (jaxalign today)",
-       lambda: variant.step(index), ()),
+      (f"decoder forward, {rows} x {length}, no LM head", jax.jit(hidden), (params, batch)),
+      (f"forward + LM head + log-softmax at the {rows} x {width} target slots", jax.jit(logps), (params, batch)),
+      (f"policy forward + backward (DPO loss), target width {width}", grad, (params, batch, reference)),
   ]
+  if ladder_width != width:
+    pieces.append((f"policy forward + backward, target width {ladder_width} (what `batches.target_width` picks for "
+                   "this batch)", grad, (params, ladder, reference)))
+  pieces.append(("whole train step: reference forward + policy forward + backward + AdamW", lambda: variant.step(index),
+                 ()))
   times = {name: [] for name, _, _ in pieces}
   for name, fn, fn_args in pieces:
     jax.block_until_ready(fn(*fn_args))  # compile
@@ -595,9 +499,8 @@ def breakdown(model, variant: JaxVariant, repeats: int = 3) -> list[str]:
       start = time.perf_counter()
       jax.block_until_ready(fn(*fn_args))
       times[name].append(time.perf_counter() - start)
-  n_scored = int(np.asarray(scored["head_weights"]).sum())
-  lines = [f"jaxalign DPO step, one batch of {BATCH} pairs (16 rows x 256 slots, {n_scored} scored tokens), fp32, "
-           f"median of {repeats} interleaved repeats:", "", "| piece | ms |", "|---|---|"]
+  lines = [f"jaxalign DPO step, one batch of {BATCH} pairs ({rows} rows x {length} slots, {scored_count(batch)} scored "
+           f"tokens), fp32, median of {repeats} interleaved repeats:", "", "| piece | ms |", "|---|---|"]
   lines += [f"| {name} | {statistics.median(t) * 1e3:.0f} |" for name, t in times.items()]
   return lines
 
@@ -653,7 +556,7 @@ def main():
     print(f"- {note}")
   extra = []
   if args.breakdown and like_for_like is not None:
-    extra = breakdown(model, like_for_like)
+    extra = breakdown(model, *like_for_like)
     print("\n" + "\n".join(extra))
   if args.record:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -665,9 +568,10 @@ def main():
 
 
 def format_table(results, args) -> str:
-  lines = ["| implementation | variant | pairs/s or seqs/s | tokens/s | ratio vs TRL | ratio per round (min-max) | "
-           "compile s | timed steps |", "|---|---|---|---|---|---|---|---|"]
-  baseline = None
+  lines = ["| implementation | variant | pairs/s or seqs/s (median step) | tokens/s | ratio vs TRL (medians) | "
+           "ratio per round (min-max) | ratio, all steps (total / total time) | compile s | timed steps |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  baseline = baseline_timer = None
   for impl, variant, timer, compile_s in results:
     if not timer.times:
       continue
@@ -675,12 +579,15 @@ def format_table(results, args) -> str:
     if impl.startswith("TRL"):
       baseline, baseline_timer = per_s, timer
     unit = "seqs/s" if variant.startswith("SFT") else "pairs/s"
-    ratio = f"{per_s / baseline:.2f}x" if baseline else "n/a"
-    per_round = sorted(timer.round_rate(r) / baseline_timer.round_rate(r) for r in sorted(set(timer.rounds)))
-    spread = f"{per_round[0]:.2f}-{per_round[-1]:.2f}x" if baseline else "n/a"
+    ratio = spread = total = "n/a"
+    if baseline_timer is not None:
+      ratio = f"{per_s / baseline:.2f}x"
+      per_round = sorted(timer.round_rate(r) / baseline_timer.round_rate(r) for r in sorted(set(timer.rounds)))
+      spread = f"{per_round[0]:.2f}-{per_round[-1]:.2f}x"
+      total = f"{timer.total_rate() / baseline_timer.total_rate():.2f}x"
     compile_text = f"{compile_s:.0f}" if compile_s is not None else "-"
-    lines.append(f"| {impl} | {variant} | {per_s:.2f} {unit} | {tok_s:,.0f} | {ratio} | {spread} | {compile_text} | "
-                 f"{len(timer.times)} |")
+    lines.append(f"| {impl} | {variant} | {per_s:.2f} {unit} | {tok_s:,.0f} | {ratio} | {spread} | {total} | "
+                 f"{compile_text} | {len(timer.times)} |")
   return "\n".join(lines)
 
 
