@@ -13,13 +13,11 @@ import logging
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from jaxalign import judges, metrics, parallel, rated, reports, sampling, tasks
-from jaxalign.data import batches as batches_lib, hh, prompts as prompts_lib, tokenize
+from jaxalign import judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
+from jaxalign.data import hh, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.trainer import resolve_init_path
@@ -119,19 +117,14 @@ def implicit_reward_accuracy(policy, reference, tokenizer, pairs: list[hh.Prefer
   """DPO's implicit reward accuracy: log π(y_c)/π_ref(y_c) > log π(y_r)/π_ref(y_r) on held-out pairs."""
   tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.preference.max_length,
                                       max_prompt_length=config.preference.max_length // 2)
+  mesh = parallel.make_mesh()
+  batch_size = -(-config.preference.batch_size // mesh.size) * mesh.size  # a whole number of rows per device
   margins = []
   for model in (policy, reference):
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch))
-    logps = []
-    for start in range(0, len(tokenized), config.preference.batch_size):
-      indices = np.arange(start, min(start + config.preference.batch_size, len(tokenized)))
-      length = batches_lib.pick_bucket(int(tokenized.lengths[indices].max()),
-                                       batches_lib.bucket_lengths((128, 256, 512), config.preference.max_length))
-      batch = batches_lib.collate_dpo(tokenized, indices, length, tokenizer.pad_token_id)
-      chosen, rejected = forward(state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
-      logps.append(np.asarray(chosen) - np.asarray(rejected))
-    margins.append(np.concatenate(logps))
+    logps = reference_lib.compute_logps(model, tokenized, batch_size=batch_size, buckets=(128, 256, 512),
+                                        max_length=config.preference.max_length, pad_id=tokenizer.pad_token_id,
+                                        mesh=mesh)
+    margins.append(logps[:, 0] - logps[:, 1])
   return metrics.preference_accuracy(margins[0], margins[1])
 
 
