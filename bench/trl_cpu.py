@@ -467,7 +467,7 @@ def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> lis
   merge = lambda params: nnx.merge(graph, params, rest)
 
   def hidden(params, batch):
-    ids, mask = tasks.concatenated_pairs(batch, model.config.pad_token_id)
+    ids, mask = tasks.concatenated_pairs(batch)
     return merge(params).hidden_states(ids, mask)[0]
 
   logps = lambda params, batch: jnp.concatenate(tasks.pair_logprobs(merge(params), batch))

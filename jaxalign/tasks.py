@@ -19,10 +19,6 @@ from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
 Batch = dict[str, jax.Array]
 
 
-def _pad_to(x: jax.Array, length: int, value) -> jax.Array:
-  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
-
-
 def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array,
                     targets: jax.Array, target_mask: jax.Array) -> jax.Array:
   """log p of the tokens at `targets` [rows, S], each from the hidden state at `predecessors` [rows, S]; 0 where
@@ -32,17 +28,15 @@ def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors
   return losses.selected_logprobs(model.logits(picked), tokens) * target_mask
 
 
-def concatenated_pairs(batch: Batch, pad_id: int) -> tuple[jax.Array, jax.Array]:
-  """Chosen rows then rejected rows, padded to one length: (input_ids, attention_mask) [2B, L]."""
-  length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-  return tuple(jnp.concatenate([_pad_to(batch[f"chosen_{field}"], length, value),
-                                _pad_to(batch[f"rejected_{field}"], length, value)], axis=0)
-               for field, value in (("input_ids", pad_id), ("attention_mask", 0)))
+def concatenated_pairs(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Chosen rows then rejected rows (collated to one length): (input_ids, attention_mask) [2B, L]."""
+  return tuple(jnp.concatenate([batch[f"chosen_{field}"], batch[f"rejected_{field}"]], axis=0)
+               for field in ("input_ids", "attention_mask"))
 
 
 def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
   """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
-  ids, mask = concatenated_pairs(batch, model.config.pad_token_id)
+  ids, mask = concatenated_pairs(batch)
   targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
   target_mask = jnp.concatenate([batch["chosen_target_mask"], batch["rejected_target_mask"]])
   hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
@@ -146,7 +140,7 @@ class RewardTask:
   uses_reference = False
 
   def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    ids, mask = concatenated_pairs(batch, model.config.pad_token_id)
+    ids, mask = concatenated_pairs(batch)
     rewards = model(ids, mask, dropout_key=dropout_key)
     num_pairs = batch["chosen_input_ids"].shape[0]
     head = batch.get("head", jnp.zeros((num_pairs,), jnp.int32))
