@@ -1,16 +1,42 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (see README "Benchmarks"): installs carried wheels (.whl/), then times OPT-350M
-# SFT and DPO train steps in bf16 and generation of 100 prompts x 50 tokens, printing short tables into $OUT.
+# One prepared run for a lent GPU (see README "Benchmarks"), about 9 minutes: installs the carried wheels (.whl/),
+# times OPT-350M SFT, prefix-shared DPO and reward-model train steps in bf16 at the study's batch shapes (MFU),
+# projects the study's wall time from them, compares with TRL on the same card, and times generation of 100 prompts
+# x 50 tokens. Each part has its own time limit and writes its table under $OUT, so one failing part loses only itself.
+#
+# Before the call, on the development machine (both folders are git-ignored; name them in `carry`):
+#   mkdir -p .whl .benchdata && cp ../shared/wheels/py312/*.whl .whl/ && pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --platform manylinux2014_x86_64 -d .whl trl==1.16.0
+#   cp ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz .benchdata/ && cp -r ../shared/data/tokenizers/opt/hf \
+#     .benchdata/tokenizer && cp ../shared/data/paper-2509.09055/data/prompts/*.json .benchdata/
 set -u
 OUT=${OUT:-/tmp/jaxalign-gpu}
+DATA=${BENCH_DATA:-.benchdata}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-timeout "${TRAIN_TIMEOUT:-150}" python3 bench/train_step.py --preset opt-350m --dtype bfloat16 --steps 8 \
-  --runs "${RUNS:-sft:32x512,dpo:16x1024}" 2>&1 | grep -v Warning | tee "$OUT/train_step.md"
-timeout "${GENERATE_TIMEOUT:-90}" python3 bench/generate.py --preset opt-350m --prompts 100 --new-tokens 50 \
-  --dtype bfloat16 --no-torch --reps 3 2>&1 | grep -v Warning | tee "$OUT/generate.md"
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output into $OUT/NAME.md
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warnings.warn" | tee "$OUT/$name.md"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/gpu.txt"
+}
+part train_step "${TRAIN_TIMEOUT:-210}" python3 bench/train_step.py --preset opt-350m --dtype bfloat16 --steps 10 \
+  --runs "${RUNS:-sft:32x128,sft:32x512,dpo-shared:64x256,dpo-shared:32x1024,reward:32x256}" \
+  --json "$OUT/train_step.jsonl"
+for recipe in study paper; do
+  part "estimate_$recipe" 60 python3 bench/study_estimate.py --recipe "$recipe" --measured "$OUT/train_step.jsonl" \
+    --data "$DATA/test.jsonl.gz" --tokenizer "$DATA/tokenizer"
+done
+# JAX takes 75% of the card by default; leave room for PyTorch in the same process.
+part trl "${TRL_TIMEOUT:-220}" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python3 bench/trl_compare.py --gpu \
+  --data "$DATA/test.jsonl.gz" --tokenizer "$DATA/tokenizer" --rounds 4 --steps 2 --sft-steps 2
+part generate "${GENERATE_TIMEOUT:-60}" python3 bench/generate.py --preset opt-350m --prompts 100 --new-tokens 50 \
+  --dtype bfloat16 --no-torch --reps 3 --paper-prompts "$DATA/harmful_prompts.json" "$DATA/helpful_prompts.json" \
+  --tokenizer "$DATA/tokenizer"

@@ -3,8 +3,13 @@
 Pairs are tokenized with the real OPT tokenizer from a local HH file (default: the harmless-base test split in
 ../shared, standing in for the 160,800-pair train split's length distribution), batched exactly as the trainer would
 (random order, bucket padding, prefix sharing where the recipe uses it), and every padded token is charged the
-model's training FLOPs. Time = FLOPs / (MFU x peak); pass the MFU measured by bench/train_step.py on the card.
+model's training FLOPs. Time = FLOPs / (MFU x peak), batch by batch. The MFU comes from `--measured`, the JSON lines
+`bench/train_step.py --json` wrote on the card: per task kind (sft, dpo, dpo-shared, reward), at each batch's row
+length, interpolated linearly between the measured lengths (held flat beyond them); the reference pass of a
+precomputed-reference DPO stage is charged at its stage's MFU. Kinds not measured fall back to --sft-mfu / --dpo-mfu,
+marked "assumed".
 
+  python bench/study_estimate.py --recipe study --measured runs/train_step.jsonl
   python bench/study_estimate.py --recipe study --sft-mfu 0.45 --dpo-mfu 0.40 --peak-tflops 989
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -44,12 +50,19 @@ def padded_batches(lengths: np.ndarray, targets: np.ndarray, stage, buckets: tup
   return out
 
 
-def stage_flops(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig, scale: float) -> tuple[float, float]:
-  """(training FLOPs, FLOPs of a precomputed-reference pass) of one stage, scaled to the full train split: every
-  padded token through the decoder, the LM head at each row's padded scored positions (none for reward models)."""
+def stage_kind(stage) -> str:
+  """The bench/train_step.py task whose measured MFU stands for this stage."""
+  if stage.task == "dpo" and stage.dpo.prefix_sharing:
+    return "dpo-shared"
+  return stage.task
+
+
+def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) -> tuple[list, list]:
+  """(training, precomputed-reference pass) batches of one epoch as (row length, FLOPs): every padded token through
+  the decoder, the LM head at each row's padded scored positions (none for reward models)."""
   batch = stage.training.batch_size
   buckets = tuple(stage.data.buckets)
-  shared = stage.task == "dpo" and stage.dpo.prefix_sharing
+  shared = stage_kind(stage) == "dpo-shared"
   if stage.task == "sft":
     examples = tokenize.sft_examples(pairs, max_length=stage.data.max_length)
     lengths, rows_per_item, max_length = examples.lengths, 1, stage.data.max_length
@@ -63,16 +76,38 @@ def stage_flops(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig, scal
   head = 0 if stage.task == "reward" else 1
   rows = batch * rows_per_item
 
-  def total(extra_forwards: int, sort: bool = False) -> float:
-    return sum(flops.training_flops(arch, n, rows * n, head * rows * width, extra_forwards=extra_forwards)
-               for n, width in padded_batches(lengths, targets, stage, buckets, max_length, sort=sort))
+  def charged(extra_forwards: int, sort: bool = False) -> list[tuple[int, float]]:
+    return [(n, flops.training_flops(arch, n, rows * n, head * rows * width, extra_forwards=extra_forwards))
+            for n, width in padded_batches(lengths, targets, stage, buckets, max_length, sort=sort)]
 
   live_reference = stage.task == "dpo" and stage.dpo.reference == "model"
-  train = total(int(live_reference)) * stage.training.num_epochs * scale
-  reference = 0.0
+  train = charged(int(live_reference))
+  reference = []
   if stage.task == "dpo" and stage.dpo.reference == "precomputed":
-    reference = total(0, sort=True) / 3 * scale  # forward only: a third of a training step's FLOPs
+    reference = [(n, f / 3) for n, f in charged(0, sort=True)]  # forward only: a third of a training step's FLOPs
   return train, reference
+
+
+def load_measured(path: str, device: str = "") -> dict[str, list[tuple[int, float]]]:
+  """{task kind: [(row length, MFU)] sorted by length} from bench/train_step.py --json lines (the precomputed
+  reference runs of DPO; the best MFU where a shape was measured more than once)."""
+  best: dict[tuple[str, int], float] = {}
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("mfu") is None or r.get("reference") == "model" or (device and r["device"] != device):
+        continue
+      key = (r["task"], r["length"])
+      best[key] = max(best.get(key, 0.0), r["mfu"])
+  out: dict[str, list[tuple[int, float]]] = {}
+  for (kind, length), value in sorted(best.items()):
+    out.setdefault(kind, []).append((length, value))
+  return out
+
+
+def mfu_at(points: list[tuple[int, float]], length: int) -> float:
+  lengths, values = zip(*points)
+  return float(np.interp(length, lengths, values))
 
 
 def main():
@@ -80,31 +115,46 @@ def main():
   parser.add_argument("--recipe", default="study", help="a configs/ module with stages (paper or study)")
   parser.add_argument("--data", default=os.path.join(SHARED, "hh-rlhf", "harmless-base", "test.jsonl.gz"))
   parser.add_argument("--tokenizer", default=os.path.join(SHARED, "tokenizers", "opt", "hf"))
-  parser.add_argument("--sft-mfu", type=float, default=0.45)
-  parser.add_argument("--dpo-mfu", type=float, default=0.40)
+  parser.add_argument("--measured", help="bench/train_step.py --json output from the card")
+  parser.add_argument("--sft-mfu", type=float, default=0.45, help="assumed where --measured has no sft runs")
+  parser.add_argument("--dpo-mfu", type=float, default=0.40, help="assumed for other kinds --measured lacks")
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200: 989)")
   args = parser.parse_args()
   if not os.path.exists(args.data) or not os.path.isdir(args.tokenizer):
     print(f"skipped: needs {args.data} and {args.tokenizer} (../shared on the development machines)")
     return
+  measured = load_measured(args.measured) if args.measured else {}
   recipe = importlib.import_module(f"configs.{args.recipe}").get_config()
   tokenizer = load_tokenizer(args.tokenizer)
   text_pairs, _ = hh.load_preference_pairs(args.data)
   scale = TRAIN_PAIRS / len(text_pairs)
   arch = opt.preset("opt-350m")
-  print("| stage | task | TFLOP (train) | TFLOP (reference pass) | assumed MFU | minutes |\n|---|---|---|---|---|---|")
+  peak = args.peak_tflops * 1e12
+  print("| stage | task | TFLOP (train) | TFLOP (reference pass) | MFU (FLOP-weighted) | minutes |\n"
+        "|---|---|---|---|---|---|")
   total = 0.0
   for name in recipe.stages:
     stage = recipe.stage_configs[name]
     pairs = tokenize.tokenize_pairs(text_pairs, tokenizer, max_length=stage.data.max_length,
                                     max_prompt_length=stage.data.max_prompt_length)
-    train, reference = stage_flops(stage, pairs, arch, scale)
-    mfu = args.sft_mfu if stage.task == "sft" else args.dpo_mfu
-    minutes = (train + reference) / (mfu * args.peak_tflops * 1e12) / 60
-    total += minutes
-    print(f"| {name} | {stage.task} | {train / 1e12:,.0f} | {reference / 1e12:,.0f} | {mfu:.0%} | {minutes:.1f} |")
+    train, reference = stage_batches(stage, pairs, arch)
+    kind = stage_kind(stage)
+    if kind in measured:
+      mfu, source = (lambda n: mfu_at(measured[kind], n)), "measured"
+    else:
+      assumed = args.sft_mfu if stage.task == "sft" else args.dpo_mfu
+      mfu, source = (lambda n: assumed), "assumed"
+    epochs = stage.training.num_epochs
+    train_flops = sum(f for _, f in train) * epochs * scale
+    reference_flops = sum(f for _, f in reference) * scale
+    seconds = (sum(f / mfu(n) for n, f in train) * epochs + sum(f / mfu(n) for n, f in reference)) * scale / peak
+    total += seconds / 60
+    weighted = (train_flops + reference_flops) / (seconds * peak)
+    print(f"| {name} | {kind} | {train_flops / 1e12:,.0f} | {reference_flops / 1e12:,.0f} | {weighted:.0%} "
+          f"({source}) | {seconds / 60:.1f} |")
   print(f"\nprojected training time of `{args.recipe}` on one {args.peak_tflops:.0f} TFLOP/s card: {total:.1f} min "
-        f"(HH lengths from {os.path.basename(args.data)}, scaled to {TRAIN_PAIRS:,} pairs)")
+        f"(HH lengths from {os.path.basename(args.data)}, scaled to {TRAIN_PAIRS:,} pairs; compilation and "
+        "evaluation not included)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""SFT and DPO train-step throughput: step time, tokens/s, pairs/s, peak memory and MFU for an OPT preset.
+"""SFT, DPO and reward-model train-step throughput: step time, tokens/s, examples/s, peak memory and MFU.
 
-  python bench/train_step.py --preset opt-350m --dtype bfloat16 --runs sft:32x512,dpo:16x1024
+  python bench/train_step.py --preset opt-350m --dtype bfloat16 --runs sft:32x512,dpo-shared:32x1024,reward:32x512
 
-Rows are full (every token real; DPO rows are half prompt, half response), so the figures are per real token at
-that length; the LM head runs on the scored tokens only, as in training, and MFU counts it only there. Random init (no weights
-needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), optimizer AdamW, dropout as in OPT.
-DPO uses precomputed reference log-probs (the study recipe) unless --live-reference.
+Tasks: `sft` (rows of `length`), `dpo` (chosen and rejected rows of `length` each: half prompt, half response),
+`dpo-shared` (prefix-shared rows of `length`: prompt half, then chosen and rejected a quarter each, the prompt
+computed once) and `reward` (two rows of `length` per pair, a scalar head, as `dpo`). Every row is full, so the
+figures are per real token at that length. Batches come from the library's own collate functions on synthetic
+pairs, the LM head runs at the scored (response) positions only, as in training, and MFU counts it only there.
+Random init (no weights needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), AdamW, dropout
+as in OPT. DPO uses precomputed reference log-probs (the study recipe) unless --live-reference. `--json FILE`
+appends one JSON line per run, which `bench/study_estimate.py --measured FILE` turns into a projected study time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,53 +29,71 @@ from flax import nnx
 
 from configs import common
 from jaxalign import flops, parallel, tasks, trainer
-from jaxalign.data import batches
-from jaxalign.models import opt
+from jaxalign.data import batches, tokenize
+from jaxalign.models import opt, reward
+
+TASKS = ("sft", "dpo", "dpo-shared", "reward")
+PAD_ID = 1
 
 
-def synthetic_batch(task: str, batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_pairs(count: int, prompt: int, response: int, vocab: int, seed: int = 0) -> tokenize.TokenizedPairs:
+  """`count` pairs of random ids: a `prompt`-token prompt (starting with `</s>`) and two `response`-token answers."""
   rng = np.random.default_rng(seed)
-  ids = lambda: rng.integers(3, vocab, (batch, length)).astype(np.int32)
-  ones = np.ones((batch, length), np.int32)
-  loss = np.ones((batch, length), np.float32)
+  ids = lambda n: rng.integers(3, vocab, n).astype(np.int32)
+  prompts = [np.concatenate([[2], ids(prompt - 1)]).astype(np.int32) for _ in range(count)]
+  flags = np.zeros(count, bool)
+  return tokenize.TokenizedPairs(prompts, [ids(response) for _ in range(count)], [ids(response) for _ in range(count)],
+                                 flags, flags.copy(), flags.copy())
+
+
+def synthetic_batch(task: str, batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
+  """One full batch of `task` (see the module docstring) from the library's collate functions."""
+  indices = np.arange(batch)
+  if task == "dpo-shared":
+    pairs = synthetic_pairs(batch, length // 2, length // 4, vocab)
+    return batches.collate_dpo_shared(pairs, indices, length, PAD_ID)
+  pairs = synthetic_pairs(batch, length // 2, length - length // 2, vocab)
   if task == "sft":
-    loss[:, 0] = 0  # the leading </s> is never a target
-    targets, target_mask = batches.target_positions(list(loss), length)
-    return {"input_ids": ids(), "attention_mask": ones, "loss_mask": loss, "targets": targets,
-            "target_mask": target_mask}
-  prompt = length // 2
-  loss[:, :prompt] = 0
-  targets, target_mask = batches.target_positions(list(loss), length)
-  out = {}
-  for side in ("chosen", "rejected"):
-    out.update({f"{side}_input_ids": ids(), f"{side}_attention_mask": ones, f"{side}_loss_mask": loss,
-                f"{side}_targets": targets, f"{side}_target_mask": target_mask})
-  out["prompt_length"] = np.full((batch,), prompt, np.int32)
-  out["reference_chosen_logps"] = np.full((batch,), -100.0, np.float32)
-  out["reference_rejected_logps"] = np.full((batch,), -100.0, np.float32)
+    return batches.collate_sft(tokenize.sft_examples(pairs, max_length=length), indices, length, PAD_ID)
+  out = batches.collate_dpo(pairs, indices, length, PAD_ID)
+  if task == "reward":
+    return {k: v for k, v in out.items() if k.endswith(("input_ids", "attention_mask"))}
   return out
 
 
+def with_reference_logps(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  rows = len(batch["prompt_length"])
+  return dict(batch, reference_chosen_logps=np.full((rows,), -100.0, np.float32),
+              reference_rejected_logps=np.full((rows,), -100.0, np.float32))
+
+
+def make_task(task: str):
+  return {"sft": tasks.SFTTask, "reward": tasks.RewardTask}.get(task, tasks.DPOTask)()
+
+
 def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, remat: bool, steps: int,
-            live_reference: bool = False, arch: dict | None = None) -> dict:
+            live_reference: bool = False, attention: str = "auto") -> dict:
   """Times `steps` train steps after one compile; returns the figures as a dict."""
-  config = opt.preset(preset, **(arch or {})).replace(dtype=dtype, remat=remat)
+  config = opt.preset(preset).replace(dtype=dtype, remat=remat, attention_impl=attention)
   mesh = parallel.make_mesh()
-  model = opt.OPTForCausalLM(config, rngs=nnx.Rngs(0))
+  model = (reward.OPTRewardModel(config, ("harmless", "helpful"), rngs=nnx.Rngs(0)) if task == "reward"
+           else opt.OPTForCausalLM(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = trainer.split_model(model, use_lora=False)
   tx = trainer.make_optimizer(common.get_config().optimizer, total_steps=10_000)
   state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   state = jax.device_put(state, jax.tree.map(lambda x: parallel.replicated(mesh), state))
-  task_obj = tasks.SFTTask() if task == "sft" else tasks.DPOTask()
+  task_obj = make_task(task)
+  host_batch = synthetic_batch(task, batch, length, config.vocab_size)
   reference_mode, reference_graphdef, reference_state = "precomputed", None, None
-  if task == "dpo" and live_reference:
+  if task.startswith("dpo") and live_reference:
     reference_mode = "model"
     reference_graphdef, reference_state = nnx.split(model)
     reference_state = jax.tree.map(lambda x: jnp.array(x, copy=True), reference_state)
+  elif task.startswith("dpo"):
+    host_batch = with_reference_logps(host_batch)
   step_fns = trainer.StepFunctions(task_obj, graphdef, tx, jax.random.key(0), accum=1, reference_mode=reference_mode,
                                    reference_graphdef=reference_graphdef)
-  batch_arrays = jax.device_put(synthetic_batch(task, batch, length, config.vocab_size),
-                                parallel.batch_sharding(mesh))
+  batch_arrays = jax.device_put(host_batch, parallel.batch_sharding(mesh))
   start = time.perf_counter()
   state, metrics = step_fns.train(state, rest, reference_state, batch_arrays)
   jax.block_until_ready(metrics)
@@ -80,58 +103,81 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
     state, metrics = step_fns.train(state, rest, reference_state, batch_arrays)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / steps
-  rows = batch * (2 if task == "dpo" else 1)
+  rows = host_batch["input_ids" if task in ("sft", "dpo-shared") else "chosen_input_ids"].shape[0]
+  rows *= 1 if task in ("sft", "dpo-shared") else 2
   tokens = rows * length
   scored = float(task_obj.scored_tokens(batch_arrays))
   extra = 1 if reference_mode == "model" else 0
   flops_per_s = flops.training_flops(config, length, tokens, scored, extra_forwards=extra) / step_s
-  peak = flops.device_peak_flops()
   stats = jax.devices()[0].memory_stats() or {}
   return {
       "device": jax.devices()[0].device_kind, "preset": preset, "task": task, "dtype": dtype, "remat": remat,
-      "batch": batch, "length": length, "compile_s": compile_s, "step_ms": step_s * 1e3,
-      "tokens_per_s": tokens / step_s, "examples_per_s": batch / step_s,
-      "tflops": flops_per_s / 1e12, "mfu": flops.mfu(flops_per_s, jax.device_count(), peak),
+      "attention": opt.attention_implementation(config, config.dtype),
+      "reference": reference_mode if task.startswith("dpo") else "", "batch": batch, "length": length,
+      "rows": rows, "scored": scored, "compile_s": compile_s, "step_ms": step_s * 1e3,
+      "tokens_per_s": tokens / step_s, "examples_per_s": batch / step_s, "tflops": flops_per_s / 1e12,
+      "mfu": flops.mfu(flops_per_s, jax.device_count(), flops.device_peak_flops()),
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "loss": float(metrics["loss"]),
   }
 
 
 def format_row(r: dict) -> str:
   mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-  unit = "pairs" if r["task"] == "dpo" else "seqs"
-  return (f"| {r['device']} | {r['preset']} | {r['task']} | {r['dtype']} | {r['batch']}x{r['length']} | "
-          f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['examples_per_s']:.1f} {unit}/s | "
-          f"{r['tflops']:.1f} | {mfu} | {r['peak_gib']:.1f} | {r['compile_s']:.0f} |")
+  unit = "seqs" if r["task"] == "sft" else "pairs"
+  task = r["task"] + (", live ref" if r["reference"] == "model" else "")
+  return (f"| {r['device']} | {r['preset']} | {task} | {r['dtype']}{', remat' if r['remat'] else ''}, "
+          f"{r['attention']} attention | "
+          f"{r['batch']}x{r['length']} | {r['rows']}x{r['length']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+          f"{r['examples_per_s']:.1f} {unit}/s | {r['tflops']:.1f} | {mfu} | {r['peak_gib']:.1f} | "
+          f"{r['compile_s']:.0f} |")
 
 
-HEADER = ("| device | model | task | dtype | batch x len | step ms | tokens/s | examples/s | TFLOP/s | MFU | peak GiB |"
-          " compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| device | model | task | dtype | batch x len | rows | step ms | tokens/s | examples/s | TFLOP/s | MFU |"
+          " peak GiB (process) | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def parse_run(spec: str) -> tuple[str, int, int]:
-  """"dpo:16x1024" -> ("dpo", 16, 1024)."""
+  """"dpo-shared:16x1024" -> ("dpo-shared", 16, 1024)."""
   task, _, shape = spec.partition(":")
   batch, _, length = shape.partition("x")
-  if task not in ("sft", "dpo") or not batch.isdigit() or not length.isdigit():
-    raise ValueError(f"--runs items look like sft:32x512 or dpo:16x1024, got {spec!r}")
+  if task not in TASKS or not batch.isdigit() or not length.isdigit():
+    raise ValueError(f"--runs items look like TASK:BATCHxLENGTH with TASK one of {TASKS}, e.g. sft:32x512 or "
+                     f"dpo-shared:16x1024, got {spec!r}")
   return task, int(batch), int(length)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="opt-350m")
-  parser.add_argument("--runs", default="sft:16x512,dpo:8x1024",
-                      help="comma-separated task:batch x length, e.g. sft:32x512,dpo:16x1024 (DPO batch = pairs)")
+  parser.add_argument("--runs", default="sft:16x512,dpo-shared:8x1024",
+                      help="comma-separated TASK:BATCHxLENGTH, e.g. sft:32x512,dpo-shared:16x1024 (DPO and reward "
+                           "batch = pairs)")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--live-reference", action="store_true")
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                      help="attention implementation; with auto, a run that fails under cuDNN is retried with xla")
+  parser.add_argument("--json", help="append one JSON line per run to this file")
   args = parser.parse_args()
+  runs = [parse_run(spec) for spec in args.runs.split(",")]
   print(HEADER, flush=True)
-  for spec in args.runs.split(","):
-    task, batch, length = parse_run(spec)
-    print(format_row(measure(args.preset, task, batch, length, dtype=args.dtype, remat=args.remat,
-                             steps=args.steps, live_reference=args.live_reference)), flush=True)
+  for task, batch, length in runs:
+    for attention in (args.attention, "xla") if args.attention == "auto" else (args.attention,):
+      try:
+        result = measure(args.preset, task, batch, length, dtype=args.dtype, remat=args.remat, steps=args.steps,
+                         live_reference=args.live_reference, attention=attention)
+        break
+      except Exception as error:  # a benchmark reports a failing shape and goes on with the others
+        result = None
+        print(f"| {task} {batch}x{length} failed with attention={attention}: {type(error).__name__}: "
+              f"{str(error)[:300]} |", flush=True)
+    if result is None:
+      continue
+    print(format_row(result), flush=True)
+    if args.json:
+      with open(args.json, "a") as f:
+        f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ class OPTAttention(nnx.Module):
     if cfg.attention_dropout > 0.0 and dropout_key is not None:
       out = _attention_with_dropout(q, k, v, mask, cfg.attention_dropout, keys[3])
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=_attention_implementation(cfg, q.dtype))
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attention_implementation(cfg, q.dtype))
     out = project(self.out_proj, out.reshape(batch, length, cfg.hidden_size), keys[4])
     return out, new_cache
 
@@ -200,7 +200,8 @@ def project(linear: nnx.Module, x: jax.Array, dropout_key: jax.Array | None) -> 
   return linear(x, dropout_key=dropout_key)
 
 
-def _attention_implementation(cfg: OPTConfig, dtype) -> str | None:
+def attention_implementation(cfg: OPTConfig, dtype) -> str:
+  """The implementation `jax.nn.dot_product_attention` is given for this config and compute dtype."""
   if cfg.attention_impl != "auto":
     return cfg.attention_impl
   # cuDNN flash attention exists only on GPU and only in half precision.

@@ -1,6 +1,6 @@
-"""CPU side by side with TRL: jaxalign's DPO and SFT train steps vs TRL's `DPOTrainer` / `SFTTrainer` (PyTorch CPU).
-
-Same model, same weights, same token ids, same batches, run alternately in one process:
+"""Side by side with TRL: jaxalign's DPO and SFT train steps vs TRL's `DPOTrainer` / `SFTTrainer` (PyTorch), on CPU
+(the default) or on a GPU (`--gpu`). Same model, same weights, same token ids, same batches, run alternately in one
+process. The CPU setting is described first; `--gpu` changes what the GPU setting list at the end says.
 
   * model: a small OPT (4 layers, hidden 256, 4 heads, ffn 1024, vocab 50272), random init, built by jaxalign and
     written with `hub.save_pretrained`; TRL trains `OPTForCausalLM.from_pretrained` of that folder (its reference
@@ -38,9 +38,16 @@ Same model, same weights, same token ids, same batches, run alternately in one p
   * tokens/s counts the real (unpadded) tokens of the plain layout — prompt + chosen and prompt + rejected rows —
     for every DPO row, so it is proportional to pairs/s; prefix sharing computes fewer tokens for the same work.
 
-  python bench/trl_cpu.py                    # ~5-7 minutes on 2 cores (longer when the machine is busy)
-  python bench/trl_cpu.py --record           # also appends the table to BENCHMARKS.md
-  python bench/trl_cpu.py --breakdown        # also times where a jaxalign DPO step goes (forward, head, backward)
+GPU setting (`--gpu`): OPT-350M's shape (random init), bf16 compute on both sides (jaxalign: dtype bfloat16 with
+fp32 parameters and fp32 log-softmax; TRL: `bf16=True`, autocast over fp32 weights), max length 512 / prompt 256,
+still batch 8 (the paper's DPO batch). jaxalign pads plain and SFT rows to 512 and prefix-shared rows to 768 or
+1024, and runs the like-for-like variant and the study's (prefix-shared, precomputed reference) only, to keep the
+compilations few. TRL's steps are timed between `torch.cuda.synchronize()` calls.
+
+  python bench/trl_compare.py                # ~5-7 minutes on 2 cores (longer when the machine is busy)
+  python bench/trl_compare.py --record       # also appends the table to BENCHMARKS.md
+  python bench/trl_compare.py --breakdown    # also times where a jaxalign DPO step goes (forward, head, backward)
+  python bench/trl_compare.py --gpu          # on a GPU (bench/gpu.sh runs it)
 
 Needs `trl` (the `bench` extra). Skips, with the reason printed, when ../shared or trl is missing.
 """
@@ -48,6 +55,7 @@ Needs `trl` (the `bench` extra). Skips, with the reason printed, when ../shared 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -66,13 +74,40 @@ DEFAULT_DATA = os.path.join(SHARED, "hh-rlhf", "harmless-base", "test.jsonl.gz")
 DEFAULT_TOKENIZER = os.path.join(SHARED, "tokenizers", "opt", "hf")
 
 BATCH = 8
-MAX_LENGTH = 256
-MAX_PROMPT_LENGTH = 128
 LR = 1e-6
 BETA = 0.1
-ROW_BUCKETS = (128, 256)
-SHARED_BUCKETS = (256, 384, 512)
 WIDTH_MULTIPLE = 16  # fixed target widths are rounded up to this
+LIVE, SHARED_LIVE, SHARED_PRECOMPUTED = "live reference", "prefix-shared, live reference", \
+    "prefix-shared, precomputed reference"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """Where and at what size the comparison runs (see the module docstring)."""
+
+  name: str
+  dtype: str
+  max_length: int
+  max_prompt_length: int
+  row_buckets: tuple[int, ...]
+  shared_buckets: tuple[int, ...]
+  dpo_variants: tuple[str, ...]
+
+  @property
+  def gpu(self) -> bool:
+    return self.name == "GPU"
+
+  def model_config(self):
+    from jaxalign.models import opt
+
+    if self.gpu:
+      return opt.preset("opt-350m").replace(dtype=self.dtype, dropout=0.0, attention_dropout=0.0)
+    return opt.OPTConfig(vocab_size=50272, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                         word_embed_proj_dim=256, dropout=0.0, attention_dropout=0.0)
+
+
+CPU = Setting("CPU", "float32", 256, 128, (128, 256), (256, 384, 512), (LIVE, SHARED_LIVE, SHARED_PRECOMPUTED))
+GPU = Setting("GPU", "bfloat16", 512, 256, (512,), (768, 1024), (LIVE, SHARED_PRECOMPUTED))
 
 
 def parse_args():
@@ -89,7 +124,10 @@ def parse_args():
   parser.add_argument("--breakdown", action="store_true", help="also time the parts of a jaxalign DPO step")
   parser.add_argument("--seed", type=int, default=0, help="batch order and model init")
   parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
-  return parser.parse_args()
+  parser.add_argument("--gpu", action="store_true", help="the GPU setting: OPT-350M shape, bf16, length 512")
+  args = parser.parse_args()
+  args.setting = GPU if args.gpu else CPU
+  return args
 
 
 def skip_reason(args) -> str | None:
@@ -107,23 +145,18 @@ def skip_reason(args) -> str | None:
 # ------------------------------------------------------------------------------------------------------ setup
 
 
-def small_opt_config():
-  from jaxalign.models import opt
-
-  return opt.OPTConfig(vocab_size=50272, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
-                       word_embed_proj_dim=256, dropout=0.0, attention_dropout=0.0)
-
-
 def load_data(args):
-  """(tokenized DPO pairs at 256/128, SFT examples cut to 256, permutation of the pair indices)."""
+  """(tokenized DPO pairs at the setting's lengths, SFT examples cut to its max length, permutation of the pairs)."""
   from jaxalign import tokenizer as tokenizer_lib
   from jaxalign.data import hh, tokenize
 
   tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer)
   pairs, report = hh.load_preference_pairs(args.data, split="test")
-  dpo = tokenize.tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+  setting = args.setting
+  dpo = tokenize.tokenize_pairs(pairs, tokenizer, max_length=setting.max_length,
+                                max_prompt_length=setting.max_prompt_length)
   sft = tokenize.sft_examples(tokenize.tokenize_pairs(pairs, tokenizer, max_length=None, max_prompt_length=None),
-                              max_length=MAX_LENGTH)
+                              max_length=setting.max_length)
   order = np.random.default_rng(args.seed).permutation(len(dpo))
   print(f"data: {report.summary()}; DPO {dpo.counts()}; SFT {sft.counts}", flush=True)
   return tokenizer, dpo, sft, order
@@ -229,7 +262,7 @@ def scored_count(batch) -> int:
   return int(sum(batch[k].sum() for k in ("target_mask", "chosen_target_mask", "rejected_target_mask") if k in batch))
 
 
-def make_dpo_batches(pairs, order, count, pad_id):
+def make_dpo_batches(setting, pairs, order, count, pad_id):
   """Per step: (plain-row batch, prefix-shared batch, real tokens), pairs order[8k : 8k+8]; and the notes."""
   from jaxalign.data import batches as B
 
@@ -240,8 +273,8 @@ def make_dpo_batches(pairs, order, count, pad_id):
   shared_width = fixed_width(shared_counts[idx].max() for idx in indices)
   rows, shared, tokens, ladder = [], [], [], []
   for idx in indices:
-    row_length = B.pick_bucket(int(row_lengths[idx].max()), ROW_BUCKETS)
-    shared_length = B.pick_bucket(int(shared_lengths[idx].max()), SHARED_BUCKETS)
+    row_length = B.pick_bucket(int(row_lengths[idx].max()), setting.row_buckets)
+    shared_length = B.pick_bucket(int(shared_lengths[idx].max()), setting.shared_buckets)
     rows.append(B.collate_dpo(pairs, idx, row_length, pad_id, target_width=row_width))
     shared.append(B.collate_dpo_shared(pairs, idx, shared_length, pad_id, target_width=shared_width))
     tokens.append(dpo_row_tokens(pairs, idx))
@@ -286,34 +319,41 @@ def check_same_function(model, hf_model, batch) -> float:
   ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
   mask = np.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
   loss = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+  device = next(hf_model.parameters()).device
+  ids_t = torch.tensor(ids, dtype=torch.long, device=device)
   with torch.no_grad():
-    logits = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                      attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float()
-  logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:], dtype=torch.long)[..., None])
-  theirs = (logps[..., 0].numpy() * loss[:, 1:]).sum(-1)
+    logits = hf_model(input_ids=ids_t, attention_mask=torch.tensor(mask, dtype=torch.long, device=device)).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids_t[:, 1:, None])
+  theirs = (logps[..., 0].cpu().numpy() * loss[:, 1:]).sum(-1)
   return float(np.abs(ours - theirs).max())
 
 
 # ------------------------------------------------------------------------------------------------------- TRL
 
 
-def trl_common_args(out_dir, max_steps):
+def trl_common_args(setting, out_dir, max_steps):
   return dict(output_dir=out_dir, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=LR,
               lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=max_steps,
               logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-              use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+              use_cpu=not setting.gpu, bf16=setting.gpu, fp16=False, dataloader_num_workers=0, seed=0,
               train_sampling_strategy="sequential")
 
 
 def alternating_callback(warmup, steps, timer, examples, tokens, between_rounds):
   """A TrainerCallback timing each TRL step and calling between_rounds(r) after round r's TRL steps."""
+  import torch
   from transformers import TrainerCallback
+
+  # CUDA runs asynchronously: a step's time ends when its kernels do.
+  sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
   class Alternate(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
+      sync()
       self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+      sync()
       elapsed = time.perf_counter() - self.start
       step = state.global_step  # 1-based, already incremented
       if step > warmup:
@@ -339,23 +379,26 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
   from jaxalign.data import batches as B
 
   count = args.warmup + args.rounds * args.steps
-  rows, shared, tokens, width_note = make_dpo_batches(pairs, order, count, pad_id)
-  hf_policy = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-  hf_reference = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  setting = args.setting
+  rows, shared, tokens, width_note = make_dpo_batches(setting, pairs, order, count, pad_id)
+  device = "cuda" if setting.gpu else "cpu"
+  hf_policy = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+  hf_reference = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
   same = check_same_function(model, hf_policy, rows[0])
-  print(f"same function: max |logp(ours) - logp(torch)| over 16 rows = {same:.2e}", flush=True)
+  compared = f"jaxalign in {setting.dtype}, transformers in float32"
+  print(f"same function: max |logp(ours) - logp(torch)| over 16 rows = {same:.2e} ({compared})", flush=True)
 
-  shared_with_reference, ref_s = with_reference_logps(model, rows, shared)
   task = tasks.DPOTask(beta=BETA)
-  variants = [
-      JaxVariant("DPO, live reference", task, model, rows, tokens, reference="model"),
-      JaxVariant("DPO, prefix-shared, live reference", task, model, shared, tokens, reference="model"),
-      JaxVariant("DPO, prefix-shared, precomputed reference", task, model, shared_with_reference, tokens,
-                 reference="precomputed"),
-  ]
   notes = [f"summed response log-probs of the first batch (16 rows) agree with transformers' OPT to {same:.1e} "
-           "(max abs difference)", width_note,
-           f"precomputing the reference log-probs of the {count} batches took {ref_s:.1f}s (incl. compile), untimed"]
+           f"(max abs difference; {compared})", width_note]
+  batches_of = {LIVE: rows, SHARED_LIVE: shared}
+  if SHARED_PRECOMPUTED in setting.dpo_variants:
+    batches_of[SHARED_PRECOMPUTED], ref_s = with_reference_logps(model, rows, shared)
+    notes.append(f"precomputing the reference log-probs of the {count} batches took {ref_s:.1f}s (incl. compile), "
+                 "untimed")
+  variants = [JaxVariant(f"DPO, {name}", task, model, batches_of[name], tokens,
+                         reference="precomputed" if name == SHARED_PRECOMPUTED else "model")
+              for name in setting.dpo_variants]
   for v in variants:
     v.compile(range(count))
     print(f"  compiled {v.name}: {v.compile_s:.1f}s", flush=True)
@@ -384,7 +427,8 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
       return dataset
 
   with tempfile.TemporaryDirectory() as out_dir:
-    config = DPOConfig(**trl_common_args(out_dir, count), beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
+    config = DPOConfig(**trl_common_args(setting, out_dir, count), beta=BETA, loss_type=["sigmoid"],
+                       max_length=setting.max_length,
                        precompute_ref_log_probs=False, disable_dropout=True)
     callback = alternating_callback(args.warmup, args.steps, trl_timer, BATCH, tokens, between_rounds)
     trainer = PreTokenizedDPOTrainer(model=hf_policy, ref_model=hf_reference, args=config, train_dataset=dataset,
@@ -411,7 +455,7 @@ def run_sft(args, model, model_dir, examples, order, pad_id):
   lengths = examples.lengths
   indices = [order[k * BATCH:(k + 1) * BATCH] for k in range(count)]
   width = fixed_width(int(examples.loss_mask[i].sum()) for idx in indices for i in idx)
-  batches = [B.collate_sft(examples, idx, B.pick_bucket(int(lengths[idx].max()), ROW_BUCKETS), pad_id,
+  batches = [B.collate_sft(examples, idx, B.pick_bucket(int(lengths[idx].max()), args.setting.row_buckets), pad_id,
                            target_width=width) for idx in indices]
   tokens = [int(lengths[idx].sum()) for idx in indices]
   print(f"SFT batches: lengths {[b['input_ids'].shape[1] for b in batches]}, target width {width}, scored tokens "
@@ -434,7 +478,8 @@ def run_sft(args, model, model_dir, examples, order, pad_id):
                                                       for i in order[:count * BATCH]]})
   hf_model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   with tempfile.TemporaryDirectory() as out_dir:
-    config = SFTConfig(**trl_common_args(out_dir, count), max_length=MAX_LENGTH, packing=False, padding_free=False)
+    config = SFTConfig(**trl_common_args(args.setting, out_dir, count), max_length=args.setting.max_length,
+                       packing=False, padding_free=False)
     callback = alternating_callback(args.warmup, steps, trl_timer, BATCH, tokens, between_rounds)
     trainer = SFTTrainer(model=hf_model, args=config, train_dataset=dataset, processing_class=_hf_tokenizer(args),
                          callbacks=[callback])
@@ -500,7 +545,7 @@ def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> lis
       jax.block_until_ready(fn(*fn_args))
       times[name].append(time.perf_counter() - start)
   lines = [f"jaxalign DPO step, one batch of {BATCH} pairs ({rows} rows x {length} slots, {scored_count(batch)} scored "
-           f"tokens), fp32, median of {repeats} interleaved repeats:", "", "| piece | ms |", "|---|---|"]
+           f"tokens), {model.config.dtype}, median of {repeats} interleaved repeats:", "", "| piece | ms |", "|---|---|"]
   lines += [f"| {name} | {statistics.median(t) * 1e3:.0f} |" for name, t in times.items()]
   return lines
 
@@ -512,7 +557,7 @@ def main():
   args = parse_args()
   reason = skip_reason(args)
   if reason:
-    print(f"SKIPPED bench/trl_cpu.py: {reason}")
+    print(f"SKIPPED bench/trl_compare.py: {reason}")
     return
   import jax
   import torch
@@ -534,9 +579,10 @@ def main():
   torch.manual_seed(args.seed)
   tokenizer, pairs, sft, order = load_data(args)
   pad_id = tokenizer.pad_token_id
-  model = opt.OPTForCausalLM(small_opt_config(), rngs=nnx.Rngs(args.seed))
-  machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "
+  model = opt.OPTForCausalLM(args.setting.model_config(), rngs=nnx.Rngs(args.seed))
+  accelerator = f"{jax.devices()[0].device_kind}, " if args.setting.gpu else ""
+  machine = (f"{accelerator}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "
              f"jax {jax.__version__} ({jax.devices()[0].platform}), load average "
              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
   print(machine, flush=True)
@@ -560,11 +606,11 @@ def main():
     print("\n" + "\n".join(extra))
   if args.record:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    command = "python bench/trl_cpu.py " + " ".join(a for a in sys.argv[1:] if a != "--record")
+    command = "python bench/trl_compare.py " + " ".join(a for a in sys.argv[1:] if a != "--record")
     body = "\n".join([f"Machine: {machine}.", "", table, "", *[f"- {n}" for n in notes]] +
                      (["", *extra] if extra else []))
     with open(os.path.join(REPO, "BENCHMARKS.md"), "a") as f:
-      f.write(f"\n### {stamp} — `{command.strip()}` (CPU, vs TRL)\n\n{body}\n")
+      f.write(f"\n### {stamp} — `{command.strip()}` ({args.setting.name}, vs TRL)\n\n{body}\n")
 
 
 def format_table(results, args) -> str:
