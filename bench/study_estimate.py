@@ -65,14 +65,19 @@ def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) ->
   shared = stage_kind(stage) == "dpo-shared"
   if stage.task == "sft":
     examples = tokenize.sft_examples(pairs, max_length=stage.data.max_length)
+    if stage.data.packing:
+      examples = tokenize.pack_examples(examples, seq_len=stage.data.max_length)
     lengths, rows_per_item, max_length = examples.lengths, 1, stage.data.max_length
     targets = np.array([int(mask.sum()) for mask in examples.loss_mask])
   else:
-    lengths = batches.shared_lengths(pairs) if shared else pairs.lengths
+    lengths = pairs.shared_lengths if shared else pairs.lengths
     rows_per_item, max_length = (1, 2 * stage.data.max_length) if shared else (2, stage.data.max_length)
     targets = batches.pair_target_counts(pairs, shared)
     if shared:
       buckets = buckets + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
+    if shared and stage.data.packing:  # rows of whole pairs; batch_size counts rows
+      packed = tokenize.pack_pairs(pairs, capacity=stage.data.max_length)
+      lengths, targets = packed.lengths, np.array([targets[row].sum() for row in packed.rows])
   head = 0 if stage.task == "reward" else 1
   rows = batch * rows_per_item
 

@@ -267,7 +267,7 @@ def make_dpo_batches(setting, pairs, order, count, pad_id):
   from jaxalign.data import batches as B
 
   indices = [order[k * BATCH:(k + 1) * BATCH] for k in range(count)]
-  row_lengths, shared_lengths = pairs.lengths, B.shared_lengths(pairs)
+  row_lengths, shared_lengths = pairs.lengths, pairs.shared_lengths
   row_counts, shared_counts = B.pair_target_counts(pairs, False), B.pair_target_counts(pairs, True)
   row_width = fixed_width(row_counts[idx].max() for idx in indices)
   shared_width = fixed_width(shared_counts[idx].max() for idx in indices)

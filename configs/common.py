@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)
   c.data.loss_on = "conversation"  # SFT: conversation (the paper) | completion (final response only)
   c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | rejected | both
-  c.data.packing = False  # SFT: pack several examples per row (segment masks keep them apart)
+  c.data.packing = False  # several examples per row of max_length tokens, segment masks keeping them apart (SFT;
+  # DPO with dpo.prefix_sharing: whole pairs as prompt + chosen + rejected; batch_size then counts rows)
   c.data.buckets = (128, 256, 512, 1024)  # padded row lengths (capped at max_length)
   c.data.group_by_length = False  # batches of similar lengths (sorted within windows of 64 batches), less padding
   c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache

@@ -1,12 +1,18 @@
 """Our tuned recipe, all stages, sized for one H100 in about half an hour:
 
-  sft      1 epoch on the chosen conversations, bf16 compute, batch 32, lr 2e-5 with 100 warmup steps
-  dpo      full-parameter DPO from the base model with the reference-DPO defaults: lr 1e-6, batch 64, 150 warmup
-           steps, beta 0.1; the reference log-probs precomputed once (no second model in memory); prompt, chosen
-           and rejected in one prefix-shared row (the prompt computed once)
+  sft      1 epoch on the chosen conversations, bf16 compute, packed into rows of 512 tokens (segment masks keep
+           conversations apart), 10 rows a step (~33 conversations on HH), lr 2e-5 with 100 warmup steps
+  dpo      full-parameter DPO from the base model with the reference-DPO defaults: lr 1e-6, 150 warmup steps,
+           beta 0.1; the reference log-probs precomputed once (no second model in memory); each pair's prompt,
+           chosen and rejected in one prefix-shared sequence (the prompt computed once), whole pairs packed into
+           rows of 1024 tokens, 12 rows a step (~62 pairs on HH, for the reference recipe's 64)
   sft_dpo  the same DPO from the SFT model
   reward   a two-head (harmless, helpful) reward model, each head trained on its HH subsets (the paper's future
-           work), usable as an offline judge by evaluate.py
+           work), usable as an offline judge by evaluate.py; batch 32 pairs grouped by length
+
+Packing against length-grouped batches (bench/study_estimate.py on the HH harmless-base test split): SFT 75,369 ->
+53,331 TFLOP, DPO incl. its reference pass 139,394 -> ~105,000 TFLOP; the padding it saves outweighs the longer
+rows' attention.
 """
 
 from configs import common, dpo
@@ -28,6 +34,8 @@ def _dpo(init_from: str):
   c.init_from = init_from
   c.dpo.reference = "precomputed"
   c.dpo.prefix_sharing = True
+  c.data.packing = True
+  c.training.batch_size = 12  # rows of ~5 pairs
   return c
 
 
@@ -40,7 +48,8 @@ def get_config():
   sft.data.max_length = 512
   sft.optimizer.lr = 2e-5
   sft.optimizer.warmup_steps = 100
-  sft.training.batch_size = 32
+  sft.data.packing = True
+  sft.training.batch_size = 10  # rows of ~3.3 conversations
 
   reward = _accelerated(common.get_config())
   reward.task = "reward"

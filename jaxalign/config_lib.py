@@ -61,7 +61,10 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
-  _check(config, "data.packing", not (config.data.packing and config.task != "sft"), "packing only for task 'sft'")
+  _check(config, "data.packing",
+         not config.data.packing or config.task == "sft" or (config.task == "dpo" and config.dpo.prefix_sharing),
+         "packing only for task 'sft', or 'dpo' with dpo.prefix_sharing = True (pairs are packed as prefix-shared "
+         "sequences)")
 
   _one_of(config, "optimizer.name", ("adamw", "rmsprop"))
   _one_of(config, "optimizer.schedule", ("linear", "cosine", "constant"))

@@ -29,9 +29,10 @@ def sft_loss(target_logps: jax.Array, target_mask: jax.Array) -> tuple[jax.Array
 def dpo_loss(
     policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, reference_chosen_logps: jax.Array,
     reference_rejected_logps: jax.Array, *, beta: float = 0.1, loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float = 0.0, mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
-  """Direct Preference Optimization (Rafailov et al., 2023) and its variants, averaged over pairs.
+  """Direct Preference Optimization (Rafailov et al., 2023) and its variants, averaged over pairs (over the pairs
+  where `mask` is 1, when given: packed batches hold a varying number of pairs).
 
   logits h = beta * ((pi_c - ref_c) - (pi_r - ref_r)):
     sigmoid:         -(1 - eps) log σ(h) - eps log σ(-h)   (eps = label_smoothing: conservative DPO)
@@ -54,15 +55,17 @@ def dpo_loss(
   else:
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
   chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
-  loss = losses.mean()
+  weights = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
+  mean = lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  loss = mean(losses)
   return loss, {
       "loss": loss,
-      "rewards/chosen": chosen_rewards.mean(),
-      "rewards/rejected": rejected_rewards.mean(),
-      "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32).mean(),
-      "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-      "logps/chosen": policy_chosen_logps.mean(),
-      "logps/rejected": policy_rejected_logps.mean(),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
+      "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/margins": mean(chosen_rewards - rejected_rewards),
+      "logps/chosen": mean(policy_chosen_logps),
+      "logps/rejected": mean(policy_rejected_logps),
   }
 
 

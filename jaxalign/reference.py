@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import parallel, tasks
-from jaxalign.data import batches as batches_lib, pipeline
+from jaxalign.data import batches as batches_lib, pipeline, tokenize
 from jaxalign.models import hub
 
 log = logging.getLogger(__name__)
@@ -36,36 +36,48 @@ def fingerprint(model: nnx.Module, pairs, dtype: str) -> str:
 
 
 def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[int, ...], max_length: int,
-                  pad_id: int, mesh, prefix_sharing: bool = False) -> np.ndarray:
-  """(chosen, rejected) summed response log-probs of every pair, [N, 2], in length-sorted batches (prefix-shared
-  rows when `prefix_sharing`: the prompt computed once)."""
+                  pad_id: int, mesh, prefix_sharing: bool = False, packing: bool = False) -> np.ndarray:
+  """(chosen, rejected) summed response log-probs of every pair, [N, 2], in length-sorted batches of `batch_size`
+  rows: one pair per row, as prefix-shared rows when `prefix_sharing` (the prompt computed once), or packed
+  prefix-shared rows of `max_length` tokens when `packing` (as the packed training batches are)."""
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, batch: tasks.dpo_logprobs(nnx.merge(graphdef, state), batch))
   sharding = parallel.batch_sharding(mesh)
-  collate, lengths = batches_lib.collate_dpo, pairs.lengths
-  if prefix_sharing:
-    collate, lengths, max_length = batches_lib.collate_dpo_shared, batches_lib.shared_lengths(pairs), 2 * max_length
-  buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
   targets = batches_lib.pair_target_counts(pairs, shared=prefix_sharing)
+  if packing:
+    packed = tokenize.pack_pairs(pairs, capacity=max_length)
+    data, collate, lengths, pair_index = packed, batches_lib.collate_dpo_packed, packed.lengths, packed.pair_index
+    targets = np.array([targets[row].sum() for row in packed.rows], np.int64)
+  else:
+    data, collate = pairs, (batches_lib.collate_dpo_shared if prefix_sharing else batches_lib.collate_dpo)
+    lengths = pairs.shared_lengths if prefix_sharing else pairs.lengths
+    pair_index = np.arange(len(lengths))[:, None]
+  if prefix_sharing:
+    max_length *= 2  # prompt + both responses
+  buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
   order = np.argsort(lengths, kind="stable")
   host_rows = batch_size // jax.process_count()
-  out = np.zeros((len(lengths), 2), np.float64)
+  out = np.zeros((len(pairs.prompt_ids), 2), np.float64)
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
     length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
     mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
     width = batches_lib.target_width(int(targets[chunk].max()), length)
-    batch = batches_lib.to_global(collate(pairs, mine, length, pad_id, width), sharding)
-    chosen, rejected = forward(state, batch)
-    out[chunk, 0] = hub.host_numpy(chosen)[:len(chunk)]
-    out[chunk, 1] = hub.host_numpy(rejected)[:len(chunk)]
+    batch = collate(data, mine, length, pad_id, width)
+    batch.pop("pair_index", None)
+    chosen, rejected = forward(state, batches_lib.to_global(batch, sharding))
+    index = pair_index[chunk]
+    present = index >= 0
+    out[index[present], 0] = hub.host_numpy(chosen).reshape(batch_size, -1)[:len(chunk)][present]
+    out[index[present], 1] = hub.host_numpy(rejected).reshape(batch_size, -1)[:len(chunk)][present]
   return out
 
 
 def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndarray:
   """The reference log-probs of `pairs`, from the cache when this model and these pairs were seen before."""
-  key = fingerprint(model, pairs, f"{config.model.dtype}-shared{config.dpo.prefix_sharing}")
+  layout = f"shared{config.dpo.prefix_sharing}-packed{config.data.packing}"
+  key = fingerprint(model, pairs, f"{config.model.dtype}-{layout}")
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
   if os.path.exists(path):
     log.info("reference log-probs read from %s", path)
@@ -73,7 +85,7 @@ def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndar
   log.info("computing reference log-probs for %d pairs (cached in %s)", len(pairs.prompt_ids), path)
   logps = compute_logps(model, pairs, batch_size=config.training.batch_size // config.training.grad_accum,
                         buckets=tuple(config.data.buckets), max_length=config.data.max_length, pad_id=pad_id,
-                        mesh=mesh, prefix_sharing=config.dpo.prefix_sharing)
+                        mesh=mesh, prefix_sharing=config.dpo.prefix_sharing, packing=config.data.packing)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.save(path + ".tmp.npy", logps)

@@ -46,17 +46,25 @@ def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax
 
 
 def shared_pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
-  """Summed response log-probs of chosen and rejected, [B] each, from prefix-shared rows (`collate_dpo_shared`):
-  one forward over prompt + chosen + rejected, the rejected tokens unable to attend to the chosen ones."""
+  """Summed response log-probs of chosen and rejected from prefix-shared rows: one forward over prompt + chosen +
+  rejected, the rejected tokens unable to attend to the chosen ones. [B] each for one pair per row
+  (`collate_dpo_shared`); [B, K] for packed rows (`collate_dpo_packed`; 0 where `pair_mask` is 0)."""
   side = batch["response_side"]
   blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
+  segment_ids = batch.get("segment_ids")
   hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
-                                  mask=~blocked, dropout_key=dropout_key)
+                                  segment_ids=segment_ids, mask=~blocked, dropout_key=dropout_key)
   targets = batch["targets"]
   predecessors = jnp.take_along_axis(batch["predecessor"], targets, axis=1)
   logps = target_logprobs(model, hidden, batch["input_ids"], predecessors, targets, batch["target_mask"])
   target_side = jnp.take_along_axis(side, targets, axis=1)
-  return (logps * (target_side == CHOSEN_SIDE)).sum(axis=-1), (logps * (target_side == REJECTED_SIDE)).sum(axis=-1)
+  chosen, rejected = logps * (target_side == CHOSEN_SIDE), logps * (target_side == REJECTED_SIDE)
+  if "pair_mask" not in batch:
+    return chosen.sum(axis=-1), rejected.sum(axis=-1)
+  # Packed: sum each target into its pair's slot (segment k -> slot k - 1).
+  slots = jax.nn.one_hot(jnp.take_along_axis(segment_ids, targets, axis=1) - 1, batch["pair_mask"].shape[1],
+                         dtype=logps.dtype)
+  return jnp.einsum("bs,bsk->bk", chosen, slots), jnp.einsum("bs,bsk->bk", rejected, slots)
 
 
 def dpo_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
@@ -119,7 +127,7 @@ class DPOTask:
     ref_chosen, ref_rejected = self.reference_logps(reference, batch)
     chosen, rejected = dpo_logprobs(model, batch, dropout_key)
     return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-                           label_smoothing=self.label_smoothing)
+                           label_smoothing=self.label_smoothing, mask=batch.get("pair_mask"))
 
   def tokens(self, batch: Batch) -> jax.Array:
     return pair_tokens(batch)

@@ -74,3 +74,14 @@ def test_reward_model_loss_margin_and_centering_by_hand():
   loss, _ = losses.reward_model_loss(rc, rr, margin=jnp.array([1.0, 0.0]), center_rewards_coefficient=0.1)
   centered = 0.1 * ((3.0**2 + 1.0**2) / 2)
   assert float(loss) == pytest.approx((-math.log(0.5) - math.log(sigmoid(-1.0))) / 2 + centered, rel=1e-6)
+
+
+def test_dpo_loss_mask_averages_over_present_pairs_only():
+  pc, pr, rc, rr = (jnp.array([[-1.0, 7.0], [-2.0, 0.0]]), jnp.array([[-3.0, 9.0], [-1.0, 0.0]]),
+                    jnp.full((2, 2), -2.0), jnp.full((2, 2), -2.0))
+  mask = jnp.array([[1, 0], [1, 0]])  # packed rows: the second slot of each row holds no pair
+  loss, m = losses.dpo_loss(pc, pr, rc, rr, beta=0.5, mask=mask)
+  # The two present pairs are those of test_dpo_sigmoid_loss_and_metrics_by_hand: h = 1 and h = -0.5.
+  assert float(loss) == pytest.approx((-math.log(sigmoid(1.0)) - math.log(sigmoid(-0.5))) / 2, rel=1e-6)
+  assert float(m["rewards/accuracies"]) == 0.5
+  assert float(m["logps/chosen"]) == pytest.approx(-1.5)

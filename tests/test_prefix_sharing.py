@@ -61,3 +61,68 @@ def test_scored_positions_equal_the_full_logits_computation():
 def test_target_width_is_one_of_four_per_length():
   assert [batches.target_width(n, 256) for n in (0, 32, 33, 64, 65, 128, 129, 256)] == [32, 32, 64, 64, 128, 128,
                                                                                          256, 256]
+
+
+def packed_batch(pairs, capacity: int, length: int, rows=None) -> tuple[tokenize.PackedPairs, dict]:
+  packed = tokenize.pack_pairs(pairs, capacity=capacity)
+  rows = np.arange(len(packed)) if rows is None else rows
+  return packed, {k: jnp.asarray(v) for k, v in batches.collate_dpo_packed(packed, rows, length, 1).items()}
+
+
+def test_pack_pairs_keeps_every_pair_once_and_gives_long_ones_their_own_row():
+  pairs = random_pairs(12, seed=4)
+  lengths = pairs.shared_lengths
+  capacity = int(lengths.max()) - 1  # the longest pairs do not fit: a row of their own each
+  longest = np.flatnonzero(lengths > capacity)
+  packed = tokenize.pack_pairs(pairs, capacity=capacity)
+  assert sorted(np.concatenate(packed.rows).tolist()) == list(range(12))
+  assert packed.counts["oversize"] == len(longest) >= 1
+  assert all([i] in [r.tolist() for r in packed.rows] for i in longest)
+  assert all(packed.lengths[r] <= capacity for r, row in enumerate(packed.rows) if len(row) > 1)
+  assert len(packed) < 12  # short pairs share rows
+  np.testing.assert_array_equal((packed.pair_index >= 0).sum(axis=1), [len(r) for r in packed.rows])
+
+
+def test_packed_row_layout():
+  pairs = random_pairs(2, seed=5)
+  packed, batch = packed_batch(pairs, capacity=200, length=80)
+  assert packed.rows[0].tolist() in ([0, 1], [1, 0])
+  first, second = packed.rows[0]
+  n = int(pairs.shared_lengths[first])
+  p = len(pairs.prompt_ids[second])
+  c = len(pairs.chosen_ids[second])
+  segment = np.asarray(batch["segment_ids"][0])
+  assert (segment[:n] == 1).all() and (segment[n:n + int(pairs.shared_lengths[second])] == 2).all()
+  positions = np.asarray(batch["positions"][0])
+  np.testing.assert_array_equal(positions[n:n + p + c], np.arange(p + c))  # restart at the second pair
+  predecessor = np.asarray(batch["predecessor"][0])
+  assert predecessor[n] == n and predecessor[n + p + c] == n + p - 1 and predecessor[n + 1] == n
+  np.testing.assert_array_equal(batch["pair_mask"], [[1, 1]])
+  np.testing.assert_array_equal(batch["pair_index"], [packed.rows[0]])
+
+
+def test_packed_rows_give_each_pairs_logprobs_and_the_same_dpo_loss():
+  model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(2))
+  pairs = random_pairs(9, seed=6)
+  packed, batch = packed_batch(pairs, capacity=60, length=64)
+  assert packed.max_pairs_per_row > 1 and int(batch["pair_mask"].sum()) == 9
+  chosen, rejected = tasks.dpo_logprobs(model, batch)
+  alone = {k: jnp.asarray(v) for k, v in batches.collate_dpo(pairs, np.arange(9), 20, 1).items()}
+  want_chosen, want_rejected = tasks.dpo_logprobs(model, alone)
+  index = np.asarray(batch["pair_index"])
+  present = index >= 0
+  np.testing.assert_allclose(np.asarray(chosen)[present], np.asarray(want_chosen)[index[present]], atol=1e-4)
+  np.testing.assert_allclose(np.asarray(rejected)[present], np.asarray(want_rejected)[index[present]], atol=1e-4)
+  assert np.all(np.asarray(chosen)[~present] == 0)
+
+  rng = np.random.default_rng(0)
+  reference = rng.normal(-30, 3, (9, 2)).astype(np.float32)
+  safe = np.where(present, index, 0)
+  task = tasks.DPOTask(beta=0.1)
+  packed_loss, packed_metrics = task.loss(model, dict(batch, reference_chosen_logps=reference[safe, 0] * present,
+                                                      reference_rejected_logps=reference[safe, 1] * present))
+  alone_loss, alone_metrics = task.loss(model, dict(alone, reference_chosen_logps=jnp.asarray(reference[:, 0]),
+                                                    reference_rejected_logps=jnp.asarray(reference[:, 1])))
+  np.testing.assert_allclose(packed_loss, alone_loss, atol=1e-5)
+  for key in ("rewards/accuracies", "rewards/margins", "logps/chosen"):
+    np.testing.assert_allclose(packed_metrics[key], alone_metrics[key], atol=1e-4)

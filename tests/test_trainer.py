@@ -290,3 +290,19 @@ def test_prefix_shared_dpo_equals_the_concatenated_forward(cache_dir, tmp_path):
   for step in (1, 2, 3):
     assert results[True][0][step] == pytest.approx(results[False][0][step], abs=1e-5)
   assert_same_params(results[True][1], results[False][1], atol=1e-5)
+
+
+def test_packed_dpo_takes_reference_logps_by_pair_and_matches_the_live_reference(cache_dir, tmp_path):
+  results = {}
+  for mode in ("model", "precomputed"):
+    config = tiny_config(cache_dir, "dpo", **{"dpo.prefix_sharing": True, "data.packing": True,
+                                              "dpo.reference": mode, "training.batch_size": 8,
+                                              "training.max_steps": 3})
+    trainer.run(config, str(tmp_path / mode))
+    results[mode] = losses_by_step(str(tmp_path / mode))
+  assert results["model"][1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+  for step in (1, 2, 3):  # a reference log-prob attached to the wrong pair would move the loss
+    assert results["precomputed"][step] == pytest.approx(results["model"][step], abs=1e-5)
+  with open(tmp_path / "precomputed" / "done.json") as f:
+    done = json.load(f)
+  assert done["compilations"]["train"] == len(done["train_shapes"]) <= 4

@@ -8,7 +8,9 @@ handful of programs), the smallest bucket that holds the longest row of the *glo
         int32 (1, 2, 3… per example, 0 = padding) and positions [B, L] int32 (0-based per example, 0 on padding).
   DPO:  chosen_input_ids, chosen_attention_mask, chosen_loss_mask, and the same for rejected_ (all [B, L], chosen
         and rejected padded to the same L so they can run as one [2B, L] forward), plus prompt_length [B] int32
-        (the shared prompt's token count; the loss masks are 1 exactly on the response tokens).
+        (the shared prompt's token count; the loss masks are 1 exactly on the response tokens). Prefix-shared
+        rows (`collate_dpo_shared`) hold prompt + chosen + rejected as one sequence; packed ones
+        (`collate_dpo_packed`) several such sequences, kept apart by segment_ids.
 
 Order: epoch e visits the examples in `epoch_order` (a permutation seeded by [seed, e], optionally grouped by
 length), in consecutive global
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxalign.data.tokenize import SFTExamples, TokenizedPairs
+from jaxalign.data.tokenize import PackedPairs, SFTExamples, TokenizedPairs
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +130,6 @@ def collate_dpo(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id:
 PROMPT_SIDE, CHOSEN_SIDE, REJECTED_SIDE, PAD_SIDE = 0, 1, 2, 3
 
 
-def shared_lengths(pairs: TokenizedPairs) -> np.ndarray:
-  """Tokens a prefix-shared DPO row needs per pair: prompt + chosen + rejected."""
-  return np.array([len(p) + len(c) + len(r) for p, c, r in zip(pairs.prompt_ids, pairs.chosen_ids,
-                                                                 pairs.rejected_ids)], np.int64)
-
-
 def pair_target_counts(pairs: TokenizedPairs, shared: bool) -> np.ndarray:
   """Scored tokens per pair in a row: both responses in a prefix-shared row, else the longer response."""
   combine = (lambda c, r: c + r) if shared else max
@@ -150,29 +146,62 @@ def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, 
   (t - 1, except the first rejected token, predicted from the prompt's last slot); targets / target_mask [B, S]:
   the response tokens' positions (`target_positions`); prompt_length [B].
   """
-  rows = {"input_ids": [], "positions": [], "response_side": [], "predecessor": []}
-  for i in indices:
-    prompt, chosen, rejected = pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]
-    n_prompt, n_chosen, n_rejected = len(prompt), len(chosen), len(rejected)
-    predecessor = np.arange(-1, n_prompt + n_chosen + n_rejected - 1, dtype=np.int32)
-    predecessor[0] = 0
-    predecessor[n_prompt + n_chosen] = n_prompt - 1
-    rows["input_ids"].append(np.concatenate([prompt, chosen, rejected]))
-    rows["positions"].append(np.concatenate([np.arange(n_prompt + n_chosen), n_prompt + np.arange(n_rejected)]))
-    rows["response_side"].append(np.repeat(np.array([PROMPT_SIDE, CHOSEN_SIDE, REJECTED_SIDE], np.int32),
-                                           [n_prompt, n_chosen, n_rejected]))
-    rows["predecessor"].append(predecessor)
-  side = _pad(rows["response_side"], length, PAD_SIDE, np.int32)
+  batch = _shared_rows(pairs, [[i] for i in indices], length, pad_id, target_width)
+  del batch["segment_ids"]  # one pair per row
+  batch["prompt_length"] = np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32)
+  return batch
+
+
+def collate_dpo_packed(packed: PackedPairs, indices: np.ndarray, length: int, pad_id: int,
+                       target_width: int | None = None) -> dict[str, np.ndarray]:
+  """Packed prefix-shared DPO rows (`tokenize.pack_pairs`): rows `indices` of `packed`, each holding whole pairs.
+
+  The fields of `collate_dpo_shared` (positions restart at every pair; predecessor counts slots in the row), plus
+  segment_ids [B, L] (k = the row's k-th pair, 1-based; 0 padding: no attention across pairs), pair_mask [B, K]
+  (1 where the row has a k-th pair; K = the most pairs any row holds, so every batch has one shape) and pair_index
+  [B, K] (the pairs' indices in `packed.pairs`, -1 where none; for per-pair extras such as reference log-probs).
+  """
+  pair_index = packed.pair_index[indices]
+  batch = _shared_rows(packed.pairs, [packed.rows[r] for r in indices], length, pad_id, target_width)
+  batch["pair_mask"] = (pair_index >= 0).astype(np.int32)
+  batch["pair_index"] = pair_index
+  return batch
+
+
+def _shared_rows(pairs: TokenizedPairs, rows: list, length: int, pad_id: int,
+                 target_width: int | None) -> dict[str, np.ndarray]:
+  """Rows of prompt + chosen + rejected sequences, one sequence per pair of each row's pair list."""
+  fields = {"input_ids": [], "positions": [], "response_side": [], "predecessor": [], "segment_ids": []}
+  for row in rows:
+    pieces = {key: [] for key in fields}
+    start = 0
+    for segment, i in enumerate(row, 1):
+      prompt, chosen, rejected = pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]
+      n_prompt, n_chosen, n_rejected = len(prompt), len(chosen), len(rejected)
+      n = n_prompt + n_chosen + n_rejected
+      predecessor = np.arange(start - 1, start + n - 1, dtype=np.int32)
+      predecessor[0] = start
+      predecessor[n_prompt + n_chosen] = start + n_prompt - 1
+      pieces["input_ids"].append(np.concatenate([prompt, chosen, rejected]))
+      pieces["positions"].append(np.concatenate([np.arange(n_prompt + n_chosen), n_prompt + np.arange(n_rejected)]))
+      pieces["response_side"].append(np.repeat(np.array([PROMPT_SIDE, CHOSEN_SIDE, REJECTED_SIDE], np.int32),
+                                               [n_prompt, n_chosen, n_rejected]))
+      pieces["predecessor"].append(predecessor)
+      pieces["segment_ids"].append(np.full(n, segment, np.int32))
+      start += n
+    for key, values in pieces.items():
+      fields[key].append(np.concatenate(values))
+  side = _pad(fields["response_side"], length, PAD_SIDE, np.int32)
   targets, valid = target_positions(list((side == CHOSEN_SIDE) | (side == REJECTED_SIDE)), length, target_width)
   return {
-      "input_ids": _pad(rows["input_ids"], length, pad_id, np.int32),
-      "attention_mask": _pad([np.ones(len(r), np.int32) for r in rows["input_ids"]], length, 0, np.int32),
-      "positions": _pad(rows["positions"], length, 0, np.int32),
+      "input_ids": _pad(fields["input_ids"], length, pad_id, np.int32),
+      "attention_mask": _pad([np.ones(len(r), np.int32) for r in fields["input_ids"]], length, 0, np.int32),
+      "positions": _pad(fields["positions"], length, 0, np.int32),
       "response_side": side,
-      "predecessor": _pad(rows["predecessor"], length, 0, np.int32),
+      "predecessor": _pad(fields["predecessor"], length, 0, np.int32),
+      "segment_ids": _pad(fields["segment_ids"], length, 0, np.int32),
       "targets": targets,
       "target_mask": valid,
-      "prompt_length": np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32),
   }
 
 
@@ -305,9 +334,19 @@ def dpo_batches(pairs: TokenizedPairs, *, pad_id: int, shared: bool = False, wit
                 **kwargs) -> BatchIterator:
   """A BatchIterator over tokenized preference pairs, as separate chosen / rejected rows or prefix-shared rows
   (whose lengths, and so `max_length`, reach prompt + both responses); kwargs as BatchIterator's."""
-  collate, lengths = (collate_dpo_shared, shared_lengths(pairs)) if shared else (collate_dpo, pairs.lengths)
+  collate, lengths = (collate_dpo_shared, pairs.shared_lengths) if shared else (collate_dpo, pairs.lengths)
   return BatchIterator(lengths, _collator(collate, pairs, pad_id, with_index),
                        target_counts=pair_target_counts(pairs, shared), **kwargs)
+
+
+def packed_dpo_batches(packed: PackedPairs, *, pad_id: int, with_index: bool = False, **kwargs) -> BatchIterator:
+  """A BatchIterator over packed prefix-shared DPO rows (`tokenize.pack_pairs`): its examples are rows, so
+  global_batch_size counts rows, and `max_length` must hold the longest (an oversize pair's); kwargs as
+  BatchIterator's."""
+  both = pair_target_counts(packed.pairs, shared=True)
+  targets = np.array([both[row].sum() for row in packed.rows], np.int64)
+  return BatchIterator(packed.lengths, _collator(collate_dpo_packed, packed, pad_id, with_index),
+                       target_counts=targets, **kwargs)
 
 
 def _check_host_rows(sharding: jax.sharding.Sharding, global_rows: int) -> None:

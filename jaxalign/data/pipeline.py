@@ -74,7 +74,8 @@ def head_index(source: str, heads: tuple[str, ...]) -> int:
 class TrainStream:
   """Global batches for the train step: this host's rows from the iterator, made into sharded jax arrays.
 
-  `extra_fields(indices)` adds per-example arrays (reward heads, precomputed reference log-probs) by example index.
+  `extra_fields(indices)` adds per-example arrays (reward heads, precomputed reference log-probs) by example index
+  (by pair index [rows, K] for packed DPO rows, -1 where a row has no k-th pair).
   Reward models have no LM head, so their batches leave out the scored-token positions (whose varying width would
   only cost compilations). `last_shape` is (rows, row length, scored positions per row) of the last batch.
   """
@@ -89,6 +90,8 @@ class TrainStream:
   def next_global(self) -> dict[str, jax.Array]:
     batch = next(self.iterator)
     indices = batch.pop("index")
+    if "pair_index" in batch:  # packed rows: per-pair extras go by pair
+      indices = batch.pop("pair_index")
     if self.extra_fields is not None:
       batch.update(self.extra_fields(indices))
     target_keys = [k for k in batch if k.endswith(("targets", "target_mask"))]
@@ -138,8 +141,10 @@ class TrainingData:
 def _with_reference(previous, logps: np.ndarray):
   def fields(indices):
     out = previous(indices) if previous is not None else {}
-    out["reference_chosen_logps"] = logps[indices, 0].astype(np.float32)
-    out["reference_rejected_logps"] = logps[indices, 1].astype(np.float32)
+    present = indices >= 0  # -1: no pair in that slot of a packed row
+    picked = logps[np.where(present, indices, 0)] * present[..., None]
+    out["reference_chosen_logps"] = picked[..., 0].astype(np.float32)
+    out["reference_rejected_logps"] = picked[..., 1].astype(np.float32)
     return out
 
   return fields
@@ -163,7 +168,8 @@ def _check_divisible(config, mesh) -> None:
 def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int):
   """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields).
 
-  Prefix-shared DPO rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length`.
+  Prefix-shared DPO rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length` (packed
+  rows fill max_length; a pair longer than that has a row of its own).
   """
   common = dict(pad_id=pad_id, with_index=True, global_batch_size=global_batch_size, seed=seed,
                 group_by_length=config.data.group_by_length)
@@ -172,13 +178,15 @@ def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size
   shared = config.task == "dpo" and config.dpo.prefix_sharing
   if shared:
     buckets = tuple(buckets) + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
-  return batches_lib.dpo_batches(examples, shared=shared, max_length=config.data.max_length * (2 if shared else 1),
-                                 buckets=tuple(buckets), **common)
+  max_length = config.data.max_length * (2 if shared else 1)
+  if isinstance(examples, tokenize.PackedPairs):
+    return batches_lib.packed_dpo_batches(examples, max_length=max_length, buckets=tuple(buckets), **common)
+  return batches_lib.dpo_batches(examples, shared=shared, max_length=max_length, buckets=tuple(buckets), **common)
 
 
 def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
   if batch_kind != "sft":
-    return pairs
+    return tokenize.pack_pairs(pairs, capacity=config.data.max_length) if config.data.packing else pairs
   sides = {"chosen": [pairs], "rejected": [], "both": [pairs]}[config.data.sft_responses]
   if config.data.sft_responses in ("rejected", "both"):
     # Language modelling on the rejected side too: an unaligned "pretrained" model for the offline quickstart.

@@ -65,6 +65,12 @@ class TokenizedPairs:
     return np.array([len(p) + max(len(c), len(r))
                      for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], np.int64)
 
+  @property
+  def shared_lengths(self) -> np.ndarray:
+    """Tokens a prefix-shared DPO row needs per pair: prompt + chosen + rejected."""
+    return np.array([len(p) + len(c) + len(r) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)],
+                    np.int64)
+
   def subset(self, indices) -> TokenizedPairs:
     """The pairs at `indices`, in that order."""
     return TokenizedPairs([self.prompt_ids[i] for i in indices], [self.chosen_ids[i] for i in indices],
@@ -328,7 +334,8 @@ def sft_examples(tokenized: TokenizedPairs, *, loss_on: str = "conversation",
 
 
 def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-  """Groups item indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."""
+  """Groups item indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits.
+  An item longer than `capacity` gets a row of its own."""
   rows: list[list[int]] = []
   free: list[int] = []
   # rows_with_free[s]: the rows with exactly s free tokens; counts mirrors their sizes for a vectorised search.
@@ -336,6 +343,10 @@ def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
   counts = np.zeros(capacity + 1, np.int64)
   for item in np.argsort(-lengths, kind="stable"):
     n = int(lengths[item])
+    if n > capacity:
+      rows.append([int(item)])
+      free.append(0)
+      continue
     fits = np.flatnonzero(counts[n:])
     if fits.size:
       space = n + int(fits[0])
@@ -375,3 +386,54 @@ def pack_examples(examples: SFTExamples, *, seq_len: int) -> SFTExamples:
   log.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", len(examples), counts["rows"], seq_len,
            100 * counts["fill"])
   return SFTExamples(**fields, counts=counts)
+
+
+@dataclasses.dataclass
+class PackedPairs:
+  """Preference pairs packed for prefix-shared DPO: each row holds whole pairs, each as prompt + chosen + rejected.
+
+  rows[r]: the pair indices of row r, in row order; pair_index [rows, K] the same, -1-padded to K =
+  `max_pairs_per_row`; lengths: each row's tokens. counts: pairs, rows, fill (tokens / the rows' room, a row's
+  room being the capacity or its oversize pair) and oversize (pairs longer than the capacity, alone in a row).
+  """
+
+  pairs: TokenizedPairs
+  rows: list[np.ndarray]
+  capacity: int
+  counts: dict[str, float]
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    pair_lengths = self.pairs.shared_lengths
+    return np.array([pair_lengths[row].sum() for row in self.rows], np.int64)
+
+  @property
+  def max_pairs_per_row(self) -> int:
+    return max(len(row) for row in self.rows)
+
+  @property
+  def pair_index(self) -> np.ndarray:
+    out = np.full((len(self.rows), self.max_pairs_per_row), -1, np.int64)
+    for r, row in enumerate(self.rows):
+      out[r, :len(row)] = row
+    return out
+
+
+def pack_pairs(pairs: TokenizedPairs, *, capacity: int) -> PackedPairs:
+  """Packs preference pairs, each as one prefix-shared sequence (prompt + chosen + rejected), into rows of at most
+  `capacity` tokens (best-fit decreasing; deterministic). A pair longer than `capacity` (both responses can reach
+  max_length - prompt) keeps a row of its own; batching pads it to a longer bucket. Every pair is in exactly one row.
+  """
+  lengths = pairs.shared_lengths
+  packed = PackedPairs(pairs, [np.array(row, np.int64) for row in _best_fit_decreasing(lengths, capacity)], capacity,
+                       {})
+  row_lengths = packed.lengths
+  packed.counts = {"pairs": len(pairs), "rows": len(packed.rows),
+                   "fill": round(float(row_lengths.sum()) / max(1, np.maximum(row_lengths, capacity).sum()), 4),
+                   "oversize": int((lengths > capacity).sum()), "max_pairs_per_row": packed.max_pairs_per_row}
+  log.info("packed %d pairs into %d prefix-shared rows of %d tokens (%.1f%% full; %d longer pairs alone in a row)",
+           len(pairs), len(packed.rows), capacity, 100 * packed.counts["fill"], packed.counts["oversize"])
+  return packed
