@@ -52,9 +52,9 @@ def padded_batches(lengths: np.ndarray, targets: np.ndarray, stage, buckets: tup
 
 def stage_kind(stage) -> str:
   """The bench/train_step.py task whose measured MFU stands for this stage."""
-  if stage.task == "dpo" and stage.dpo.prefix_sharing:
+  if stage.task == "dpo" and stage.data.prefix_sharing:
     return "dpo-shared"
-  return stage.task
+  return stage.task  # reward rows, shared or not, have no LM head: the "reward" runs stand for both
 
 
 def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) -> tuple[list, list]:
@@ -62,7 +62,7 @@ def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) ->
   the decoder, the LM head at each row's padded scored positions (none for reward models)."""
   batch = stage.training.batch_size
   buckets = tuple(stage.data.buckets)
-  shared = stage_kind(stage) == "dpo-shared"
+  shared = stage.task != "sft" and stage.data.prefix_sharing
   if stage.task == "sft":
     examples = tokenize.sft_examples(pairs, max_length=stage.data.max_length)
     if stage.data.packing:

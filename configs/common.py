@@ -32,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)
   c.data.loss_on = "conversation"  # SFT: conversation (the paper) | completion (final response only)
   c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | rejected | both
+  # Pair tasks (dpo, reward): each pair's prompt + chosen + rejected as one sequence, the prompt computed once.
+  c.data.prefix_sharing = False
   c.data.packing = False  # several examples per row of max_length tokens, segment masks keeping them apart (SFT;
-  # DPO with dpo.prefix_sharing: whole pairs as prompt + chosen + rejected; batch_size then counts rows)
+  # dpo / reward with data.prefix_sharing: whole pairs as prompt + chosen + rejected); batch_size then counts rows
   c.data.buckets = (128, 256, 512, 1024)  # padded row lengths (capped at max_length)
   c.data.group_by_length = False  # batches of similar lengths (sorted within windows of 64 batches), less padding
   c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache
@@ -65,7 +67,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.label_smoothing = 0.0
   c.dpo.reference = "model"  # model (live forward) | precomputed (one pass first, cached on disk)
   c.dpo.reference_dtype = "float32"  # a frozen reference copy may be kept in bfloat16
-  c.dpo.prefix_sharing = False  # prompt + chosen + rejected as one row: the prompt is computed once
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = False

@@ -59,7 +59,7 @@ def get_config():
   dpo.optimizer.schedule = "constant"
   dpo.training.max_steps = 100
   dpo.dpo.beta = 0.1
-  dpo.dpo.prefix_sharing = True  # the prompt is computed once for both answers
+  dpo.data.prefix_sharing = True  # the prompt is computed once for both answers
 
   sft_dpo = _tiny(common.get_config())
   sft_dpo.update(dpo.to_dict())
@@ -69,6 +69,7 @@ def get_config():
   reward.task = "reward"
   reward.init_from = "stage:base"
   reward.reward.heads = ("harmless", "helpful")
+  reward.data.prefix_sharing = True  # each pair in one row, both answers scored at their last token
   reward.optimizer.lr = 1e-3
   reward.training.max_steps = 100
 

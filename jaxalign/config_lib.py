@@ -61,10 +61,12 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
+  _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
+         "prefix sharing only for the pair tasks 'dpo' and 'reward'")
   _check(config, "data.packing",
-         not config.data.packing or config.task == "sft" or (config.task == "dpo" and config.dpo.prefix_sharing),
-         "packing only for task 'sft', or 'dpo' with dpo.prefix_sharing = True (pairs are packed as prefix-shared "
-         "sequences)")
+         not config.data.packing or config.task == "sft" or config.data.prefix_sharing,
+         "packing only for task 'sft', or a pair task with data.prefix_sharing = True (pairs are packed as "
+         "prefix-shared sequences)")
 
   _one_of(config, "optimizer.name", ("adamw", "rmsprop"))
   _one_of(config, "optimizer.schedule", ("linear", "cosine", "constant"))
@@ -88,8 +90,6 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "dpo.label_smoothing", 0 <= config.dpo.label_smoothing < 0.5, "a number in [0, 0.5)")
   _one_of(config, "dpo.reference", ("model", "precomputed"))
   _one_of(config, "dpo.reference_dtype", DTYPES)
-  _check(config, "dpo.prefix_sharing", not (config.dpo.prefix_sharing and config.task != "dpo"),
-         "prefix sharing only for task 'dpo'")
 
   if config.lora.enabled:
     _check(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")

@@ -55,8 +55,7 @@ def dpo_loss(
   else:
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
   chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
-  weights = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
-  mean = lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  mean = _masked_mean(mask, losses)
   loss = mean(losses)
   return loss, {
       "loss": loss,
@@ -70,18 +69,26 @@ def dpo_loss(
 
 
 def reward_model_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *, margin: jax.Array | None = None,
-                      center_rewards_coefficient: float = 0.0) -> tuple[jax.Array, dict]:
-  """Bradley–Terry loss -log σ(r_c - r_r - margin), plus an optional penalty pulling rewards toward 0 (centering)."""
+                      center_rewards_coefficient: float = 0.0, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Bradley–Terry loss -log σ(r_c - r_r - margin), plus an optional penalty pulling rewards toward 0 (centering);
+  averaged over pairs (over the pairs where `mask` is 1, when given)."""
   diff = chosen_rewards - rejected_rewards
   if margin is not None:
     diff = diff - margin
-  loss = -jax.nn.log_sigmoid(diff).mean()
+  mean = _masked_mean(mask, diff)
+  loss = mean(-jax.nn.log_sigmoid(diff))
   if center_rewards_coefficient:
-    loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    loss = loss + center_rewards_coefficient * mean((chosen_rewards + rejected_rewards) ** 2)
   return loss, {
       "loss": loss,
-      "accuracy": (chosen_rewards > rejected_rewards).astype(jnp.float32).mean(),
-      "rewards/chosen": chosen_rewards.mean(),
-      "rewards/rejected": rejected_rewards.mean(),
-      "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+      "accuracy": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
+      "rewards/margins": mean(chosen_rewards - rejected_rewards),
   }
+
+
+def _masked_mean(mask: jax.Array | None, like: jax.Array):
+  """A mean over the entries where `mask` is 1 (all entries without a mask)."""
+  weights = jnp.ones_like(like) if mask is None else mask.astype(like.dtype)
+  return lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)

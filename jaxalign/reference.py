@@ -46,7 +46,7 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
   targets = batches_lib.pair_target_counts(pairs, shared=prefix_sharing)
   if packing:
     packed = tokenize.pack_pairs(pairs, capacity=max_length)
-    data, collate, lengths, pair_index = packed, batches_lib.collate_dpo_packed, packed.lengths, packed.pair_index
+    data, collate, lengths, pair_index = packed, batches_lib.collate_packed_pairs, packed.lengths, packed.pair_index
     targets = np.array([targets[row].sum() for row in packed.rows], np.int64)
   else:
     data, collate = pairs, (batches_lib.collate_dpo_shared if prefix_sharing else batches_lib.collate_dpo)
@@ -76,7 +76,7 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
 
 def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndarray:
   """The reference log-probs of `pairs`, from the cache when this model and these pairs were seen before."""
-  layout = f"shared{config.dpo.prefix_sharing}-packed{config.data.packing}"
+  layout = f"shared{config.data.prefix_sharing}-packed{config.data.packing}"
   key = fingerprint(model, pairs, f"{config.model.dtype}-{layout}")
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
   if os.path.exists(path):
@@ -85,7 +85,7 @@ def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndar
   log.info("computing reference log-probs for %d pairs (cached in %s)", len(pairs.prompt_ids), path)
   logps = compute_logps(model, pairs, batch_size=config.training.batch_size // config.training.grad_accum,
                         buckets=tuple(config.data.buckets), max_length=config.data.max_length, pad_id=pad_id,
-                        mesh=mesh, prefix_sharing=config.dpo.prefix_sharing, packing=config.data.packing)
+                        mesh=mesh, prefix_sharing=config.data.prefix_sharing, packing=config.data.packing)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.save(path + ".tmp.npy", logps)

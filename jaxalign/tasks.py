@@ -45,15 +45,22 @@ def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax
   return logps[:num_pairs], logps[num_pairs:]
 
 
+def shared_hidden_states(model, batch: Batch, dropout_key=None) -> jax.Array:
+  """The decoder's hidden states over prefix-shared (or packed) rows: positions restart where the batch says, pairs
+  in a row never attend to each other, and a rejected response never attends to its chosen one."""
+  side = batch["response_side"]
+  blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
+  hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
+                                  segment_ids=batch.get("segment_ids"), mask=~blocked, dropout_key=dropout_key)
+  return hidden
+
+
 def shared_pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
   """Summed response log-probs of chosen and rejected from prefix-shared rows: one forward over prompt + chosen +
   rejected, the rejected tokens unable to attend to the chosen ones. [B] each for one pair per row
-  (`collate_dpo_shared`); [B, K] for packed rows (`collate_dpo_packed`; 0 where `pair_mask` is 0)."""
-  side = batch["response_side"]
-  blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
-  segment_ids = batch.get("segment_ids")
-  hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
-                                  segment_ids=segment_ids, mask=~blocked, dropout_key=dropout_key)
+  (`collate_dpo_shared`); [B, K] for packed rows (`collate_packed_pairs`; 0 where `pair_mask` is 0)."""
+  side, segment_ids = batch["response_side"], batch.get("segment_ids")
+  hidden = shared_hidden_states(model, batch, dropout_key)
   targets = batch["targets"]
   predecessors = jnp.take_along_axis(batch["predecessor"], targets, axis=1)
   logps = target_logprobs(model, hidden, batch["input_ids"], predecessors, targets, batch["target_mask"])
@@ -148,14 +155,27 @@ class RewardTask:
   uses_reference = False
 
   def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    chosen, rejected = self.pair_rewards(model, batch, dropout_key)  # [B, heads] or [B, K, heads] (packed)
+    head = batch.get("head", jnp.zeros(chosen.shape[:-1], jnp.int32))
+    pick = lambda rewards: jnp.take_along_axis(rewards, head[..., None], axis=-1)[..., 0]
+    margin = jnp.full(chosen.shape[:-1], self.margin) if self.margin else None
+    return losses.reward_model_loss(pick(chosen), pick(rejected), margin=margin,
+                                    center_rewards_coefficient=self.center_rewards_coefficient,
+                                    mask=batch.get("pair_mask"))
+
+  @staticmethod
+  def pair_rewards(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """Chosen and rejected rewards of every head: from one forward over separate chosen / rejected rows, or over
+    prefix-shared rows (each response read at its last token; [B, K, heads] for packed rows)."""
+    if "response_side" in batch:
+      hidden = shared_hidden_states(model.backbone, batch, dropout_key)
+      ends = lambda side: batch[f"{side}_end"] if "pair_mask" in batch else batch[f"{side}_end"][:, None]
+      chosen, rejected = model.scores(hidden, ends("chosen")), model.scores(hidden, ends("rejected"))
+      return (chosen, rejected) if "pair_mask" in batch else (chosen[:, 0], rejected[:, 0])
     ids, mask = concatenated_pairs(batch)
     rewards = model(ids, mask, dropout_key=dropout_key)
     num_pairs = batch["chosen_input_ids"].shape[0]
-    head = batch.get("head", jnp.zeros((num_pairs,), jnp.int32))
-    picked = jnp.take_along_axis(rewards, jnp.concatenate([head, head])[:, None], axis=1)[:, 0]
-    margin = jnp.full((num_pairs,), self.margin) if self.margin else None
-    return losses.reward_model_loss(picked[:num_pairs], picked[num_pairs:], margin=margin,
-                                    center_rewards_coefficient=self.center_rewards_coefficient)
+    return rewards[:num_pairs], rewards[num_pairs:]
 
   def tokens(self, batch: Batch) -> jax.Array:
     return pair_tokens(batch)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxalign import tasks
 from jaxalign.data import batches, tokenize
-from jaxalign.models import opt
+from jaxalign.models import opt, reward
 
 TINY = opt.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
                      word_embed_proj_dim=16, do_layer_norm_before=False, max_position_embeddings=64, dropout=0.0)
@@ -66,7 +66,7 @@ def test_target_width_is_one_of_four_per_length():
 def packed_batch(pairs, capacity: int, length: int, rows=None) -> tuple[tokenize.PackedPairs, dict]:
   packed = tokenize.pack_pairs(pairs, capacity=capacity)
   rows = np.arange(len(packed)) if rows is None else rows
-  return packed, {k: jnp.asarray(v) for k, v in batches.collate_dpo_packed(packed, rows, length, 1).items()}
+  return packed, {k: jnp.asarray(v) for k, v in batches.collate_packed_pairs(packed, rows, length, 1).items()}
 
 
 def test_pack_pairs_keeps_every_pair_once_and_gives_long_ones_their_own_row():
@@ -126,3 +126,26 @@ def test_packed_rows_give_each_pairs_logprobs_and_the_same_dpo_loss():
   np.testing.assert_allclose(packed_loss, alone_loss, atol=1e-5)
   for key in ("rewards/accuracies", "rewards/margins", "logps/chosen"):
     np.testing.assert_allclose(packed_metrics[key], alone_metrics[key], atol=1e-4)
+
+
+def test_reward_model_on_shared_and_packed_rows_equals_separate_rows():
+  model = reward.OPTRewardModel(TINY, ("harmless", "helpful"), rngs=nnx.Rngs(3))
+  pairs = random_pairs(9, seed=7)
+  separate = {k: jnp.asarray(v) for k, v in batches.collate_dpo(pairs, np.arange(9), 20, 1).items()}
+  shared = {k: jnp.asarray(v) for k, v in batches.collate_dpo_shared(pairs, np.arange(9), 32, 1).items()}
+  want = tasks.RewardTask.pair_rewards(model, separate)
+  for got_side, want_side in zip(tasks.RewardTask.pair_rewards(model, shared), want):
+    np.testing.assert_allclose(got_side, want_side, atol=1e-5)
+
+  _, packed = packed_batch(pairs, capacity=60, length=64)
+  index = np.asarray(packed["pair_index"])
+  present = index >= 0
+  for got_side, want_side in zip(tasks.RewardTask.pair_rewards(model, packed), want):
+    np.testing.assert_allclose(np.asarray(got_side)[present], np.asarray(want_side)[index[present]], atol=1e-5)
+
+  heads = np.arange(9) % 2  # each pair trains its own head
+  task = tasks.RewardTask()
+  want_loss, want_metrics = task.loss(model, dict(separate, head=jnp.asarray(heads)))
+  got_loss, got_metrics = task.loss(model, dict(packed, head=jnp.asarray(np.where(present, heads[index], 0))))
+  np.testing.assert_allclose(got_loss, want_loss, atol=1e-5)
+  np.testing.assert_allclose(got_metrics["accuracy"], want_metrics["accuracy"], atol=1e-6)

@@ -283,7 +283,7 @@ def test_indivisible_batch_is_a_clear_error(cache_dir, tmp_path):
 def test_prefix_shared_dpo_equals_the_concatenated_forward(cache_dir, tmp_path):
   results = {}
   for sharing in (False, True):
-    config = tiny_config(cache_dir, "dpo", **{"dpo.prefix_sharing": sharing, "training.max_steps": 3,
+    config = tiny_config(cache_dir, "dpo", **{"data.prefix_sharing": sharing, "training.max_steps": 3,
                                               "dpo.reference": "model"})
     trainer.run(config, str(tmp_path / str(sharing)))
     results[sharing] = losses_by_step(str(tmp_path / str(sharing))), exported(str(tmp_path / str(sharing)))
@@ -295,7 +295,7 @@ def test_prefix_shared_dpo_equals_the_concatenated_forward(cache_dir, tmp_path):
 def test_packed_dpo_takes_reference_logps_by_pair_and_matches_the_live_reference(cache_dir, tmp_path):
   results = {}
   for mode in ("model", "precomputed"):
-    config = tiny_config(cache_dir, "dpo", **{"dpo.prefix_sharing": True, "data.packing": True,
+    config = tiny_config(cache_dir, "dpo", **{"data.prefix_sharing": True, "data.packing": True,
                                               "dpo.reference": mode, "training.batch_size": 8,
                                               "training.max_steps": 3})
     trainer.run(config, str(tmp_path / mode))
@@ -306,3 +306,17 @@ def test_packed_dpo_takes_reference_logps_by_pair_and_matches_the_live_reference
   with open(tmp_path / "precomputed" / "done.json") as f:
     done = json.load(f)
   assert done["compilations"]["train"] == len(done["train_shapes"]) <= 4
+
+
+def test_packed_two_head_reward_model_trains_and_exports(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "reward", **{"data.prefix_sharing": True, "data.packing": True,
+                                                "reward.heads": ("harmless", "helpful"), "training.max_steps": 3})
+  trainer.run(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert records[0]["train/loss"] == pytest.approx(math.log(2), abs=0.05)  # a random head: rewards near 0
+  held_out = [r for r in records if "eval/accuracy" in r]
+  assert held_out and 0.0 <= held_out[-1]["eval/accuracy"] <= 1.0
+  from jaxalign.models import reward
+
+  assert reward.from_pretrained(str(tmp_path / trainer.EXPORT_DIR)).heads == ("harmless", "helpful")

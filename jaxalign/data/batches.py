@@ -10,7 +10,7 @@ handful of programs), the smallest bucket that holds the longest row of the *glo
         and rejected padded to the same L so they can run as one [2B, L] forward), plus prompt_length [B] int32
         (the shared prompt's token count; the loss masks are 1 exactly on the response tokens). Prefix-shared
         rows (`collate_dpo_shared`) hold prompt + chosen + rejected as one sequence; packed ones
-        (`collate_dpo_packed`) several such sequences, kept apart by segment_ids.
+        (`collate_packed_pairs`) several such sequences, kept apart by segment_ids.
 
 Order: epoch e visits the examples in `epoch_order` (a permutation seeded by [seed, e], optionally grouped by
 length), in consecutive global
@@ -144,35 +144,40 @@ def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, 
   sees the positions it would see alone); response_side [B, L]: 0 prompt, 1 chosen, 2 rejected, 3 padding (the
   model masks rejected->chosen attention with it); predecessor [B, L]: the slot whose logits predict each token
   (t - 1, except the first rejected token, predicted from the prompt's last slot); targets / target_mask [B, S]:
-  the response tokens' positions (`target_positions`); prompt_length [B].
+  the response tokens' positions (`target_positions`); chosen_end / rejected_end [B]: the slot of the last chosen /
+  rejected token (where a reward model reads its score); prompt_length [B].
   """
-  batch = _shared_rows(pairs, [[i] for i in indices], length, pad_id, target_width)
+  batch = _shared_rows(pairs, [[i] for i in indices], length, pad_id, target_width, pairs_per_row=1)
   del batch["segment_ids"]  # one pair per row
+  batch["chosen_end"], batch["rejected_end"] = batch["chosen_end"][:, 0], batch["rejected_end"][:, 0]
   batch["prompt_length"] = np.array([len(pairs.prompt_ids[i]) for i in indices], np.int32)
   return batch
 
 
-def collate_dpo_packed(packed: PackedPairs, indices: np.ndarray, length: int, pad_id: int,
+def collate_packed_pairs(packed: PackedPairs, indices: np.ndarray, length: int, pad_id: int,
                        target_width: int | None = None) -> dict[str, np.ndarray]:
-  """Packed prefix-shared DPO rows (`tokenize.pack_pairs`): rows `indices` of `packed`, each holding whole pairs.
+  """Packed prefix-shared pair rows (`tokenize.pack_pairs`): rows `indices` of `packed`, each holding whole pairs.
 
   The fields of `collate_dpo_shared` (positions restart at every pair; predecessor counts slots in the row), plus
   segment_ids [B, L] (k = the row's k-th pair, 1-based; 0 padding: no attention across pairs), pair_mask [B, K]
-  (1 where the row has a k-th pair; K = the most pairs any row holds, so every batch has one shape) and pair_index
-  [B, K] (the pairs' indices in `packed.pairs`, -1 where none; for per-pair extras such as reference log-probs).
+  (1 where the row has a k-th pair; K = the most pairs any row holds, so every batch has one shape), pair_index
+  [B, K] (the pairs' indices in `packed.pairs`, -1 where none; for per-pair extras such as reference log-probs);
+  chosen_end / rejected_end are [B, K] (0 where no pair).
   """
   pair_index = packed.pair_index[indices]
-  batch = _shared_rows(packed.pairs, [packed.rows[r] for r in indices], length, pad_id, target_width)
+  batch = _shared_rows(packed.pairs, [packed.rows[r] for r in indices], length, pad_id, target_width,
+                       pairs_per_row=pair_index.shape[1])
   batch["pair_mask"] = (pair_index >= 0).astype(np.int32)
   batch["pair_index"] = pair_index
   return batch
 
 
-def _shared_rows(pairs: TokenizedPairs, rows: list, length: int, pad_id: int,
-                 target_width: int | None) -> dict[str, np.ndarray]:
+def _shared_rows(pairs: TokenizedPairs, rows: list, length: int, pad_id: int, target_width: int | None, *,
+                 pairs_per_row: int) -> dict[str, np.ndarray]:
   """Rows of prompt + chosen + rejected sequences, one sequence per pair of each row's pair list."""
   fields = {"input_ids": [], "positions": [], "response_side": [], "predecessor": [], "segment_ids": []}
-  for row in rows:
+  ends = np.zeros((2, len(rows), pairs_per_row), np.int32)  # last chosen / rejected slot per pair
+  for r, row in enumerate(rows):
     pieces = {key: [] for key in fields}
     start = 0
     for segment, i in enumerate(row, 1):
@@ -188,6 +193,7 @@ def _shared_rows(pairs: TokenizedPairs, rows: list, length: int, pad_id: int,
                                                [n_prompt, n_chosen, n_rejected]))
       pieces["predecessor"].append(predecessor)
       pieces["segment_ids"].append(np.full(n, segment, np.int32))
+      ends[:, r, segment - 1] = start + n_prompt + n_chosen - 1, start + n - 1
       start += n
     for key, values in pieces.items():
       fields[key].append(np.concatenate(values))
@@ -202,6 +208,8 @@ def _shared_rows(pairs: TokenizedPairs, rows: list, length: int, pad_id: int,
       "segment_ids": _pad(fields["segment_ids"], length, 0, np.int32),
       "targets": targets,
       "target_mask": valid,
+      "chosen_end": ends[0],
+      "rejected_end": ends[1],
   }
 
 
@@ -339,13 +347,13 @@ def dpo_batches(pairs: TokenizedPairs, *, pad_id: int, shared: bool = False, wit
                        target_counts=pair_target_counts(pairs, shared), **kwargs)
 
 
-def packed_dpo_batches(packed: PackedPairs, *, pad_id: int, with_index: bool = False, **kwargs) -> BatchIterator:
-  """A BatchIterator over packed prefix-shared DPO rows (`tokenize.pack_pairs`): its examples are rows, so
+def packed_pair_batches(packed: PackedPairs, *, pad_id: int, with_index: bool = False, **kwargs) -> BatchIterator:
+  """A BatchIterator over packed prefix-shared pair rows (`tokenize.pack_pairs`): its examples are rows, so
   global_batch_size counts rows, and `max_length` must hold the longest (an oversize pair's); kwargs as
   BatchIterator's."""
   both = pair_target_counts(packed.pairs, shared=True)
   targets = np.array([both[row].sum() for row in packed.rows], np.int64)
-  return BatchIterator(packed.lengths, _collator(collate_dpo_packed, packed, pad_id, with_index),
+  return BatchIterator(packed.lengths, _collator(collate_packed_pairs, packed, pad_id, with_index),
                        target_counts=targets, **kwargs)
 
 

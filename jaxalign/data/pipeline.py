@@ -155,7 +155,7 @@ def _head_fields(config, pairs: list[hh.PreferencePair]):
   if config.task != "reward" or len(config.reward.heads) == 1:
     return None
   heads = np.array([head_index(p.source, tuple(config.reward.heads)) for p in pairs], np.int32)
-  return lambda indices: {"head": heads[indices]}
+  return lambda indices: {"head": np.where(indices >= 0, heads[indices], 0).astype(np.int32)}  # -1: no pair
 
 
 def _check_divisible(config, mesh) -> None:
@@ -175,18 +175,18 @@ def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size
                 group_by_length=config.data.group_by_length)
   if batch_kind == "sft":
     return batches_lib.sft_batches(examples, max_length=config.data.max_length, buckets=tuple(buckets), **common)
-  shared = config.task == "dpo" and config.dpo.prefix_sharing
+  shared = config.data.prefix_sharing
   if shared:
     buckets = tuple(buckets) + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
   max_length = config.data.max_length * (2 if shared else 1)
   if isinstance(examples, tokenize.PackedPairs):
-    return batches_lib.packed_dpo_batches(examples, max_length=max_length, buckets=tuple(buckets), **common)
+    return batches_lib.packed_pair_batches(examples, max_length=max_length, buckets=tuple(buckets), **common)
   return batches_lib.dpo_batches(examples, shared=shared, max_length=max_length, buckets=tuple(buckets), **common)
 
 
-def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
+def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str, packing: bool):
   if batch_kind != "sft":
-    return tokenize.pack_pairs(pairs, capacity=config.data.max_length) if config.data.packing else pairs
+    return tokenize.pack_pairs(pairs, capacity=config.data.max_length) if packing else pairs
   sides = {"chosen": [pairs], "rejected": [], "both": [pairs]}[config.data.sft_responses]
   if config.data.sft_responses in ("rejected", "both"):
     # Language modelling on the rejected side too: an unaligned "pretrained" model for the offline quickstart.
@@ -195,7 +195,7 @@ def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str):
            for side in sides]
   examples = tokenize.SFTExamples([ids for part in parts for ids in part.input_ids],
                                   [mask for part in parts for mask in part.loss_mask])
-  if config.data.packing:
+  if packing:
     examples = tokenize.pack_examples(examples, seq_len=config.data.max_length)
   return examples
 
@@ -221,7 +221,7 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
   pad_id = tokenizer.pad_token_id
   buckets = config.data.buckets
   train_pairs_text, train_pairs = _load(config, tokenizer, config.data.train_split, batch_kind)
-  train_examples = _examples(config, train_pairs, batch_kind)
+  train_examples = _examples(config, train_pairs, batch_kind, config.data.packing)
   iterator = _iterator(config, train_examples, batch_kind, seed=config.seed,
                        global_batch_size=config.training.batch_size, buckets=buckets, pad_id=pad_id)
   stream = TrainStream(iterator, sharding, _head_fields(config, train_pairs_text), config.task != "reward")
@@ -236,9 +236,12 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
     eval_text, eval_pairs = _load(config, tokenizer, config.data.eval_split, batch_kind)
     keep = np.sort(np.random.default_rng(config.seed).permutation(len(eval_pairs))[:config.data.eval_pairs])
     eval_text, eval_pairs = [eval_text[i] for i in keep], eval_pairs.subset(keep)
-    eval_examples = _examples(config, eval_pairs, batch_kind)
+    eval_examples = _examples(config, eval_pairs, batch_kind, packing=False)  # metrics per example, never packed
     eval_size = min(config.training.batch_size, len(eval_examples) // mesh.size * mesh.size)
-    if eval_size:
+    if not eval_size:
+      log.warning("no held-out evaluation: %d held-out examples are fewer than the %d devices", len(eval_examples),
+                  mesh.size)
+    else:
       eval_iterator = _iterator(config, eval_examples, batch_kind, seed=config.seed, global_batch_size=eval_size,
                                 buckets=buckets, pad_id=pad_id)
       eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text), config.task != "reward")

@@ -32,8 +32,12 @@ class OPTRewardModel(nnx.Module):
     """Rewards [B, num_heads] (fp32) read at each row's rightmost real token (left or right padding)."""
     hidden, _ = self.backbone.hidden_states(input_ids, attention_mask, dropout_key=dropout_key)
     last = jnp.argmax(attention_mask * jnp.arange(attention_mask.shape[1]), axis=1)
-    final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return self.score(final).astype(jnp.float32)
+    return self.scores(hidden, last[:, None])[:, 0]
+
+  def scores(self, hidden: jax.Array, read_at: jax.Array) -> jax.Array:
+    """Rewards [B, M, num_heads] (fp32) from the hidden states [B, T, D] at slots `read_at` [B, M] (several
+    sequences per row: prefix-shared or packed pairs)."""
+    return self.score(jnp.take_along_axis(hidden, read_at[..., None], axis=1)).astype(jnp.float32)
 
 
 def _param_map(config: opt.OPTConfig, prefix: str = "model.") -> hub.ParamMap:
