@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU (see README "Benchmarks"), about 9 minutes: installs the carried wheels (.whl/),
-# times OPT-350M SFT, prefix-shared DPO and reward-model train steps in bf16 at the study's batch shapes (MFU),
+# times OPT-350M SFT, prefix-shared DPO and reward-model train steps in bf16 at the study's packed batch shapes (MFU),
 # projects the study's wall time from them, compares with TRL on the same card, and times generation of 100 prompts
 # x 50 tokens. Each part has its own time limit and writes its table under $OUT, so one failing part loses only itself.
 #
@@ -28,7 +28,7 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, its o
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/gpu.txt"
 }
 part train_step "${TRAIN_TIMEOUT:-210}" python3 bench/train_step.py --preset opt-350m --dtype bfloat16 --steps 10 \
-  --runs "${RUNS:-sft:32x128,sft:32x512,dpo-shared:64x256,dpo-shared:32x1024,reward:32x256}" \
+  --runs "${RUNS:-sft:10x512,sft:32x128,dpo-shared:12x1024,dpo-shared:4x2048,reward:8x512}" \
   --json "$OUT/train_step.jsonl"
 for recipe in study paper; do
   part "estimate_$recipe" 60 python3 bench/study_estimate.py --recipe "$recipe" --measured "$OUT/train_step.jsonl" \

@@ -68,6 +68,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from timing import JaxVariant, Timer, small_opt_config  # noqa: E402  (bench/ is the script's own folder)
+
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SHARED = os.path.join(REPO, "..", "shared", "data")
 DEFAULT_DATA = os.path.join(SHARED, "hh-rlhf", "harmless-base", "test.jsonl.gz")
@@ -102,8 +104,7 @@ class Setting:
 
     if self.gpu:
       return opt.preset("opt-350m").replace(dtype=self.dtype, dropout=0.0, attention_dropout=0.0)
-    return opt.OPTConfig(vocab_size=50272, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
-                         word_embed_proj_dim=256, dropout=0.0, attention_dropout=0.0)
+    return small_opt_config()
 
 
 CPU = Setting("CPU", "float32", 256, 128, (128, 256), (256, 384, 512), (LIVE, SHARED_LIVE, SHARED_PRECOMPUTED))
@@ -160,93 +161,6 @@ def load_data(args):
   order = np.random.default_rng(args.seed).permutation(len(dpo))
   print(f"data: {report.summary()}; DPO {dpo.counts()}; SFT {sft.counts}", flush=True)
   return tokenizer, dpo, sft, order
-
-
-class Timer:
-  """Per-step times, with the examples and real tokens of each step and the alternation round it ran in."""
-
-  def __init__(self):
-    self.times: list[float] = []
-    self.units: list[float] = []  # examples per step
-    self.tokens: list[float] = []
-    self.rounds: list[int] = []
-
-  def add(self, seconds: float, examples: int, tokens: int, round_index: int) -> None:
-    self.times.append(seconds)
-    self.units.append(examples)
-    self.tokens.append(tokens)
-    self.rounds.append(round_index)
-
-  def per_s(self) -> tuple[float, float]:
-    """Median per-step examples/s and tokens/s."""
-    return (statistics.median(u / t for u, t in zip(self.units, self.times)),
-            statistics.median(k / t for k, t in zip(self.tokens, self.times)))
-
-  def total_rate(self) -> float:
-    """Examples/s over all timed steps (total examples / total time)."""
-    return sum(self.units) / sum(self.times)
-
-  def round_rate(self, round_index: int) -> float:
-    """Examples/s over the steps of one round."""
-    picked = [i for i, r in enumerate(self.rounds) if r == round_index]
-    return sum(self.units[i] for i in picked) / sum(self.times[i] for i in picked)
-
-
-# -------------------------------------------------------------------------------------------------- jaxalign
-
-
-class JaxVariant:
-  """One jaxalign train step (trainer.StepFunctions) with its own state, over a list of numpy batches."""
-
-  def __init__(self, name, task, model, batches, tokens, *, reference: str):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from configs import common
-    from jaxalign import trainer
-
-    self.name, self.batches, self.tokens = name, batches, tokens
-    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-    graphdef, params, rest = trainer.split_model(model, use_lora=False)
-    opt_config = common.get_config().optimizer
-    opt_config.lr, opt_config.schedule, opt_config.weight_decay, opt_config.grad_clip = LR, "constant", 0.0, 1.0
-    tx = trainer.make_optimizer(opt_config, total_steps=1_000)
-    params = copy(params)
-    self.state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    self.rest = copy(rest)
-    reference_graphdef = self.reference_state = None
-    if reference == "model":
-      reference_graphdef, reference_state = nnx.split(model)
-      self.reference_state = copy(reference_state)
-    self.steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference_mode=reference,
-                                       reference_graphdef=reference_graphdef)
-    self.timer = Timer()
-    self.compile_s = 0.0
-
-  def step(self, index: int):
-    import jax
-
-    self.state, metrics = self.steps.train(self.state, self.rest, self.reference_state, self.batches[index])
-    return jax.block_until_ready(metrics)
-
-  def compile(self, indices) -> None:
-    """Runs one step per distinct batch shape among `indices` (the compilations), timed as compile_s."""
-    seen = set()
-    for i in indices:
-      shape = tuple(sorted((k, v.shape) for k, v in self.batches[i].items()))
-      if shape in seen:
-        continue
-      seen.add(shape)
-      start = time.perf_counter()
-      self.step(i)
-      self.compile_s += time.perf_counter() - start
-
-  def run(self, indices, examples: int, round_index: int) -> None:
-    for i in indices:
-      start = time.perf_counter()
-      self.step(i)
-      self.timer.add(time.perf_counter() - start, examples, self.tokens[i], round_index)
 
 
 def dpo_row_tokens(pairs, idx) -> int:
@@ -397,7 +311,7 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
     notes.append(f"precomputing the reference log-probs of the {count} batches took {ref_s:.1f}s (incl. compile), "
                  "untimed")
   variants = [JaxVariant(f"DPO, {name}", task, model, batches_of[name], tokens,
-                         reference="precomputed" if name == SHARED_PRECOMPUTED else "model")
+                         reference="precomputed" if name == SHARED_PRECOMPUTED else "model", lr=LR)
               for name in setting.dpo_variants]
   for v in variants:
     v.compile(range(count))
@@ -460,7 +374,7 @@ def run_sft(args, model, model_dir, examples, order, pad_id):
   tokens = [int(lengths[idx].sum()) for idx in indices]
   print(f"SFT batches: lengths {[b['input_ids'].shape[1] for b in batches]}, target width {width}, scored tokens "
         f"{[scored_count(b) for b in batches]}", flush=True)
-  variants = [JaxVariant("SFT", tasks.SFTTask(), model, batches, tokens, reference="precomputed")]
+  variants = [JaxVariant("SFT", tasks.SFTTask(), model, batches, tokens, reference="precomputed", lr=LR)]
   for v in variants:
     v.compile(range(count))
     print(f"  compiled {v.name}: {v.compile_s:.1f}s", flush=True)
