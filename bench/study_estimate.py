@@ -57,9 +57,11 @@ def stage_kind(stage) -> str:
   return stage.task  # reward rows, shared or not, have no LM head: the "reward" runs stand for both
 
 
-def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) -> tuple[list, list]:
+def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig, *,
+                  scored_head: bool = True) -> tuple[list, list]:
   """(training, precomputed-reference pass) batches of one epoch as (row length, FLOPs): every padded token through
-  the decoder, the LM head at each row's padded scored positions (none for reward models)."""
+  the decoder, the LM head at each row's padded scored positions (none for reward models; at every position
+  without `scored_head`)."""
   batch = stage.training.batch_size
   buckets = tuple(stage.data.buckets)
   shared = stage.task != "sft" and stage.data.prefix_sharing
@@ -82,7 +84,8 @@ def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) ->
   rows = batch * rows_per_item
 
   def charged(extra_forwards: int, sort: bool = False) -> list[tuple[int, float]]:
-    return [(n, flops.training_flops(arch, n, rows * n, head * rows * width, extra_forwards=extra_forwards))
+    return [(n, flops.training_flops(arch, n, rows * n, head * rows * (width if scored_head else n),
+                                     extra_forwards=extra_forwards))
             for n, width in padded_batches(lengths, targets, stage, buckets, max_length, sort=sort)]
 
   live_reference = stage.task == "dpo" and stage.dpo.reference == "model"
@@ -91,6 +94,42 @@ def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig) ->
   if stage.task == "dpo" and stage.dpo.reference == "precomputed":
     reference = [(n, f / 3) for n, f in charged(0, sort=True)]  # forward only: a third of a training step's FLOPs
   return train, reference
+
+
+# Each speed option of a recipe turned on in turn (`--ablation`): (what changes, LM head at scored positions only,
+# length grouping, prefix sharing, packing); an option stays off where the recipe has it off.
+ABLATION = (
+    ("none: random batches, chosen and rejected rows apart, the LM head at every position", False, False, False, False),
+    ("+ the LM head at scored positions only", True, False, False, False),
+    ("+ length-grouped batches", True, True, False, False),
+    ("+ prefix-shared pairs (DPO, its reference pass, reward)", True, True, True, False),
+    ("+ packing (SFT; prefix-shared pairs): the recipe", True, True, True, True),
+)
+
+
+def without_options(stage, pairs: tokenize.TokenizedPairs, *, group: bool, share: bool, pack: bool):
+  """A copy of `stage` with the speed options not asked for turned off; where packing goes, the batch holds as many
+  examples as the recipe's packed rows held on average."""
+  out = stage.copy_and_resolve_references()
+  out.data.group_by_length = stage.data.group_by_length and group
+  out.data.prefix_sharing = stage.data.prefix_sharing and share
+  out.data.packing = stage.data.packing and pack and (stage.task == "sft" or out.data.prefix_sharing)
+  if stage.data.packing and not out.data.packing:
+    if stage.task == "sft":
+      examples = tokenize.sft_examples(pairs, max_length=stage.data.max_length)
+      per_row = len(examples) / len(tokenize.pack_examples(examples, seq_len=stage.data.max_length))
+    else:
+      per_row = len(pairs) / len(tokenize.pack_pairs(pairs, capacity=stage.data.max_length))
+    out.training.batch_size = round(stage.training.batch_size * per_row)
+  return out
+
+
+def stage_time(stage, pairs, arch, mfu, scale: float, peak: float, scored_head: bool = True):
+  """(training FLOPs, reference-pass FLOPs, seconds) of one stage on the full train split; `mfu(row length)`."""
+  train, reference = stage_batches(stage, pairs, arch, scored_head=scored_head)
+  epochs = stage.training.num_epochs
+  seconds = (sum(f / mfu(n) for n, f in train) * epochs + sum(f / mfu(n) for n, f in reference)) * scale / peak
+  return sum(f for _, f in train) * epochs * scale, sum(f for _, f in reference) * scale, seconds
 
 
 def load_measured(path: str, device: str = "") -> dict[str, list[tuple[int, float]]]:
@@ -124,6 +163,7 @@ def main():
   parser.add_argument("--sft-mfu", type=float, default=0.45, help="assumed where --measured has no sft runs")
   parser.add_argument("--dpo-mfu", type=float, default=0.40, help="assumed for other kinds --measured lacks")
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200: 989)")
+  parser.add_argument("--ablation", action="store_true", help="also: the recipe's speed options turned on in turn")
   args = parser.parse_args()
   if not os.path.exists(args.data) or not os.path.isdir(args.tokenizer):
     print(f"skipped: needs {args.data} and {args.tokenizer} (../shared on the development machines)")
@@ -135,24 +175,23 @@ def main():
   scale = TRAIN_PAIRS / len(text_pairs)
   arch = opt.preset("opt-350m")
   peak = args.peak_tflops * 1e12
+  stages = []
+  for name in recipe.stages:
+    stage = recipe.stage_configs[name]
+    pair_task = stage.task != "sft"  # SFT rows are cut later, keeping their start (as the trainer does)
+    pairs = tokenize.tokenize_pairs(text_pairs, tokenizer, max_length=stage.data.max_length if pair_task else None,
+                                    max_prompt_length=stage.data.max_prompt_length if pair_task else None)
+    kind = stage_kind(stage)
+    if kind in measured:
+      mfu, source = (lambda n, points=measured[kind]: mfu_at(points, n)), "measured"
+    else:
+      mfu, source = (lambda n, value=args.sft_mfu if stage.task == "sft" else args.dpo_mfu: value), "assumed"
+    stages.append((name, stage, pairs, kind, mfu, source))
   print("| stage | task | TFLOP (train) | TFLOP (reference pass) | MFU (FLOP-weighted) | minutes |\n"
         "|---|---|---|---|---|---|")
   total = 0.0
-  for name in recipe.stages:
-    stage = recipe.stage_configs[name]
-    pairs = tokenize.tokenize_pairs(text_pairs, tokenizer, max_length=stage.data.max_length,
-                                    max_prompt_length=stage.data.max_prompt_length)
-    train, reference = stage_batches(stage, pairs, arch)
-    kind = stage_kind(stage)
-    if kind in measured:
-      mfu, source = (lambda n: mfu_at(measured[kind], n)), "measured"
-    else:
-      assumed = args.sft_mfu if stage.task == "sft" else args.dpo_mfu
-      mfu, source = (lambda n: assumed), "assumed"
-    epochs = stage.training.num_epochs
-    train_flops = sum(f for _, f in train) * epochs * scale
-    reference_flops = sum(f for _, f in reference) * scale
-    seconds = (sum(f / mfu(n) for n, f in train) * epochs + sum(f / mfu(n) for n, f in reference)) * scale / peak
+  for name, stage, pairs, kind, mfu, source in stages:
+    train_flops, reference_flops, seconds = stage_time(stage, pairs, arch, mfu, scale, peak)
     total += seconds / 60
     weighted = (train_flops + reference_flops) / (seconds * peak)
     print(f"| {name} | {kind} | {train_flops / 1e12:,.0f} | {reference_flops / 1e12:,.0f} | {weighted:.0%} "
@@ -160,6 +199,17 @@ def main():
   print(f"\nprojected training time of `{args.recipe}` on one {args.peak_tflops:.0f} TFLOP/s card: {total:.1f} min "
         f"(HH lengths from {os.path.basename(args.data)}, scaled to {TRAIN_PAIRS:,} pairs; compilation and "
         "evaluation not included)")
+  if args.ablation:
+    print("\n| speed options | TFLOP | minutes |\n|---|---|---|")
+    for label, scored_head, group, share, pack in ABLATION:
+      flop = minutes = 0.0
+      for _, stage, pairs, _, mfu, _ in stages:
+        variant = without_options(stage, pairs, group=group, share=share, pack=pack)
+        mfu_of_variant = mfu if stage_kind(variant) == stage_kind(stage) else (lambda n, value=args.dpo_mfu: value)
+        train_flops, reference_flops, seconds = stage_time(variant, pairs, arch, mfu_of_variant, scale, peak,
+                                                           scored_head=scored_head)
+        flop, minutes = flop + train_flops + reference_flops, minutes + seconds / 60
+      print(f"| {label} | {flop / 1e12:,.0f} | {minutes:.1f} |")
 
 
 if __name__ == "__main__":

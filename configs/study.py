@@ -12,9 +12,9 @@
            token) and packed into rows of 512 tokens, 16 rows a step (~39 pairs on HH)
 
 Training FLOPs on HH's lengths (bench/study_estimate.py, harmless-base test split scaled to the train split), with
-length-grouped batches -> with prefix sharing and packing: SFT 75,369 -> 54,543 TFLOP; each DPO stage, with its
-reference pass, 139,395 -> 107,814; reward 153,711 -> 70,071. The padding packing saves outweighs the longer rows'
-attention.
+length-grouped batches -> with prefix sharing and packing: SFT 75,918 -> 56,058 TFLOP; each DPO stage, with its
+reference pass, 237,350 -> 107,814; reward 151,323 -> 70,071. The padding packing saves outweighs the longer rows'
+attention (see BENCHMARKS.md).
 """
 
 from configs import common, dpo

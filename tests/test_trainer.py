@@ -133,13 +133,15 @@ def test_sft_trains_and_exports_a_transformers_model(cache_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(ours(ids)), expected, atol=1e-4)
 
 
-def test_first_dpo_step_loss_is_ln2_and_eight_devices_match_one(cache_dir, tmp_path):
+@pytest.mark.parametrize("layout", [{}, {"data.prefix_sharing": True, "data.packing": True}],
+                         ids=["separate-rows", "packed"])
+def test_first_dpo_step_loss_is_ln2_and_eight_devices_match_one(layout, cache_dir, tmp_path):
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
   runs = {}
   for name, mesh in (("one", {"mesh.num_devices": 1}), ("eight", {"mesh.data": 4, "mesh.fsdp": 2})):
     config = tiny_config(cache_dir, "dpo", **{"training.max_steps": 1, "mesh.min_fsdp_size": 0,
-                                              "data.eval_pairs": 0}, **mesh)
+                                              "data.eval_pairs": 0}, **mesh, **layout)
     trainer.run(config, str(tmp_path / name))
     runs[name] = (losses_by_step(str(tmp_path / name)), exported(str(tmp_path / name)))
   assert runs["one"][0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0

@@ -432,7 +432,7 @@ def pack_pairs(pairs: TokenizedPairs, *, capacity: int) -> PackedPairs:
                        {})
   row_lengths = packed.lengths
   packed.counts = {"pairs": len(pairs), "rows": len(packed.rows),
-                   "fill": round(float(row_lengths.sum()) / max(1, np.maximum(row_lengths, capacity).sum()), 4),
+                   "fill": round(float(row_lengths.sum() / max(1, np.maximum(row_lengths, capacity).sum())), 4),
                    "oversize": int((lengths > capacity).sum()), "max_pairs_per_row": packed.max_pairs_per_row}
   log.info("packed %d pairs into %d prefix-shared rows of %d tokens (%.1f%% full; %d longer pairs alone in a row)",
            len(pairs), len(packed.rows), capacity, 100 * packed.counts["fill"], packed.counts["oversize"])
