@@ -75,7 +75,7 @@ class TrainStream:
   """Global batches for the train step: this host's rows from the iterator, made into sharded jax arrays.
 
   `extra_fields(indices)` adds per-example arrays (reward heads, precomputed reference log-probs) by example index
-  (by pair index [rows, K] for packed DPO rows, -1 where a row has no k-th pair).
+  (by pair index [rows, K] for packed pair rows, -1 where a row has no k-th pair).
   Reward models have no LM head, so their batches leave out the scored-token positions (whose varying width would
   only cost compilations). `last_shape` is (rows, row length, scored positions per row) of the last batch.
   """
@@ -168,7 +168,7 @@ def _check_divisible(config, mesh) -> None:
 def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int):
   """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields).
 
-  Prefix-shared DPO rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length` (packed
+  Prefix-shared pair rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length` (packed
   rows fill max_length; a pair longer than that has a row of its own).
   """
   common = dict(pad_id=pad_id, with_index=True, global_batch_size=global_batch_size, seed=seed,
