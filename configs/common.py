@@ -53,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 1.0  # global norm; 0 = off
 
   c.training = ml_collections.ConfigDict()
-  c.training.batch_size = 8  # examples (SFT) or pairs (DPO, reward) per optimizer step, over all devices
+  c.training.batch_size = 8  # examples (SFT) or pairs (DPO, reward) per optimizer step, over all devices; rows
+  # when data.packing
   c.training.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
   c.training.num_epochs = 1.0
   c.training.max_steps = -1  # -1: run the epochs
@@ -99,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True  # write <workdir>/model in Hugging Face format at the end
   c.export.dtype = ""  # "" keeps float32
+
+  # JAX's persistent compilation cache: "auto" = <data cache>/xla on GPU and TPU (later stages of the same shapes,
+  # reruns and resumes load their programs instead of compiling; XLA:CPU gains nothing from it), a folder, or "" (off).
+  c.compilation_cache = "auto"
 
   c.stages = ()  # a study: names of sub-configs in `stage_configs`, run in order
   c.stage_configs = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ def get_config():
   c.model_dtype = "float32"  # bfloat16 on accelerators
   c.seed = 0
   c.rated_responses = ""  # a folder/file of rated responses: compute metrics only
+  c.compilation_cache = "auto"  # as in configs/common.py: "auto" = ~/.cache/jaxalign/xla on GPU/TPU, a folder, or ""
 
   c.prompts = ml_collections.ConfigDict()
   c.prompts.source = "Anthropic/hh-rlhf"  # the HH test splits the paper's selection draws from

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxalign import judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
-from jaxalign.data import hh, prompts as prompts_lib, tokenize
+from jaxalign.data import hh, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.trainer import resolve_init_path
@@ -154,6 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     records = rated.load_rated_responses(config.rated_responses)
     preference = {}
   else:
+    parallel.enable_compilation_cache(config.compilation_cache, pipeline.default_cache_dir())
     models = parse_named(config.models, "models")
     if not models:
       raise ValueError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")

@@ -105,3 +105,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_tree(tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:
   """Places a tree of arrays onto the mesh by the FSDP rule."""
   return jax.device_put(tree, tree_shardings(tree, mesh, min_size))
+
+
+def enable_compilation_cache(setting: str, cache_root: str) -> str | None:
+  """Points JAX's persistent compilation cache at a folder (`config.compilation_cache`); returns it, or None."""
+  if setting == "auto":
+    if jax.default_backend() == "cpu":
+      return None  # XLA:CPU compiles a cached program again when loading it
+    setting = os.path.join(cache_root, "xla")
+  if setting:
+    jax.config.update("jax_compilation_cache_dir", setting)
+    log.info("persistent compilation cache: %s", setting)
+  return setting or None

@@ -39,6 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs a single stage or a study of stages; returns the final stage's exported model folder."""
   config_lib.validate(config)
   parallel.initialize_distributed(config.mesh.distributed)
+  parallel.enable_compilation_cache(config.compilation_cache, pipeline.cache_dir(config))
   if config.stages:
     return run_study(config, workdir)
   return train(config, workdir)

@@ -155,3 +155,19 @@ def test_length_grouping_keeps_every_example_and_cuts_padding():
   padded = lambda order: lengths[order].reshape(-1, 8).max(axis=1).sum() * 8
   assert padded(grouped) < 0.7 * padded(plain)
   assert not np.array_equal(grouped, batches.epoch_order(lengths, 8, seed=1, epoch=1, group_by_length=True))
+
+
+def test_fixed_shape_batches_all_take_the_longest_examples_shape():
+  pairs = make_pairs()
+  varied = dpo_iter(pairs, group_by_length=True)
+  fixed = dpo_iter(pairs, group_by_length=True, fixed_shape=True)
+  varied_shapes = {tuple(b["chosen_targets"].shape) + b["chosen_input_ids"].shape for b in take(varied, 5)}
+  fixed_batches = take(fixed, 5)
+  assert len(varied_shapes) > 1
+  longest = batches.pick_bucket(int(pairs.lengths.max()), fixed.buckets)
+  width = batches.target_width(int(batches.pair_target_counts(pairs, False).max()), longest)
+  assert {tuple(b["chosen_targets"].shape) + b["chosen_input_ids"].shape for b in fixed_batches} == {
+      (4, width, 4, longest)}
+  for a, b in zip(take(dpo_iter(pairs, group_by_length=True), 5), fixed_batches):  # the same pairs, padded further
+    n = a["chosen_input_ids"].shape[1]
+    np.testing.assert_array_equal(b["chosen_input_ids"][:, :n], a["chosen_input_ids"])

@@ -322,3 +322,13 @@ def test_packed_two_head_reward_model_trains_and_exports(cache_dir, tmp_path):
   from jaxalign.models import reward
 
   assert reward.from_pretrained(str(tmp_path / trainer.EXPORT_DIR)).heads == ("harmless", "helpful")
+
+
+def test_compilation_cache_folder_receives_the_train_step(cache_dir, tmp_path):
+  folder = tmp_path / "xla"
+  config = tiny_config(cache_dir, "sft", **{"compilation_cache": str(folder), "training.max_steps": 1,
+                                            "data.eval_pairs": 0})
+  process = train_cli(config_file(tmp_path, config), str(tmp_path / "run"))  # its own process: the cache stays on
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output
+  assert any(name.startswith("jit_train_step") for name in os.listdir(folder))

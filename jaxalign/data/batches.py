@@ -241,14 +241,16 @@ class BatchIterator:
   """Endless iterator of this host's slice of each global batch, epoch after epoch; see the module docstring.
 
   lengths: tokens per example (what its row needs); collate(indices, length[, target_width]) -> batch dict, where
-  target_width comes from `target_counts` (scored tokens per example) when given. global_batch_size must
+  target_width comes from `target_counts` (scored tokens per example) when given. With `fixed_shape` every batch
+  has the shape the data's longest example and widest target count call for: one program for all of them
+  (held-out batches, which are few and not worth a compilation per shape). global_batch_size must
   be divisible by process_count; host p gets rows [p*b, (p+1)*b) of each global batch, b = global_batch_size /
   process_count (process_index / process_count default to jax's; pass them to simulate hosts in tests).
   """
 
   def __init__(self, lengths: np.ndarray, collate: Callable[[np.ndarray, int], dict], *, global_batch_size: int,
                seed: int, max_length: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, group_by_length: bool = False,
-               target_counts: np.ndarray | None = None, process_index: int | None = None,
+               target_counts: np.ndarray | None = None, fixed_shape: bool = False, process_index: int | None = None,
                process_count: int | None = None):
     self.lengths = np.asarray(lengths)
     self.target_counts = None if target_counts is None else np.asarray(target_counts)
@@ -256,6 +258,7 @@ class BatchIterator:
     self.global_batch_size = global_batch_size
     self.seed = seed
     self.group_by_length = group_by_length
+    self.fixed_shape = fixed_shape
     self.buckets = bucket_lengths(buckets, max_length)
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
@@ -293,13 +296,14 @@ class BatchIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     indices = self.global_indices(self.epoch, self.position)
-    length = pick_bucket(int(self.lengths[indices].max()), self.buckets)
+    shape_from = slice(None) if self.fixed_shape else indices  # fixed: from all examples
+    length = pick_bucket(int(self.lengths[shape_from].max()), self.buckets)
     start = self.process_index * self.host_batch_size
     host_indices = indices[start:start + self.host_batch_size]
     if self.target_counts is None:
       batch = self.collate(host_indices, length)
     else:  # one target width for the whole global batch, so every host builds the same shapes
-      batch = self.collate(host_indices, length, target_width(int(self.target_counts[indices].max()), length))
+      batch = self.collate(host_indices, length, target_width(int(self.target_counts[shape_from].max()), length))
     self.position += 1
     if self.position == self.batches_per_epoch:
       self.epoch, self.position = self.epoch + 1, 0

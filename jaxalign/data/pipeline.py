@@ -165,14 +165,15 @@ def _check_divisible(config, mesh) -> None:
                      f"{mesh.size} devices: make it a multiple of {mesh.size}")
 
 
-def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int):
+def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int,
+              fixed_shape: bool = False):
   """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields).
 
   Prefix-shared pair rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length` (packed
   rows fill max_length; a pair longer than that has a row of its own).
   """
   common = dict(pad_id=pad_id, with_index=True, global_batch_size=global_batch_size, seed=seed,
-                group_by_length=config.data.group_by_length)
+                group_by_length=config.data.group_by_length, fixed_shape=fixed_shape)
   if batch_kind == "sft":
     return batches_lib.sft_batches(examples, max_length=config.data.max_length, buckets=tuple(buckets), **common)
   shared = config.data.prefix_sharing
@@ -243,7 +244,7 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
                   mesh.size)
     else:
       eval_iterator = _iterator(config, eval_examples, batch_kind, seed=config.seed, global_batch_size=eval_size,
-                                buckets=buckets, pad_id=pad_id)
+                                buckets=buckets, pad_id=pad_id, fixed_shape=True)  # one eval program
       eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text), config.task != "reward")
       log.info("held-out: %d batches of %d", eval_iterator.batches_per_epoch, eval_size)
   pair_task = batch_kind != "sft"
