@@ -63,7 +63,8 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
     length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
     mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
-    width = batches_lib.target_width(int(targets[chunk].max()), length)
+    # One width per row length (the most any row of that length needs): one program per bucket, not per width.
+    width = batches_lib.target_width(int(targets[lengths <= length].max()), length)
     batch = collate(data, mine, length, pad_id, width)
     batch.pop("pair_index", None)
     chosen, rejected = forward(state, batches_lib.to_global(batch, sharding))
