@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.training.log_every = 10
   c.training.eval_every = 0  # steps between evaluations; 0 = only at the end
   c.training.progress_bar = True
+  c.training.precompile = True  # compile every batch shape of the run before the first step, on parallel threads
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 0.1

@@ -7,6 +7,7 @@ step is a `jax.jit` over arrays carrying these shardings, the modern form of pma
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from typing import Any
@@ -117,3 +118,12 @@ def enable_compilation_cache(setting: str, cache_root: str) -> str | None:
     jax.config.update("jax_compilation_cache_dir", setting)
     log.info("persistent compilation cache: %s", setting)
   return setting or None
+
+
+def compile_all(lowered: list) -> None:
+  """Compiles lowered programs (`jax.jit(f).lower(...)`) on parallel threads: XLA compiles outside the GIL, so a
+  run's several batch shapes compile in about the time of the slowest. Later calls of those shapes reuse them."""
+  if not lowered:
+    return
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
+    list(pool.map(lambda program: program.compile(), lowered))

@@ -57,9 +57,8 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
   buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
   order = np.argsort(lengths, kind="stable")
   host_rows = batch_size // jax.process_count()
-  out = np.zeros((len(pairs.prompt_ids), 2), np.float64)
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
+
+  def global_batch(chunk: np.ndarray) -> dict[str, jax.Array]:
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
     length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
     mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
@@ -67,7 +66,14 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
     width = batches_lib.target_width(int(targets[lengths <= length].max()), length)
     batch = collate(data, mine, length, pad_id, width)
     batch.pop("pair_index", None)
-    chosen, rejected = forward(state, batches_lib.to_global(batch, sharding))
+    return batches_lib.to_global(batch, sharding)
+
+  chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+  first_of_length = {batches_lib.pick_bucket(int(lengths[chunk].max()), buckets): chunk for chunk in chunks[::-1]}
+  parallel.compile_all([forward.lower(state, global_batch(chunk)) for chunk in first_of_length.values()])
+  out = np.zeros((len(pairs.prompt_ids), 2), np.float64)
+  for chunk in chunks:
+    chosen, rejected = forward(state, global_batch(chunk))
     index = pair_index[chunk]
     present = index >= 0
     out[index[present], 0] = hub.host_numpy(chosen).reshape(batch_size, -1)[:len(chunk)][present]

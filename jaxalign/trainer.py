@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -220,6 +221,13 @@ class StepFunctions:
     self.train = jax.jit(train_step, donate_argnums=(0,))
     self.eval = jax.jit(eval_step)
 
+  def precompile(self, state: TrainState, rest, reference_state, train_batches: list, eval_batches: list) -> None:
+    """Compiles the train step for each of `train_batches`' shapes and the eval step for `eval_batches`', all at
+    once on parallel threads, so the loop's first step of each shape does not stop to compile."""
+    lowered = [self.train.lower(state, rest, reference_state, batch) for batch in train_batches]
+    lowered += [self.eval.lower(state.params, rest, reference_state, batch) for batch in eval_batches]
+    parallel.compile_all(lowered)
+
 
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"], meta_fields=[])
 
@@ -304,6 +312,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
                                step_flops=_training_flops(model, reference_mode),
                                num_devices=mesh.size)
   last_saved = restored.step if restored else None
+  if config.training.precompile:
+    start = time.perf_counter()
+    train_examples = data.train.shape_examples(total_steps - int(state.step))
+    eval_examples = data.eval_batches[:1]  # held-out batches share one shape
+    steps.precompile(state, rest, reference_state, train_examples, eval_examples)
+    log.info("compiled %d train and %d eval program(s) in %.1f s", len(train_examples), len(eval_examples),
+             time.perf_counter() - start)
   step, pending = int(state.step), None  # pending: the previous step's metrics, read one step late (no host stall)
   try:
     while step < total_steps:

@@ -332,3 +332,20 @@ def test_compilation_cache_folder_receives_the_train_step(cache_dir, tmp_path):
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 0, output
   assert any(name.startswith("jit_train_step") for name in os.listdir(folder))
+
+
+def test_each_shape_compiles_once_before_the_loop(cache_dir, tmp_path, caplog):
+  caplog.set_level("WARNING", logger="jax")
+  caplog.set_level("INFO", logger="jaxalign")
+  jax.config.update("jax_log_compiles", True)  # jax logs every XLA compilation
+  try:
+    trainer.run(tiny_config(cache_dir, "dpo", **{"data.prefix_sharing": True, "training.max_steps": 6,
+                                                 "data.buckets": (32, 64, 96, 128)}), str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  with open(tmp_path / "done.json") as f:
+    done = json.load(f)
+  compiled = [r for r in caplog.records if "Finished XLA compilation of jit(train_step)" in r.getMessage()]
+  assert len(done["train_shapes"]) > 1
+  assert len(compiled) == len(done["train_shapes"])  # all in the parallel precompile: the loop compiled nothing
+  assert "compiled %d train and 1 eval program(s)" % len(done["train_shapes"]) in caplog.text

@@ -295,19 +295,39 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    indices = self.global_indices(self.epoch, self.position)
+    batch = self.batch_at(self.epoch, self.position)
+    self.epoch, self.position = self._after(self.epoch, self.position)
+    return batch
+
+  def _after(self, epoch: int, position: int) -> tuple[int, int]:
+    position += 1
+    return (epoch + 1, 0) if position == self.batches_per_epoch else (epoch, position)
+
+  def shape_at(self, epoch: int, position: int) -> tuple[int, int | None]:
+    """(row length, target width or None) of global batch `position` of `epoch`, without building it."""
+    indices = self.global_indices(epoch, position)
     shape_from = slice(None) if self.fixed_shape else indices  # fixed: from all examples
     length = pick_bucket(int(self.lengths[shape_from].max()), self.buckets)
+    # One target width for the whole global batch, so every host builds the same shapes.
+    width = None if self.target_counts is None else target_width(int(self.target_counts[shape_from].max()), length)
+    return length, width
+
+  def batch_at(self, epoch: int, position: int) -> dict[str, np.ndarray]:
+    """This host's slice of global batch `position` of `epoch`; the iterator does not move."""
+    indices = self.global_indices(epoch, position)
+    length, width = self.shape_at(epoch, position)
     start = self.process_index * self.host_batch_size
     host_indices = indices[start:start + self.host_batch_size]
-    if self.target_counts is None:
-      batch = self.collate(host_indices, length)
-    else:  # one target width for the whole global batch, so every host builds the same shapes
-      batch = self.collate(host_indices, length, target_width(int(self.target_counts[shape_from].max()), length))
-    self.position += 1
-    if self.position == self.batches_per_epoch:
-      self.epoch, self.position = self.epoch + 1, 0
-    return batch
+    return self.collate(host_indices, length) if width is None else self.collate(host_indices, length, width)
+
+  def first_of_each_shape(self, count: int) -> list[tuple[int, int]]:
+    """(epoch, position) of the first batch of each distinct shape among the next `count` batches."""
+    first: dict[tuple, tuple[int, int]] = {}
+    epoch, position = self.epoch, self.position
+    for _ in range(count):
+      first.setdefault(self.shape_at(epoch, position), (epoch, position))
+      epoch, position = self._after(epoch, position)
+    return list(first.values())
 
   def state(self) -> dict[str, int]:
     """JSON-serialisable position of the iterator (the next batch to produce), for checkpoints."""

@@ -88,7 +88,14 @@ class TrainStream:
     self.last_shape: tuple[int, ...] = ()
 
   def next_global(self) -> dict[str, jax.Array]:
-    batch = next(self.iterator)
+    return self._global(next(self.iterator))
+
+  def shape_examples(self, count: int) -> list[dict[str, jax.Array]]:
+    """One global batch of each distinct shape among the next `count` (to compile for); the stream does not move."""
+    return [self._global(self.iterator.batch_at(epoch, position))
+            for epoch, position in self.iterator.first_of_each_shape(count)]
+
+  def _global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     indices = batch.pop("index")
     if "pair_index" in batch:  # packed rows: per-pair extras go by pair
       indices = batch.pop("pair_index")
