@@ -260,6 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
+  seconds = {"stage": time.perf_counter()}  # wall time of the stage's parts, for done.json
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
@@ -312,13 +313,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
                                step_flops=_training_flops(model, reference_mode),
                                num_devices=mesh.size)
   last_saved = restored.step if restored else None
+  seconds["setup"] = time.perf_counter() - seconds["stage"]  # data, model, reference pass, restore
   if config.training.precompile:
     start = time.perf_counter()
     train_examples = data.train.shape_examples(total_steps - int(state.step))
     eval_examples = data.eval_batches[:1]  # held-out batches share one shape
     steps.precompile(state, rest, reference_state, train_examples, eval_examples)
+    seconds["precompile"] = time.perf_counter() - start
     log.info("compiled %d train and %d eval program(s) in %.1f s", len(train_examples), len(eval_examples),
-             time.perf_counter() - start)
+             seconds["precompile"])
+  start = time.perf_counter()
   step, pending = int(state.step), None  # pending: the previous step's metrics, read one step late (no host stall)
   try:
     while step < total_steps:
@@ -339,6 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
         metric_logger.write(step, evaluate(steps, state.params, rest, reference_state, data.eval_batches))
     if pending is not None:
       metric_logger.train_step(*pending)
+    seconds["loop"] = time.perf_counter() - start  # the steps and their checkpoints
     final_eval = evaluate(steps, state.params, rest, reference_state, data.eval_batches)
     metric_logger.write(step, final_eval)
     checkpointer.wait()
@@ -352,6 +357,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
            len(metric_logger.shapes))
   if config.export.enabled:
     export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype)
+  seconds["stage"] = time.perf_counter() - seconds["stage"]
+  summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
   if jax.process_index() == 0:
     if config.export.enabled:
       tokenizer.save_pretrained(export_dir)  # the folder is then all evaluate.py needs

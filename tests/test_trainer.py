@@ -122,6 +122,8 @@ def test_sft_trains_and_exports_a_transformers_model(cache_dir, tmp_path):
   # One program per batch shape: one row bucket, and at most four widths of scored positions per row.
   assert done["compilations"]["train"] == len(done["train_shapes"]) <= 4
   assert {tuple(shape[:2]) for shape in done["train_shapes"]} == {(8, 128)}
+  seconds = done["seconds"]
+  assert seconds["stage"] >= seconds["setup"] + seconds["precompile"] + seconds["loop"] > 0
 
   from jaxalign.models import hub
 
