@@ -171,3 +171,21 @@ def test_fixed_shape_batches_all_take_the_longest_examples_shape():
   for a, b in zip(take(dpo_iter(pairs, group_by_length=True), 5), fixed_batches):  # the same pairs, padded further
     n = a["chosen_input_ids"].shape[1]
     np.testing.assert_array_equal(b["chosen_input_ids"][:, :n], a["chosen_input_ids"])
+
+
+def test_first_of_each_shape_finds_every_upcoming_shape_without_moving():
+  pairs = make_pairs(40, seed=2)
+  iterator = dpo_iter(pairs, group_by_length=True)
+  next(iterator)  # mid-epoch, so the look-ahead crosses into the next epoch
+  state = iterator.state()
+  count = 2 * iterator.batches_per_epoch
+  firsts = iterator.first_of_each_shape(count)
+  assert iterator.state() == state
+  looked_up = [iterator.batch_at(epoch, position) for epoch, position in firsts]
+  upcoming = take(iterator, count)
+  shape = lambda b: (b["chosen_input_ids"].shape[1], b["chosen_targets"].shape[1])  # noqa: E731
+  assert len({shape(b) for b in looked_up}) == len(looked_up) > 1
+  assert {shape(b) for b in looked_up} == {shape(b) for b in upcoming}
+  for (epoch, position), batch in zip(firsts, looked_up):  # each is the batch the iterator then yields there
+    offset = (epoch - state["epoch"]) * iterator.batches_per_epoch + position - state["position"]
+    assert_same([batch], [upcoming[offset]])
