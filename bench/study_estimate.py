@@ -154,6 +154,15 @@ def mfu_at(points: list[tuple[int, float]], length: int) -> float:
   return float(np.interp(length, lengths, values))
 
 
+def mfu_for(stage, measured: dict, args):
+  """(MFU as a function of row length, "measured" or "assumed") for a stage's task kind."""
+  kind = stage_kind(stage)
+  if kind in measured:
+    return (lambda n: mfu_at(measured[kind], n)), "measured"
+  value = args.sft_mfu if stage.task == "sft" else args.dpo_mfu
+  return (lambda n: value), "assumed"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--recipe", default="study", help="a configs/ module with stages (paper or study)")
@@ -181,21 +190,17 @@ def main():
     pair_task = stage.task != "sft"  # SFT rows are cut later, keeping their start (as the trainer does)
     pairs = tokenize.tokenize_pairs(text_pairs, tokenizer, max_length=stage.data.max_length if pair_task else None,
                                     max_prompt_length=stage.data.max_prompt_length if pair_task else None)
-    kind = stage_kind(stage)
-    if kind in measured:
-      mfu, source = (lambda n, points=measured[kind]: mfu_at(points, n)), "measured"
-    else:
-      mfu, source = (lambda n, value=args.sft_mfu if stage.task == "sft" else args.dpo_mfu: value), "assumed"
-    stages.append((name, stage, pairs, kind, mfu, source))
+    stages.append((name, stage, pairs))
   print("| stage | task | TFLOP (train) | TFLOP (reference pass) | MFU (FLOP-weighted) | minutes |\n"
         "|---|---|---|---|---|---|")
   total = 0.0
-  for name, stage, pairs, kind, mfu, source in stages:
+  for name, stage, pairs in stages:
+    mfu, source = mfu_for(stage, measured, args)
     train_flops, reference_flops, seconds = stage_time(stage, pairs, arch, mfu, scale, peak)
     total += seconds / 60
     weighted = (train_flops + reference_flops) / (seconds * peak)
-    print(f"| {name} | {kind} | {train_flops / 1e12:,.0f} | {reference_flops / 1e12:,.0f} | {weighted:.0%} "
-          f"({source}) | {seconds / 60:.1f} |")
+    print(f"| {name} | {stage_kind(stage)} | {train_flops / 1e12:,.0f} | {reference_flops / 1e12:,.0f} | "
+          f"{weighted:.0%} ({source}) | {seconds / 60:.1f} |")
   print(f"\nprojected training time of `{args.recipe}` on one {args.peak_tflops:.0f} TFLOP/s card: {total:.1f} min "
         f"(HH lengths from {os.path.basename(args.data)}, scaled to {TRAIN_PAIRS:,} pairs; compilation and "
         "evaluation not included)")
@@ -203,11 +208,10 @@ def main():
     print("\n| speed options | TFLOP | minutes |\n|---|---|---|")
     for label, scored_head, group, share, pack in ABLATION:
       flop = minutes = 0.0
-      for _, stage, pairs, _, mfu, _ in stages:
+      for _, stage, pairs in stages:
         variant = without_options(stage, pairs, group=group, share=share, pack=pack)
-        mfu_of_variant = mfu if stage_kind(variant) == stage_kind(stage) else (lambda n, value=args.dpo_mfu: value)
-        train_flops, reference_flops, seconds = stage_time(variant, pairs, arch, mfu_of_variant, scale, peak,
-                                                           scored_head=scored_head)
+        train_flops, reference_flops, seconds = stage_time(variant, pairs, arch, mfu_for(variant, measured, args)[0],
+                                                           scale, peak, scored_head=scored_head)
         flop, minutes = flop + train_flops + reference_flops, minutes + seconds / 60
       print(f"| {label} | {flop / 1e12:,.0f} | {minutes:.1f} |")
 

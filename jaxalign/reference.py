@@ -57,23 +57,24 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
   buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
   order = np.argsort(lengths, kind="stable")
   host_rows = batch_size // jax.process_count()
+  chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+  bucket_of = [batches_lib.pick_bucket(int(lengths[chunk].max()), buckets) for chunk in chunks]
+  # One width per row length (the most any row of that length needs): one program per bucket, not per width.
+  width_of = {length: batches_lib.target_width(int(targets[lengths <= length].max()), length)
+              for length in set(bucket_of)}
 
-  def global_batch(chunk: np.ndarray) -> dict[str, jax.Array]:
+  def global_batch(chunk: np.ndarray, length: int) -> dict[str, jax.Array]:
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
-    length = batches_lib.pick_bucket(int(lengths[chunk].max()), buckets)
     mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
-    # One width per row length (the most any row of that length needs): one program per bucket, not per width.
-    width = batches_lib.target_width(int(targets[lengths <= length].max()), length)
-    batch = collate(data, mine, length, pad_id, width)
+    batch = collate(data, mine, length, pad_id, width_of[length])
     batch.pop("pair_index", None)
     return batches_lib.to_global(batch, sharding)
 
-  chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-  first_of_length = {batches_lib.pick_bucket(int(lengths[chunk].max()), buckets): chunk for chunk in chunks[::-1]}
-  parallel.compile_all([forward.lower(state, global_batch(chunk)) for chunk in first_of_length.values()])
+  first_of_length = dict(zip(bucket_of[::-1], chunks[::-1]))
+  parallel.compile_all([forward.lower(state, global_batch(chunk, length)) for length, chunk in first_of_length.items()])
   out = np.zeros((len(pairs.prompt_ids), 2), np.float64)
-  for chunk in chunks:
-    chosen, rejected = forward(state, global_batch(chunk))
+  for chunk, length in zip(chunks, bucket_of):
+    chosen, rejected = forward(state, global_batch(chunk, length))
     index = pair_index[chunk]
     present = index >= 0
     out[index[present], 0] = hub.host_numpy(chosen).reshape(batch_size, -1)[:len(chunk)][present]

@@ -260,7 +260,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
-  seconds = {"stage": time.perf_counter()}  # wall time of the stage's parts, for done.json
+  stage_start = time.perf_counter()
+  seconds = {}  # wall time of the stage's parts, for done.json
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
@@ -313,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
                                step_flops=_training_flops(model, reference_mode),
                                num_devices=mesh.size)
   last_saved = restored.step if restored else None
-  seconds["setup"] = time.perf_counter() - seconds["stage"]  # data, model, reference pass, restore
+  seconds["setup"] = time.perf_counter() - stage_start  # data, model, reference pass, restore
   if config.training.precompile:
     start = time.perf_counter()
     train_examples = data.train.shape_examples(total_steps - int(state.step))
@@ -357,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
            len(metric_logger.shapes))
   if config.export.enabled:
     export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype)
-  seconds["stage"] = time.perf_counter() - seconds["stage"]
+  seconds["stage"] = time.perf_counter() - stage_start
   summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
   if jax.process_index() == 0:
     if config.export.enabled:

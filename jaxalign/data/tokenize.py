@@ -20,6 +20,7 @@ still too long, both responses are cut to the room left (`max_length - len(promp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -405,16 +406,17 @@ class PackedPairs:
   def __len__(self) -> int:
     return len(self.rows)
 
-  @property
+  # Derived once: the collate step reads pair_index for every batch.
+  @functools.cached_property
   def lengths(self) -> np.ndarray:
     pair_lengths = self.pairs.shared_lengths
     return np.array([pair_lengths[row].sum() for row in self.rows], np.int64)
 
-  @property
+  @functools.cached_property
   def max_pairs_per_row(self) -> int:
     return max(len(row) for row in self.rows)
 
-  @property
+  @functools.cached_property
   def pair_index(self) -> np.ndarray:
     out = np.full((len(self.rows), self.max_pairs_per_row), -1, np.int64)
     for r, row in enumerate(self.rows):
