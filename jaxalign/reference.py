@@ -43,15 +43,15 @@ def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[i
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, batch: tasks.dpo_logprobs(nnx.merge(graphdef, state), batch))
   sharding = parallel.batch_sharding(mesh)
-  targets = batches_lib.pair_target_counts(pairs, shared=prefix_sharing)
   if packing:
     packed = tokenize.pack_pairs(pairs, capacity=max_length)
     data, collate, lengths, pair_index = packed, batches_lib.collate_packed_pairs, packed.lengths, packed.pair_index
-    targets = np.array([targets[row].sum() for row in packed.rows], np.int64)
+    targets = batches_lib.packed_target_counts(packed)
   else:
     data, collate = pairs, (batches_lib.collate_dpo_shared if prefix_sharing else batches_lib.collate_dpo)
     lengths = pairs.shared_lengths if prefix_sharing else pairs.lengths
     pair_index = np.arange(len(lengths))[:, None]
+    targets = batches_lib.pair_target_counts(pairs, shared=prefix_sharing)
   if prefix_sharing:
     max_length *= 2  # prompt + both responses
   buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)

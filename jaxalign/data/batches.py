@@ -136,6 +136,12 @@ def pair_target_counts(pairs: TokenizedPairs, shared: bool) -> np.ndarray:
   return np.array([combine(len(c), len(r)) for c, r in zip(pairs.chosen_ids, pairs.rejected_ids)], np.int64)
 
 
+def packed_target_counts(packed: PackedPairs) -> np.ndarray:
+  """Scored tokens per packed row: both responses of each of its pairs."""
+  per_pair = pair_target_counts(packed.pairs, shared=True)
+  return np.array([per_pair[row].sum() for row in packed.rows], np.int64)
+
+
 def collate_dpo_shared(pairs: TokenizedPairs, indices: np.ndarray, length: int, pad_id: int,
                        target_width: int | None = None) -> dict[str, np.ndarray]:
   """Prefix-shared DPO rows: prompt, chosen, rejected as ONE sequence, so the prompt is computed once.
@@ -375,10 +381,8 @@ def packed_pair_batches(packed: PackedPairs, *, pad_id: int, with_index: bool = 
   """A BatchIterator over packed prefix-shared pair rows (`tokenize.pack_pairs`): its examples are rows, so
   global_batch_size counts rows, and `max_length` must hold the longest (an oversize pair's); kwargs as
   BatchIterator's."""
-  both = pair_target_counts(packed.pairs, shared=True)
-  targets = np.array([both[row].sum() for row in packed.rows], np.int64)
   return BatchIterator(packed.lengths, _collator(collate_packed_pairs, packed, pad_id, with_index),
-                       target_counts=targets, **kwargs)
+                       target_counts=packed_target_counts(packed), **kwargs)
 
 
 def _check_host_rows(sharding: jax.sharding.Sharding, global_rows: int) -> None:
