@@ -3,8 +3,8 @@ reward models. What each layout buys is fewer padded tokens per example; this me
 
 Same small OPT as bench/trl_compare.py (4 layers, hidden 256, OPT's vocabulary; fp32), the same random init for
 every layout, the real OPT tokenizer on a random subset of the HH harmless-base test pairs (max length 256, prompt
-128). Each layout runs one epoch over the subset with the library's own iterators (`batches.sft_batches`,
-`dpo_batches`, `packed_pair_batches`; length-grouped, buckets 128/256 for rows of one sequence, 256/384/512 for
+128). Each layout runs one epoch over the subset with the library's own iterators and
+layouts (`jaxalign.data.layouts`; length-grouped, buckets 128/256 for rows of one sequence, 128/256/512 for
 prefix-shared ones), its step the trainer's (`trainer.StepFunctions`, AdamW); DPO takes precomputed reference
 log-probs (zeros: the values do not change the cost). Packed layouts fill rows of 256 tokens and take fewer rows per
 step, about --batch examples. Every batch shape compiles before timing (the count is reported); then --rounds
@@ -32,7 +32,7 @@ from timing import JaxVariant, small_opt_config  # noqa: E402  (bench/ is the sc
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SHARED = os.path.join(REPO, "..", "shared", "data")
 MAX_LENGTH, MAX_PROMPT_LENGTH = 256, 128
-ROW_BUCKETS, SHARED_BUCKETS = (128, 256), (256, 384, 512)
+ROW_BUCKETS = (128, 256)
 LR = 1e-6
 
 
@@ -58,73 +58,67 @@ def rows_for(examples_per_step: int, examples: int, rows: int) -> int:
   return max(1, round(examples_per_step * rows / examples))
 
 
-def layouts(task: str, pairs, args, pad_id: int) -> list[tuple[str, list[dict], list[int]]]:
-  """(name, one epoch of batches, examples per batch) of each layout of `task`."""
-  from jaxalign.data import batches, tokenize
+def layout_epochs(task: str, pairs, args, pad_id: int) -> list[tuple[str, list, list[int]]]:
+  """(name, one epoch of batches, examples per batch) of each layout of `task`, from the library's layouts."""
+  from jaxalign import reference as reference_lib
+  from jaxalign.data import layouts, tokenize
 
   common = dict(pad_id=pad_id, seed=args.seed, group_by_length=True, process_index=0, process_count=1)
-  out = []
   if task == "sft":
     examples = tokenize.sft_examples(pairs, max_length=MAX_LENGTH)
-    packed = tokenize.pack_examples(examples, seq_len=MAX_LENGTH)
-    grouped = batches.sft_batches(examples, global_batch_size=args.batch, max_length=MAX_LENGTH,
-                                  buckets=ROW_BUCKETS, **common)
+    rows_layout = layouts.SFTRows(max_length=MAX_LENGTH, buckets=ROW_BUCKETS)
+    packed_layout = layouts.SFTRows(max_length=MAX_LENGTH, buckets=(MAX_LENGTH,), packing=True)
+    packed = packed_layout.examples(examples)
     rows = rows_for(args.batch, len(examples), len(packed))
-    packed_it = batches.sft_batches(packed, global_batch_size=rows, max_length=MAX_LENGTH, buckets=(MAX_LENGTH,),
-                                    **common)
-    out.append(("one sequence per row, length-grouped", epoch(grouped), None))
-    packed_batches = epoch(packed_it)
-    counts = [int(b["segment_ids"].max(axis=1).sum()) for b in packed_batches]  # segments are numbered 1..k per row
-    out.append((f"packed, {rows} rows of {MAX_LENGTH}", packed_batches, counts))
-    return out
-  separate = batches.dpo_batches(pairs, global_batch_size=args.batch, max_length=MAX_LENGTH, buckets=ROW_BUCKETS,
-                                 **common)
-  shared = batches.dpo_batches(pairs, shared=True, global_batch_size=args.batch, max_length=2 * MAX_LENGTH,
-                               buckets=SHARED_BUCKETS, **common)
-  packed_pairs = tokenize.pack_pairs(pairs, capacity=MAX_LENGTH)
-  rows = rows_for(args.batch, len(pairs), len(packed_pairs))
-  packed = batches.packed_pair_batches(packed_pairs, global_batch_size=rows, max_length=2 * MAX_LENGTH,
-                                       buckets=SHARED_BUCKETS, **common)
-  packed_batches = epoch(packed)
-  for batch in packed_batches:
-    batch.pop("pair_index")
-  out += [("chosen and rejected rows, length-grouped", epoch(separate), None),
-          ("prefix-shared rows, length-grouped", epoch(shared), None),
-          (f"prefix-shared, packed, {rows} rows of {MAX_LENGTH}", packed_batches,
-           [int(b["pair_mask"].sum()) for b in packed_batches])]
-  for _, layout_batches, _ in out:
-    for batch in layout_batches:
-      if task == "dpo":
-        slots = batch["pair_mask"].shape if "pair_mask" in batch else (len(next(iter(batch.values()))),)
-        batch["reference_chosen_logps"] = np.zeros(slots, np.float32)
-        batch["reference_rejected_logps"] = np.zeros(slots, np.float32)
-      else:  # reward models read no scored positions
-        for key in [k for k in batch if k.endswith(("targets", "target_mask"))]:
-          del batch[key]
+    packed_batches = epoch(packed_layout.iterator(packed, global_batch_size=rows, **common))
+    counts = [int(b.segment_ids.max(axis=1).sum()) for b in packed_batches]  # segments are numbered 1..k per row
+    return [("one sequence per row, length-grouped",
+             epoch(rows_layout.iterator(examples, global_batch_size=args.batch, **common)), None),
+            (f"packed, {rows} rows of {MAX_LENGTH}", packed_batches, counts)]
+  scored = task == "dpo"
+  # DPO takes precomputed reference log-probs (zeros: the values do not change the cost); reward models a head.
+  names = reference_lib.PER_PAIR_NAMES if scored else ("head",)
+  per_pair = {name: np.zeros(len(pairs), np.float32 if scored else np.int32) for name in names}
+  out = []
+  for name, layout in (("chosen and rejected rows, length-grouped",
+                        layouts.SeparateRows(max_length=MAX_LENGTH, buckets=ROW_BUCKETS, scored=scored)),
+                       ("prefix-shared rows, length-grouped",
+                        layouts.SharedRows(max_length=MAX_LENGTH, buckets=ROW_BUCKETS, scored=scored)),
+                       ("prefix-shared, packed", layouts.SharedRows(max_length=MAX_LENGTH, buckets=ROW_BUCKETS,
+                                                                    scored=scored, packing=True))):
+    examples = layout.examples(pairs)
+    rows = rows_for(args.batch, len(pairs), len(examples)) if layout.packing else args.batch
+    layout_batches = epoch(layout.iterator(examples, global_batch_size=rows, per_pair=per_pair, **common))
+    counts = [int(b.pair_mask.sum()) for b in layout_batches] if layout.packing else None
+    out.append((f"{name}, {rows} rows of {MAX_LENGTH}" if layout.packing else name, layout_batches, counts))
   return out
 
 
-def padded_tokens(batch: dict) -> int:
-  ids = [v for k, v in batch.items() if k.endswith("input_ids")]
-  return int(sum(v.size for v in ids))
+def padded_tokens(batch) -> int:
+  from jaxalign.data import layouts
+
+  return int(sum(v.size for k, v in layouts.named_arrays(batch).items() if k.endswith("input_ids")))
 
 
-def real_tokens(batch: dict) -> int:
-  return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+def real_tokens(batch) -> int:
+  from jaxalign.data import layouts
+
+  return int(sum(v.sum() for k, v in layouts.named_arrays(batch).items() if k.endswith("attention_mask")))
 
 
 def run_task(task: str, model, pairs, args, pad_id: int) -> list[str]:
   from jaxalign import tasks
+  from jaxalign.data import layouts
 
   task_obj = {"sft": tasks.SFTTask, "dpo": tasks.DPOTask, "reward": tasks.RewardTask}[task]()
   variants, examples = [], []  # examples[k][i]: sequences or pairs in step i of layout k
-  for name, layout_batches, counts in layouts(task, pairs, args, pad_id):
+  for name, layout_batches, counts in layout_epochs(task, pairs, args, pad_id):
     variant = JaxVariant(name, task_obj, model, layout_batches, [real_tokens(b) for b in layout_batches],
                          reference="precomputed", lr=LR)
     variant.compile(range(len(layout_batches)))
     print(f"  {task}: {name}: {len(layout_batches)} steps, compiled in {variant.compile_s:.1f}s", flush=True)
     variants.append(variant)
-    examples.append(counts or [len(next(iter(b.values()))) for b in layout_batches])
+    examples.append(counts or [b.num_rows for b in layout_batches])
   for r in range(args.rounds):
     for v, counts in zip(variants, examples):
       n = len(v.batches)
@@ -136,7 +130,8 @@ def run_task(task: str, model, pairs, args, pad_id: int) -> list[str]:
   for v, counts in zip(variants, examples):
     padded = sum(padded_tokens(b) for b in v.batches)
     real = sum(real_tokens(b) for b in v.batches)
-    shapes = sorted({tuple(b["input_ids" if "input_ids" in b else "chosen_input_ids"].shape) for b in v.batches})
+    shapes = sorted({(b.num_rows, max(x.shape[1] for k, x in layouts.named_arrays(b).items() if k.endswith("input_ids")))
+                     for b in v.batches})
     rate = v.timer.total_rate()
     lines.append(f"| {task} | {v.name} | {sum(counts)} | {len(v.batches)} | {padded:,} | {real / padded:.0%} | "
                  f"{len(shapes)} | {sum(v.timer.times):.1f} | {rate:.2f} {unit}/s | {rate / base:.2f}x |")

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from jaxalign import flops
-from jaxalign.data import batches, hh, tokenize
+from jaxalign import flops, losses, shapes
+from jaxalign.data import batches, hh, layouts, pipeline, tokenize
 from jaxalign.models import opt
 from jaxalign.tokenizer import load_tokenizer
 
@@ -34,19 +34,18 @@ SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "s
 TRAIN_PAIRS = 160_800  # Anthropic/hh-rlhf default train split (all four subsets)
 
 
-def padded_batches(lengths: np.ndarray, targets: np.ndarray, stage, buckets: tuple[int, ...], max_length: int, *,
+def padded_batches(lengths: np.ndarray, targets: np.ndarray, stage, ladder: tuple[int, ...], *,
                    sort: bool = False) -> list[tuple[int, int]]:
   """(padded row length, LM-head positions per row) of every batch of one epoch, batched as the trainer batches
   them (or length-sorted, as the reference pass runs)."""
   batch_size = stage.training.batch_size
   order = (np.argsort(-lengths, kind="stable") if sort
            else batches.epoch_order(lengths, batch_size, 0, 0, stage.data.group_by_length))
-  bucket_set = batches.bucket_lengths(buckets, max_length)
   usable = len(order) // batch_size * batch_size
   out = []
   for chunk in order[:usable].reshape(-1, batch_size):
-    length = batches.pick_bucket(int(lengths[chunk].max()), bucket_set)
-    out.append((length, batches.target_width(int(targets[chunk].max()), length)))
+    length = shapes.fit(int(lengths[chunk].max()), ladder)
+    out.append((length, shapes.target_width(int(targets[chunk].max()), length)))
   return out
 
 
@@ -63,35 +62,27 @@ def stage_batches(stage, pairs: tokenize.TokenizedPairs, arch: opt.OPTConfig, *,
   the decoder, the LM head at each row's padded scored positions (none for reward models; at every position
   without `scored_head`)."""
   batch = stage.training.batch_size
-  buckets = tuple(stage.data.buckets)
-  shared = stage.task != "sft" and stage.data.prefix_sharing
-  if stage.task == "sft":
-    examples = tokenize.sft_examples(pairs, max_length=stage.data.max_length)
-    if stage.data.packing:
-      examples = tokenize.pack_examples(examples, seq_len=stage.data.max_length)
-    lengths, rows_per_item, max_length = examples.lengths, 1, stage.data.max_length
-    targets = np.array([int(mask.sum()) for mask in examples.loss_mask])
-  else:
-    lengths = pairs.shared_lengths if shared else pairs.lengths
-    rows_per_item, max_length = (1, 2 * stage.data.max_length) if shared else (2, stage.data.max_length)
-    targets = batches.pair_target_counts(pairs, shared)
-    if shared:
-      buckets = buckets + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
-    if shared and stage.data.packing:  # rows of whole pairs; batch_size counts rows
-      packed = tokenize.pack_pairs(pairs, capacity=stage.data.max_length)
-      lengths, targets = packed.lengths, np.array([targets[row].sum() for row in packed.rows])
+  batch_kind = "sft" if stage.task == "sft" else "pairs"
+  layout = pipeline.layout_for(stage, batch_kind)
+  examples = layout.examples(tokenize.sft_examples(pairs, max_length=stage.data.max_length) if batch_kind == "sft"
+                             else pairs)
+  lengths = layout.lengths(examples)
+  targets = layout.target_counts(examples)
+  if targets is None:  # reward models: no LM head
+    targets = np.zeros(len(lengths), np.int64)
+  rows_per_item = 2 if isinstance(layout, layouts.SeparateRows) else 1
   head = 0 if stage.task == "reward" else 1
   rows = batch * rows_per_item
 
   def charged(extra_forwards: int, sort: bool = False) -> list[tuple[int, float]]:
     return [(n, flops.training_flops(arch, n, rows * n, head * rows * (width if scored_head else n),
                                      extra_forwards=extra_forwards))
-            for n, width in padded_batches(lengths, targets, stage, buckets, max_length, sort=sort)]
+            for n, width in padded_batches(lengths, targets, stage, layout.ladder, sort=sort)]
 
-  live_reference = stage.task == "dpo" and stage.dpo.reference == "model"
-  train = charged(int(live_reference))
+  needs_reference = stage.task == "dpo" and losses.needs_reference(stage.dpo.loss_type)
+  train = charged(int(needs_reference and stage.dpo.reference == "model"))
   reference = []
-  if stage.task == "dpo" and stage.dpo.reference == "precomputed":
+  if needs_reference and stage.dpo.reference == "precomputed":
     reference = [(n, f / 3) for n, f in charged(0, sort=True)]  # forward only: a third of a training step's FLOPs
   return train, reference
 

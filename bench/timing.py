@@ -46,7 +46,9 @@ class Timer:
 
 
 class JaxVariant:
-  """One jaxalign train step (trainer.StepFunctions) with its own state, over a list of numpy batches."""
+  """One jaxalign train step (trainer.StepFunctions) with its own state, over a list of batches (a layout's batch
+  types); `reference`: "model" (a frozen copy run in the step), "precomputed" (log-probs in the batches' extras) or
+  "none" (a loss without a reference term)."""
 
   def __init__(self, name, task, model, batches, tokens, *, reference: str, lr: float):
     import jax
@@ -54,7 +56,8 @@ class JaxVariant:
     from flax import nnx
 
     from configs import common
-    from jaxalign import trainer
+    from jaxalign import reference as reference_lib, trainer
+    from jaxalign.data import layouts
 
     self.name, self.batches, self.tokens = name, batches, tokens
     copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
@@ -65,12 +68,13 @@ class JaxVariant:
     params = copy(params)
     self.state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     self.rest = copy(rest)
-    reference_graphdef = self.reference_state = None
+    self.reference = reference_lib.Reference(reference)
     if reference == "model":
       reference_graphdef, reference_state = nnx.split(model)
-      self.reference_state = copy(reference_state)
-    self.steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference_mode=reference,
-                                       reference_graphdef=reference_graphdef)
+      self.reference = reference_lib.Reference(reference, reference_graphdef, copy(reference_state))
+    self.reference_state = self.reference.state
+    self.steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference=self.reference)
+    self._named = layouts.named_arrays
     self.timer = Timer()
     self.compile_s = 0.0
 
@@ -84,7 +88,7 @@ class JaxVariant:
     """Runs one step per distinct batch shape among `indices` (the compilations), timed as compile_s."""
     seen = set()
     for i in indices:
-      shape = tuple(sorted((k, v.shape) for k, v in self.batches[i].items()))
+      shape = tuple(sorted((k, v.shape) for k, v in self._named(self.batches[i]).items()))
       if shape in seen:
         continue
       seen.add(shape)

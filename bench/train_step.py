@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from jaxalign import flops, parallel, tasks, trainer
-from jaxalign.data import batches, tokenize
+from jaxalign import flops, parallel, reference as reference_lib, tasks, trainer
+from jaxalign.data import layouts, tokenize
 from jaxalign.models import opt, reward
 
 TASKS = ("sft", "dpo", "dpo-shared", "reward")
@@ -46,25 +46,27 @@ def synthetic_pairs(count: int, prompt: int, response: int, vocab: int, seed: in
                                  flags, flags.copy(), flags.copy())
 
 
-def synthetic_batch(task: str, batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
-  """One full batch of `task` (see the module docstring) from the library's collate functions."""
+def synthetic_batch(task: str, batch: int, length: int, vocab: int):
+  """One full batch of `task` (see the module docstring) from the library's layouts."""
   indices = np.arange(batch)
   if task == "dpo-shared":
     pairs = synthetic_pairs(batch, length // 2, length // 4, vocab)
-    return batches.collate_dpo_shared(pairs, indices, length, PAD_ID)
+    return layouts.SharedRows(max_length=length).collate(pairs, indices, length, PAD_ID)
   pairs = synthetic_pairs(batch, length // 2, length - length // 2, vocab)
   if task == "sft":
-    return batches.collate_sft(tokenize.sft_examples(pairs, max_length=length), indices, length, PAD_ID)
-  out = batches.collate_dpo(pairs, indices, length, PAD_ID)
+    return layouts.SFTRows(max_length=length).collate(tokenize.sft_examples(pairs, max_length=length), indices,
+                                                      length, PAD_ID)
   if task == "reward":
-    return {k: v for k, v in out.items() if k.endswith(("input_ids", "attention_mask"))}
-  return out
+    return layouts.SeparateRows(max_length=length, scored=False).collate(
+        pairs, indices, length, PAD_ID, per_pair={"head": np.zeros(batch, np.int32)})
+  return layouts.SeparateRows(max_length=length).collate(pairs, indices, length, PAD_ID)
 
 
-def with_reference_logps(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  rows = len(batch["prompt_length"])
-  return dict(batch, reference_chosen_logps=np.full((rows,), -100.0, np.float32),
-              reference_rejected_logps=np.full((rows,), -100.0, np.float32))
+def with_reference_logps(batch):
+  """The batch with precomputed reference log-probs (the study recipe's DPO)."""
+  shape = batch.pair_mask.shape if isinstance(batch, layouts.SharedPairBatch) else (batch.num_rows,)
+  batch.extras = {name: np.full(shape, -100.0, np.float32) for name in reference_lib.PER_PAIR_NAMES}
+  return batch
 
 
 def make_task(task: str):
@@ -84,15 +86,16 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
   state = jax.device_put(state, jax.tree.map(lambda x: parallel.replicated(mesh), state))
   task_obj = make_task(task)
   host_batch = synthetic_batch(task, batch, length, config.vocab_size)
-  reference_mode, reference_graphdef, reference_state = "precomputed", None, None
+  reference = reference_lib.Reference("none")
   if task.startswith("dpo") and live_reference:
-    reference_mode = "model"
     reference_graphdef, reference_state = nnx.split(model)
-    reference_state = jax.tree.map(lambda x: jnp.array(x, copy=True), reference_state)
+    reference = reference_lib.Reference("model", reference_graphdef,
+                                        jax.tree.map(lambda x: jnp.array(x, copy=True), reference_state))
   elif task.startswith("dpo"):
+    reference = reference_lib.Reference("precomputed")
     host_batch = with_reference_logps(host_batch)
-  step_fns = trainer.StepFunctions(task_obj, graphdef, tx, jax.random.key(0), accum=1, reference_mode=reference_mode,
-                                   reference_graphdef=reference_graphdef)
+  reference_mode, reference_state = reference.mode, reference.state
+  step_fns = trainer.StepFunctions(task_obj, graphdef, tx, jax.random.key(0), accum=1, reference=reference)
   batch_arrays = jax.device_put(host_batch, parallel.batch_sharding(mesh))
   start = time.perf_counter()
   state, metrics = step_fns.train(state, rest, reference_state, batch_arrays)
@@ -103,11 +106,10 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
     state, metrics = step_fns.train(state, rest, reference_state, batch_arrays)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / steps
-  rows = host_batch["input_ids" if task in ("sft", "dpo-shared") else "chosen_input_ids"].shape[0]
-  rows *= 1 if task in ("sft", "dpo-shared") else 2
+  rows = host_batch.num_rows * (1 if task in ("sft", "dpo-shared") else 2)
   tokens = rows * length
   scored = float(task_obj.scored_tokens(batch_arrays))
-  extra = 1 if reference_mode == "model" else 0
+  extra = 1 if reference.runs_forward else 0
   flops_per_s = flops.training_flops(config, length, tokens, scored, extra_forwards=extra) / step_s
   stats = jax.devices()[0].memory_stats() or {}
   return {

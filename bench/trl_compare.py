@@ -26,7 +26,7 @@ process. The CPU setting is described first; `--gpu` changes what the GPU settin
     argument of the collate functions): the most scored tokens of any row in the run's batches, rounded up to a
     multiple of 16. So a variant compiles once per row bucket its batches use (plain and SFT rows: one, 256), and
     all compiling happens before timing (reported separately). The library's `BatchIterator` would instead pick
-    each batch's width from `batches.target_width` (L/8, L/4, L/2 or L); `--breakdown` times that width too.
+    each batch's width from `shapes.target_width` (L/8, L/4, L/2 or L); `--breakdown` times that width too.
   * timing: TRL steps are timed by a `TrainerCallback` (on_step_begin -> on_step_end: forward, backward, clipping,
     optimizer; its Python collation of the batch is outside); jaxalign steps from the call with a numpy batch to
     `block_until_ready` of the metrics. Warm-up: --warmup untimed TRL steps; jaxalign's untimed steps are its
@@ -173,53 +173,60 @@ def fixed_width(counts) -> int:
 
 
 def scored_count(batch) -> int:
-  return int(sum(batch[k].sum() for k in ("target_mask", "chosen_target_mask", "rejected_target_mask") if k in batch))
+  from jaxalign.data import layouts
+
+  named = layouts.named_arrays(batch)
+  return int(sum(named[k].sum() for k in ("target_mask", "chosen_target_mask", "rejected_target_mask") if k in named))
 
 
 def make_dpo_batches(setting, pairs, order, count, pad_id):
   """Per step: (plain-row batch, prefix-shared batch, real tokens), pairs order[8k : 8k+8]; and the notes."""
-  from jaxalign.data import batches as B
+  from jaxalign import shapes
+  from jaxalign.data import layouts
 
   indices = [order[k * BATCH:(k + 1) * BATCH] for k in range(count)]
-  row_lengths, shared_lengths = pairs.lengths, pairs.shared_lengths
-  row_counts, shared_counts = B.pair_target_counts(pairs, False), B.pair_target_counts(pairs, True)
+  row_layout = layouts.SeparateRows(max_length=setting.max_length)
+  shared_layout = layouts.SharedRows(max_length=setting.max_length)
+  row_lengths, shared_lengths = row_layout.lengths(pairs), shared_layout.lengths(pairs)
+  row_counts, shared_counts = row_layout.target_counts(pairs), shared_layout.target_counts(pairs)
   row_width = fixed_width(row_counts[idx].max() for idx in indices)
   shared_width = fixed_width(shared_counts[idx].max() for idx in indices)
   rows, shared, tokens, ladder = [], [], [], []
   for idx in indices:
-    row_length = B.pick_bucket(int(row_lengths[idx].max()), setting.row_buckets)
-    shared_length = B.pick_bucket(int(shared_lengths[idx].max()), setting.shared_buckets)
-    rows.append(B.collate_dpo(pairs, idx, row_length, pad_id, target_width=row_width))
-    shared.append(B.collate_dpo_shared(pairs, idx, shared_length, pad_id, target_width=shared_width))
+    row_length = shapes.fit(int(row_lengths[idx].max()), setting.row_buckets)
+    shared_length = shapes.fit(int(shared_lengths[idx].max()), setting.shared_buckets)
+    rows.append(row_layout.collate(pairs, idx, row_length, pad_id, row_width))
+    shared.append(shared_layout.collate(pairs, idx, shared_length, pad_id, shared_width))
     tokens.append(dpo_row_tokens(pairs, idx))
-    ladder.append((B.target_width(int(row_counts[idx].max()), row_length),
-                   B.target_width(int(shared_counts[idx].max()), shared_length)))
+    ladder.append((shapes.target_width(int(row_counts[idx].max()), row_length),
+                   shapes.target_width(int(shared_counts[idx].max()), shared_length)))
   note = (f"target widths, fixed per variant: plain rows {row_width}, prefix-shared rows {shared_width} (the "
           f"library's `target_width` ladder would pick, per batch, plain {[w for w, _ in ladder]}, prefix-shared "
           f"{[w for _, w in ladder]}); scored tokens per step: plain {[scored_count(b) for b in rows]}, "
           f"prefix-shared {[scored_count(b) for b in shared]}")
-  print(f"DPO batches: plain-row lengths {[b['chosen_input_ids'].shape[1] for b in rows]}, prefix-shared "
-        f"{[b['input_ids'].shape[1] for b in shared]}; mean real tokens {np.mean(tokens):.0f} / step; {note}",
+  print(f"DPO batches: plain-row lengths {[b.chosen_input_ids.shape[1] for b in rows]}, prefix-shared "
+        f"{[b.input_ids.shape[1] for b in shared]}; mean real tokens {np.mean(tokens):.0f} / step; {note}",
         flush=True)
   return rows, shared, tokens, note
 
 
-def with_reference_logps(model, rows, shared) -> tuple[list[dict], float]:
-  """Copies of the shared batches with reference_chosen/rejected_logps (the initial model's, from the plain rows),
-  and the seconds that took."""
+def with_reference_logps(model, rows, shared) -> tuple[list, float]:
+  """Copies of the shared batches carrying the initial model's reference log-probs (from the plain rows), and the
+  seconds that took."""
+  import dataclasses
+
   import jax
   from flax import nnx
 
-  from jaxalign import tasks
+  from jaxalign import reference, tasks
 
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch))
+  forward = jax.jit(lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch)[:2])
   start = time.perf_counter()
   out = []
   for row_batch, shared_batch in zip(rows, shared):
-    chosen, rejected = forward(state, row_batch)
-    out.append(dict(shared_batch, reference_chosen_logps=np.asarray(chosen, np.float32),
-                    reference_rejected_logps=np.asarray(rejected, np.float32)))
+    logps = [np.asarray(side, np.float32)[:, None] for side in forward(state, row_batch)]  # [B, K = 1]
+    out.append(dataclasses.replace(shared_batch, extras=dict(zip(reference.PER_PAIR_NAMES, logps))))
   return out, time.perf_counter() - start
 
 
@@ -229,10 +236,13 @@ def check_same_function(model, hf_model, batch) -> float:
 
   from jaxalign import tasks
 
-  ours = np.concatenate([np.asarray(x) for x in tasks.pair_logprobs(model, batch)])
-  ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-  mask = np.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-  loss = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+  ours = np.concatenate([np.asarray(x) for x in tasks.pair_logprobs(model, batch)[:2]])
+  ids, mask = (np.asarray(x) for x in tasks.concatenated_pairs(batch))
+  # The scored tokens: each row's target positions.
+  targets = np.concatenate([batch.chosen_targets, batch.rejected_targets])
+  valid = np.concatenate([batch.chosen_target_mask, batch.rejected_target_mask])
+  loss = np.zeros(ids.shape, np.float32)
+  np.put_along_axis(loss, targets, valid, axis=1)
   device = next(hf_model.parameters()).device
   ids_t = torch.tensor(ids, dtype=torch.long, device=device)
   with torch.no_grad():
@@ -290,7 +300,7 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
   from trl import DPOConfig, DPOTrainer
 
   from jaxalign import tasks
-  from jaxalign.data import batches as B
+  from jaxalign.data import layouts
 
   count = args.warmup + args.rounds * args.steps
   setting = args.setting
@@ -351,7 +361,8 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
   results = [("TRL DPOTrainer", "live reference", trl_timer, None)]
   results += [("jaxalign", v.name.removeprefix("DPO, "), v.timer, v.compile_s) for v in variants]
   last = order[(count - 1) * BATCH:count * BATCH]  # the breakdown's batch, with the width the library would pick
-  ladder = B.collate_dpo(pairs, last, rows[-1]["chosen_input_ids"].shape[1], pad_id)
+  ladder = layouts.SeparateRows(max_length=setting.max_length).collate(pairs, last, rows[-1].chosen_input_ids.shape[1],
+                                                                      pad_id)
   return results, notes, (variants[0], ladder)
 
 
@@ -361,18 +372,19 @@ def run_sft(args, model, model_dir, examples, order, pad_id):
   from transformers import OPTForCausalLM
   from trl import SFTConfig, SFTTrainer
 
-  from jaxalign import tasks
-  from jaxalign.data import batches as B
+  from jaxalign import shapes, tasks
+  from jaxalign.data import layouts
 
   steps = args.sft_steps
   count = args.warmup + args.rounds * steps
   lengths = examples.lengths
   indices = [order[k * BATCH:(k + 1) * BATCH] for k in range(count)]
   width = fixed_width(int(examples.loss_mask[i].sum()) for idx in indices for i in idx)
-  batches = [B.collate_sft(examples, idx, B.pick_bucket(int(lengths[idx].max()), args.setting.row_buckets), pad_id,
-                           target_width=width) for idx in indices]
+  sft_layout = layouts.SFTRows(max_length=args.setting.max_length)
+  batches = [sft_layout.collate(examples, idx, shapes.fit(int(lengths[idx].max()), args.setting.row_buckets), pad_id,
+                                width) for idx in indices]
   tokens = [int(lengths[idx].sum()) for idx in indices]
-  print(f"SFT batches: lengths {[b['input_ids'].shape[1] for b in batches]}, target width {width}, scored tokens "
+  print(f"SFT batches: lengths {[b.input_ids.shape[1] for b in batches]}, target width {width}, scored tokens "
         f"{[scored_count(b) for b in batches]}", flush=True)
   variants = [JaxVariant("SFT", tasks.SFTTask(), model, batches, tokens, reference="precomputed", lr=LR)]
   for v in variants:
@@ -412,7 +424,7 @@ def _hf_tokenizer(args):
 
 def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> list[str]:
   """Times the pieces of the like-for-like DPO step on its last batch (pieces interleaved, medians); `ladder` is the
-  same batch with the target width `batches.target_width` picks."""
+  same batch with the target width `shapes.target_width` picks."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -420,8 +432,8 @@ def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> lis
   from jaxalign import losses, tasks
 
   index = len(variant.batches) - 1
-  batch = {k: jnp.asarray(v) for k, v in variant.batches[index].items()}
-  ladder = {k: jnp.asarray(v) for k, v in ladder.items()}
+  batch = jax.tree.map(jnp.asarray, variant.batches[index])
+  ladder = jax.tree.map(jnp.asarray, ladder)
   graph, params, rest = nnx.split(model, nnx.Param, ...)
   merge = lambda params: nnx.merge(graph, params, rest)
 
@@ -429,16 +441,16 @@ def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> lis
     ids, mask = tasks.concatenated_pairs(batch)
     return merge(params).hidden_states(ids, mask)[0]
 
-  logps = lambda params, batch: jnp.concatenate(tasks.pair_logprobs(merge(params), batch))
+  logps = lambda params, batch: jnp.concatenate(tasks.pair_logprobs(merge(params), batch)[:2])
 
   def loss(params, batch, reference):
-    chosen, rejected = tasks.pair_logprobs(merge(params), batch)
+    chosen, rejected = tasks.pair_logprobs(merge(params), batch)[:2]
     half = reference.shape[0] // 2
     return losses.dpo_loss(chosen, rejected, reference[:half], reference[half:], beta=BETA)[0]
 
   reference = logps(params, batch)
-  rows, length = 2 * BATCH, batch["chosen_input_ids"].shape[1]
-  width, ladder_width = batch["chosen_targets"].shape[1], ladder["chosen_targets"].shape[1]
+  rows, length = 2 * BATCH, batch.chosen_input_ids.shape[1]
+  width, ladder_width = batch.chosen_targets.shape[1], ladder.chosen_targets.shape[1]
   grad = jax.jit(jax.grad(loss))
   pieces = [
       (f"decoder forward, {rows} x {length}, no LM head", jax.jit(hidden), (params, batch)),
@@ -446,7 +458,7 @@ def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> lis
       (f"policy forward + backward (DPO loss), target width {width}", grad, (params, batch, reference)),
   ]
   if ladder_width != width:
-    pieces.append((f"policy forward + backward, target width {ladder_width} (what `batches.target_width` picks for "
+    pieces.append((f"policy forward + backward, target width {ladder_width} (what `shapes.target_width` picks for "
                    "this batch)", grad, (params, ladder, reference)))
   pieces.append(("whole train step: reference forward + policy forward + backward + AdamW", lambda: variant.step(index),
                  ()))

@@ -51,5 +51,6 @@ def get_config():
   c.preference.pairs = 0  # how many (0 = skip)
   c.preference.references = "dpo=base,sft+dpo=sft"  # DPO models and their references, for implicit rewards
   c.preference.max_length = 512
+  c.preference.max_prompt_length = 256  # as in training: a long prompt keeps its end
   c.preference.batch_size = 16
   return c

@@ -29,4 +29,5 @@ def get_config():
   c.preference.source = source
   c.preference.pairs = 64
   c.preference.max_length = 128
+  c.preference.max_prompt_length = 64
   return c

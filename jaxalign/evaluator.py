@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxalign import judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
-from jaxalign.data import hh, pipeline, prompts as prompts_lib, tokenize
+from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.trainer import resolve_init_path
@@ -114,16 +114,18 @@ def judge_preference_accuracy(judge_of: dict[str, judges.Judge], pairs: list[hh.
 
 
 def implicit_reward_accuracy(policy, reference, tokenizer, pairs: list[hh.PreferencePair], config) -> float:
-  """DPO's implicit reward accuracy: log π(y_c)/π_ref(y_c) > log π(y_r)/π_ref(y_r) on held-out pairs."""
-  tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.preference.max_length,
-                                      max_prompt_length=config.preference.max_length // 2)
+  """DPO's implicit reward accuracy: log π(y_c)/π_ref(y_c) > log π(y_r)/π_ref(y_r) on held-out pairs, tokenized and
+  batched as the training pairs are (separate rows of `preference.max_length` tokens)."""
+  pref = config.preference
+  tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=pref.max_length,
+                                      max_prompt_length=pref.max_prompt_length)
+  layout = layouts.SeparateRows(max_length=pref.max_length)
   mesh = parallel.make_mesh()
-  batch_size = -(-config.preference.batch_size // mesh.size) * mesh.size  # a whole number of rows per device
+  batch_size = -(-pref.batch_size // mesh.size) * mesh.size  # a whole number of rows per device
   margins = []
   for model in (policy, reference):
-    logps = reference_lib.compute_logps(model, tokenized, batch_size=batch_size, buckets=(128, 256, 512),
-                                        max_length=config.preference.max_length, pad_id=tokenizer.pad_token_id,
-                                        mesh=mesh)
+    logps = reference_lib.compute_logps(model, layout, tokenized, batch_size=batch_size,
+                                        pad_id=tokenizer.pad_token_id, mesh=mesh)
     margins.append(logps[:, 0] - logps[:, 1])
   return metrics.preference_accuracy(margins[0], margins[1])
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign import shapes
 from jaxalign.models import deberta, hub, reward
 
 DEFAULT_JUDGE = "OpenAssistant/reward-model-deberta-v3-large-v2"
@@ -29,18 +30,6 @@ class Judge(abc.ABC):
   @abc.abstractmethod
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """fp32 scores [len(prompts)] for the pairs (prompts[i], responses[i])."""
-
-
-def default_buckets(max_length: int | None, smallest: int = 64) -> tuple[int, ...]:
-  """Powers of two from `smallest` below `max_length`, then `max_length` itself: e.g. 64, 128, 256, 512 (also the
-  buckets without a length limit, where longer rows round up to multiples of the last bucket)."""
-  max_length = max_length or 512
-  buckets = []
-  length = smallest
-  while length < max_length:
-    buckets.append(length)
-    length *= 2
-  return (*buckets, max_length)
 
 
 class BucketedJudge(Judge):
@@ -60,11 +49,6 @@ class BucketedJudge(Judge):
       raise ValueError(f"buckets must be positive lengths, got {buckets}")
     self.batch_size, self.pad_id, self.buckets = batch_size, pad_id, tuple(sorted(set(buckets)))
 
-  def bucket(self, length: int) -> int:
-    """The padded length for a batch whose longest row has `length` tokens."""
-    last = self.buckets[-1]
-    return next((b for b in self.buckets if b >= length), -(-length // last) * last)
-
   @abc.abstractmethod
   def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, list[int]]]:
     """One row of token features per pair."""
@@ -79,18 +63,14 @@ class BucketedJudge(Judge):
     if not prompts:
       return np.zeros(0, np.float32)
     rows = self.encode(prompts, responses)
-    lengths = np.array([len(row["input_ids"]) for row in rows], dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")  # longest first: the first batch compiles the largest program
-    pending = []
-    for start in range(0, len(rows), self.batch_size):
-      index = order[start:start + self.batch_size]
-      length = self.bucket(lengths[index].max())
-      # Dispatch without waiting: the host pads the next batch while the device scores this one.
-      pending.append((index, self.forward(self._pad([rows[i] for i in index], length))))
-    scores = np.empty(len(rows), np.float32)
-    for index, batch_scores in pending:
-      scores[index] = np.asarray(batch_scores, np.float32)[:len(index)]
-    return scores
+    lengths = [len(row["input_ids"]) for row in rows]
+    # Longest first: the first batch compiles the largest program. Dispatched without waiting: the host pads the
+    # next batch while the device scores this one.
+    chunks = shapes.sorted_chunks(lengths, self.batch_size, longest_first=True)
+    pending = [self.forward(self._pad([rows[i] for i in chunk],
+                                      shapes.fit(max(lengths[i] for i in chunk), self.buckets, beyond=True)))
+               for chunk in chunks]
+    return shapes.scatter(chunks, [np.asarray(scores, np.float32) for scores in pending], len(rows))
 
   def _pad(self, rows: list[dict[str, list[int]]], length: int) -> dict[str, np.ndarray]:
     batch = {name: np.full((self.batch_size, length), self.pad_id if name == "input_ids" else 0, np.int32)
@@ -128,7 +108,7 @@ class DebertaJudge(BucketedJudge):
     if tokenizer.pad_token_id is None:
       raise ValueError("The judge's tokenizer has no pad token")
     super().__init__(batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                     buckets=buckets or default_buckets(max_length))
+                     buckets=buckets or shapes.power_ladder(max_length))
     self.model, self.tokenizer, self.max_length, self.matmul_precision = model, tokenizer, max_length, matmul_precision
     graphdef, self._state = nnx.split(model)
 
@@ -186,7 +166,7 @@ class OPTRewardJudge(BucketedJudge):
     if self.head not in model.heads:
       raise ValueError(f"head {self.head!r} is not one of the reward model's heads {model.heads}")
     super().__init__(batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                     buckets=buckets or default_buckets(max_length))
+                     buckets=buckets or shapes.power_ladder(max_length))
     self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
     self._settings = dict(batch_size=batch_size, max_length=max_length, buckets=buckets)
     if _compiled is None:

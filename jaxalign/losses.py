@@ -8,6 +8,13 @@ import jax
 import jax.numpy as jnp
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reference_free")
+# Loss types whose formula has no reference term: no reference model is built, loaded or run for them.
+REFERENCE_FREE_LOSS_TYPES = ("reference_free",)
+
+
+def needs_reference(loss_type: str) -> bool:
+  """Whether `dpo_loss` with this loss type reads reference log-probs."""
+  return loss_type not in REFERENCE_FREE_LOSS_TYPES
 
 
 def selected_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:

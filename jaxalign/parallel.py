@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,14 @@ def enable_compilation_cache(setting: str, cache_root: str) -> str | None:
     jax.config.update("jax_compilation_cache_dir", setting)
     log.info("persistent compilation cache: %s", setting)
   return setting or None
+
+
+def host_numpy(x: jax.Array) -> np.ndarray:
+  """A full copy of a (possibly sharded, possibly multi-host) array on this host: in a multi-host run every host
+  gathers the whole array."""
+  if not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
 
 
 def compile_all(lowered: list) -> None:

@@ -1,99 +1,111 @@
-"""Precomputed DPO reference log-probs: one forward pass of the starting model over every train pair, cached on disk.
+"""The DPO reference, prepared before the data streams are built: what the step needs of it, decided by the loss.
 
-The reference is then not in memory while training and costs no forward per step. The cache key is a fingerprint
-of the reference weights, the tokenized pairs and the compute dtype, so a rerun (or a resumed run) reads the file
-instead of recomputing, and any change to weights or data recomputes.
+`prepare` returns one of:
+  none         the loss has no reference term (e.g. `reference_free`): nothing is built, loaded or run;
+  model        a frozen copy of the starting model, run in every step;
+  lora_off     with LoRA adapters: the trained model itself with its adapters off (no copy);
+  precomputed  the starting model's log-probs of every pair, from one pass over the data before training (in the
+               layout each split's batches have), cached on disk; they travel with the batches by name
+               (`PER_PAIR_NAMES`), so the reference is not in memory and costs no forward per step.
+
+The cache key is a fingerprint of the reference weights, the tokenized pairs, the layout and the compute dtype, so
+a rerun (or a resumed run) reads the file instead of recomputing, and any change to weights or data recomputes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import parallel, tasks
-from jaxalign.data import batches as batches_lib, pipeline, tokenize
-from jaxalign.models import hub
+from jaxalign import parallel, shapes, tasks
+from jaxalign.data import batches as batches_lib, layouts, pipeline
 
 log = logging.getLogger(__name__)
 
+PER_PAIR_NAMES = ("reference_chosen_logps", "reference_rejected_logps")
 
-def fingerprint(model: nnx.Module, pairs, dtype: str) -> str:
-  """A digest of the model's parameters (gathered to the host), the pairs' token ids and the compute dtype."""
+
+@dataclasses.dataclass
+class Reference:
+  """What the step needs of the reference (see the module docstring). `state`: the frozen copy's parameters (mode
+  "model"); `logps`: per split name, [pairs, 2] chosen / rejected log-probs (mode "precomputed")."""
+
+  mode: str
+  graphdef: Any = None
+  state: Any = None
+  logps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  @property
+  def runs_forward(self) -> bool:
+    """Whether each step runs a reference forward (counted in the step's FLOPs)."""
+    return self.mode in ("model", "lora_off")
+
+  def per_pair(self) -> dict[str, dict[str, np.ndarray]]:
+    """Per split name, the arrays the batches carry (precomputed log-probs), for `pipeline.streams`."""
+    return {split: dict(zip(PER_PAIR_NAMES, logps.T.astype(np.float32))) for split, logps in self.logps.items()}
+
+
+def fingerprint(model: nnx.Module, pairs, settings: str) -> str:
+  """A digest of the model's parameters (gathered to the host), the pairs' token ids and `settings`."""
   digest = hashlib.blake2b(digest_size=16)
-  digest.update(dtype.encode())
+  digest.update(settings.encode())
   for path, variable in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
     digest.update(str(path).encode())
-    digest.update(np.ascontiguousarray(hub.host_numpy(variable.get_value())).tobytes())
+    digest.update(np.ascontiguousarray(parallel.host_numpy(variable.get_value())).tobytes())
   for ids in (*pairs.prompt_ids, *pairs.chosen_ids, *pairs.rejected_ids):
     digest.update(np.asarray(ids, np.int32).tobytes())
     digest.update(b"|")
   return digest.hexdigest()
 
 
-def compute_logps(model: nnx.Module, pairs, *, batch_size: int, buckets: tuple[int, ...], max_length: int,
-                  pad_id: int, mesh, prefix_sharing: bool = False, packing: bool = False) -> np.ndarray:
-  """(chosen, rejected) summed response log-probs of every pair, [N, 2], in length-sorted batches of `batch_size`
-  rows: one pair per row, as prefix-shared rows when `prefix_sharing` (the prompt computed once), or packed
-  prefix-shared rows of `max_length` tokens when `packing` (as the packed training batches are)."""
+def compute_logps(model: nnx.Module, layout: layouts.PairLayout, examples, *, batch_size: int, pad_id: int,
+                  mesh) -> np.ndarray:
+  """(chosen, rejected) summed response log-probs of every pair of `examples`, [pairs, 2], in the batches of
+  `layout` (length-sorted, `batch_size` rows each, padded to the layout's buckets)."""
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, batch: tasks.dpo_logprobs(nnx.merge(graphdef, state), batch))
+  forward = jax.jit(lambda state, batch: jnp.stack(tasks.pair_logprobs(nnx.merge(graphdef, state), batch)[:2], -1))
   sharding = parallel.batch_sharding(mesh)
-  if packing:
-    packed = tokenize.pack_pairs(pairs, capacity=max_length)
-    data, collate, lengths, pair_index = packed, batches_lib.collate_packed_pairs, packed.lengths, packed.pair_index
-    targets = batches_lib.packed_target_counts(packed)
-  else:
-    data, collate = pairs, (batches_lib.collate_dpo_shared if prefix_sharing else batches_lib.collate_dpo)
-    lengths = pairs.shared_lengths if prefix_sharing else pairs.lengths
-    pair_index = np.arange(len(lengths))[:, None]
-    targets = batches_lib.pair_target_counts(pairs, shared=prefix_sharing)
-  if prefix_sharing:
-    max_length *= 2  # prompt + both responses
-  buckets = batches_lib.bucket_lengths(tuple(buckets) + (max_length,), max_length)
-  order = np.argsort(lengths, kind="stable")
+  lengths, counts = layout.lengths(examples), layout.target_counts(examples)
   host_rows = batch_size // jax.process_count()
-  chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-  bucket_of = [batches_lib.pick_bucket(int(lengths[chunk].max()), buckets) for chunk in chunks]
+  chunks = shapes.sorted_chunks(lengths, batch_size)
+  bucket_of = [shapes.fit(int(lengths[chunk].max()), layout.ladder) for chunk in chunks]
   # One width per row length (the most any row of that length needs): one program per bucket, not per width.
-  width_of = {length: batches_lib.target_width(int(targets[lengths <= length].max()), length)
-              for length in set(bucket_of)}
+  width_of = {length: shapes.target_width(int(counts[lengths <= length].max()), length) for length in set(bucket_of)}
 
-  def global_batch(chunk: np.ndarray, length: int) -> dict[str, jax.Array]:
-    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])  # a full batch: static shape
-    mine = padded[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
-    batch = collate(data, mine, length, pad_id, width_of[length])
-    batch.pop("pair_index", None)
-    return batches_lib.to_global(batch, sharding)
+  def global_batch(chunk: np.ndarray, length: int):
+    mine = shapes.fill(chunk, batch_size)[jax.process_index() * host_rows:(jax.process_index() + 1) * host_rows]
+    return batches_lib.to_global(layout.collate(examples, mine, length, pad_id, width_of[length]), sharding)
 
   first_of_length = dict(zip(bucket_of[::-1], chunks[::-1]))
   parallel.compile_all([forward.lower(state, global_batch(chunk, length)) for length, chunk in first_of_length.items()])
-  out = np.zeros((len(pairs.prompt_ids), 2), np.float64)
-  for chunk, length in zip(chunks, bucket_of):
-    chosen, rejected = forward(state, global_batch(chunk, length))
-    index = pair_index[chunk]
-    present = index >= 0
-    out[index[present], 0] = hub.host_numpy(chosen).reshape(batch_size, -1)[:len(chunk)][present]
-    out[index[present], 1] = hub.host_numpy(rejected).reshape(batch_size, -1)[:len(chunk)][present]
+  per_row = shapes.scatter(chunks, [parallel.host_numpy(forward(state, global_batch(chunk, length)))
+                                    for chunk, length in zip(chunks, bucket_of)], len(lengths))  # [rows, K, 2]
+  pair_index = layout.pair_index(examples, np.arange(len(lengths)))
+  out = np.zeros((layout.num_pairs(examples), 2), np.float64)
+  present = pair_index >= 0
+  out[pair_index[present]] = per_row.reshape(len(lengths), -1, 2)[present]
   return out
 
 
-def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndarray:
-  """The reference log-probs of `pairs`, from the cache when this model and these pairs were seen before."""
-  layout = f"shared{config.data.prefix_sharing}-packed{config.data.packing}"
-  key = fingerprint(model, pairs, f"{config.model.dtype}-{layout}")
+def cached_logps(model: nnx.Module, split: pipeline.Split, config, mesh, pad_id: int) -> np.ndarray:
+  """The reference log-probs of a split's pairs, from the cache when this model and these pairs were seen before."""
+  layout, examples = split.layout, split.examples
+  key = fingerprint(model, layout.pairs_of(examples), f"{config.model.dtype}-{layout!r}")
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
   if os.path.exists(path):
     log.info("reference log-probs read from %s", path)
     return np.load(path)
-  log.info("computing reference log-probs for %d pairs (cached in %s)", len(pairs.prompt_ids), path)
-  logps = compute_logps(model, pairs, batch_size=config.training.batch_size // config.training.grad_accum,
-                        buckets=tuple(config.data.buckets), max_length=config.data.max_length, pad_id=pad_id,
-                        mesh=mesh, prefix_sharing=config.data.prefix_sharing, packing=config.data.packing)
+  log.info("computing reference log-probs for %d pairs (cached in %s)", layout.num_pairs(examples), path)
+  logps = compute_logps(model, layout, examples, batch_size=config.training.batch_size // config.training.grad_accum,
+                        pad_id=pad_id, mesh=mesh)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.save(path + ".tmp.npy", logps)
@@ -101,7 +113,19 @@ def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndar
   return logps
 
 
-def attach_precomputed(model: nnx.Module, data: pipeline.TrainingData, config, mesh, pad_id: int) -> None:
-  """Computes (or reads) the starting model's log-probs on the train and held-out pairs and adds them to batches."""
-  eval_logps = cached_logps(model, data.eval_pairs, config, mesh, pad_id) if data.eval_pairs is not None else None
-  data.attach_reference_logps(cached_logps(model, data.train_pairs, config, mesh, pad_id), eval_logps)
+def prepare(task, model: nnx.Module, data: pipeline.StageData, config, mesh, pad_id: int) -> Reference:
+  """What the step needs of the reference, before any stream exists (see the module docstring)."""
+  if not task.uses_reference:
+    if config.task == "dpo":
+      log.info("dpo.loss_type=%s has no reference term: no reference is built or run (dpo.reference=%s unused)",
+               config.dpo.loss_type, config.dpo.reference)
+    return Reference("none")
+  if config.dpo.reference == "model":
+    if config.lora.enabled:
+      return Reference("lora_off")
+    graphdef, state = nnx.split(model)
+    # A copy (never aliasing the trained parameters, which the step donates), optionally in lower precision.
+    state = jax.tree.map(lambda x: jnp.array(x, dtype=config.dpo.reference_dtype, copy=True), state)
+    return Reference("model", graphdef, state)
+  return Reference("precomputed", logps={name: cached_logps(model, split, config, mesh, pad_id)
+                                         for name, split in data.splits().items()})

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
+from jaxalign import shapes
+from jaxalign.parallel import host_numpy
 from jaxalign.models.opt import OPTForCausalLM
 
 log = logging.getLogger(__name__)
@@ -241,20 +242,6 @@ def trim_response(text: str, stop_strings: Sequence[str]) -> str:
   return text[:cut].strip()
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= n."""
-  fitting = [b for b in buckets if b >= n]
-  if not fitting:
-    raise ValueError(f"{n} exceeds the largest bucket {max(buckets)}")
-  return min(fitting)
-
-
-def length_buckets(max_prompt_length: int, smallest: int = 64) -> tuple[int, ...]:
-  """Powers of two from `smallest` up to max_prompt_length, and max_prompt_length itself."""
-  powers = [smallest * 2**i for i in range(max(max_prompt_length // smallest, 1).bit_length())]
-  return tuple(sorted({b for b in powers if b < max_prompt_length} | {max_prompt_length}))
-
-
 def padded_batch_size(num_prompts: int, batch_size: int, multiple: int = 1) -> int:
   """The one batch shape of a run: batch_size, or the power of two that fits all prompts when there are fewer;
   rounded up to a multiple of the batch's shard count. A last, partial batch is filled up to this shape with filler
@@ -288,11 +275,6 @@ def _left_padded(rows: list[list[int]], batch: int, length: int, pad_id: int) ->
   return ids, mask
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A sharded array as one numpy array; in a multi-host run every host gathers the whole batch."""
-  return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
 def generate(
     model: OPTForCausalLM, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50,
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -316,19 +298,17 @@ def generate(
     log.warning("%d of %d prompts were longer than max_prompt_length=%d tokens and keep only their end",
                 truncated, len(encoded), max_prompt_length)
   batch = padded_batch_size(len(encoded), batch_size, batch_shards(sharding))
-  lengths = length_buckets(max_prompt_length)
+  ladder = shapes.power_ladder(max_prompt_length)
   root = jax.random.key(seed)
-  order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
   texts, num_new = [""] * len(encoded), [0] * len(encoded)
-  for start in range(0, len(order), batch):
-    chunk = order[start:start + batch]
+  for chunk in shapes.sorted_chunks([len(ids) for ids in encoded], batch, longest_first=True):
     ids, mask = _left_padded([encoded[i] for i in chunk], batch,
-                             bucket(max(len(encoded[i]) for i in chunk), lengths), options.pad_id)
+                             shapes.fit(max(len(encoded[i]) for i in chunk), ladder), options.pad_id)
     # Filler rows get keys too (the program takes one per row); they generate nothing.
-    indices = np.asarray(chunk + [len(encoded)] * (batch - len(chunk)), np.uint32)
+    indices = np.concatenate([chunk, np.full(batch - len(chunk), len(encoded))]).astype(np.uint32)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, indices)
     tokens, new_lengths = generate_ids(model, ids, mask, key=keys, options=options, sharding=sharding)
-    tokens, new_lengths = _to_host(tokens), _to_host(new_lengths)
+    tokens, new_lengths = host_numpy(tokens), host_numpy(new_lengths)
     for row, i in enumerate(chunk):
       text = tokenizer.decode(tokens[row, :new_lengths[row]], skip_special_tokens=True)
       texts[i], num_new[i] = trim_response(text, stop_strings), int(new_lengths[row])

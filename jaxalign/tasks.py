@@ -1,22 +1,33 @@
-"""What is trained: SFT, DPO and reward modelling, each a loss over a batch dict, all driven by one loop.
+"""What is trained: SFT, DPO and reward modelling, each a loss over a typed batch, all driven by one loop.
 
-A task knows which batches it reads (`batch_kind`: "sft" rows or preference "pairs"), how to compute its loss and
-metrics from a model and a batch, and how many tokens a batch holds (for throughput). Pairs run chosen and
-rejected through the model as one concatenated batch (one forward, one backward).
+A task knows which examples it reads (`batch_kind`: "sft" rows or preference "pairs"), whether its loss needs a
+reference (`uses_reference`, from the loss), how to compute its loss and metrics from a model and a batch, and how
+many tokens a batch holds (for throughput). The batch's type (`data/layouts.py`) selects the code path: separate
+chosen / rejected rows run as one concatenated forward; prefix-shared rows (one pair, or several packed, per row) as
+one forward over prompt + chosen + rejected.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxalign import losses
-from jaxalign.data.batches import CHOSEN_SIDE, REJECTED_SIDE
+from jaxalign.data.layouts import CHOSEN_SIDE, REJECTED_SIDE, SeparatePairBatch, SFTBatch, SharedPairBatch
 
-Batch = dict[str, jax.Array]
+PairBatch = SeparatePairBatch | SharedPairBatch
+
+
+class PairLogps(NamedTuple):
+  """Summed response log-probs and scored tokens per response: [B] (separate rows) or [B, K] (shared rows)."""
+
+  chosen: jax.Array
+  rejected: jax.Array
+  chosen_tokens: jax.Array
+  rejected_tokens: jax.Array
 
 
 def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array,
@@ -28,63 +39,73 @@ def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors
   return losses.selected_logprobs(model.logits(picked), tokens) * target_mask
 
 
-def concatenated_pairs(batch: Batch) -> tuple[jax.Array, jax.Array]:
+def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
   """Chosen rows then rejected rows (collated to one length): (input_ids, attention_mask) [2B, L]."""
-  return tuple(jnp.concatenate([batch[f"chosen_{field}"], batch[f"rejected_{field}"]], axis=0)
-               for field in ("input_ids", "attention_mask"))
+  return (jnp.concatenate([batch.chosen_input_ids, batch.rejected_input_ids]),
+          jnp.concatenate([batch.chosen_attention_mask, batch.rejected_attention_mask]))
 
 
-def pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+def separate_pair_logprobs(model, batch: SeparatePairBatch, dropout_key=None) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
   ids, mask = concatenated_pairs(batch)
-  targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
-  target_mask = jnp.concatenate([batch["chosen_target_mask"], batch["rejected_target_mask"]])
+  targets = jnp.concatenate([batch.chosen_targets, batch.rejected_targets])
+  target_mask = jnp.concatenate([batch.chosen_target_mask, batch.rejected_target_mask])
   hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
   logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask).sum(axis=-1)
-  num_pairs = batch["chosen_input_ids"].shape[0]
-  return logps[:num_pairs], logps[num_pairs:]
+  rows = batch.num_rows
+  return PairLogps(logps[:rows], logps[rows:], batch.chosen_target_mask.sum(-1), batch.rejected_target_mask.sum(-1))
 
 
-def shared_hidden_states(model, batch: Batch, dropout_key=None) -> jax.Array:
-  """The decoder's hidden states over prefix-shared (or packed) rows: positions restart where the batch says, pairs
-  in a row never attend to each other, and a rejected response never attends to its chosen one."""
-  side = batch["response_side"]
+def shared_hidden_states(model, batch: SharedPairBatch, dropout_key=None) -> jax.Array:
+  """The decoder's hidden states over prefix-shared rows: positions restart where the batch says, pairs in a row
+  never attend to each other, and a rejected response never attends to its chosen one."""
+  side = batch.response_side
   blocked = (side[:, :, None] == REJECTED_SIDE) & (side[:, None, :] == CHOSEN_SIDE)
-  hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
-                                  segment_ids=batch.get("segment_ids"), mask=~blocked, dropout_key=dropout_key)
+  hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
+                                  segment_ids=batch.segment_ids, mask=~blocked, dropout_key=dropout_key)
   return hidden
 
 
-def shared_pair_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
-  """Summed response log-probs of chosen and rejected from prefix-shared rows: one forward over prompt + chosen +
-  rejected, the rejected tokens unable to attend to the chosen ones. [B] each for one pair per row
-  (`collate_dpo_shared`); [B, K] for packed rows (`collate_packed_pairs`; 0 where `pair_mask` is 0)."""
-  side, segment_ids = batch["response_side"], batch.get("segment_ids")
+def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> PairLogps:
+  """Summed response log-probs of chosen and rejected, [B, K] (0 where `pair_mask` is 0), from one forward over
+  prompt + chosen + rejected per pair, the rejected tokens unable to attend to the chosen ones."""
   hidden = shared_hidden_states(model, batch, dropout_key)
-  targets = batch["targets"]
-  predecessors = jnp.take_along_axis(batch["predecessor"], targets, axis=1)
-  logps = target_logprobs(model, hidden, batch["input_ids"], predecessors, targets, batch["target_mask"])
-  target_side = jnp.take_along_axis(side, targets, axis=1)
-  chosen, rejected = logps * (target_side == CHOSEN_SIDE), logps * (target_side == REJECTED_SIDE)
-  if "pair_mask" not in batch:
-    return chosen.sum(axis=-1), rejected.sum(axis=-1)
-  # Packed: sum each target into its pair's slot (segment k -> slot k - 1).
-  slots = jax.nn.one_hot(jnp.take_along_axis(segment_ids, targets, axis=1) - 1, batch["pair_mask"].shape[1],
+  targets = batch.targets
+  predecessors = jnp.take_along_axis(batch.predecessor, targets, axis=1)
+  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask)
+  target_side = jnp.take_along_axis(batch.response_side, targets, axis=1)
+  # Each target summed into its pair's slot (segment k -> slot k - 1).
+  slots = jax.nn.one_hot(jnp.take_along_axis(batch.segment_ids, targets, axis=1) - 1, batch.pair_mask.shape[1],
                          dtype=logps.dtype)
-  return jnp.einsum("bs,bsk->bk", chosen, slots), jnp.einsum("bs,bsk->bk", rejected, slots)
+  per_pair = lambda values: jnp.einsum("bs,bsk->bk", values, slots)
+  chosen_side = (target_side == CHOSEN_SIDE) * batch.target_mask
+  rejected_side = (target_side == REJECTED_SIDE) * batch.target_mask
+  return PairLogps(per_pair(logps * chosen_side), per_pair(logps * rejected_side), per_pair(chosen_side),
+                   per_pair(rejected_side))
 
 
-def dpo_logprobs(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
-  """Chosen and rejected log-probs from whichever layout the batch has (prefix-shared or separate rows)."""
-  if "response_side" in batch:
+def pair_logprobs(model, batch: PairBatch, dropout_key=None) -> PairLogps:
+  """Chosen and rejected log-probs and scored tokens, by the batch's layout."""
+  if isinstance(batch, SharedPairBatch):
     return shared_pair_logprobs(model, batch, dropout_key)
-  return pair_logprobs(model, batch, dropout_key)
+  return separate_pair_logprobs(model, batch, dropout_key)
 
 
-def pair_tokens(batch: Batch) -> jax.Array:
-  if "response_side" in batch:
-    return batch["attention_mask"].sum()
-  return batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
+def pair_mask(batch: PairBatch) -> jax.Array | None:
+  """Which per-pair entries are pairs ([B, K] for shared rows; None: every row of separate rows is one)."""
+  return batch.pair_mask if isinstance(batch, SharedPairBatch) else None
+
+
+def pair_tokens(batch: PairBatch) -> jax.Array:
+  if isinstance(batch, SharedPairBatch):
+    return batch.attention_mask.sum()
+  return batch.chosen_attention_mask.sum() + batch.rejected_attention_mask.sum()
+
+
+def pair_scored_tokens(batch: PairBatch) -> jax.Array:
+  if isinstance(batch, SharedPairBatch):
+    return batch.target_mask.sum()
+  return batch.chosen_target_mask.sum() + batch.rejected_target_mask.sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,93 +115,89 @@ class SFTTask:
   batch_kind = "sft"
   uses_reference = False
 
-  def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
-                                    segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
-    targets = batch["targets"]
-    logps = target_logprobs(model, hidden, batch["input_ids"], jnp.maximum(targets - 1, 0), targets,
-                            batch["target_mask"])
-    return losses.sft_loss(logps, batch["target_mask"])
+  def loss(self, model, batch: SFTBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
+                                    segment_ids=batch.segment_ids, dropout_key=dropout_key)
+    logps = target_logprobs(model, hidden, batch.input_ids, jnp.maximum(batch.targets - 1, 0), batch.targets,
+                            batch.target_mask)
+    return losses.sft_loss(logps, batch.target_mask)
 
-  def tokens(self, batch: Batch) -> jax.Array:
-    return batch["attention_mask"].sum()
+  def tokens(self, batch: SFTBatch) -> jax.Array:
+    return batch.attention_mask.sum()
 
-  def scored_tokens(self, batch: Batch) -> jax.Array:
+  def scored_tokens(self, batch: SFTBatch) -> jax.Array:
     """Positions where the LM head runs."""
-    return batch["target_mask"].sum()
+    return batch.target_mask.sum()
 
 
 @dataclasses.dataclass(frozen=True)
 class DPOTask:
-  """DPO against a reference: a model (frozen copy, or the LoRA base with adapters off) or precomputed log-probs.
-
-  With precomputed reference log-probs the batch carries `reference_chosen_logps` / `reference_rejected_logps`
-  and `reference` is None.
-  """
+  """DPO and its variants. Against a reference when the loss needs one: a model (a frozen copy, or the LoRA base with
+  adapters off) passed as `reference`, or precomputed log-probs carried by the batch (`extras`
+  "reference_chosen_logps" / "reference_rejected_logps") with `reference` None."""
 
   beta: float = 0.1
   loss_type: str = "sigmoid"
   label_smoothing: float = 0.0
   batch_kind = "pairs"
-  uses_reference = True
 
-  def reference_logps(self, reference, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  @property
+  def uses_reference(self) -> bool:
+    return losses.needs_reference(self.loss_type)
+
+  def reference_logps(self, reference, batch: PairBatch, like: PairLogps) -> tuple[jax.Array, jax.Array]:
+    if not self.uses_reference:
+      return jnp.zeros_like(like.chosen), jnp.zeros_like(like.rejected)
     if reference is None:
-      return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-    chosen, rejected = dpo_logprobs(reference, batch)
-    return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+      return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
+    logps = pair_logprobs(reference, batch)
+    return jax.lax.stop_gradient(logps.chosen), jax.lax.stop_gradient(logps.rejected)
 
-  def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    ref_chosen, ref_rejected = self.reference_logps(reference, batch)
-    chosen, rejected = dpo_logprobs(model, batch, dropout_key)
-    return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-                           label_smoothing=self.label_smoothing, mask=batch.get("pair_mask"))
+  def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    policy = pair_logprobs(model, batch, dropout_key)
+    ref_chosen, ref_rejected = self.reference_logps(reference, batch, policy)
+    return losses.dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=self.beta,
+                           loss_type=self.loss_type, label_smoothing=self.label_smoothing, mask=pair_mask(batch))
 
-  def tokens(self, batch: Batch) -> jax.Array:
+  def tokens(self, batch: PairBatch) -> jax.Array:
     return pair_tokens(batch)
 
-  def scored_tokens(self, batch: Batch) -> jax.Array:
-    if "response_side" in batch:
-      return batch["target_mask"].sum()
-    return batch["chosen_target_mask"].sum() + batch["rejected_target_mask"].sum()
+  def scored_tokens(self, batch: PairBatch) -> jax.Array:
+    return pair_scored_tokens(batch)
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardTask:
-  """Bradley–Terry reward modelling; with several heads each pair trains the head named by its `head` index."""
+  """Bradley–Terry reward modelling; with several heads each pair trains the head named by its `head` extra."""
 
   margin: float = 0.0
   center_rewards_coefficient: float = 0.0
   batch_kind = "pairs"
   uses_reference = False
 
-  def loss(self, model, batch: Batch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    chosen, rejected = self.pair_rewards(model, batch, dropout_key)  # [B, heads] or [B, K, heads] (packed)
-    head = batch.get("head", jnp.zeros(chosen.shape[:-1], jnp.int32))
+  def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    chosen, rejected = self.pair_rewards(model, batch, dropout_key)  # [B, heads] or [B, K, heads]
+    head = batch.extras["head"]
     pick = lambda rewards: jnp.take_along_axis(rewards, head[..., None], axis=-1)[..., 0]
     margin = jnp.full(chosen.shape[:-1], self.margin) if self.margin else None
     return losses.reward_model_loss(pick(chosen), pick(rejected), margin=margin,
-                                    center_rewards_coefficient=self.center_rewards_coefficient,
-                                    mask=batch.get("pair_mask"))
+                                    center_rewards_coefficient=self.center_rewards_coefficient, mask=pair_mask(batch))
 
   @staticmethod
-  def pair_rewards(model, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
-    """Chosen and rejected rewards of every head: from one forward over separate chosen / rejected rows, or over
-    prefix-shared rows (each response read at its last token; [B, K, heads] for packed rows)."""
-    if "response_side" in batch:
+  def pair_rewards(model, batch: PairBatch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """Chosen and rejected rewards of every head: [B, heads] from one forward over separate chosen / rejected rows,
+    or [B, K, heads] from prefix-shared rows (each response read at its last token)."""
+    if isinstance(batch, SharedPairBatch):
       hidden = shared_hidden_states(model.backbone, batch, dropout_key)
-      ends = lambda side: batch[f"{side}_end"] if "pair_mask" in batch else batch[f"{side}_end"][:, None]
-      chosen, rejected = model.scores(hidden, ends("chosen")), model.scores(hidden, ends("rejected"))
-      return (chosen, rejected) if "pair_mask" in batch else (chosen[:, 0], rejected[:, 0])
+      return model.scores(hidden, batch.chosen_end), model.scores(hidden, batch.rejected_end)
     ids, mask = concatenated_pairs(batch)
     rewards = model(ids, mask, dropout_key=dropout_key)
-    num_pairs = batch["chosen_input_ids"].shape[0]
-    return rewards[:num_pairs], rewards[num_pairs:]
+    return rewards[:batch.num_rows], rewards[batch.num_rows:]
 
-  def tokens(self, batch: Batch) -> jax.Array:
+  def tokens(self, batch: PairBatch) -> jax.Array:
     return pair_tokens(batch)
 
-  def scored_tokens(self, batch: Batch) -> jax.Array:
+  def scored_tokens(self, batch: PairBatch) -> jax.Array:
     return jnp.zeros((), jnp.int32)  # a scalar head, no LM head
 
 

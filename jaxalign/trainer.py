@@ -173,16 +173,16 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 class StepFunctions:
   """The jit-compiled train and eval steps of one stage, with a count of how often each was compiled."""
 
-  def __init__(self, task, graphdef, tx, root_key, *, accum: int, reference_mode: str, reference_graphdef=None):
+  def __init__(self, task, graphdef, tx, root_key, *, accum: int, reference: reference_lib.Reference):
     self.compilations = {"train": 0, "eval": 0}
     self.shapes: set[tuple] = set()
 
     def reference_model(params, rest, reference_state):
-      if reference_mode == "lora_off":
+      if reference.mode == "lora_off":
         return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), rest)
-      if reference_mode == "model":
-        return nnx.merge(reference_graphdef, reference_state)
-      return None  # precomputed: the log-probs come with the batch
+      if reference.mode == "model":
+        return nnx.merge(reference.graphdef, reference_state)
+      return None  # none, or precomputed: the log-probs come with the batch
 
     def loss_fn(params, rest, reference_state, batch, key):
       model = nnx.merge(graphdef, params, rest)
@@ -266,9 +266,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
-  data = pipeline.build(config, tokenizer, workdir, task.batch_kind, mesh)
+  stage_data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
 
   model = build_model(config, mesh)
+  # Before the streams: precomputed reference log-probs travel with the batches.
+  reference = reference_lib.prepare(task, model, stage_data, config, mesh, tokenizer.pad_token_id)
+  reference_state = reference.state
+  data = pipeline.streams(config, stage_data, mesh, tokenizer.pad_token_id, reference.per_pair())
   use_lora = config.lora.enabled
   graphdef, params, rest = split_model(model, use_lora)
   total_steps = data.total_steps
@@ -281,19 +285,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, opt_state), state_shardings)
   rest = parallel.shard_tree(rest, mesh, config.mesh.min_fsdp_size)
   root_key = jax.random.key(config.seed)
-
-  reference_mode, reference_graphdef, reference_state = "precomputed", None, None
-  if task.uses_reference and config.dpo.reference == "model":
-    if use_lora:
-      reference_mode = "lora_off"
-    else:
-      reference_mode = "model"
-      reference_graphdef, reference_state = nnx.split(model)
-      # A copy (never aliasing the trained parameters, which the step donates), optionally in lower precision.
-      reference_state = jax.tree.map(lambda x: jnp.array(x, dtype=config.dpo.reference_dtype, copy=True),
-                                     reference_state)
-  if task.uses_reference and config.dpo.reference == "precomputed":
-    reference_lib.attach_precomputed(model, data, config, mesh, tokenizer.pad_token_id)
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
@@ -308,10 +299,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     data.train.restore(restored.extra["data"])
     log.info("resumed from step %d", restored.step)
 
-  steps = StepFunctions(task, graphdef, tx, root_key, accum=config.training.grad_accum, reference_mode=reference_mode,
-                        reference_graphdef=reference_graphdef)
+  steps = StepFunctions(task, graphdef, tx, root_key, accum=config.training.grad_accum, reference=reference)
   metric_logger = MetricLogger(workdir, config, total_steps=total_steps, start_step=int(state.step),
-                               step_flops=_training_flops(model, reference_mode),
+                               step_flops=_training_flops(model, reference),
                                num_devices=mesh.size)
   last_saved = restored.step if restored else None
   seconds["setup"] = time.perf_counter() - stage_start  # data, model, reference pass, restore
@@ -368,9 +358,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   return export_dir
 
 
-def _training_flops(model, reference_mode: str):
-  """Training FLOPs of a step as a function of (row length, tokens, scored tokens); a live reference adds a
-  forward."""
+def _training_flops(model, reference: reference_lib.Reference):
+  """Training FLOPs of a step as a function of (row length, tokens, scored tokens); a reference run in the step
+  adds a forward."""
   arch = model.backbone.config if isinstance(model, reward.OPTRewardModel) else model.config
-  extra = 1 if reference_mode in ("model", "lora_off") else 0
+  extra = 1 if reference.runs_forward else 0
   return lambda seq_len, tokens, scored: flops.training_flops(arch, seq_len, tokens, scored, extra_forwards=extra)

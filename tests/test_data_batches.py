@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxalign.data import batches, tokenize
+from jaxalign import shapes
+from jaxalign.data import batches, layouts, tokenize
 
 PAD = 1
 
@@ -21,13 +22,13 @@ def make_pairs(n=22, seed=0):
                                  [ids(1, 30) for _ in range(n)], flags, flags, flags)
 
 
-def dpo_iter(pairs, **kwargs):
-  settings = dict(pad_id=PAD, global_batch_size=4, seed=3, max_length=80, buckets=(16, 32, 64))
-  return batches.dpo_batches(pairs, **{**settings, **kwargs})
+def dpo_iter(pairs, max_length=80, **kwargs):
+  settings = dict(pad_id=PAD, global_batch_size=4, seed=3)
+  return layouts.SeparateRows(max_length=max_length, buckets=(16, 32, 64)).iterator(pairs, **{**settings, **kwargs})
 
 
 def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
+  return [layouts.named_arrays(next(iterator)) for _ in range(n)]
 
 
 def assert_same(batches_a, batches_b):
@@ -38,26 +39,17 @@ def assert_same(batches_a, batches_b):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_buckets_are_capped_at_max_length():
-  assert batches.bucket_lengths((128, 256, 512, 1024), 512) == (128, 256, 512)
-  assert batches.bucket_lengths((128, 256, 512, 1024), 300) == (128, 256, 300)
-  assert batches.pick_bucket(129, (128, 256)) == 256
-  with pytest.raises(ValueError, match="does not fit"):
-    batches.pick_bucket(300, (128, 256))
-
-
-def test_dpo_batches_have_bucket_shapes_and_response_loss_masks():
+def test_dpo_batches_have_bucket_shapes_and_response_targets():
   pairs = make_pairs()
   iterator = dpo_iter(pairs)
   for _ in range(2 * iterator.batches_per_epoch):
     indices = iterator.global_indices(iterator.epoch, iterator.position)
-    batch = next(iterator)
+    batch = layouts.named_arrays(next(iterator))
     length = batch["chosen_input_ids"].shape[1]
-    assert length in (16, 32, 64, 80) and length == batches.pick_bucket(int(pairs.lengths[indices].max()),
-                                                                        iterator.buckets)
+    assert length in (16, 32, 64, 80) and length == shapes.fit(int(pairs.lengths[indices].max()), iterator.buckets)
     for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids)):
       assert batch[f"{side}_input_ids"].shape == (4, length) and batch[f"{side}_input_ids"].dtype == np.int32
-      assert batch[f"{side}_loss_mask"].dtype == np.float32
+      assert batch[f"{side}_target_mask"].dtype == np.float32
       for row, i in enumerate(indices):
         n_prompt, n_response = len(pairs.prompt_ids[i]), len(responses[i])
         n = n_prompt + n_response
@@ -65,8 +57,9 @@ def test_dpo_batches_have_bucket_shapes_and_response_loss_masks():
         assert ids[:n].tolist() == pairs.prompt_ids[i].tolist() + responses[i].tolist()
         assert np.all(ids[n:] == PAD)
         assert batch[f"{side}_attention_mask"][row].tolist() == [1] * n + [0] * (length - n)
-        assert batch[f"{side}_loss_mask"][row].tolist() == [0] * n_prompt + [1] * n_response + [0] * (length - n)
-    assert batch["prompt_length"].tolist() == [len(pairs.prompt_ids[i]) for i in indices]
+        # Scored: exactly the response tokens.
+        scored = batch[f"{side}_targets"][row][batch[f"{side}_target_mask"][row] == 1]
+        assert scored.tolist() == list(range(n_prompt, n))
 
 
 def test_order_is_a_fresh_permutation_per_epoch_and_drops_the_remainder():
@@ -119,14 +112,14 @@ def test_sft_batches_of_packed_rows_pad_segments_and_positions():
   examples = tokenize.SFTExamples([rng.integers(3, 300, n).astype(np.int32) for n in lengths],
                                   [np.r_[0.0, np.ones(n - 1)].astype(np.float32) for n in lengths])
   packed = tokenize.pack_examples(examples, seq_len=16)
-  iterator = batches.sft_batches(packed, pad_id=PAD, global_batch_size=2, seed=0, max_length=16, buckets=(8,))
-  batch = next(iterator)
-  assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "targets",
-                        "target_mask"}
+  iterator = layouts.SFTRows(max_length=16, buckets=(8,)).iterator(packed, pad_id=PAD, global_batch_size=2, seed=0)
+  batch = layouts.named_arrays(next(iterator))
+  assert set(batch) == {"input_ids", "attention_mask", "segment_ids", "positions", "targets", "target_mask"}
   assert batch["input_ids"].shape == (2, 16)
   pad = batch["attention_mask"] == 0
   assert np.array_equal(pad, batch["segment_ids"] == 0)
-  assert np.all(batch["input_ids"][pad] == PAD) and np.all(batch["loss_mask"][pad] == 0)
+  scored_pad = [pad[row][batch["targets"][row][batch["target_mask"][row] == 1]] for row in range(2)]
+  assert np.all(batch["input_ids"][pad] == PAD) and not np.concatenate(scored_pad).any()
   assert np.all(batch["positions"][pad] == 0)
 
 
@@ -140,8 +133,8 @@ def test_to_global_builds_batch_sharded_arrays():
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   n = jax.device_count()
   batch = next(dpo_iter(make_pairs(n=4 * n), global_batch_size=2 * n))
-  arrays = batches.to_global(batch, sharding)
-  for key, value in batch.items():
+  arrays = layouts.named_arrays(batches.to_global(batch, sharding))
+  for key, value in layouts.named_arrays(batch).items():
     assert arrays[key].sharding == sharding and arrays[key].shape == value.shape
     np.testing.assert_array_equal(np.asarray(arrays[key]), value)
 
@@ -164,8 +157,9 @@ def test_fixed_shape_batches_all_take_the_longest_examples_shape():
   varied_shapes = {tuple(b["chosen_targets"].shape) + b["chosen_input_ids"].shape for b in take(varied, 5)}
   fixed_batches = take(fixed, 5)
   assert len(varied_shapes) > 1
-  longest = batches.pick_bucket(int(pairs.lengths.max()), fixed.buckets)
-  width = batches.target_width(int(batches.pair_target_counts(pairs, False).max()), longest)
+  longest = shapes.fit(int(pairs.lengths.max()), fixed.buckets)
+  most_targets = max(max(len(c), len(r)) for c, r in zip(pairs.chosen_ids, pairs.rejected_ids))
+  width = shapes.target_width(most_targets, longest)
   assert {tuple(b["chosen_targets"].shape) + b["chosen_input_ids"].shape for b in fixed_batches} == {
       (4, width, 4, longest)}
   for a, b in zip(take(dpo_iter(pairs, group_by_length=True), 5), fixed_batches):  # the same pairs, padded further
@@ -181,7 +175,7 @@ def test_first_of_each_shape_finds_every_upcoming_shape_without_moving():
   count = 2 * iterator.batches_per_epoch
   firsts = iterator.first_of_each_shape(count)
   assert iterator.state() == state
-  looked_up = [iterator.batch_at(epoch, position) for epoch, position in firsts]
+  looked_up = [layouts.named_arrays(iterator.batch_at(epoch, position)) for epoch, position in firsts]
   upcoming = take(iterator, count)
   shape = lambda b: (b["chosen_input_ids"].shape[1], b["chosen_targets"].shape[1])  # noqa: E731
   assert len({shape(b) for b in looked_up}) == len(looked_up) > 1

@@ -230,12 +230,3 @@ def test_load_judge_dispatches_on_model_type(judge_folder, tmp_path):
     (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
     with pytest.raises(error):
       judges.load_judge(str(tmp_path / model_type))
-
-
-def test_buckets():
-  assert judges.default_buckets(512) == judges.default_buckets(None) == (64, 128, 256, 512)
-  assert judges.default_buckets(300) == (64, 128, 256, 300)
-  assert judges.default_buckets(24) == (24,)
-  bucketed = judges.DebertaJudge.__new__(judges.DebertaJudge)
-  judges.BucketedJudge.__init__(bucketed, batch_size=1, pad_id=0, buckets=(128, 64))
-  assert [bucketed.bucket(n) for n in (1, 64, 65, 128, 129, 300)] == [64, 64, 128, 128, 256, 384]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.data import batches, tokenize
+from jaxalign.data import layouts, tokenize
 from jaxalign.models import opt
 
 # opt-350m's quirks in miniature: post-LayerNorm blocks and a narrower embedding projected in and out.
@@ -18,14 +18,15 @@ def test_packed_forward_equals_separate_forwards():
   examples = tokenize.SFTExamples([rng.integers(3, 128, n).astype(np.int32) for n in lengths],
                                   [np.r_[0.0, np.ones(n - 1)].astype(np.float32) for n in lengths])
   packed = tokenize.pack_examples(examples, seq_len=16)
-  iterator = batches.sft_batches(packed, pad_id=1, global_batch_size=len(packed), seed=0, max_length=16)
-  batch = next(iterator)
+  iterator = layouts.SFTRows(max_length=16).iterator(packed, pad_id=1, global_batch_size=len(packed), seed=0)
+  batch = layouts.named_arrays(next(iterator))
   model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(0))
   logits = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                  segment_ids=jnp.asarray(batch["segment_ids"]), positions=jnp.asarray(batch["positions"]))
   # Reference: every example alone in its own right-padded row (default positions 0, 1, 2, …).
   alone = tokenize.SFTExamples(examples.input_ids, examples.loss_mask)
-  single = batches.collate_sft(alone, np.arange(len(lengths)), max(lengths), pad_id=1)
+  single = layouts.named_arrays(layouts.SFTRows(max_length=16).collate(alone, np.arange(len(lengths)), max(lengths),
+                                                                       pad_id=1))
   reference = model(jnp.asarray(single["input_ids"]), jnp.asarray(single["attention_mask"]))
   checked = 0
   for row in range(len(packed)):

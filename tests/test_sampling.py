@@ -245,13 +245,8 @@ def test_long_prompts_keep_their_end(tiny_tokenizer):
   assert encoded == [ids[-10:] for ids in full]
 
 
-def test_buckets():
-  assert sampling.length_buckets(1024) == (64, 128, 256, 512, 1024)
-  assert sampling.length_buckets(100) == (64, 100)
+def test_padded_batch_size():
   assert sampling.padded_batch_size(100, 64) == 64
   assert sampling.padded_batch_size(5, 64) == 8
   assert sampling.padded_batch_size(1, 64) == 1
   assert sampling.padded_batch_size(100, 12, multiple=8) == 16
-  assert sampling.bucket(37, (8, 16, 64)) == 64
-  with pytest.raises(ValueError, match="exceeds"):
-    sampling.bucket(65, (8, 16, 64))

@@ -1,5 +1,7 @@
-"""From a stage config to what the training loop reads: a resumable stream of sharded global batches and a fixed
-set of held-out batches. Glue over hh -> tokenize -> batches; the decisions live in those modules.
+"""From a stage config to what the training loop reads, in two calls: `load` (records -> tokenized examples in
+their batch layouts, per split) and, once the reference is prepared, `streams` (a resumable stream of sharded global
+batches and a fixed set of held-out batches, carrying per-pair arrays by name). Glue over hh -> tokenize ->
+layouts -> batches; the decisions live in those modules.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxalign import parallel
-from jaxalign.data import batches as batches_lib, hh, synthetic, tokenize
+from jaxalign.data import batches as batches_lib, hh, layouts, synthetic, tokenize
 from jaxalign.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,42 +76,28 @@ def head_index(source: str, heads: tuple[str, ...]) -> int:
 class TrainStream:
   """Global batches for the train step: this host's rows from the iterator, made into sharded jax arrays.
 
-  `extra_fields(indices)` adds per-example arrays (reward heads, precomputed reference log-probs) by example index
-  (by pair index [rows, K] for packed pair rows, -1 where a row has no k-th pair).
-  Reward models have no LM head, so their batches leave out the scored-token positions (whose varying width would
-  only cost compilations). `last_shape` is (rows, row length, scored positions per row) of the last batch.
+  `last_shape` is (rows, row length, scored positions per row) of the last batch.
   """
 
-  def __init__(self, iterator: batches_lib.BatchIterator, sharding, extra_fields=None, with_targets: bool = True):
+  def __init__(self, iterator: batches_lib.BatchIterator, sharding):
     self.iterator = iterator
     self.sharding = sharding
-    self.extra_fields = extra_fields
-    self.with_targets = with_targets
     self.last_shape: tuple[int, ...] = ()
 
-  def next_global(self) -> dict[str, jax.Array]:
-    return self._global(next(self.iterator))
+  def next_global(self):
+    length, width = self.iterator.shape_at(self.iterator.epoch, self.iterator.position)
+    self.last_shape = (self.iterator.global_batch_size, length, width or 0)
+    return batches_lib.to_global(next(self.iterator), self.sharding)
 
-  def shape_examples(self, count: int) -> list[dict[str, jax.Array]]:
+  def shape_examples(self, count: int) -> list:
     """One global batch of each distinct shape among the next `count` (to compile for); the stream does not move."""
-    return [self._global(self.iterator.batch_at(epoch, position))
+    return [batches_lib.to_global(self.iterator.batch_at(epoch, position), self.sharding)
             for epoch, position in self.iterator.first_of_each_shape(count)]
 
-  def _global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    indices = batch.pop("index")
-    if "pair_index" in batch:  # packed rows: per-pair extras go by pair
-      indices = batch.pop("pair_index")
-    if self.extra_fields is not None:
-      batch.update(self.extra_fields(indices))
-    target_keys = [k for k in batch if k.endswith(("targets", "target_mask"))]
-    width = max((batch[k].shape[1] for k in target_keys), default=0)
-    if not self.with_targets:
-      for key in target_keys:
-        del batch[key]
-      width = 0
-    rows = next(iter(batch.values()))
-    self.last_shape = (rows.shape[0] * jax.process_count(), rows.shape[1], width)
-    return batches_lib.to_global(batch, self.sharding)
+  def first_epoch(self) -> list:
+    """Every global batch of epoch 0, in order (held-out batches: the same ones at every evaluation)."""
+    return [batches_lib.to_global(self.iterator.batch_at(0, position), self.sharding)
+            for position in range(self.iterator.batches_per_epoch)]
 
   def state(self) -> dict:
     return self.iterator.state()
@@ -119,50 +107,38 @@ class TrainStream:
 
 
 @dataclasses.dataclass
+class Split:
+  """One split of a stage's data: its layout, the examples in that layout's form, and the records they came from
+  (for per-pair arrays such as reward heads)."""
+
+  layout: layouts.Layout
+  examples: object
+  records: list[hh.PreferencePair]
+
+
+@dataclasses.dataclass
+class StageData:
+  """A stage's tokenized data before any batch is built: train and (optionally) held-out splits."""
+
+  train: Split
+  held_out: Split | None
+  batch_kind: str
+
+  def splits(self) -> dict[str, Split]:
+    return {"train": self.train, **({"held_out": self.held_out} if self.held_out is not None else {})}
+
+
+@dataclasses.dataclass
 class TrainingData:
   train: TrainStream
-  eval_stream: TrainStream | None  # one pass over the held-out examples, the same batches at every evaluation
+  eval_batches: list  # one pass over the held-out examples, the same batches at every evaluation
   total_steps: int
-  train_pairs: tokenize.TokenizedPairs | None  # kept for a precomputed-reference pass (pair tasks only)
-  eval_pairs: tokenize.TokenizedPairs | None
-  _eval_batches: list | None = None
-
-  @property
-  def eval_batches(self) -> list[dict[str, jax.Array]]:
-    if self._eval_batches is None:
-      self._eval_batches = []
-      if self.eval_stream is not None:
-        self.eval_stream.restore({**self.eval_stream.state(), "epoch": 0, "position": 0})
-        self._eval_batches = [self.eval_stream.next_global()
-                              for _ in range(self.eval_stream.iterator.batches_per_epoch)]
-    return self._eval_batches
-
-  def attach_reference_logps(self, train_logps: np.ndarray, eval_logps: np.ndarray | None) -> None:
-    """Makes batches carry `reference_chosen_logps` / `reference_rejected_logps` from [N, 2] arrays per split."""
-    for stream, logps in ((self.train, train_logps), (self.eval_stream, eval_logps)):
-      if stream is not None:
-        stream.extra_fields = _with_reference(stream.extra_fields, logps)
-    self._eval_batches = None
 
 
-def _with_reference(previous, logps: np.ndarray):
-  def fields(indices):
-    out = previous(indices) if previous is not None else {}
-    present = indices >= 0  # -1: no pair in that slot of a packed row
-    picked = logps[np.where(present, indices, 0)] * present[..., None]
-    out["reference_chosen_logps"] = picked[..., 0].astype(np.float32)
-    out["reference_rejected_logps"] = picked[..., 1].astype(np.float32)
-    return out
-
-  return fields
-
-
-def _head_fields(config, pairs: list[hh.PreferencePair]):
-  """For multi-head reward models: a function adding each row's `head` index; None otherwise."""
-  if config.task != "reward" or len(config.reward.heads) == 1:
-    return None
-  heads = np.array([head_index(p.source, tuple(config.reward.heads)) for p in pairs], np.int32)
-  return lambda indices: {"head": np.where(indices >= 0, heads[indices], 0).astype(np.int32)}  # -1: no pair
+def _head_per_pair(config, records: list[hh.PreferencePair]) -> dict[str, np.ndarray]:
+  """Reward models: each pair's `head` index (0 with one head)."""
+  heads = tuple(config.reward.heads)
+  return {"head": np.array([head_index(p.source, heads) for p in records], np.int32)}
 
 
 def _check_divisible(config, mesh) -> None:
@@ -172,40 +148,15 @@ def _check_divisible(config, mesh) -> None:
                      f"{mesh.size} devices: make it a multiple of {mesh.size}")
 
 
-def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size: int, buckets, pad_id: int,
-              fixed_shape: bool = False):
-  """A BatchIterator whose batches also carry each row's example `index` (for per-example extra fields).
-
-  Prefix-shared pair rows hold prompt + chosen + rejected, so their buckets reach twice `data.max_length` (packed
-  rows fill max_length; a pair longer than that has a row of its own).
-  """
-  common = dict(pad_id=pad_id, with_index=True, global_batch_size=global_batch_size, seed=seed,
-                group_by_length=config.data.group_by_length, fixed_shape=fixed_shape)
-  if batch_kind == "sft":
-    return batches_lib.sft_batches(examples, max_length=config.data.max_length, buckets=tuple(buckets), **common)
-  shared = config.data.prefix_sharing
-  if shared:
-    buckets = tuple(buckets) + tuple(2 * b for b in buckets if b > buckets[-1] // 2)
-  max_length = config.data.max_length * (2 if shared else 1)
-  if isinstance(examples, tokenize.PackedPairs):
-    return batches_lib.packed_pair_batches(examples, max_length=max_length, buckets=tuple(buckets), **common)
-  return batches_lib.dpo_batches(examples, shared=shared, max_length=max_length, buckets=tuple(buckets), **common)
-
-
-def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str, packing: bool):
-  if batch_kind != "sft":
-    return tokenize.pack_pairs(pairs, capacity=config.data.max_length) if packing else pairs
+def _sft_examples(config, pairs: tokenize.TokenizedPairs) -> tokenize.SFTExamples:
   sides = {"chosen": [pairs], "rejected": [], "both": [pairs]}[config.data.sft_responses]
   if config.data.sft_responses in ("rejected", "both"):
     # Language modelling on the rejected side too: an unaligned "pretrained" model for the offline quickstart.
     sides.append(dataclasses.replace(pairs, chosen_ids=pairs.rejected_ids))
   parts = [tokenize.sft_examples(side, loss_on=config.data.loss_on, max_length=config.data.max_length)
            for side in sides]
-  examples = tokenize.SFTExamples([ids for part in parts for ids in part.input_ids],
-                                  [mask for part in parts for mask in part.loss_mask])
-  if packing:
-    examples = tokenize.pack_examples(examples, seq_len=config.data.max_length)
-  return examples
+  return tokenize.SFTExamples([ids for part in parts for ids in part.input_ids],
+                              [mask for part in parts for mask in part.loss_mask])
 
 
 def _load(config, tokenizer, split: str, batch_kind: str):
@@ -221,39 +172,64 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   return pairs, tokenized
 
 
-def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingData:
-  """The train stream and held-out batches of a stage; `batch_kind` "sft" or "pairs"."""
-  del workdir  # data is cached by content, not per run
-  _check_divisible(config, mesh)
-  sharding = parallel.batch_sharding(mesh)
-  pad_id = tokenizer.pad_token_id
-  buckets = config.data.buckets
-  train_pairs_text, train_pairs = _load(config, tokenizer, config.data.train_split, batch_kind)
-  train_examples = _examples(config, train_pairs, batch_kind, config.data.packing)
-  iterator = _iterator(config, train_examples, batch_kind, seed=config.seed,
-                       global_batch_size=config.training.batch_size, buckets=buckets, pad_id=pad_id)
-  stream = TrainStream(iterator, sharding, _head_fields(config, train_pairs_text), config.task != "reward")
+def _split(config, layout: layouts.Layout, records, tokenized, batch_kind: str) -> Split:
+  data = _sft_examples(config, tokenized) if batch_kind == "sft" else tokenized
+  return Split(layout, layout.examples(data), records)
 
+
+def layout_for(config, batch_kind: str, *, held_out: bool = False) -> layouts.Layout:
+  """The batch layout of a stage's train or held-out split."""
+  if batch_kind == "sft":
+    return layouts.sft_layout(config.data, held_out=held_out)
+  return layouts.pair_layout(config.data, scored=config.task != "reward", held_out=held_out)
+
+
+def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
+  """A stage's train and held-out examples in their layouts; `batch_kind` "sft" or "pairs"."""
+  _check_divisible(config, mesh)
+  records, tokenized = _load(config, tokenizer, config.data.train_split, batch_kind)
+  train = _split(config, layout_for(config, batch_kind), records, tokenized, batch_kind)
+  held_out = None
+  if config.data.eval_pairs:
+    records, tokenized = _load(config, tokenizer, config.data.eval_split, batch_kind)
+    keep = np.sort(np.random.default_rng(config.seed).permutation(len(tokenized))[:config.data.eval_pairs])
+    held_out = _split(config, layout_for(config, batch_kind, held_out=True), [records[i] for i in keep],
+                      tokenized.subset(keep), batch_kind)
+  return StageData(train, held_out, batch_kind)
+
+
+def streams(config, data: StageData, mesh, pad_id: int,
+            per_pair: dict[str, dict[str, np.ndarray]] | None = None) -> TrainingData:
+  """The train stream and held-out batches of a stage. per_pair: per split name ("train", "held_out"), arrays
+  indexed by pair that the batches carry by name (e.g. precomputed reference log-probs)."""
+  sharding = parallel.batch_sharding(mesh)
+  pad_id = int(pad_id)
+
+  def arrays(name: str, split: Split) -> dict[str, np.ndarray]:
+    out = dict((per_pair or {}).get(name, {}))
+    if config.task == "reward":
+      out.update(_head_per_pair(config, split.records))
+    return out
+
+  common = dict(pad_id=pad_id, seed=config.seed, group_by_length=config.data.group_by_length)
+  train = data.train
+  iterator = train.layout.iterator(train.examples, per_pair=arrays("train", train),
+                                   global_batch_size=config.training.batch_size, **common)
   if config.training.max_steps > 0:
     total_steps = config.training.max_steps
   else:
     total_steps = math.ceil(config.training.num_epochs * iterator.batches_per_epoch)
 
-  eval_stream, eval_pairs = None, None
-  if config.data.eval_pairs:
-    eval_text, eval_pairs = _load(config, tokenizer, config.data.eval_split, batch_kind)
-    keep = np.sort(np.random.default_rng(config.seed).permutation(len(eval_pairs))[:config.data.eval_pairs])
-    eval_text, eval_pairs = [eval_text[i] for i in keep], eval_pairs.subset(keep)
-    eval_examples = _examples(config, eval_pairs, batch_kind, packing=False)  # metrics per example, never packed
-    eval_size = min(config.training.batch_size, len(eval_examples) // mesh.size * mesh.size)
+  eval_batches = []
+  held_out = data.held_out
+  if held_out is not None:
+    eval_size = min(config.training.batch_size, len(held_out.examples) // mesh.size * mesh.size)
     if not eval_size:
-      log.warning("no held-out evaluation: %d held-out examples are fewer than the %d devices", len(eval_examples),
-                  mesh.size)
+      log.warning("no held-out evaluation: %d held-out examples are fewer than the %d devices",
+                  len(held_out.examples), mesh.size)
     else:
-      eval_iterator = _iterator(config, eval_examples, batch_kind, seed=config.seed, global_batch_size=eval_size,
-                                buckets=buckets, pad_id=pad_id, fixed_shape=True)  # one eval program
-      eval_stream = TrainStream(eval_iterator, sharding, _head_fields(config, eval_text), config.task != "reward")
-      log.info("held-out: %d batches of %d", eval_iterator.batches_per_epoch, eval_size)
-  pair_task = batch_kind != "sft"
-  return TrainingData(stream, eval_stream, total_steps, train_pairs if pair_task else None,
-                      eval_pairs if pair_task else None)
+      eval_iterator = held_out.layout.iterator(held_out.examples, per_pair=arrays("held_out", held_out),
+                                               global_batch_size=eval_size, fixed_shape=True, **common)  # one program
+      eval_batches = TrainStream(eval_iterator, sharding).first_epoch()
+      log.info("held-out: %d batches of %d", len(eval_batches), eval_size)
+  return TrainingData(TrainStream(iterator, sharding), eval_batches, total_steps)

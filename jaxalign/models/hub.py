@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxalign import parallel
 from jaxalign.models import opt
 
 log = logging.getLogger(__name__)
@@ -155,15 +156,6 @@ def load_into(abstract_model: nnx.Module, reader: CheckpointReader, param_map: P
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def host_numpy(x: jax.Array) -> np.ndarray:
-  """A full copy of a (possibly sharded, possibly multi-host) array on this host."""
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
-
-
 def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes `model.safetensors`, or numbered shards plus `model.safetensors.index.json` past `max_shard_bytes`."""
   from safetensors.numpy import save_file
@@ -193,7 +185,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, *, max_shard
 def export_tensors(model: nnx.Module, param_map: ParamMap) -> dict[str, np.ndarray]:
   """Our parameters under their HF names and layouts (inverse of `load_into`), gathered on this host."""
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  return {hf: _TRANSFORMS[transform](host_numpy(flat[path].get_value())) for path, (hf, transform) in param_map.items()}
+  return {hf: _TRANSFORMS[transform](parallel.host_numpy(flat[path].get_value()))
+          for path, (hf, transform) in param_map.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------- OPT
