@@ -117,7 +117,7 @@ def needs_token_counts(loss_type: str | Sequence[str]) -> bool:
   return bool(set(dpo_loss_types(loss_type)) & TOKEN_COUNT_LOSS_TYPES)
 
 
-def check_dpo_options(loss_type: str | Sequence[str], *, loss_weights: Sequence[float] | None = None,
+def check_dpo_options(loss_type: str | Sequence[str] = "sigmoid", *, loss_weights: Sequence[float] | None = None,
                       label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                       discopop_tau: float = 0.05) -> tuple[tuple[str, ...], tuple[float, ...]]:
   """Validate a DPO loss's options (before anything compiles); return its loss types and their weights.
