@@ -187,17 +187,8 @@ def dpo_loss(
   mean = _masked_mean(mask, policy_chosen_logps)
   terms = {name: _DPO_TERMS[name](pairs, mean) for name in types}
   loss = sum(weight * terms[name] for name, weight in zip(types, weights))
-  chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
-  rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
-  metrics = {
-      "loss": loss,
-      "rewards/chosen": mean(chosen_rewards),
-      "rewards/rejected": mean(rejected_rewards),
-      "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": mean(policy_chosen_logps),
-      "logps/rejected": mean(policy_rejected_logps),
-  }
+  metrics = _pair_metrics(loss, beta * pairs.chosen_logratio, beta * pairs.rejected_logratio, policy_chosen_logps,
+                          policy_rejected_logps, mean)
   if len(types) > 1:
     metrics.update({f"loss/{name}": term for name, term in terms.items()})
   return loss, metrics
@@ -325,8 +316,9 @@ def cpo_loss(
   needed = {"chosen_lengths": chosen_lengths is None and (per_token or cpo_alpha != 0),
             "rejected_lengths": rejected_lengths is None and per_token}
   if any(needed.values()):
-    raise ValueError(f"cpo loss_type {loss_type!r} with cpo_alpha {cpo_alpha} needs "
-                     f"{' and '.join(name for name, missing in needed.items() if missing)} (scored tokens per response)")
+    missing = " and ".join(name for name, absent in needed.items() if absent)
+    raise ValueError(f"cpo loss_type {loss_type!r} with cpo_alpha {cpo_alpha} needs {missing} (scored tokens per "
+                     "response)")
   policy_chosen_logps, policy_rejected_logps = _fp32(policy_chosen_logps), _fp32(policy_rejected_logps)
   chosen, rejected = policy_chosen_logps, policy_rejected_logps
   if per_token:
@@ -343,7 +335,8 @@ def cpo_loss(
   mean = _masked_mean(mask, losses)
   nll = _chosen_nll(policy_chosen_logps, _fp32(chosen_lengths), mask) if cpo_alpha != 0 else jnp.zeros(())
   loss = mean(losses) + cpo_alpha * nll
-  return loss, {**_policy_reward_metrics(loss, chosen, rejected, beta, mean), "nll_loss": nll}
+  # TRL's rewards for these methods: beta times the log-probs the loss compares.
+  return loss, {**_pair_metrics(loss, beta * chosen, beta * rejected, chosen, rejected, mean), "nll_loss": nll}
 
 
 def simpo_loss(
@@ -379,7 +372,7 @@ def orpo_loss(
   mean = _masked_mean(mask, log_odds)
   nll = _chosen_nll(_fp32(policy_chosen_logps), _fp32(chosen_lengths), mask) if nll_loss is None else nll_loss
   loss = nll - beta * mean(log_odds_ratio)
-  return loss, {**_policy_reward_metrics(loss, chosen, rejected, beta, mean), "nll_loss": nll,
+  return loss, {**_pair_metrics(loss, beta * chosen, beta * rejected, chosen, rejected, mean), "nll_loss": nll,
                 "log_odds_ratio": mean(log_odds_ratio), "log_odds_chosen": mean(log_odds)}
 
 
@@ -430,17 +423,17 @@ def kto_loss(
   }
 
 
-def _policy_reward_metrics(loss: jax.Array, chosen: jax.Array, rejected: jax.Array, beta: float, mean) -> dict:
-  """TRL's metrics for reference-free pair losses: rewards are beta times the log-probs the loss compares."""
-  chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
+def _pair_metrics(loss: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array, chosen_logps: jax.Array,
+                  rejected_logps: jax.Array, mean: Callable[[jax.Array], jax.Array]) -> dict:
+  """TRL's metrics of a pair loss: the loss, mean rewards, reward accuracy and margin, mean log-probs."""
   return {
       "loss": loss,
       "rewards/chosen": mean(chosen_rewards),
       "rewards/rejected": mean(rejected_rewards),
       "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
       "rewards/margins": mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": mean(chosen),
-      "logps/rejected": mean(rejected),
+      "logps/chosen": mean(chosen_logps),
+      "logps/rejected": mean(rejected_logps),
   }
 
 

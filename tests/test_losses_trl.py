@@ -40,9 +40,10 @@ class _Accelerator:
 
 
 def _stand_in(**attributes):
+  """A stand-in `self` for TRL's DPO / KTO `_compute_loss`: what they read besides the loss options."""
+  metrics = collections.defaultdict(lambda: collections.defaultdict(list))
   return types.SimpleNamespace(model=types.SimpleNamespace(training=True), accelerator=_Accelerator(),
-                               aux_loss_enabled=False, _metrics=collections.defaultdict(
-                                   lambda: collections.defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+                               aux_loss_enabled=False, _metrics=metrics, _total_train_tokens=0, _tp_size=1,
                                **attributes)
 
 
@@ -74,7 +75,8 @@ def _trl_dpo(per_token, completion_mask, reference, *, loss_type, loss_weights=N
   self = _stand_in(beta=beta, label_smoothing=label_smoothing, loss_types=loss_types,
                    loss_weights=loss_weights or [1.0] * len(loss_types), ld_alpha=None, use_weighting=False,
                    precompute_ref_logps=True, f_divergence_type=f_divergence_type,
-                   f_alpha_divergence_coef=f_alpha_divergence_coef, args=types.SimpleNamespace(discopop_tau=discopop_tau))
+                   f_alpha_divergence_coef=f_alpha_divergence_coef,
+                   args=types.SimpleNamespace(discopop_tau=discopop_tau))
   mask = torch.tensor(completion_mask)
   inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
             "ref_chosen_logps": torch.tensor(reference[:NUM_PAIRS]),
@@ -86,8 +88,8 @@ def _trl_dpo(per_token, completion_mask, reference, *, loss_type, loss_weights=N
 def _ours_dpo(completion_mask, logps, reference, **options):
   lengths = completion_mask.sum(axis=1).astype(np.float32)
   half = NUM_PAIRS
-  return losses.dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], chosen_lengths=lengths[:half],
-                         rejected_lengths=lengths[half:], **options)
+  return losses.dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:],
+                         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], **options)
 
 
 def _assert_dpo_matches_trl(seed, **options):
@@ -154,33 +156,15 @@ def _pair_batch(seed, prompt_tokens=1):
   return batch, logits, logps, lengths
 
 
-class _CPOSelf:
-  concatenated_forward = CPOTrainer.concatenated_forward
-  get_batch_loss_metrics = CPOTrainer.get_batch_loss_metrics
-  cpo_loss = CPOTrainer.cpo_loss
-  concatenated_inputs = staticmethod(CPOTrainer.concatenated_inputs)
-  get_batch_logps = staticmethod(CPOTrainer.get_batch_logps)
-  accelerator = _Accelerator()
-  is_encoder_decoder = aux_loss_enabled = False
-  pad_token_id = 0
-  alpha = 0.0  # AlphaPO off
-
-  def __init__(self, **attributes):
-    self.__dict__.update(attributes)
-
-
-class _ORPOSelf:
-  concatenated_forward = ORPOTrainer.concatenated_forward
-  get_batch_loss_metrics = ORPOTrainer.get_batch_loss_metrics
-  odds_ratio_loss = ORPOTrainer.odds_ratio_loss
-  concatenated_inputs = staticmethod(ORPOTrainer.concatenated_inputs)
-  get_batch_logps = staticmethod(ORPOTrainer.get_batch_logps)
-  accelerator = _Accelerator()
-  is_encoder_decoder = aux_loss_enabled = False
-  padding_value = 0
-
-  def __init__(self, **attributes):
-    self.__dict__.update(attributes)
+def _pair_trainer_stand_in(trainer, loss_method, **attributes):
+  """A stand-in `self` for TRL's CPO / ORPO trainers: their forward, loss and metrics methods, and the attributes
+  those read."""
+  methods = {name: getattr(trainer, name) for name in ("concatenated_forward", "get_batch_loss_metrics", loss_method)}
+  methods.update({name: staticmethod(getattr(trainer, name)) for name in ("concatenated_inputs", "get_batch_logps")})
+  stand_in = type(f"{trainer.__name__}StandIn", (), methods)()
+  stand_in.__dict__.update(accelerator=_Accelerator(), is_encoder_decoder=False, aux_loss_enabled=False,
+                           **attributes)
+  return stand_in
 
 
 def _logits_model(logits):
@@ -197,8 +181,9 @@ def _split(values):
 def test_cpo_and_simpo_equal_trl(loss_type, label_smoothing, cpo_alpha):
   batch, logits, logps, lengths = _pair_batch(seed=len(loss_type))
   beta, gamma = (2.0, 1.0) if loss_type == "simpo" else (0.1, 0.5)
-  trl_self = _CPOSelf(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, cpo_alpha=cpo_alpha,
-                      simpo_gamma=gamma)
+  trl_self = _pair_trainer_stand_in(CPOTrainer, "cpo_loss", beta=beta, label_smoothing=label_smoothing,
+                                    loss_type=loss_type, cpo_alpha=cpo_alpha, simpo_gamma=gamma, pad_token_id=0,
+                                    alpha=0.0)  # alpha: AlphaPO off
   trl_loss, trl_metrics = trl_self.get_batch_loss_metrics(_logits_model(logits), batch)
   (chosen, rejected), (chosen_lengths, rejected_lengths) = _split(logps), _split(lengths)
   if loss_type == "simpo":
@@ -219,7 +204,8 @@ def test_orpo_equals_trl(beta):
   # With a one-token prompt TRL's NLL (over prompt and response, the first token never a target) is exactly the
   # chosen responses' NLL that orpo_loss computes by default.
   batch, logits, logps, lengths = _pair_batch(seed=7)
-  trl_loss, trl_metrics = _ORPOSelf(beta=beta).get_batch_loss_metrics(_logits_model(logits), batch)
+  trl_self = _pair_trainer_stand_in(ORPOTrainer, "odds_ratio_loss", beta=beta, padding_value=0)
+  trl_loss, trl_metrics = trl_self.get_batch_loss_metrics(_logits_model(logits), batch)
   (chosen, rejected), (chosen_lengths, rejected_lengths) = _split(logps), _split(lengths)
   loss, metrics = losses.orpo_loss(chosen, rejected, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
                                    beta=beta)
