@@ -28,7 +28,7 @@ D (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft):
   bco_pair        l(beta u_c) + l(-beta u_r)                   BCO, Jung et al. 2024, arXiv 2404.04656
   sppo_hard       (u_c - 1 / (2 beta))^2 + (u_r + 1 / (2 beta))^2   SPPO (hard labels), Wu et al. 2024, arXiv 2405.00675
   aot             (1 - eps) l(beta d) + eps l(-beta d), d = sort(pi_c - pi_r) - sort(ref_c - ref_r), sorted over the
-                  batch's pairs                                AOT, Melnyk et al. 2024, arXiv 2406.05882
+                  global batch's pairs (TRL sorts each device's) AOT, Melnyk et al. 2024, arXiv 2406.05882
   aot_unpaired    the same with d = sort(u_c) - sort(u_r)      AOT
   apo_zero        1 - sigmoid(beta u_c) + sigmoid(beta u_r)    APO, D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7
   apo_down        sigmoid(beta u_c) + 1 - sigmoid(beta (u_c - u_r))   APO, Eq. 8
@@ -59,7 +59,8 @@ KTO (`kto_loss`, TRL's KTOTrainer; unpaired examples, each desirable or not, aga
   undesirable   undesirable_weight (1 - sigmoid(beta (z - u)))  (beta 0.1; weights 1, or with
                 desirable_weight n_desirable / (undesirable_weight n_undesirable) in [1, 4/3])
   z = max(0, mean(pi' - ref')) over mismatched (prompt, completion) pairs of the batch, no gradient through it;
-  loss_type apo_zero_unpaired: 1 - sigmoid(beta u) / sigmoid(beta u) with no z (APO, arXiv 2408.06266).
+  loss_type apo_zero_unpaired: desirable 1 - sigmoid(beta u), undesirable sigmoid(beta u), no z (APO, arXiv
+  2408.06266).
   Metrics: kl = z, rewards/chosen|rejected = mean beta u over desirable | undesirable examples (0 when there are
   none), rewards/margins, logps/chosen|rejected.
 """
@@ -362,15 +363,15 @@ def orpo_loss(
 
   The NLL is the chosen responses' mean token NLL; `nll_loss` replaces it (TRL scores the prompt tokens too).
   """
-  weights = jnp.ones_like(_fp32(policy_chosen_logps)) if mask is None else mask.astype(jnp.float32)
-  present = weights > 0
+  policy_chosen_logps, policy_rejected_logps = _fp32(policy_chosen_logps), _fp32(policy_rejected_logps)
+  present = jnp.ones(policy_chosen_logps.shape, bool) if mask is None else mask > 0
   # Absent pairs (mask 0, all-zero log-probs) get a harmless stand-in: log(1 - e^0) would be -inf, and nan * 0 = nan.
-  chosen = jnp.where(present, _mean_token_logps(_fp32(policy_chosen_logps), chosen_lengths), -1.0)
-  rejected = jnp.where(present, _mean_token_logps(_fp32(policy_rejected_logps), rejected_lengths), -1.0)
+  chosen = jnp.where(present, _mean_token_logps(policy_chosen_logps, chosen_lengths), -1.0)
+  rejected = jnp.where(present, _mean_token_logps(policy_rejected_logps, rejected_lengths), -1.0)
   log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
   log_odds_ratio = jax.nn.log_sigmoid(log_odds)
   mean = _masked_mean(mask, log_odds)
-  nll = _chosen_nll(_fp32(policy_chosen_logps), _fp32(chosen_lengths), mask) if nll_loss is None else nll_loss
+  nll = _chosen_nll(policy_chosen_logps, _fp32(chosen_lengths), mask) if nll_loss is None else nll_loss
   loss = nll - beta * mean(log_odds_ratio)
   return loss, {**_pair_metrics(loss, beta * chosen, beta * rejected, chosen, rejected, mean), "nll_loss": nll,
                 "log_odds_ratio": mean(log_odds_ratio), "log_odds_chosen": mean(log_odds)}
@@ -411,13 +412,13 @@ def kto_loss(
   present = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
   mean_desirable = _masked_mean(present * desirable, losses)
   mean_undesirable = _masked_mean(present * ~desirable, losses)
-  rewards = beta * logratio
+  chosen_rewards, rejected_rewards = mean_desirable(beta * logratio), mean_undesirable(beta * logratio)
   return loss, {
       "loss": loss,
       "kl": kl,
-      "rewards/chosen": mean_desirable(rewards),
-      "rewards/rejected": mean_undesirable(rewards),
-      "rewards/margins": mean_desirable(rewards) - mean_undesirable(rewards),
+      "rewards/chosen": chosen_rewards,
+      "rewards/rejected": rejected_rewards,
+      "rewards/margins": chosen_rewards - rejected_rewards,
       "logps/chosen": mean_desirable(_fp32(policy_logps)),
       "logps/rejected": mean_undesirable(_fp32(policy_logps)),
   }
