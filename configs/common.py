@@ -65,8 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 0.1
-  c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | reference_free
-  c.dpo.label_smoothing = 0.0
+  # Any of jaxalign.losses.DPO_LOSS_TYPES (TRL's names and formulas, documented in losses.py), or several summed
+  # with dpo.loss_weights, e.g. "sigmoid,sft" = RPO. A loss without a reference term (reference_free, sft)
+  # builds, loads and runs no reference.
+  c.dpo.loss_type = "sigmoid"
+  c.dpo.loss_weights = ()  # one weight per loss type; () = 1 each
+  c.dpo.label_smoothing = 0.0  # sigmoid: conservative DPO; TRL's eps for exo_pair / robust / aot / aot_unpaired
+  c.dpo.f_divergence_type = "reverse_kl"  # reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
+  c.dpo.f_alpha_divergence_coef = 0.5
+  c.dpo.discopop_tau = 0.05
   c.dpo.reference = "model"  # model (live forward) | precomputed (one pass first, cached on disk)
   c.dpo.reference_dtype = "float32"  # a frozen reference copy may be kept in bfloat16
 

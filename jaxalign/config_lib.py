@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxalign.losses import DPO_LOSS_TYPES
+from jaxalign import losses
 from jaxalign.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxalign.models.opt import PRESETS
 
@@ -35,6 +35,24 @@ def _get(config, path: str):
   for part in path.split("."):
     value = value[part]
   return value
+
+
+def dpo_loss_type(dpo) -> str | tuple[str, ...]:
+  """`dpo.loss_type` as `losses.dpo_loss` takes it: one name, or several given as "sigmoid,sft" or
+  '("sigmoid", "sft")' (a config string; the command line passes strings)."""
+  names = [name.strip(" '\"") for name in str(dpo.loss_type).strip().strip("()[]").split(",")]
+  names = [name for name in names if name]
+  return names[0] if len(names) == 1 else tuple(names)
+
+
+def _check_dpo_loss(dpo) -> None:
+  """The DPO loss's options together (types, weights, f-divergence, label smoothing), as `losses` defines them."""
+  try:
+    losses.check_dpo_options(dpo_loss_type(dpo), loss_weights=dpo.loss_weights or None,
+                             label_smoothing=dpo.label_smoothing, f_divergence_type=dpo.f_divergence_type,
+                             discopop_tau=dpo.discopop_tau)
+  except ValueError as error:
+    raise ConfigError(f"config.dpo.loss_type = {dpo.loss_type!r} with its options is invalid: {error}") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] = ()) -> None:
@@ -86,8 +104,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "training.eval_every", training.eval_every >= 0, "a step count >= 0 (0 = only at the end)")
 
   _check(config, "dpo.beta", config.dpo.beta > 0, "a positive number")
-  _one_of(config, "dpo.loss_type", DPO_LOSS_TYPES)
-  _check(config, "dpo.label_smoothing", 0 <= config.dpo.label_smoothing < 0.5, "a number in [0, 0.5)")
+  _check_dpo_loss(config.dpo)
   _one_of(config, "dpo.reference", ("model", "precomputed"))
   _one_of(config, "dpo.reference_dtype", DTYPES)
 

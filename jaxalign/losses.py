@@ -1,21 +1,91 @@
-"""Losses and their metrics as pure functions of arrays (fp32 throughout). DPO and reward-model metrics use TRL's
-names. Token log-probs come from the logits at the positions that predict the scored tokens (see `tasks.py`).
+"""Losses and their metrics as pure functions of arrays (fp32 throughout). Preference losses take each response's
+summed token log-probs (and, where a formula needs them, its number of scored tokens) and average over the pairs or
+examples present (`mask`: packed batches hold a varying number); names, formulas and metric names are TRL 1.16's.
+Token log-probs come from the logits at the positions that predict the scored tokens (see `tasks.py`).
+
+Notation: per pair, pi_c / pi_r are the policy's summed log-probs of the chosen / rejected response, ref_c / ref_r
+the reference's, n_c / n_r their scored tokens; log-ratios u_c = pi_c - ref_c, u_r = pi_r - ref_r; scores
+s = g(u) under the f-divergence g; D = s_c - s_r; eps = label_smoothing; l(x) = -log sigmoid(x).
+
+f-divergence g (`f_divergence_type`; f-DPO, Wang et al. 2023, arXiv 2309.16240); only for the loss types built on
+D (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft):
+  reverse_kl        u (standard DPO)
+  forward_kl        1 - exp(-u)
+  js_divergence     log 2 + log sigmoid(u)
+  alpha_divergence  (exp((a - 1) u) - 1) / (a - 1), a = f_alpha_divergence_coef (exponent clipped at 80; a = 1 is u)
+
+`dpo_loss` loss types (one name, or a tuple summed with `loss_weights`: ("sigmoid", "sft") is RPO):
+  sigmoid         (1 - eps) l(beta D) + eps l(-beta D)          DPO, Rafailov et al. 2023, arXiv 2305.18290; eps > 0
+                  is conservative DPO (Mitchell 2023, as in the reference implementation; TRL 1.16 ignores eps here)
+  hinge           max(0, 1 - beta D)                           SLiC-HF, Zhao et al. 2023, arXiv 2305.10425
+  ipo             (s_c / n_c - s_r / n_r - 1 / (2 beta))^2       IPO, Azar et al. 2023, arXiv 2310.12036; per token as
+                  TRL and the IPO authors do (without token counts, n = 1: the paper's Eq. 17 on summed log-probs)
+  exo_pair        q (log q - log(1 - eps)) + (1 - q) (log(1 - q) - log eps), q = sigmoid(beta D)
+                                                               EXO, Ji et al. 2024, arXiv 2402.00856 (eps > 0; 1e-3)
+  nca_pair        l(beta u_c) + l(-beta u_c) / 2 + l(-beta u_r) / 2   NCA, Chen et al. 2024, arXiv 2402.05369
+  robust          ((1 - eps) l(beta D) - eps l(-beta D)) / (1 - 2 eps)   rDPO, Chowdhury et al. 2024, arXiv 2403.00409
+                  (eps in [0, 0.5): the label-flip rate; 0.1 in the paper)
+  bco_pair        l(beta u_c) + l(-beta u_r)                   BCO, Jung et al. 2024, arXiv 2404.04656
+  sppo_hard       (u_c - 1 / (2 beta))^2 + (u_r + 1 / (2 beta))^2   SPPO (hard labels), Wu et al. 2024, arXiv 2405.00675
+  aot             (1 - eps) l(beta d) + eps l(-beta d), d = sort(pi_c - pi_r) - sort(ref_c - ref_r), sorted over the
+                  global batch's pairs (TRL sorts each device's) AOT, Melnyk et al. 2024, arXiv 2406.05882
+  aot_unpaired    the same with d = sort(u_c) - sort(u_r)      AOT
+  apo_zero        1 - sigmoid(beta u_c) + sigmoid(beta u_r)    APO, D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7
+  apo_down        sigmoid(beta u_c) + 1 - sigmoid(beta (u_c - u_r))   APO, Eq. 8
+  discopop        (1 - m) l(beta D) + m exp(-beta D), m = sigmoid(beta D / tau), tau = discopop_tau (0.05)
+                                                               DiscoPOP, Lu et al. 2024, arXiv 2406.08414
+  sft             -sum(pi_c) / sum(n_c) over the batch: the chosen responses' mean token NLL (no reference)
+                                                               RPO, Pang et al. 2024, arXiv 2404.19733 (with sigmoid)
+  sigmoid_norm    l(beta (s_c / n_c - s_r / n_r))              length-normalised DPO, Tulu 3, Lambert et al. 2024,
+                                                               arXiv 2411.15124
+  reference_free  (ours) (1 - eps) l(beta (pi_c - pi_r)) + eps l(-beta (pi_c - pi_r)): sigmoid with no reference
+  DPO metrics: rewards/chosen = beta u_c, rewards/rejected = beta u_r, rewards/accuracies, rewards/margins,
+  logps/chosen = pi_c, logps/rejected = pi_r (u with the reference taken as 0 when the loss needs none); with several
+  loss types also loss/<type>, each term before its weight.
+
+Reference-free methods (no reference model at all; TRL's CPOTrainer / ORPOTrainer; a = pi / n, the mean token log-prob):
+  simpo_loss  (1 - eps) l(beta (a_c - a_r) - gamma) + eps l(gamma - beta (a_c - a_r))  [+ sft_weight NLL]
+              SimPO, Meng et al. 2024, arXiv 2405.14734 (beta 2.0, gamma 1.0: gamma / beta 0.5 for Llama-3-Base)
+  cpo_loss    (1 - eps) l(beta (pi_c - pi_r)) + eps l(-beta (pi_c - pi_r)) + alpha NLL   (loss_type hinge / ipo /
+              simpo as TRL's CPO: ipo and simpo on a)      CPO, Xu et al. 2024, arXiv 2401.08417 (beta 0.1, alpha 1)
+  orpo_loss   NLL - lambda log sigmoid(log odds), log odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))
+              ORPO, Hong et al. 2024, arXiv 2403.07691 (lambda = `beta`, 0.1 as in Mistral-ORPO and TRL)
+  NLL = -sum(pi_c) / sum(n_c) over the batch: the chosen responses' mean token NLL (metric nll_loss). Metrics:
+  rewards/* = beta pi (beta a for simpo, ipo and orpo), logps/* = the log-probs the loss compares, nll_loss; ORPO
+  adds log_odds_ratio = mean log sigmoid(log odds) and log_odds_chosen = mean log odds.
+
+KTO (`kto_loss`, TRL's KTOTrainer; unpaired examples, each desirable or not, against a reference):
+  desirable     desirable_weight (1 - sigmoid(beta (u - z)))     KTO, Ethayarajh et al. 2024, arXiv 2402.01306
+  undesirable   undesirable_weight (1 - sigmoid(beta (z - u)))  (beta 0.1; weights 1, or with
+                desirable_weight n_desirable / (undesirable_weight n_undesirable) in [1, 4/3])
+  z = max(0, mean(pi' - ref')) over mismatched (prompt, completion) pairs of the batch, no gradient through it;
+  loss_type apo_zero_unpaired: desirable 1 - sigmoid(beta u), undesirable sigmoid(beta u), no z (APO, arXiv
+  2408.06266).
+  Metrics: kl = z, rewards/chosen|rejected = mean beta u over desirable | undesirable examples (0 when there are
+  none), rewards/margins, logps/chosen|rejected.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reference_free")
-# Loss types whose formula has no reference term: no reference model is built, loaded or run for them.
-REFERENCE_FREE_LOSS_TYPES = ("reference_free",)
-
-
-def needs_reference(loss_type: str) -> bool:
-  """Whether `dpo_loss` with this loss type reads reference log-probs."""
-  return loss_type not in REFERENCE_FREE_LOSS_TYPES
-
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "reference_free")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The f-DPO reparameterisation leaves a beta log Z(x) term that cancels only in the chosen-minus-rejected score
+# difference, so only the loss types built on it generalise (TRL's set).
+F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
+                                     "sft"})
+# Loss types that read no reference log-probs: a run of only these builds, loads and runs no reference.
+REFERENCE_FREE_LOSS_TYPES = frozenset({"sft", "reference_free"})
+# Loss types that read each response's number of scored tokens (`chosen_lengths` / `rejected_lengths`).
+TOKEN_COUNT_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm", "sft"})
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 def selected_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(targets) under each position's logits: [..., vocab] and [...] -> [...] (fp32).
@@ -33,46 +103,349 @@ def sft_loss(target_logps: jax.Array, target_mask: jax.Array) -> tuple[jax.Array
   return loss, {"loss": loss, "perplexity": jnp.exp(loss), "num_tokens": num_tokens}
 
 
-def dpo_loss(
-    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, reference_chosen_logps: jax.Array,
-    reference_rejected_logps: jax.Array, *, beta: float = 0.1, loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0, mask: jax.Array | None = None,
-) -> tuple[jax.Array, dict]:
-  """Direct Preference Optimization (Rafailov et al., 2023) and its variants, averaged over pairs (over the pairs
-  where `mask` is 1, when given: packed batches hold a varying number of pairs).
+def dpo_loss_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
+  """`loss_type` (one name, or several to sum) as a tuple of names."""
+  return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
 
-  logits h = beta * ((pi_c - ref_c) - (pi_r - ref_r)):
-    sigmoid:         -(1 - eps) log σ(h) - eps log σ(-h)   (eps = label_smoothing: conservative DPO)
-    ipo:             ((pi_c - ref_c) - (pi_r - ref_r) - 1 / (2 beta))^2   (Azar et al., 2023)
-    hinge:           max(0, 1 - h)   (SLiC)
-    reference_free:  the sigmoid loss with the reference log-probs taken as 0
+
+def needs_reference(loss_type: str | Sequence[str]) -> bool:
+  """Whether a DPO loss (one type or several) reads reference log-probs; when not, no reference is built."""
+  return not set(dpo_loss_types(loss_type)) <= REFERENCE_FREE_LOSS_TYPES
+
+
+def needs_token_counts(loss_type: str | Sequence[str]) -> bool:
+  """Whether a DPO loss (one type or several) reads each response's number of scored tokens."""
+  return bool(set(dpo_loss_types(loss_type)) & TOKEN_COUNT_LOSS_TYPES)
+
+
+def check_dpo_options(loss_type: str | Sequence[str] = "sigmoid", *, loss_weights: Sequence[float] | None = None,
+                      label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                      discopop_tau: float = 0.05) -> tuple[tuple[str, ...], tuple[float, ...]]:
+  """Validate a DPO loss's options (before anything compiles); return its loss types and their weights.
+
+  Raises ValueError naming the option, what it was and what is allowed.
   """
-  if loss_type not in DPO_LOSS_TYPES:
-    raise ValueError(f"dpo loss_type {loss_type!r} unknown; one of {DPO_LOSS_TYPES}")
-  if loss_type == "reference_free":
-    reference_chosen_logps = jnp.zeros_like(reference_chosen_logps)
-    reference_rejected_logps = jnp.zeros_like(reference_rejected_logps)
-  chosen_ratio = policy_chosen_logps - reference_chosen_logps
-  rejected_ratio = policy_rejected_logps - reference_rejected_logps
-  h = beta * (chosen_ratio - rejected_ratio)
-  if loss_type == "ipo":
-    losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+  types = dpo_loss_types(loss_type)
+  unknown = [name for name in types if name not in DPO_LOSS_TYPES]
+  if not types or unknown:
+    raise ValueError(f"dpo loss_type {loss_type!r}: expected one of {DPO_LOSS_TYPES}, or a non-empty tuple of them")
+  if len(set(types)) != len(types):
+    raise ValueError(f"dpo loss_type {types} names a loss type twice; give each once and weight it in loss_weights")
+  weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+  if len(weights) != len(types):
+    raise ValueError(f"dpo loss_weights {weights}: expected one weight per loss type of {types}")
+  if f_divergence_type not in F_DIVERGENCE_TYPES:
+    raise ValueError(f"dpo f_divergence_type {f_divergence_type!r}: expected one of {F_DIVERGENCE_TYPES}")
+  if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
+    raise ValueError(f"dpo f_divergence_type {f_divergence_type!r} works only with the loss types "
+                     f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, not {types}; use reverse_kl with these")
+  if not 0.0 <= label_smoothing <= 1.0:
+    raise ValueError(f"dpo label_smoothing {label_smoothing}: expected a number in [0, 1]")
+  if "robust" in types and not label_smoothing < 0.5:
+    raise ValueError(f"dpo label_smoothing {label_smoothing}: the robust loss needs the label-flip rate in [0, 0.5)")
+  if "exo_pair" in types and not 0.0 < label_smoothing < 1.0:
+    raise ValueError(f"dpo label_smoothing {label_smoothing}: the exo_pair loss needs eps in (0, 1) (the EXO paper "
+                     "uses 1e-3)")
+  if "discopop" in types and not discopop_tau > 0:
+    raise ValueError(f"dpo discopop_tau {discopop_tau}: expected a positive temperature (the paper uses 0.05)")
+  return types, weights
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, reference_chosen_logps: jax.Array | None,
+    reference_rejected_logps: jax.Array | None, *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0, mask: jax.Array | None = None, chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None, loss_weights: Sequence[float] | None = None,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05,
+) -> tuple[jax.Array, dict]:
+  """Direct Preference Optimization and TRL 1.16's whole menu of its variants (formulas in the module docstring):
+  the weighted sum of each loss type's mean over pairs (over the pairs where `mask` is 1, when given).
+
+  Log-probs are summed over each response's scored tokens; `chosen_lengths` / `rejected_lengths` count those
+  tokens (needed by ipo, sigmoid_norm and sft: `needs_token_counts`). The reference log-probs may be None when the
+  loss needs no reference (`needs_reference`).
+  """
+  types, weights = check_dpo_options(loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+                                     f_divergence_type=f_divergence_type, discopop_tau=discopop_tau)
+  needs_counts = {"sigmoid_norm", "sft"} & set(types)
+  if needs_counts and (chosen_lengths is None or rejected_lengths is None):
+    raise ValueError(f"dpo loss_type {sorted(needs_counts)} needs chosen_lengths and rejected_lengths (the scored "
+                     "tokens of each response)")
+  policy_chosen_logps, policy_rejected_logps = _fp32(policy_chosen_logps), _fp32(policy_rejected_logps)
+  if not needs_reference(types):
+    reference_chosen_logps = reference_rejected_logps = jnp.zeros_like(policy_chosen_logps)
+  elif reference_chosen_logps is None or reference_rejected_logps is None:
+    raise ValueError(f"dpo loss_type {types} needs reference log-probs; got None")
+  reference_chosen_logps, reference_rejected_logps = _fp32(reference_chosen_logps), _fp32(reference_rejected_logps)
+  ones = jnp.ones_like(policy_chosen_logps)
+  pairs = _Pairs(
+      policy_chosen=policy_chosen_logps, policy_rejected=policy_rejected_logps,
+      reference_chosen=reference_chosen_logps, reference_rejected=reference_rejected_logps,
+      chosen_lengths=ones if chosen_lengths is None else _fp32(chosen_lengths),
+      rejected_lengths=ones if rejected_lengths is None else _fp32(rejected_lengths),
+      beta=beta, eps=label_smoothing, discopop_tau=discopop_tau, mask=mask,
+      f_divergence=lambda u: _f_divergence_score(u, f_divergence_type, f_alpha_divergence_coef))
+  mean = _masked_mean(mask, policy_chosen_logps)
+  terms = {name: _DPO_TERMS[name](pairs, mean) for name in types}
+  loss = sum(weight * terms[name] for name, weight in zip(types, weights))
+  metrics = _pair_metrics(loss, beta * pairs.chosen_logratio, beta * pairs.rejected_logratio, policy_chosen_logps,
+                          policy_rejected_logps, mean)
+  if len(types) > 1:
+    metrics.update({f"loss/{name}": term for name, term in terms.items()})
+  return loss, metrics
+
+
+class _Pairs:
+  """One batch of pairs as the DPO loss terms read them: log-probs, token counts, options, and the
+  log-ratios and f-divergence scores derived from them."""
+
+  def __init__(self, *, policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,
+               rejected_lengths, beta, eps, discopop_tau, mask, f_divergence):
+    self.policy_chosen, self.policy_rejected = policy_chosen, policy_rejected
+    self.reference_chosen, self.reference_rejected = reference_chosen, reference_rejected
+    self.chosen_lengths, self.rejected_lengths = chosen_lengths, rejected_lengths
+    self.beta, self.eps, self.discopop_tau, self.mask = beta, eps, discopop_tau, mask
+    self.chosen_logratio = policy_chosen - reference_chosen
+    self.rejected_logratio = policy_rejected - reference_rejected
+    self.chosen_score, self.rejected_score = f_divergence(self.chosen_logratio), f_divergence(self.rejected_logratio)
+    self.delta = self.chosen_score - self.rejected_score
+
+
+def _f_divergence_score(logratio: jax.Array, f_divergence_type: str, alpha: float) -> jax.Array:
+  """g(u) of the f-divergence regulariser (f-DPO): the score that replaces the log-ratio u in the loss."""
+  if f_divergence_type == "forward_kl":
+    return 1.0 - jnp.exp(-logratio)
+  if f_divergence_type == "js_divergence":
+    return math.log(2.0) + jax.nn.log_sigmoid(logratio)
+  if f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+    # Clipped so exp stays finite in fp32 (as TRL does).
+    return (jnp.exp(jnp.minimum((alpha - 1.0) * logratio, 80.0)) - 1.0) / (alpha - 1.0)
+  return logratio  # reverse_kl, and alpha_divergence's limit at alpha = 1
+
+
+def _smoothed_logistic(logits: jax.Array, eps: float) -> jax.Array:
+  """(1 - eps) l(x) + eps l(-x), l(x) = -log sigmoid(x): the logistic loss with labels flipped at rate eps."""
+  return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+
+
+def _chosen_nll(policy_chosen_logps: jax.Array, chosen_lengths: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """The chosen responses' mean token negative log-likelihood over the batch (all their tokens pooled)."""
+  weights = jnp.ones_like(policy_chosen_logps) if mask is None else mask.astype(jnp.float32)
+  return -(policy_chosen_logps * weights).sum() / jnp.maximum((chosen_lengths * weights).sum(), 1.0)
+
+
+def _sorted_present(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """The batch's values, flattened and sorted ascending, the absent pairs' (mask 0) placed last."""
+  values = values.reshape(-1)
+  if mask is not None:
+    values = jnp.where(mask.reshape(-1) > 0, values, jnp.finfo(jnp.float32).max)
+  return jnp.sort(values)
+
+
+def _aot_term(p: _Pairs, chosen: jax.Array, rejected: jax.Array) -> jax.Array:
+  """AOT's smoothed logistic loss on the sorted differences: the i-th smallest chosen value against the i-th
+  smallest rejected one, over the pairs present."""
+  d = _sorted_present(chosen, p.mask) - _sorted_present(rejected, p.mask)
+  present = None
+  if p.mask is not None:
+    present = jnp.arange(d.shape[0]) < (p.mask > 0).sum()
+  return _masked_mean(present, d)(_smoothed_logistic(p.beta * d, p.eps))
+
+
+def _discopop(p: _Pairs) -> jax.Array:
+  logits = p.beta * p.delta
+  # m exp(-x) as exp(-x + log m), so a very negative x (m -> 0) gives 0, not inf * 0.
+  modulated_exp = jnp.exp(-logits + jax.nn.log_sigmoid(logits / p.discopop_tau))
+  return jax.nn.sigmoid(-logits / p.discopop_tau) * -jax.nn.log_sigmoid(logits) + modulated_exp
+
+
+def _exo_pair(p: _Pairs) -> jax.Array:
+  logits = p.beta * p.delta
+  log_q, log_not_q = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  return (jnp.exp(log_q) * (log_q - math.log1p(-p.eps)) + jnp.exp(log_not_q) * (log_not_q - math.log(p.eps)))
+
+
+def _per_token_delta(p: _Pairs) -> jax.Array:
+  """s_c / n_c - s_r / n_r (a response with no scored token counts as one, as in TRL)."""
+  return p.chosen_score / jnp.maximum(p.chosen_lengths, 1.0) - p.rejected_score / jnp.maximum(p.rejected_lengths, 1.0)
+
+
+_PairTerm = Callable[[_Pairs, Callable[[jax.Array], jax.Array]], jax.Array]
+# Each loss type: (pairs, masked mean over pairs) -> its scalar term.
+_DPO_TERMS: dict[str, _PairTerm] = {
+    "sigmoid": lambda p, mean: mean(_smoothed_logistic(p.beta * p.delta, p.eps)),
+    "hinge": lambda p, mean: mean(jax.nn.relu(1.0 - p.beta * p.delta)),
+    "ipo": lambda p, mean: mean((_per_token_delta(p) - 1.0 / (2.0 * p.beta)) ** 2),
+    "exo_pair": lambda p, mean: mean(_exo_pair(p)),
+    "nca_pair": lambda p, mean: mean(-jax.nn.log_sigmoid(p.beta * p.chosen_logratio)
+                                     - 0.5 * jax.nn.log_sigmoid(-p.beta * p.chosen_logratio)
+                                     - 0.5 * jax.nn.log_sigmoid(-p.beta * p.rejected_logratio)),
+    "robust": lambda p, mean: mean((-(1.0 - p.eps) * jax.nn.log_sigmoid(p.beta * p.delta)
+                                    + p.eps * jax.nn.log_sigmoid(-p.beta * p.delta)) / (1.0 - 2.0 * p.eps)),
+    "bco_pair": lambda p, mean: mean(-jax.nn.log_sigmoid(p.beta * p.chosen_logratio)
+                                     - jax.nn.log_sigmoid(-p.beta * p.rejected_logratio)),
+    "sppo_hard": lambda p, mean: mean((p.chosen_logratio - 0.5 / p.beta) ** 2
+                                      + (p.rejected_logratio + 0.5 / p.beta) ** 2),
+    "aot": lambda p, mean: _aot_term(p, p.policy_chosen - p.policy_rejected,
+                                     p.reference_chosen - p.reference_rejected),
+    "aot_unpaired": lambda p, mean: _aot_term(p, p.chosen_logratio, p.rejected_logratio),
+    "apo_zero": lambda p, mean: mean(1.0 - jax.nn.sigmoid(p.beta * p.chosen_logratio)
+                                     + jax.nn.sigmoid(p.beta * p.rejected_logratio)),
+    "apo_down": lambda p, mean: mean(jax.nn.sigmoid(p.beta * p.chosen_logratio) + 1.0
+                                     - jax.nn.sigmoid(p.beta * (p.chosen_logratio - p.rejected_logratio))),
+    "discopop": lambda p, mean: mean(_discopop(p)),
+    "sft": lambda p, mean: _chosen_nll(p.policy_chosen, p.chosen_lengths, p.mask),
+    "sigmoid_norm": lambda p, mean: mean(-jax.nn.log_sigmoid(p.beta * _per_token_delta(p))),
+    "reference_free": lambda p, mean: mean(_smoothed_logistic(p.beta * (p.policy_chosen - p.policy_rejected), p.eps)),
+}
+
+
+def cpo_loss(
+    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, *, beta: float = 0.1, cpo_alpha: float = 1.0,
+    loss_type: str = "sigmoid", simpo_gamma: float = 0.5, label_smoothing: float = 0.0,
+    mask: jax.Array | None = None, chosen_lengths: jax.Array | None = None, rejected_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """Contrastive Preference Optimization (TRL's CPOTrainer): a preference loss on the policy's own log-probs (no
+  reference) plus `cpo_alpha` times the chosen responses' mean token NLL; averaged over the pairs where `mask` is 1.
+
+  loss_type sigmoid (smoothed by `label_smoothing`) and hinge compare summed log-probs; ipo and simpo (with margin
+  `simpo_gamma`) compare mean token log-probs, so they, and the NLL term, need the token counts.
+  """
+  if loss_type not in CPO_LOSS_TYPES:
+    raise ValueError(f"cpo loss_type {loss_type!r}: expected one of {CPO_LOSS_TYPES}")
+  per_token = loss_type in ("ipo", "simpo")
+  needed = {"chosen_lengths": chosen_lengths is None and (per_token or cpo_alpha != 0),
+            "rejected_lengths": rejected_lengths is None and per_token}
+  if any(needed.values()):
+    missing = " and ".join(name for name, absent in needed.items() if absent)
+    raise ValueError(f"cpo loss_type {loss_type!r} with cpo_alpha {cpo_alpha} needs {missing} (scored tokens per "
+                     "response)")
+  policy_chosen_logps, policy_rejected_logps = _fp32(policy_chosen_logps), _fp32(policy_rejected_logps)
+  chosen, rejected = policy_chosen_logps, policy_rejected_logps
+  if per_token:
+    chosen, rejected = _mean_token_logps(chosen, chosen_lengths), _mean_token_logps(rejected, rejected_lengths)
+  logits = chosen - rejected
+  if loss_type == "simpo":
+    losses = _smoothed_logistic(beta * logits - simpo_gamma, label_smoothing)
+  elif loss_type == "sigmoid":
+    losses = _smoothed_logistic(beta * logits, label_smoothing)
   elif loss_type == "hinge":
-    losses = jax.nn.relu(1.0 - h)
+    losses = jax.nn.relu(1.0 - beta * logits)
   else:
-    losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
-  chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+    losses = (logits - 1.0 / (2.0 * beta)) ** 2
   mean = _masked_mean(mask, losses)
-  loss = mean(losses)
+  nll = _chosen_nll(policy_chosen_logps, _fp32(chosen_lengths), mask) if cpo_alpha != 0 else jnp.zeros(())
+  loss = mean(losses) + cpo_alpha * nll
+  # TRL's rewards for these methods: beta times the log-probs the loss compares.
+  return loss, {**_pair_metrics(loss, beta * chosen, beta * rejected, chosen, rejected, mean), "nll_loss": nll}
+
+
+def simpo_loss(
+    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, *, chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0,
+    sft_weight: float = 0.0, mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """SimPO (Meng et al., 2024): the logistic loss on beta times the difference of mean token log-probs minus the
+  margin `gamma`, no reference; `sft_weight` adds the chosen responses' mean token NLL (CPO-SimPO). TRL runs it as
+  CPOTrainer with loss_type "simpo", simpo_gamma = gamma and cpo_alpha = sft_weight."""
+  return cpo_loss(policy_chosen_logps, policy_rejected_logps, beta=beta, cpo_alpha=sft_weight, loss_type="simpo",
+                  simpo_gamma=gamma, label_smoothing=label_smoothing, mask=mask, chosen_lengths=chosen_lengths,
+                  rejected_lengths=rejected_lengths)
+
+
+def orpo_loss(
+    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, *, chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array, beta: float = 0.1, mask: jax.Array | None = None, nll_loss: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """Odds Ratio Preference Optimization (Hong et al., 2024; TRL's ORPOTrainer): NLL - beta * mean log sigmoid(log
+  odds ratio of the mean token log-probs), no reference; beta is the paper's lambda. Averaged over the pairs where
+  `mask` is 1.
+
+  The NLL is the chosen responses' mean token NLL; `nll_loss` replaces it (TRL scores the prompt tokens too).
+  """
+  policy_chosen_logps, policy_rejected_logps = _fp32(policy_chosen_logps), _fp32(policy_rejected_logps)
+  present = jnp.ones(policy_chosen_logps.shape, bool) if mask is None else mask > 0
+  # Absent pairs (mask 0, all-zero log-probs) get a harmless stand-in: log(1 - e^0) would be -inf, and nan * 0 = nan.
+  chosen = jnp.where(present, _mean_token_logps(policy_chosen_logps, chosen_lengths), -1.0)
+  rejected = jnp.where(present, _mean_token_logps(policy_rejected_logps, rejected_lengths), -1.0)
+  log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+  log_odds_ratio = jax.nn.log_sigmoid(log_odds)
+  mean = _masked_mean(mask, log_odds)
+  nll = _chosen_nll(policy_chosen_logps, _fp32(chosen_lengths), mask) if nll_loss is None else nll_loss
+  loss = nll - beta * mean(log_odds_ratio)
+  return loss, {**_pair_metrics(loss, beta * chosen, beta * rejected, chosen, rejected, mean), "nll_loss": nll,
+                "log_odds_ratio": mean(log_odds_ratio), "log_odds_chosen": mean(log_odds)}
+
+
+def kto_loss(
+    policy_logps: jax.Array, reference_logps: jax.Array, desirable: jax.Array, *,
+    kl_policy_logps: jax.Array | None = None, kl_reference_logps: jax.Array | None = None, beta: float = 0.1,
+    desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+    mask: jax.Array | None = None, kl_mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """Kahneman-Tversky Optimization (Ethayarajh et al., 2024; TRL's KTOTrainer) on unpaired examples: each a
+  completion's summed log-probs under policy and reference, `desirable` (True) or not; the weighted losses averaged
+  over the examples where `mask` is 1.
+
+  The KL reference point z comes from the same completions paired with other prompts of the batch
+  (`kl_policy_logps` / `kl_reference_logps`, averaged where `kl_mask` is 1, default `mask`); loss_type
+  apo_zero_unpaired needs none.
+  """
+  if loss_type not in KTO_LOSS_TYPES:
+    raise ValueError(f"kto loss_type {loss_type!r}: expected one of {KTO_LOSS_TYPES}")
+  logratio = _fp32(policy_logps) - _fp32(reference_logps)
+  if loss_type == "kto":
+    if kl_policy_logps is None or kl_reference_logps is None:
+      raise ValueError("kto loss_type 'kto' needs kl_policy_logps and kl_reference_logps (log-probs of the batch's "
+                       "mismatched prompt / completion pairs)")
+    kl_gap = _fp32(kl_policy_logps) - _fp32(kl_reference_logps)
+    kl = jax.lax.stop_gradient(jnp.maximum(_masked_mean(mask if kl_mask is None else kl_mask, kl_gap)(kl_gap), 0.0))
+    desirable_losses = 1.0 - jax.nn.sigmoid(beta * (logratio - kl))
+    undesirable_losses = 1.0 - jax.nn.sigmoid(beta * (kl - logratio))
+  else:
+    kl = jnp.zeros(())
+    desirable_losses = 1.0 - jax.nn.sigmoid(beta * logratio)
+    undesirable_losses = jax.nn.sigmoid(beta * logratio)
+  desirable = desirable.astype(bool)
+  losses = jnp.where(desirable, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
+  loss = _masked_mean(mask, losses)(losses)
+  present = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
+  mean_desirable = _masked_mean(present * desirable, losses)
+  mean_undesirable = _masked_mean(present * ~desirable, losses)
+  chosen_rewards, rejected_rewards = mean_desirable(beta * logratio), mean_undesirable(beta * logratio)
   return loss, {
+      "loss": loss,
+      "kl": kl,
+      "rewards/chosen": chosen_rewards,
+      "rewards/rejected": rejected_rewards,
+      "rewards/margins": chosen_rewards - rejected_rewards,
+      "logps/chosen": mean_desirable(_fp32(policy_logps)),
+      "logps/rejected": mean_undesirable(_fp32(policy_logps)),
+  }
+
+
+def _pair_metrics(loss: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array, chosen_logps: jax.Array,
+                  rejected_logps: jax.Array, mean: Callable[[jax.Array], jax.Array]) -> dict:
+  """TRL's metrics of a pair loss: the loss, mean rewards, reward accuracy and margin, mean log-probs."""
+  return {
       "loss": loss,
       "rewards/chosen": mean(chosen_rewards),
       "rewards/rejected": mean(rejected_rewards),
       "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
       "rewards/margins": mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": mean(policy_chosen_logps),
-      "logps/rejected": mean(policy_rejected_logps),
+      "logps/chosen": mean(chosen_logps),
+      "logps/rejected": mean(rejected_logps),
   }
+
+
+def _mean_token_logps(summed_logps: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Summed log-probs over a response's scored tokens -> their mean (a response with none counts as one token)."""
+  return summed_logps / jnp.maximum(_fp32(lengths), 1.0)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+  """log(1 - e^x) for x < 0, accurate on both sides of -log 2."""
+  return jnp.where(x < -math.log(2.0), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
 def reward_model_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *, margin: jax.Array | None = None,
@@ -99,3 +472,7 @@ def _masked_mean(mask: jax.Array | None, like: jax.Array):
   """A mean over the entries where `mask` is 1 (all entries without a mask)."""
   weights = jnp.ones_like(like) if mask is None else mask.astype(like.dtype)
   return lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def _fp32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)

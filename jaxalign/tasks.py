@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign import losses
+from jaxalign import config_lib, losses
 from jaxalign.data.layouts import CHOSEN_SIDE, REJECTED_SIDE, SeparatePairBatch, SFTBatch, SharedPairBatch
 
 PairBatch = SeparatePairBatch | SharedPairBatch
@@ -137,17 +137,21 @@ class DPOTask:
   "reference_chosen_logps" / "reference_rejected_logps") with `reference` None."""
 
   beta: float = 0.1
-  loss_type: str = "sigmoid"
+  loss_type: str | tuple[str, ...] = "sigmoid"
   label_smoothing: float = 0.0
+  loss_weights: tuple[float, ...] | None = None
+  f_divergence_type: str = "reverse_kl"
+  f_alpha_divergence_coef: float = 0.5
+  discopop_tau: float = 0.05
   batch_kind = "pairs"
 
   @property
   def uses_reference(self) -> bool:
     return losses.needs_reference(self.loss_type)
 
-  def reference_logps(self, reference, batch: PairBatch, like: PairLogps) -> tuple[jax.Array, jax.Array]:
+  def reference_logps(self, reference, batch: PairBatch) -> tuple[jax.Array | None, jax.Array | None]:
     if not self.uses_reference:
-      return jnp.zeros_like(like.chosen), jnp.zeros_like(like.rejected)
+      return None, None
     if reference is None:
       return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
     logps = pair_logprobs(reference, batch)
@@ -155,9 +159,12 @@ class DPOTask:
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
     policy = pair_logprobs(model, batch, dropout_key)
-    ref_chosen, ref_rejected = self.reference_logps(reference, batch, policy)
+    ref_chosen, ref_rejected = self.reference_logps(reference, batch)
     return losses.dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=self.beta,
-                           loss_type=self.loss_type, label_smoothing=self.label_smoothing, mask=pair_mask(batch))
+                           loss_type=self.loss_type, label_smoothing=self.label_smoothing, mask=pair_mask(batch),
+                           chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
+                           loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
+                           f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau)
 
   def tokens(self, batch: PairBatch) -> jax.Array:
     return pair_tokens(batch)
@@ -206,7 +213,12 @@ def make_task(config: Any):
   if config.task == "sft":
     return SFTTask()
   if config.task == "dpo":
-    return DPOTask(beta=config.dpo.beta, loss_type=config.dpo.loss_type, label_smoothing=config.dpo.label_smoothing)
+    dpo = config.dpo
+    return DPOTask(beta=dpo.beta, loss_type=config_lib.dpo_loss_type(dpo),
+                   label_smoothing=dpo.label_smoothing,
+                   loss_weights=tuple(dpo.loss_weights) if dpo.loss_weights else None,
+                   f_divergence_type=dpo.f_divergence_type, f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
+                   discopop_tau=dpo.discopop_tau)
   if config.task == "reward":
     return RewardTask(margin=config.reward.margin, center_rewards_coefficient=config.reward.center_rewards_coefficient)
   raise ValueError(f"task {config.task!r} unknown; one of 'sft', 'dpo', 'reward'")
