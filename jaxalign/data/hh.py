@@ -4,7 +4,7 @@ Sources (all read through `datasets`):
   * the Hub id "Anthropic/hh-rlhf": one `data_dir` per subset; by default all four, whose train splits together are
     the paper's 160,800 pairs;
   * a local folder laid out like that repository: `<folder>/<subset>/<split>.jsonl.gz` (or `.jsonl`);
-  * a local folder holding `<split>.jsonl[.gz]` directly, or a single `.jsonl[.gz]` file.
+  * a local folder holding `<split>.jsonl[.gz]` (or `<split>.parquet`) directly, or a single such file.
 Each file is in one of two formats, told apart by its fields:
   * HH: `{"chosen": text, "rejected": text}`, two whole conversations ("\\n\\nHuman: … \\n\\nAssistant: …")
     that share everything up to the final "\\n\\nAssistant:";
@@ -34,7 +34,7 @@ HH_HUB_ID = "Anthropic/hh-rlhf"
 # The subsets whose train splits make up the Hub dataset's default train split (160,800 pairs).
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
-_EXTENSIONS = (".jsonl.gz", ".jsonl")
+_EXTENSIONS = (".jsonl.gz", ".jsonl", ".parquet")
 _HH_FIELDS = ("chosen", "rejected")
 _GENERIC_FIELDS = ("prompt", "chosen", "rejected")
 # How many record locations per reason a SkipReport keeps, to point at examples without flooding the log.
@@ -234,7 +234,8 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
 
 def _read_json_lines(path: Path) -> list[dict]:
   try:
-    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
   except datasets.exceptions.DatasetGenerationError as e:
     raise ValueError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from e
   return dataset.to_list()

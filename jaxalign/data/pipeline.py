@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxalign import parallel
-from jaxalign.data import batches as batches_lib, hh, synthetic, tokenize
+from jaxalign.data import batches as batches_lib, formats, hh, synthetic, tokenize
 from jaxalign.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,9 @@ def _iterator(config, examples, batch_kind: str, *, seed: int, global_batch_size
   return batches_lib.dpo_batches(examples, shared=shared, max_length=max_length, buckets=tuple(buckets), **common)
 
 
-def _examples(config, pairs: tokenize.TokenizedPairs, batch_kind: str, packing: bool):
+def _examples(config, pairs: tokenize.TokenizedPairs | tokenize.SFTExamples, batch_kind: str, packing: bool):
+  if isinstance(pairs, tokenize.SFTExamples):  # conversations rendered with a chat template
+    return tokenize.pack_examples(pairs, seq_len=config.data.max_length) if packing else pairs
   if batch_kind != "sft":
     return tokenize.pack_pairs(pairs, capacity=config.data.max_length) if packing else pairs
   sides = {"chosen": [pairs], "rejected": [], "both": [pairs]}[config.data.sft_responses]
@@ -212,11 +214,19 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   """The split's pairs and their tokens. SFT rows are cut later, keeping their start (as TRL's SFTTrainer does);
   pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
-  pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
+  chat = bool(config.data.chat_template)
+  pairs, _ = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
+                                   subsets=subsets)
   pair_task = batch_kind != "sft"
+  if chat and not pair_task:
+    return pairs, tokenize.conversation_sft_examples(pairs, tokenizer, loss_on=config.data.loss_on,
+                                                     responses=config.data.sft_responses,
+                                                     max_length=config.data.max_length)
+  if chat:
+    pairs, _ = tokenize.render_pairs(pairs, tokenizer)
   tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length if pair_task else None,
                                       max_prompt_length=config.data.max_prompt_length if pair_task else None,
-                                      truncation_mode=config.data.truncation_mode,
+                                      truncation_mode=config.data.truncation_mode, rendered=chat,
                                       cache_dir=os.path.join(cache_dir(config), "tokenized"))
   return pairs, tokenized
 
@@ -225,6 +235,8 @@ def build(config, tokenizer, workdir: str, batch_kind: str, mesh) -> TrainingDat
   """The train stream and held-out batches of a stage; `batch_kind` "sft" or "pairs"."""
   del workdir  # data is cached by content, not per run
   _check_divisible(config, mesh)
+  if config.data.chat_template:
+    tokenize.set_chat_template(tokenizer, config.data.chat_template)  # saved with the tokenizer on export
   sharding = parallel.batch_sharding(mesh)
   pad_id = tokenizer.pad_token_id
   buckets = config.data.buckets

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxalign.data.formats import Conversation
+from jaxalign.data.formats import Conversation, hh_messages
 from jaxalign.data.hh import PreferencePair, SkipReport, UnusableRecord
 from jaxalign.tokenizer import end_of_turn
 
@@ -443,6 +443,27 @@ def _log_rendering(report: SkipReport, conversations: list[Conversation]) -> Non
     source = conversations[0].source if conversations else "the data"
     raise ValueError(f"{source}: the chat template rendered none of its {report.total} conversations "
                      f"({report.summary()})")
+
+
+def render_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], tuple[str, ...]]:
+  """Evaluation prompts rendered with the chat template, and the stop strings of its answers.
+
+  An HH-style prompt ("Human: …\n\nAssistant: …\n\nHuman: …", with or without a final "Assistant:" cue) becomes
+  its turns, any other text one user message; each ends with the template's assistant cue. Stop strings: the
+  template's end-of-turn token (or EOS), for `sampling.generate(..., add_special_tokens=False)`.
+  """
+  rendered = []
+  for i, prompt in enumerate(prompts):
+    try:
+      messages = hh_messages(prompt) if prompt.lstrip().startswith(("Human:", "Assistant:")) else ()
+    except UnusableRecord:
+      messages = ()
+    messages = messages or ({"role": "user", "content": prompt.strip()},)
+    try:
+      rendered.append(render(tokenizer, messages, generation_prompt=True))
+    except UnusableRecord as e:
+      raise ValueError(f"prompt {i} ({prompt[:60]!r}…): the chat template cannot render it") from e.__cause__
+  return rendered, (end_of_turn(tokenizer) or tokenizer.eos_token,)
 
 
 def _render_with_targets(tokenizer, messages: tuple[dict, ...], first_response: int, eot: str | None):
