@@ -22,10 +22,16 @@ OPT_EOS_ID = 2
 # The pad token added to tokenizers with none but EOS to pad with.
 NEW_PAD_TOKEN = "<|pad|>"
 _PROBE_ANSWER = "Fine, thanks."
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None):
   """Loads a tokenizer from a Hub id or a local folder and checks that it can pad and end sequences."""
+  if os.path.isdir(name_or_path) and not any(os.path.exists(os.path.join(name_or_path, name))
+                                             for name in _TOKENIZER_FILES):
+    # transformers would build an empty tokenizer from a folder with a config.json only.
+    raise OSError(f"{name_or_path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}); set config.tokenizer "
+                  "to the folder or Hub id of the model's tokenizer")
   try:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
   except OSError as e:
@@ -68,6 +74,14 @@ def ensure_pad_token(tokenizer) -> None:
                 len(tokenizer))
   log.info("tokenizer %r pads with %r (id %d), not EOS", tokenizer.name_or_path, tokenizer.pad_token,
            tokenizer.pad_token_id)
+
+
+def check_vocabulary(tokenizer, vocab_size: int) -> None:
+  """Raises when the tokenizer has ids the model cannot embed (e.g. a pad or chat token added to its vocabulary)."""
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens (pad {tokenizer.pad_token!r} "
+                     f"= id {tokenizer.pad_token_id}) but the model embeds only {vocab_size}: give the model more rows "
+                     "(model.arch.vocab_size for a random init) or use a tokenizer whose ids fit")
 
 
 def end_of_turn(tokenizer) -> str | None:

@@ -25,7 +25,7 @@ from jaxalign import checkpoint, config_lib, flops, parallel, reference as refer
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, opt, reward
-from jaxalign.tokenizer import load_tokenizer
+from jaxalign.tokenizer import check_vocabulary, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   data = pipeline.build(config, tokenizer, workdir, task.batch_kind, mesh)
 
   model = build_model(config, mesh)
+  check_vocabulary(tokenizer, model.config.vocab_size)
   use_lora = config.lora.enabled
   graphdef, params, rest = split_model(model, use_lora)
   total_steps = data.total_steps
