@@ -112,3 +112,34 @@ def test_parquet_files_load_through_datasets(tmp_path):
   assert report.used == 6
   assert [(c.prompt, c.chosen, c.rejected) for c in from_parquet] == [(c.prompt, c.chosen, c.rejected)
                                                                        for c in from_jsonl]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"data.format": "csv"}, r"config.data.format = 'csv' is not allowed"),
+    ({"data.chat_template": "chatml"}, r"config.data.chat_template = 'chatml' is invalid"),
+    ({"data.loss_on": "assistant"}, r"loss on assistant turns needs data.chat_template"),
+    ({"data.format": "conversational"}, r"messages need a template"),
+    ({"task": "dpo", "data.format": "messages", "data.chat_template": "tokenizer"}, r"'messages' records have no "),
+])
+def test_config_fields_are_validated(fields, message):
+  from configs import common
+  from jaxalign import config_lib
+
+  c = common.get_config()
+  for name, value in fields.items():
+    *path, leaf = name.split(".")
+    (c[path[0]] if path else c)[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_study_smollm2_renders_with_the_chat_template_for_training_and_evaluation():
+  from configs import study_smollm2
+
+  train = study_smollm2.get_config()
+  assert all(train.stage_configs[name].data.chat_template == "tokenizer" for name in train.stages)
+  assert train.stage_configs.sft.data.loss_on == "assistant" and train.stage_configs.sft_dpo.init_from == "stage:sft"
+  assert train.stage_configs.dpo.init_from == study_smollm2.MODEL
+  evaluation = study_smollm2.get_config("eval")
+  assert evaluation.generation.chat_template == "tokenizer" and evaluation.models.startswith(
+      f"base={study_smollm2.MODEL},")
