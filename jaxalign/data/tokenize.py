@@ -12,6 +12,13 @@ Speed: texts are encoded in batches by the Rust tokenizer, on all cores. With GP
 prompt up to its final turn is encoded once for both responses (see `splits_at_newlines`), so the shared text is
 not encoded twice.
 
+Chat templates: conversations (`formats.Conversation`) are rendered with the tokenizer's own `apply_chat_template`
+(`render_pairs`); then prompt = the prompt turns plus the assistant cue, a response = what the template writes for
+it through its end-of-turn token, and the same contract holds with `add_special_tokens=False` (the template places
+the special tokens) and no EOS appended (the end-of-turn token ends each response; EOS only where the template has
+none). SFT on conversations (`conversation_sft_examples`) encodes the whole rendered text once and scores the
+assistant turns only (or the final response, or everything).
+
 Truncation follows the reference DPO preprocessing: when the prompt plus the longer response exceeds `max_length`,
 the prompt is cut to `max_prompt_length` (keeping its end by default, and always its leading special tokens); if
 still too long, both responses are cut to the room left (`max_length - len(prompt)`), losing their EOS.
