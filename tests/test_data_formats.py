@@ -43,7 +43,12 @@ def test_hh_text_becomes_messages_with_the_shared_turns_as_prompt():
   assert chosen == (msg(ASSISTANT, "Mix flour."),) and rejected == (msg(ASSISTANT, "No."),)
   # The paper's prompt form (no leading blank line, no final cue) parses the same way.
   assert formats.hh_messages("Human: Hi\n\nAssistant: Hello!\n\nHuman: Bake bread?") == prompt
-  assert formats.hh_messages("\n\nHuman: Bake bread?\n\nAssistant:") == (msg(USER, "Bake bread?"),)
+  assert formats.hh_messages("\n\nHuman: Bake bread?\n\nAssistant:", prompt=True) == (msg(USER, "Bake bread?"),)
+  # A record whose final answer is empty is counted as such (as for HH text).
+  empty = {"chosen": HH_RECORD["chosen"], "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bake bread?"
+           "\n\nAssistant:"}
+  _, report = formats.conversations_from_records([HH_RECORD, empty], "f", "hh")
+  assert dict(report.skipped) == {hh.EMPTY_RESPONSE: 1}
 
 
 def test_implicit_prompt_is_the_common_leading_messages_and_counts_multi_turn_responses():

@@ -12,6 +12,7 @@ Formats (`data.format`; "auto" tells them apart per file by their fields and val
 Text records go to `hh.PreferencePair`s (plain text, as today) unless a chat template renders them: then HH text is
 split into messages at its "\\n\\nHuman:" / "\\n\\nAssistant:" markers, and a preference prompt string becomes one
 user message (an HH-style prompt string is split like HH). Message records always need a chat template.
+Pairs whose responses span several turns (they diverge before the last turn) are used and counted as hh.FALLBACK.
 """
 
 from __future__ import annotations
@@ -84,17 +85,17 @@ def _check_messages(value) -> tuple[dict, ...]:
   return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
-def hh_messages(text: str) -> tuple[dict, ...]:
+def hh_messages(text: str, *, prompt: bool = False) -> tuple[dict, ...]:
   """HH text ("\\n\\nHuman: … \\n\\nAssistant: …", or the paper's "Human: …" form) as messages, contents stripped.
 
-  Text before the first marker is dropped when blank and is an error otherwise (HH has none). A trailing
-  "Assistant:" with nothing after it (an HH prompt) gives no message.
+  Text before the first marker is dropped when blank and is an error otherwise (HH has none). prompt: the text is a
+  prompt, so a trailing "Assistant:" with nothing after it is the cue for an answer, not an (empty) message.
   """
   parts = _HH_TURN.split(text)
   if parts[0].strip():
     raise hh.UnusableRecord(hh.NO_ASSISTANT_MARKER)
   messages = [{"role": _HH_ROLE[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
-  if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+  if prompt and messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
     messages.pop()
   return tuple(messages)
 
@@ -123,7 +124,7 @@ def implicit_prompt(chosen: tuple[dict, ...], rejected: tuple[dict, ...]):
 
 def _prompt_messages(prompt) -> tuple[dict, ...]:
   if isinstance(prompt, str):
-    return hh_messages(prompt) if _HH_TURN.match(prompt) else ({"role": "user", "content": prompt},)
+    return hh_messages(prompt, prompt=True) if _HH_TURN.match(prompt) else ({"role": "user", "content": prompt},)
   return _check_messages(prompt)
 
 

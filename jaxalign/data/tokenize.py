@@ -462,7 +462,7 @@ def render_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], tuple[str,
   rendered = []
   for i, prompt in enumerate(prompts):
     try:
-      messages = hh_messages(prompt) if prompt.lstrip().startswith(("Human:", "Assistant:")) else ()
+      messages = hh_messages(prompt, prompt=True) if prompt.lstrip().startswith(("Human:", "Assistant:")) else ()
     except UnusableRecord:
       messages = ()
     messages = messages or ({"role": "user", "content": prompt.strip()},)
