@@ -210,7 +210,5 @@ def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: 
     log.info("%s (%s): %s", label, record_format, file_report.summary())
     examples.extend(file_examples)
     report.merge(file_report)
-  log.info("%s (%s): %s", source, split, report.summary())
-  for reason, where in report.examples.items():
-    log.info("  %s, e.g. %s", reason, ", ".join(where))
+  hh.log_report(report, source, split)
   return examples, report

@@ -275,7 +275,12 @@ def load_preference_pairs(
     log.info("%s: %s", label, source_report.summary())
     pairs.extend(source_pairs)
     report.merge(source_report)
+  log_report(report, source, split)
+  return pairs, report
+
+
+def log_report(report: SkipReport, source: str, split: str) -> None:
+  """Logs a source's summary and the first few records per reason."""
   log.info("%s (%s): %s", source, split, report.summary())
   for reason, where in report.examples.items():
     log.info("  %s, e.g. %s", reason, ", ".join(where))
-  return pairs, report
