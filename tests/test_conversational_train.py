@@ -5,6 +5,7 @@ folder, with every record counted. Parametrized by model family (add Llama in ch
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -69,8 +70,9 @@ def test_train_py_runs_sft_dpo_lora_and_reward_on_chat_data(family, chat_data_di
   c.stage_configs.dpo = stage("dpo", "stage:sft", cache, chat_data_dir, **{
       "data.prefix_sharing": True, "data.packing": True, "optimizer.lr": 1e-3})
   c.stage_configs.dpo_lora = stage("dpo", model_dir, cache, chat_data_dir, **{
-      "lora.enabled": True, "optimizer.lr": 1e-2})
-  c.stage_configs.reward = stage("reward", model_dir, cache, chat_data_dir, **{"optimizer.lr": 1e-3})
+      "lora.enabled": True, "optimizer.lr": 1e-2, "data.eval_pairs": 0})
+  c.stage_configs.reward = stage("reward", model_dir, cache, chat_data_dir, **{"optimizer.lr": 1e-3,
+                                                                              "data.eval_pairs": 0})
   run = train_cli(config_file(tmp_path, c), str(tmp_path / "run"))
   output = run.stdout.read()
   assert run.wait(timeout=600) == 0, output[-4000:]
@@ -78,6 +80,9 @@ def test_train_py_runs_sft_dpo_lora_and_reward_on_chat_data(family, chat_data_di
   skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(BAD_COUNTS.items()))
   assert f"train.jsonl (conversational): {N_TRAIN + len(BAD_RECORDS)} records: {N_TRAIN} used" in output
   assert f"{len(BAD_RECORDS)} skipped ({skipped})" in output
+  # Every tokenization (SFT examples, pairs of each split and stage) logs its count of moved boundaries: none.
+  adjusted = re.findall(r"'boundary_adjusted': (\d+)", output)
+  assert len(adjusted) >= 4 and set(adjusted) == {"0"}, adjusted
   workdirs = {name: str(tmp_path / "run" / name) for name in c.stages}
   sft_losses = losses_by_step(workdirs["sft"])
   assert sft_losses[6] < sft_losses[1], sft_losses

@@ -1,5 +1,5 @@
 """From a stage config to what the training loop reads: a resumable stream of sharded global batches and a fixed
-set of held-out batches. Glue over hh -> tokenize -> batches; the decisions live in those modules.
+set of held-out batches. Glue over hh / formats -> tokenize -> batches; the decisions live in those modules.
 """
 
 from __future__ import annotations
