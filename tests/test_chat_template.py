@@ -180,3 +180,27 @@ def test_set_chat_template_from_a_file_or_the_tokenizer(chat_tokenizer, tmp_path
   chat_tokenizer.chat_template = None
   with pytest.raises(ValueError, match="has no chat template"):
     tokenize.set_chat_template(chat_tokenizer, "tokenizer")
+
+
+def test_generation_stops_at_the_templates_end_of_turn_token(chat_tokenizer):
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxalign import sampling
+  from jaxalign.models import opt
+
+  config = opt.preset("opt-125m", vocab_size=512, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                      num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=160, dropout=0.0)
+  model = opt.OPTForCausalLM(config, rngs=nnx.Rngs(0))
+  # Every final hidden state is the last layer norm's bias, which the (tied) head row of <|im_end|> matches best.
+  im_end = chat_tokenizer.convert_tokens_to_ids(IM_END)
+  model.final_layer_norm.scale[...] = jnp.zeros(32)
+  model.final_layer_norm.bias[...] = jnp.ones(32)
+  model.embed_tokens.embedding[im_end] = jnp.ones(32)
+  rendered, stops = tokenize.render_prompts(chat_tokenizer, ["Human: Tell me a joke."])
+  (ids,), _ = sampling.encode_prompts(chat_tokenizer, rendered, 64, add_special_tokens=False)
+  assert ids == chat_tokenizer(rendered[0], add_special_tokens=False).input_ids and ids[0] != OPT_EOS_ID
+  kwargs = dict(max_new_tokens=6, batch_size=1, add_special_tokens=False)
+  stopped = sampling.generate(model, chat_tokenizer, rendered, stop_strings=stops, **kwargs)
+  unstopped = sampling.generate(model, chat_tokenizer, rendered, stop_strings=(), **kwargs)
+  assert stopped.num_new_tokens == [1] and unstopped.num_new_tokens == [6] and stopped.texts == [""]
