@@ -104,6 +104,9 @@ def test_message_formats_need_a_chat_template_and_text_formats_stay_text(tmp_pat
   assert isinstance(pair, hh.PreferencePair) and pair.chosen == " Mix flour."
   (conversation,), _ = formats.load_examples(hh_path, chat=True)
   assert conversation.chosen == (msg(ASSISTANT, "Mix flour."),)
+  # A format given explicitly is the one used: HH records read as TRL preference records lack their prompt.
+  with pytest.raises(ValueError, match=r"no usable preference pair .*missing_field 1"):
+    formats.load_examples(hh_path, data_format="preference", chat=False)
 
 
 def test_parquet_files_load_through_datasets(tmp_path):

@@ -163,6 +163,7 @@ def split_messages(record: dict) -> tuple:
   return messages[:last], messages[last:], None
 
 
+_TEXT_SPLITTERS = {"hh": hh.split_hh_record, "preference": hh.split_generic_record}
 _MESSAGE_SPLITTERS = {"hh": split_hh_as_messages, "preference": split_preference_as_messages,
                       "conversational": split_conversational, "messages": split_messages}
 
@@ -206,7 +207,7 @@ def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: 
       raise ValueError(f"{label}: {record_format} records are lists of messages and need a chat template; set "
                        "data.chat_template ('tokenizer' or a .jinja file)")
     else:
-      file_examples, file_report = hh.pairs_from_records(records, label)
+      file_examples, file_report = hh.pairs_from_records(records, label, _TEXT_SPLITTERS[record_format])
     log.info("%s (%s): %s", label, record_format, file_report.summary())
     examples.extend(file_examples)
     report.merge(file_report)

@@ -177,10 +177,10 @@ def _splitter(columns: list[str], source: str):
                    f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
-def pairs_from_records(records: list[dict], source: str) -> tuple[list[PreferencePair], SkipReport]:
-  """Splits one source's records into pairs; raises ValueError naming the source when none is usable."""
-  columns = sorted({key for record in records for key in record})
-  split = _splitter(columns, source)
+def pairs_from_records(records: list[dict], source: str, split=None) -> tuple[list[PreferencePair], SkipReport]:
+  """Splits one source's records into pairs (with `split`, else the split function its fields call for); raises
+  ValueError naming the source when none is usable."""
+  split = split or _splitter(sorted({key for record in records for key in record}), source)
   pairs, report = [], SkipReport(total=len(records))
   for index, record in enumerate(records):
     try:
