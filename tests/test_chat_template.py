@@ -107,6 +107,18 @@ def tokenizer_decoded_answers(tokenizer, tokenized, convs) -> bool:
              for ids, conv in zip(tokenized.chosen_ids, convs))
 
 
+def test_prompt_truncation_keeps_the_templates_bos(chat_tokenizer):
+  chat_tokenizer.chat_template = "{{ bos_token }}" + CHATML  # as Llama 3's template starts with <|begin_of_text|>
+  (pair,), _ = tokenize.render_pairs(conversations(3)[2:], chat_tokenizer)  # a multi-turn prompt
+  full = tokenize.tokenize_pairs([pair], chat_tokenizer, max_length=None, max_prompt_length=None, rendered=True)
+  prompt, chosen = full.prompt_ids[0], full.chosen_ids[0]
+  assert prompt[0] == chat_tokenizer.bos_token_id
+  cut = tokenize.tokenize_pairs([pair], chat_tokenizer, max_length=len(prompt) + len(chosen) - 1,
+                                max_prompt_length=8, rendered=True)
+  assert cut.prompt_ids[0].tolist() == [chat_tokenizer.bos_token_id] + prompt[-7:].tolist()
+  assert cut.chosen_ids[0].tolist() == chosen.tolist() and cut.counts()["prompt_truncated"] == 1
+
+
 def test_templates_without_an_end_of_turn_token_get_eos(chat_tokenizer):
   chat_tokenizer.chat_template = PLAIN_TEMPLATE
   convs = conversations(2)

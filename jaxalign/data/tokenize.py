@@ -267,7 +267,8 @@ def _load(path: Path) -> TokenizedPairs:
   return TokenizedPairs(**fields)
 
 
-def _encode(pairs: list[PreferencePair], backend, prefix: list[int], suffix: list[int], **truncation) -> TokenizedPairs:
+def _encode(pairs: list[PreferencePair], backend, prefix: list[int], suffix: list[int], kept_bos: int | None,
+            **truncation) -> TokenizedPairs:
   ids = {name: [] for name in _ID_FIELDS}
   flags = {name: np.zeros(len(pairs), bool) for name in _FLAG_FIELDS}
   splittable = splits_at_newlines(backend)
@@ -285,8 +286,11 @@ def _encode(pairs: list[PreferencePair], backend, prefix: list[int], suffix: lis
       tail_prompt_chars = len(pair.prompt) - cut
       n, flags["boundary_adjusted"][i] = _shared_prompt_length(c, c_ids, r_ids, tail_prompt_chars,
                                                                tail_prompt_chars + len(pair.chosen))
+      prompt = prefix + head.ids + c_ids[:n]
+      # What truncation never cuts: the tokenizer's special prefix, or the BOS a chat template starts with.
+      n_prefix = len(prefix) or int(kept_bos is not None and prompt[:1] == [kept_bos])
       prompt, chosen_ids, rejected_ids, flags["prompt_truncated"][i], flags["response_truncated"][i] = _truncate(
-          prefix + head.ids + c_ids[:n], c_ids[n:] + suffix, r_ids[n:] + suffix, n_prefix=len(prefix), **truncation)
+          prompt, c_ids[n:] + suffix, r_ids[n:] + suffix, n_prefix=n_prefix, **truncation)
       for name, values in zip(_ID_FIELDS, (prompt, chosen_ids, rejected_ids)):
         ids[name].append(np.array(values, np.int32))
   return TokenizedPairs(**ids, **flags)
@@ -302,23 +306,24 @@ def tokenize_pairs(
   prompt keeps its last tokens, as in the paper) or "keep_start". cache_dir: when given, the result is stored as
   `pairs-<fingerprint>.npz`, keyed by the pairs' text, the tokenizer and these settings, and reused on the next call.
   rendered: the pairs are chat-template text (`render_pairs`): the template, not the tokenizer, places the special
-  tokens, and a response ends with the template's end-of-turn token, so EOS is appended only where the template
-  has no such token.
+  tokens (a BOS it starts the prompt with survives truncation), and a response ends with the template's end-of-turn
+  token, so EOS is appended only where the template has no such token.
   """
   backend = _backend(tokenizer)
   prefix = [] if rendered else special_prefix_ids(tokenizer)
   suffix = [tokenizer.eos_token_id] if not rendered or end_of_turn(tokenizer) is None else []
+  kept_bos = tokenizer.bos_token_id if rendered else None
   _check_lengths(max_length, max_prompt_length, truncation_mode, len(prefix))
   truncation = dict(max_length=max_length, max_prompt_length=max_prompt_length,
                     keep_end=truncation_mode == "keep_end")
   path = None
   if cache_dir is not None:
-    settings = (tuple(prefix), tuple(suffix), tuple(sorted(truncation.items())))
+    settings = (tuple(prefix), tuple(suffix), kept_bos, tuple(sorted(truncation.items())))
     path = Path(cache_dir) / f"pairs-{_fingerprint(pairs, backend, settings)}.npz"
     if path.is_file():
       log.info("tokenized pairs loaded from cache %s", path)
       return _load(path)
-  tokenized = _encode(pairs, backend, prefix, suffix, **truncation)
+  tokenized = _encode(pairs, backend, prefix, suffix, kept_bos, **truncation)
   log.info("tokenized %s", tokenized.counts())
   if path is not None:
     _save(tokenized, path)
