@@ -75,6 +75,15 @@ def test_explicit_prompts_strings_and_prompt_strings_repeated_in_whole_conversat
   assert formats.split_preference_as_messages(strings) == expected
 
 
+def test_messages_keep_their_other_keys_but_not_the_empty_ones():
+  call = {"role": ASSISTANT, "content": "", "tool_calls": [{"name": "weather"}]}
+  record = {"messages": [{"role": USER, "content": "Weather?", "tool_calls": None}, call,
+                         {"role": "tool", "content": "sunny"}, msg(ASSISTANT, "Sunny.")]}
+  prompt, response, _ = formats.split_messages(record)
+  assert prompt == (msg(USER, "Weather?"), call, {"role": "tool", "content": "sunny"})
+  assert response == (msg(ASSISTANT, "Sunny."),)
+
+
 def test_messages_records_split_at_their_last_assistant_turn():
   record = {"messages": [msg("system", "Be kind."), msg(USER, "Hi"), msg(ASSISTANT, "Hello"), msg(USER, "Joke?"),
                          msg(ASSISTANT, "No.")]}

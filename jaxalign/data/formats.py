@@ -39,7 +39,7 @@ NO_RESPONSE = "no_assistant_response"  # no assistant message to learn from wher
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-  """One usable record as messages (each a {"role", "content"} dict of strings).
+  """One usable record as messages (each a dict with string "role" and "content", and whatever else it carried).
 
   prompt: the messages before the responses; chosen / rejected: the responses (usually one assistant message; several
   when a pair diverges earlier); rejected is None for an SFT-only `messages` record, whose `chosen` is its final
@@ -76,13 +76,15 @@ def detect_format(records: list[dict], source: str) -> str:
 
 
 def _check_messages(value) -> tuple[dict, ...]:
-  """The messages of a field, each reduced to its role and content; raises UnusableRecord otherwise."""
+  """The messages of a field (each with a known role and string content; other keys, e.g. "tool_calls", go to the
+  template too, except empty ones, which `datasets` adds to every message of a file where one has them); raises
+  UnusableRecord otherwise."""
   if value is None:
     raise hh.UnusableRecord(hh.MISSING_FIELD)
   if not isinstance(value, list) or not all(
       isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value):
     raise hh.UnusableRecord(NOT_MESSAGES)
-  return tuple({"role": m["role"], "content": m["content"]} for m in value)
+  return tuple({key: item for key, item in m.items() if item is not None} for m in value)
 
 
 def hh_messages(text: str, *, prompt: bool = False) -> tuple[dict, ...]:
