@@ -24,13 +24,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "Anthropic/hh-rlhf"  # Hub id, local folder/file, or "synthetic"
   c.data.subsets = ""  # comma-separated HH subsets; "" = all four (the paper's 160,800-pair train split)
+  # Record format (jaxalign/data/formats.py): auto (told apart per file by its fields) | hh ({chosen, rejected}
+  # conversations) | preference (TRL: {prompt, chosen, rejected} strings) | conversational (the same as lists of
+  # {"role", "content"} messages, prompt explicit or implicit) | messages ({messages}: SFT on assistant turns).
+  c.data.format = "auto"
+  # "" = plain text (HH as in the paper); "tokenizer" = render every record with the tokenizer's chat template (HH
+  # text is split into messages; needed for the message formats); or a .jinja file replacing the tokenizer's (the
+  # exported model folder then carries it). Responses end with the template's end-of-turn token.
+  c.data.chat_template = ""
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.eval_pairs = 512  # held-out pairs for evaluation during training (0 = none)
   c.data.max_length = 512
   c.data.max_prompt_length = 256
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)
-  c.data.loss_on = "conversation"  # SFT: conversation (the paper) | completion (final response only)
+  # SFT: conversation (every token, the paper) | assistant (every assistant turn; needs data.chat_template) |
+  # completion (the final response only)
+  c.data.loss_on = "conversation"
   c.data.sft_responses = "chosen"  # SFT on the chosen responses (the paper) | rejected | both
   # Pair tasks (dpo, reward): each pair's prompt + chosen + rejected as one sequence, the prompt computed once.
   c.data.prefix_sharing = False

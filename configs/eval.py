@@ -37,6 +37,9 @@ def get_config():
   c.generation.top_p = 1.0
   c.generation.stop_strings = ("\n\nHuman:",)
   c.generation.prompt_suffix = ""  # e.g. "\n\nAssistant:" to cue an answer (the paper gave no cue)
+  # "" = the prompt text as is (the paper); "tokenizer" = render each prompt's turns with the model's chat template
+  # (prompt_suffix unused) and stop at its end-of-turn token; or a .jinja file
+  c.generation.chat_template = ""
   c.generation.batch_size = 64
   c.generation.max_prompt_length = 512
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 from jaxalign import losses
+from jaxalign.data.formats import FORMATS
+from jaxalign.data.tokenize import LOSS_ON
 from jaxalign.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxalign.models.opt import PRESETS
 
@@ -73,7 +75,17 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.max_prompt_length", 0 < config.data.max_prompt_length < config.data.max_length,
          f"between 1 and data.max_length - 1 ({config.data.max_length - 1})")
   _one_of(config, "data.truncation_mode", ("keep_end", "keep_start"))
-  _one_of(config, "data.loss_on", ("conversation", "completion"))
+  _one_of(config, "data.format", FORMATS)
+  _check(config, "data.chat_template", config.data.chat_template in ("", "tokenizer")
+         or config.data.chat_template.endswith((".jinja", ".j2")),
+         "'' (plain text), 'tokenizer' (its own chat template) or a .jinja template file")
+  _one_of(config, "data.loss_on", LOSS_ON)
+  _check(config, "data.loss_on", config.data.loss_on != "assistant" or bool(config.data.chat_template),
+         "'conversation' or 'completion' for plain text: loss on assistant turns needs data.chat_template")
+  _check(config, "data.format", config.data.format != "messages" or config.task == "sft",
+         "a preference format for task 'dpo' / 'reward' ('messages' records have no rejected response)")
+  _check(config, "data.format", config.data.format not in ("messages", "conversational")
+         or bool(config.data.chat_template), "a text format, or set data.chat_template: messages need a template")
   _one_of(config, "data.sft_responses", ("chosen", "rejected", "both"))
   buckets = tuple(config.data.buckets)
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),

@@ -78,13 +78,20 @@ def generate_and_score(config, models: dict[str, str], prompts: dict[str, list[s
   for name, path in models.items():
     model, tokenizer = load_policy(path, config.model_dtype)
     records[name] = {}
+    chat = config.generation.chat_template
+    if chat:
+      tokenize.set_chat_template(tokenizer, chat)
     for set_name in SETS:
+      texts, stops = [p + suffix for p in prompts[set_name]], tuple(config.generation.stop_strings)
+      if chat:  # the turns rendered by the template; answers end at its end-of-turn token
+        texts, end_of_turn = tokenize.render_prompts(tokenizer, prompts[set_name])
+        stops += end_of_turn
       generations = sampling.generate(
-          model, tokenizer, [p + suffix for p in prompts[set_name]], max_new_tokens=config.generation.max_new_tokens,
+          model, tokenizer, texts, max_new_tokens=config.generation.max_new_tokens,
           temperature=config.generation.temperature, top_k=config.generation.top_k, top_p=config.generation.top_p,
-          stop_strings=tuple(config.generation.stop_strings), batch_size=config.generation.batch_size,
+          stop_strings=stops, batch_size=config.generation.batch_size,
           seed=config.seed, max_prompt_length=config.generation.max_prompt_length,
-          sharding=parallel.batch_sharding(mesh))
+          sharding=parallel.batch_sharding(mesh), add_special_tokens=not chat)
       scores = judge_of[set_name].score(prompts[set_name], generations.texts)
       records[name][set_name] = [{"prompt": p, "response": r, "score": float(s)}
                                  for p, r, s in zip(prompts[set_name], generations.texts, scores)]

@@ -258,10 +258,11 @@ def batch_shards(sharding: jax.sharding.Sharding | None) -> int:
   return devices // sharding.shard_shape((devices, 1))[0]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> tuple[list[list[int]], int]:
-  """Token ids per prompt (with the tokenizer's special tokens, e.g. OPT's leading </s>), each cut to its last
-  max_prompt_length tokens; and how many were cut."""
-  encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int,
+                   add_special_tokens: bool = True) -> tuple[list[list[int]], int]:
+  """Token ids per prompt (with the tokenizer's special tokens, e.g. OPT's leading </s>, unless the prompts are
+  chat-template text that places its own), each cut to its last max_prompt_length tokens; and how many were cut."""
+  encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
   truncated = sum(len(ids) > max_prompt_length for ids in encoded)
   return [ids[-max_prompt_length:] for ids in encoded], truncated
 
@@ -279,7 +280,7 @@ def generate(
     model: OPTForCausalLM, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50,
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS, batch_size: int = 64, seed: int = 0,
-    max_prompt_length: int = 1024, sharding: jax.sharding.Sharding | None = None,
+    max_prompt_length: int = 1024, sharding: jax.sharding.Sharding | None = None, add_special_tokens: bool = True,
 ) -> Generations:
   """Responses to `prompts` (raw text, e.g. "\\n\\nHuman: ...\\n\\nAssistant:"), in order.
 
@@ -288,12 +289,14 @@ def generate(
   max_prompt_length), so a run compiles only a few programs (100 eval prompts: two). Prompt i's
   sampling key is fold_in(key(seed), i): a response does not depend on batch_size or the other prompts.
   Response = the generated tokens decoded without special tokens, cut at the first stop string, stripped.
+  add_special_tokens=False for chat-template prompts (`tokenize.render_prompts`; its end-of-turn token then goes in
+  stop_strings: a stop string that is one special token stops on that token).
   """
   options = SamplingOptions(
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
       stop_sequences=tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in stop_strings))
-  encoded, truncated = encode_prompts(tokenizer, prompts, max_prompt_length)
+  encoded, truncated = encode_prompts(tokenizer, prompts, max_prompt_length, add_special_tokens)
   if truncated:
     log.warning("%d of %d prompts were longer than max_prompt_length=%d tokens and keep only their end",
                 truncated, len(encoded), max_prompt_length)

@@ -25,7 +25,7 @@ from jaxalign import checkpoint, config_lib, flops, parallel, reference as refer
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, opt, reward
-from jaxalign.tokenizer import load_tokenizer
+from jaxalign.tokenizer import check_vocabulary, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   stage_data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
 
   model = build_model(config, mesh)
+  check_vocabulary(tokenizer, model.config.vocab_size)
   # Before the streams: precomputed reference log-probs travel with the batches.
   reference = reference_lib.prepare(task, model, stage_data, config, mesh, tokenizer.pad_token_id)
   reference_state = reference.state

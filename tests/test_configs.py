@@ -6,7 +6,7 @@ import pytest
 
 from jaxalign import config_lib
 
-CONFIGS = ["common", "sft", "dpo", "sft_dpo", "reward", "paper", "study", "quickstart"]
+CONFIGS = ["common", "sft", "dpo", "sft_dpo", "reward", "paper", "study", "study_smollm2", "quickstart"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

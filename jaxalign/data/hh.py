@@ -4,7 +4,7 @@ Sources (all read through `datasets`):
   * the Hub id "Anthropic/hh-rlhf": one `data_dir` per subset; by default all four, whose train splits together are
     the paper's 160,800 pairs;
   * a local folder laid out like that repository: `<folder>/<subset>/<split>.jsonl.gz` (or `.jsonl`);
-  * a local folder holding `<split>.jsonl[.gz]` directly, or a single `.jsonl[.gz]` file.
+  * a local folder holding `<split>.jsonl[.gz]` (or `<split>.parquet`) directly, or a single such file.
 Each file is in one of two formats, told apart by its fields:
   * HH: `{"chosen": text, "rejected": text}`, two whole conversations ("\\n\\nHuman: … \\n\\nAssistant: …")
     that share everything up to the final "\\n\\nAssistant:";
@@ -34,7 +34,7 @@ HH_HUB_ID = "Anthropic/hh-rlhf"
 # The subsets whose train splits make up the Hub dataset's default train split (160,800 pairs).
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
-_EXTENSIONS = (".jsonl.gz", ".jsonl")
+_EXTENSIONS = (".jsonl.gz", ".jsonl", ".parquet")
 _HH_FIELDS = ("chosen", "rejected")
 _GENERIC_FIELDS = ("prompt", "chosen", "rejected")
 # How many record locations per reason a SkipReport keeps, to point at examples without flooding the log.
@@ -177,10 +177,10 @@ def _splitter(columns: list[str], source: str):
                    f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
-def pairs_from_records(records: list[dict], source: str) -> tuple[list[PreferencePair], SkipReport]:
-  """Splits one source's records into pairs; raises ValueError naming the source when none is usable."""
-  columns = sorted({key for record in records for key in record})
-  split = _splitter(columns, source)
+def pairs_from_records(records: list[dict], source: str, split=None) -> tuple[list[PreferencePair], SkipReport]:
+  """Splits one source's records into pairs (with `split`, else the split function its fields call for); raises
+  ValueError naming the source when none is usable."""
+  split = split or _splitter(sorted({key for record in records for key in record}), source)
   pairs, report = [], SkipReport(total=len(records))
   for index, record in enumerate(records):
     try:
@@ -234,7 +234,8 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
 
 def _read_json_lines(path: Path) -> list[dict]:
   try:
-    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
   except datasets.exceptions.DatasetGenerationError as e:
     raise ValueError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from e
   return dataset.to_list()
@@ -274,7 +275,12 @@ def load_preference_pairs(
     log.info("%s: %s", label, source_report.summary())
     pairs.extend(source_pairs)
     report.merge(source_report)
+  log_report(report, source, split)
+  return pairs, report
+
+
+def log_report(report: SkipReport, source: str, split: str) -> None:
+  """Logs a source's summary and the first few records per reason."""
   log.info("%s (%s): %s", source, split, report.summary())
   for reason, where in report.examples.items():
     log.info("  %s, e.g. %s", reason, ", ".join(where))
-  return pairs, report

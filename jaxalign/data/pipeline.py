@@ -1,6 +1,6 @@
 """From a stage config to what the training loop reads, in two calls: `load` (records -> tokenized examples in
 their batch layouts, per split) and, once the reference is prepared, `streams` (a resumable stream of sharded global
-batches and a fixed set of held-out batches, carrying per-pair arrays by name). Glue over hh -> tokenize ->
+batches and a fixed set of held-out batches, carrying per-pair arrays by name). Glue over hh / formats -> tokenize ->
 layouts -> batches; the decisions live in those modules.
 """
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxalign import parallel
-from jaxalign.data import batches as batches_lib, hh, layouts, synthetic, tokenize
+from jaxalign.data import batches as batches_lib, formats, hh, layouts, synthetic, tokenize
 from jaxalign.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -163,17 +163,27 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   """The split's pairs and their tokens. SFT rows are cut later, keeping their start (as TRL's SFTTrainer does);
   pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
-  pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
+  chat = bool(config.data.chat_template)
+  pairs, _ = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
+                                   subsets=subsets)
   pair_task = batch_kind != "sft"
+  if chat and not pair_task:
+    return pairs, tokenize.conversation_sft_examples(pairs, tokenizer, loss_on=config.data.loss_on,
+                                                     responses=config.data.sft_responses,
+                                                     max_length=config.data.max_length)
+  if chat:
+    pairs, _ = tokenize.render_pairs(pairs, tokenizer)
   tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length if pair_task else None,
                                       max_prompt_length=config.data.max_prompt_length if pair_task else None,
-                                      truncation_mode=config.data.truncation_mode,
+                                      truncation_mode=config.data.truncation_mode, rendered=chat,
                                       cache_dir=os.path.join(cache_dir(config), "tokenized"))
   return pairs, tokenized
 
 
 def _split(config, layout: layouts.Layout, records, tokenized, batch_kind: str) -> Split:
-  data = _sft_examples(config, tokenized) if batch_kind == "sft" else tokenized
+  # Conversations rendered with a chat template are SFT examples already.
+  sft_pairs = batch_kind == "sft" and isinstance(tokenized, tokenize.TokenizedPairs)
+  data = _sft_examples(config, tokenized) if sft_pairs else tokenized
   return Split(layout, layout.examples(data), records)
 
 
@@ -187,14 +197,17 @@ def layout_for(config, batch_kind: str, *, held_out: bool = False) -> layouts.La
 def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
   """A stage's train and held-out examples in their layouts; `batch_kind` "sft" or "pairs"."""
   _check_divisible(config, mesh)
+  if config.data.chat_template:
+    tokenize.set_chat_template(tokenizer, config.data.chat_template)  # saved with the tokenizer on export
   records, tokenized = _load(config, tokenizer, config.data.train_split, batch_kind)
   train = _split(config, layout_for(config, batch_kind), records, tokenized, batch_kind)
   held_out = None
   if config.data.eval_pairs:
     records, tokenized = _load(config, tokenizer, config.data.eval_split, batch_kind)
     keep = np.sort(np.random.default_rng(config.seed).permutation(len(tokenized))[:config.data.eval_pairs])
-    held_out = _split(config, layout_for(config, batch_kind, held_out=True), [records[i] for i in keep],
-                      tokenized.subset(keep), batch_kind)
+    kept_records = [records[i] for i in keep] if batch_kind != "sft" else records  # records: for per-pair arrays
+    held_out = _split(config, layout_for(config, batch_kind, held_out=True), kept_records, tokenized.subset(keep),
+                      batch_kind)
   return StageData(train, held_out, batch_kind)
 
 

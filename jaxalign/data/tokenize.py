@@ -12,6 +12,13 @@ Speed: texts are encoded in batches by the Rust tokenizer, on all cores. With GP
 prompt up to its final turn is encoded once for both responses (see `splits_at_newlines`), so the shared text is
 not encoded twice.
 
+Chat templates: conversations (`formats.Conversation`) are rendered with the tokenizer's own `apply_chat_template`
+(`render_pairs`); then prompt = the prompt turns plus the assistant cue, a response = what the template writes for
+it through its end-of-turn token, and the same contract holds with `add_special_tokens=False` (the template places
+the special tokens) and no EOS appended (the end-of-turn token ends each response; EOS only where the template has
+none). SFT on conversations (`conversation_sft_examples`) encodes the whole rendered text once and scores the
+assistant turns only (or the final response, or everything).
+
 Truncation follows the reference DPO preprocessing: when the prompt plus the longer response exceeds `max_length`,
 the prompt is cut to `max_prompt_length` (keeping its end by default, and always its leading special tokens); if
 still too long, both responses are cut to the room left (`max_length - len(prompt)`), losing their EOS.
@@ -29,12 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxalign.data.hh import PreferencePair
+from jaxalign.data.formats import Conversation, hh_messages
+from jaxalign.data.hh import PreferencePair, SkipReport, UnusableRecord
+from jaxalign.tokenizer import end_of_turn
 
 log = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
-LOSS_ON = ("conversation", "completion")
+LOSS_ON = ("conversation", "assistant", "completion")
+TEXT_LOSS_ON = ("conversation", "completion")
 # Pairs encoded per call: big enough for the Rust encoder's threads, small enough to bound the Encoding objects.
 _CHUNK = 4096
 # Bump when the tokenization output changes, so stale caches are not reused.
@@ -106,6 +116,13 @@ class SFTExamples:
   @property
   def lengths(self) -> np.ndarray:
     return np.array([len(ids) for ids in self.input_ids], np.int64)
+
+  def subset(self, indices) -> SFTExamples:
+    """The (unpacked) examples at `indices`, in that order."""
+    if self.segment_ids is not None:
+      raise ValueError("subset of packed SFT rows: take the subset before packing")
+    return SFTExamples([self.input_ids[i] for i in indices], [self.loss_mask[i] for i in indices],
+                       counts=dict(self.counts, examples=len(indices)))
 
 
 def _backend(tokenizer):
@@ -250,7 +267,8 @@ def _load(path: Path) -> TokenizedPairs:
   return TokenizedPairs(**fields)
 
 
-def _encode(pairs: list[PreferencePair], backend, prefix: list[int], eos: int, **truncation) -> TokenizedPairs:
+def _encode(pairs: list[PreferencePair], backend, prefix: list[int], suffix: list[int], kept_bos: int | None,
+            **truncation) -> TokenizedPairs:
   ids = {name: [] for name in _ID_FIELDS}
   flags = {name: np.zeros(len(pairs), bool) for name in _FLAG_FIELDS}
   splittable = splits_at_newlines(backend)
@@ -268,8 +286,11 @@ def _encode(pairs: list[PreferencePair], backend, prefix: list[int], eos: int, *
       tail_prompt_chars = len(pair.prompt) - cut
       n, flags["boundary_adjusted"][i] = _shared_prompt_length(c, c_ids, r_ids, tail_prompt_chars,
                                                                tail_prompt_chars + len(pair.chosen))
+      prompt = prefix + head.ids + c_ids[:n]
+      # What truncation never cuts: the tokenizer's special prefix, or the BOS a chat template starts with.
+      n_prefix = len(prefix) or int(kept_bos is not None and prompt[:1] == [kept_bos])
       prompt, chosen_ids, rejected_ids, flags["prompt_truncated"][i], flags["response_truncated"][i] = _truncate(
-          prefix + head.ids + c_ids[:n], c_ids[n:] + [eos], r_ids[n:] + [eos], n_prefix=len(prefix), **truncation)
+          prompt, c_ids[n:] + suffix, r_ids[n:] + suffix, n_prefix=n_prefix, **truncation)
       for name, values in zip(_ID_FIELDS, (prompt, chosen_ids, rejected_ids)):
         ids[name].append(np.array(values, np.int32))
   return TokenizedPairs(**ids, **flags)
@@ -277,27 +298,32 @@ def _encode(pairs: list[PreferencePair], backend, prefix: list[int], eos: int, *
 
 def tokenize_pairs(
     pairs: list[PreferencePair], tokenizer, *, max_length: int | None, max_prompt_length: int | None,
-    truncation_mode: str = "keep_end", cache_dir: str | os.PathLike | None = None,
+    truncation_mode: str = "keep_end", cache_dir: str | os.PathLike | None = None, rendered: bool = False,
 ) -> TokenizedPairs:
   """Tokenizes preference pairs (batched, in Rust) with the exact boundary and truncation of the module docstring.
 
   max_length / max_prompt_length: token budgets (both None: no truncation); truncation_mode: "keep_end" (the
   prompt keeps its last tokens, as in the paper) or "keep_start". cache_dir: when given, the result is stored as
   `pairs-<fingerprint>.npz`, keyed by the pairs' text, the tokenizer and these settings, and reused on the next call.
+  rendered: the pairs are chat-template text (`render_pairs`): the template, not the tokenizer, places the special
+  tokens (a BOS it starts the prompt with survives truncation), and a response ends with the template's end-of-turn
+  token, so EOS is appended only where the template has no such token.
   """
   backend = _backend(tokenizer)
-  prefix = special_prefix_ids(tokenizer)
+  prefix = [] if rendered else special_prefix_ids(tokenizer)
+  suffix = [tokenizer.eos_token_id] if not rendered or end_of_turn(tokenizer) is None else []
+  kept_bos = tokenizer.bos_token_id if rendered else None
   _check_lengths(max_length, max_prompt_length, truncation_mode, len(prefix))
   truncation = dict(max_length=max_length, max_prompt_length=max_prompt_length,
                     keep_end=truncation_mode == "keep_end")
   path = None
   if cache_dir is not None:
-    settings = (tuple(prefix), tokenizer.eos_token_id, tuple(sorted(truncation.items())))
+    settings = (tuple(prefix), tuple(suffix), kept_bos, tuple(sorted(truncation.items())))
     path = Path(cache_dir) / f"pairs-{_fingerprint(pairs, backend, settings)}.npz"
     if path.is_file():
       log.info("tokenized pairs loaded from cache %s", path)
       return _load(path)
-  tokenized = _encode(pairs, backend, prefix, tokenizer.eos_token_id, **truncation)
+  tokenized = _encode(pairs, backend, prefix, suffix, kept_bos, **truncation)
   log.info("tokenized %s", tokenized.counts())
   if path is not None:
     _save(tokenized, path)
@@ -313,14 +339,24 @@ def sft_examples(tokenized: TokenizedPairs, *, loss_on: str = "conversation",
   final assistant response). max_length: sequences longer than this keep their start (as TRL's SFTTrainer does);
   a completion example whose response is cut away entirely has no target and is dropped. Both are counted.
   """
-  if loss_on not in LOSS_ON:
-    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-  input_ids, loss_mask = [], []
-  counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+  if loss_on not in TEXT_LOSS_ON:
+    raise ValueError(f"loss_on must be one of {TEXT_LOSS_ON} for text (loss on assistant turns needs a chat "
+                     f"template), got {loss_on!r}")
+  sequences = []
   for prompt, chosen in zip(tokenized.prompt_ids, tokenized.chosen_ids):
     ids = np.concatenate([prompt, chosen])
     mask = np.ones(len(ids), np.float32)
     mask[: 1 if loss_on == "conversation" else len(prompt)] = 0
+    sequences.append((ids, mask))
+  return _cut_sft_examples(sequences, max_length, loss_on)
+
+
+def _cut_sft_examples(sequences, max_length: int | None, loss_on: str, **extra_counts) -> SFTExamples:
+  """SFTExamples from (ids, loss mask) pairs: those longer than max_length keep their start; those left without a
+  target are dropped; both counted."""
+  input_ids, loss_mask = [], []
+  counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0, **extra_counts}
+  for ids, mask in sequences:
     if max_length is not None and len(ids) > max_length:
       ids, mask = ids[:max_length], mask[:max_length]
       counts["truncated"] += 1
@@ -332,6 +368,190 @@ def sft_examples(tokenized: TokenizedPairs, *, loss_on: str = "conversation",
   counts["examples"] = len(input_ids)
   log.info("SFT examples (loss on %s): %s", loss_on, counts)
   return SFTExamples(input_ids, loss_mask, counts=counts)
+
+
+# ------------------------------------------------------------------------------------------- chat templates
+
+# Skip reasons of conversations the chat template cannot render (counted like hh's).
+TEMPLATE_ERROR = "template_error"  # the template raised (e.g. roles that do not alternate, a system turn refused)
+TEMPLATE_NOT_PREFIX = "template_not_prefix"  # the rendered prompt is not where the rendered conversation starts
+NO_END_OF_TURN = "no_end_of_turn"  # an assistant turn rendered without the template's end-of-turn token
+
+
+def set_chat_template(tokenizer, spec: str) -> None:
+  """Makes `tokenizer` render with the chat template `spec`: "tokenizer" (its own; an error when it has none) or a
+  Jinja file, which replaces the tokenizer's (and so is saved with it, e.g. into a run's exported model folder)."""
+  if spec != "tokenizer":
+    path = Path(spec).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"data.chat_template = {spec!r}: expected 'tokenizer' or a Jinja template file")
+    tokenizer.chat_template = path.read_text()
+  elif not tokenizer.chat_template:
+    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; give one with "
+                     "data.chat_template=<file.jinja> (or use a plain-text format with data.chat_template='')")
+
+
+def render(tokenizer, messages, *, generation_prompt: bool = False) -> str:
+  """The chat template's text of `messages` (with the assistant cue when `generation_prompt`)."""
+  import jinja2  # transformers' template engine
+
+  try:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+  except jinja2.TemplateError as e:
+    raise UnusableRecord(TEMPLATE_ERROR) from e
+
+
+def _turn_text(before: str, after: str, eot: str | None) -> str:
+  """What rendering one more assistant turn added to `before`, through the template's end-of-turn token (the
+  template's text after it, e.g. ChatML's newline, is no part of the answer)."""
+  if not after.startswith(before):
+    raise UnusableRecord(TEMPLATE_NOT_PREFIX)
+  turn = after[len(before):]
+  if eot is None:
+    return turn
+  end = turn.rfind(eot)
+  if end < 0:
+    raise UnusableRecord(NO_END_OF_TURN)
+  return turn[:end + len(eot)]
+
+
+def _render_pair(tokenizer, conversation: Conversation, eot: str | None) -> PreferencePair:
+  prompt = render(tokenizer, conversation.prompt, generation_prompt=True)
+  chosen, rejected = (_turn_text(prompt, render(tokenizer, conversation.prompt + response), eot)
+                      for response in (conversation.chosen, conversation.rejected))
+  return PreferencePair(prompt, chosen, rejected, conversation.source, conversation.index)
+
+
+def render_pairs(conversations: list[Conversation], tokenizer) -> tuple[list[PreferencePair], SkipReport]:
+  """Preference pairs of text rendered with the tokenizer's chat template, for `tokenize_pairs(rendered=True)`.
+
+  prompt: the prompt messages with the assistant cue (e.g. "<|im_start|>assistant\n"); chosen / rejected: what the
+  template renders for each response after it, through its end-of-turn token, so that prompt + response is the
+  template's text of the whole conversation. Conversations the template cannot render that way are skipped and
+  counted (TEMPLATE_ERROR, TEMPLATE_NOT_PREFIX, NO_END_OF_TURN); none rendered is an error.
+  """
+  eot = end_of_turn(tokenizer)
+  pairs, report = [], SkipReport(total=len(conversations))
+  for conversation in conversations:
+    if not conversation.is_pair:
+      raise ValueError(f"{conversation.source}#{conversation.index}: a `messages` conversation has no rejected "
+                       "response; DPO and reward models need preference pairs (data.format conversational, "
+                       "preference or hh)")
+    try:
+      pairs.append(_render_pair(tokenizer, conversation, eot))
+    except UnusableRecord as e:
+      report.note(e.args[0], conversation.source, conversation.index)
+  report.used = len(pairs)
+  _log_rendering(report, conversations)
+  return pairs, report
+
+
+def _log_rendering(report: SkipReport, conversations: list[Conversation]) -> None:
+  if report.skipped:
+    log.warning("chat template: %s", report.summary())
+    for reason, where in report.examples.items():
+      log.warning("  %s, e.g. %s", reason, ", ".join(where))
+  if not report.used:
+    source = conversations[0].source if conversations else "the data"
+    raise ValueError(f"{source}: the chat template rendered none of its {report.total} conversations "
+                     f"({report.summary()})")
+
+
+def render_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], tuple[str, ...]]:
+  """Evaluation prompts rendered with the chat template, and the stop strings of its answers.
+
+  An HH-style prompt ("Human: …\n\nAssistant: …\n\nHuman: …", with or without a final "Assistant:" cue) becomes
+  its turns, any other text one user message; each ends with the template's assistant cue. Stop strings: the
+  template's end-of-turn token (or EOS), for `sampling.generate(..., add_special_tokens=False)`.
+  """
+  rendered = []
+  for i, prompt in enumerate(prompts):
+    try:
+      messages = hh_messages(prompt, prompt=True) if prompt.lstrip().startswith(("Human:", "Assistant:")) else ()
+    except UnusableRecord:
+      messages = ()
+    messages = messages or ({"role": "user", "content": prompt.strip()},)
+    try:
+      rendered.append(render(tokenizer, messages, generation_prompt=True))
+    except UnusableRecord as e:
+      raise ValueError(f"prompt {i} ({prompt[:60]!r}…): the chat template cannot render it") from e.__cause__
+  return rendered, (end_of_turn(tokenizer) or tokenizer.eos_token,)
+
+
+def _render_with_targets(tokenizer, messages: tuple[dict, ...], first_response: int, eot: str | None):
+  """(the template's text of `messages` through the last assistant turn's end, [(start, end, is_response)] character
+  spans of every assistant turn, is_response marking those at message index >= first_response)."""
+  full = render(tokenizer, messages)
+  spans = []
+  for i, message in enumerate(messages):
+    if message["role"] == "assistant":
+      before = render(tokenizer, messages[:i], generation_prompt=True)
+      after = render(tokenizer, messages[:i + 1])
+      if not full.startswith(after):
+        raise UnusableRecord(TEMPLATE_NOT_PREFIX)
+      spans.append((len(before), len(before) + len(_turn_text(before, after, eot)), i >= first_response))
+  return full[:spans[-1][1]], spans
+
+
+def _token_span(encoding, start: int, end: int, text_chars: int) -> tuple[int, int, bool]:
+  """The tokens [first, last) of a character span; whether BPE merged a token across one of its ends."""
+  first, merged_start = _prompt_token_count(encoding, start, text_chars)
+  last, merged_end = _prompt_token_count(encoding, end, text_chars)
+  return first, last, merged_start or merged_end
+
+
+def conversation_sft_examples(conversations: list[Conversation], tokenizer, *, loss_on: str = "assistant",
+                              responses: str = "chosen", max_length: int | None = None) -> SFTExamples:
+  """SFT sequences of conversations rendered with the tokenizer's chat template (special tokens as it places them).
+
+  loss_on: "assistant" (every assistant turn, through its end-of-turn token), "completion" (the final response
+  only: the pair's chosen or rejected messages, a `messages` record's last assistant turn) or "conversation" (every
+  token after the first). The text ends with the last assistant turn's end-of-turn token; where the template has
+  none, EOS is appended (a target). A target token merged by BPE across a turn's edge counts as a target
+  (`boundary_adjusted`). responses: "chosen", "rejected" or "both" (pairs only). Conversations the template cannot
+  render are skipped and counted, as in `render_pairs`; truncation and dropping as in `sft_examples`.
+  """
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+  sides = {"chosen": ("chosen",), "rejected": ("rejected",), "both": ("chosen", "rejected")}[responses]
+  eot = end_of_turn(tokenizer)
+  texts, target_spans = [], []
+  report = SkipReport()
+  for conversation in conversations:
+    for side in sides:
+      response = getattr(conversation, side)
+      if response is None:
+        raise ValueError(f"{conversation.source}#{conversation.index}: a `messages` conversation has no rejected "
+                         f"response for data.sft_responses={responses!r}")
+      report.total += 1
+      try:
+        text, spans = _render_with_targets(tokenizer, conversation.prompt + response, len(conversation.prompt), eot)
+      except UnusableRecord as e:
+        report.note(e.args[0], conversation.source, conversation.index)
+        continue
+      texts.append(text)
+      target_spans.append([(start, end) for start, end, is_response in spans
+                           if loss_on != "completion" or is_response])
+  report.used = len(texts)
+  _log_rendering(report, conversations)
+  backend, suffix = _backend(tokenizer), [] if eot is not None else [tokenizer.eos_token_id]
+  sequences, adjusted = [], 0
+  for begin in range(0, len(texts), _CHUNK):
+    chunk = texts[begin:begin + _CHUNK]
+    for text, spans, encoding in zip(chunk, target_spans[begin:], backend.encode_batch(chunk,
+                                                                                       add_special_tokens=False)):
+      ids = np.array(encoding.ids + suffix, np.int32)
+      mask = np.zeros(len(ids), np.float32)
+      if loss_on == "conversation":
+        mask[1:] = 1
+      for start, end in spans:
+        first, last, merged = _token_span(encoding, start, end, len(text))
+        mask[first:last] = 1
+        adjusted += merged
+      mask[len(encoding.ids):] = 1  # the appended EOS ends the final response
+      sequences.append((ids, mask))
+  return _cut_sft_examples(sequences, max_length, loss_on, boundary_adjusted=adjusted,
+                           template_skipped=sum(report.skipped.values()))
 
 
 def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:

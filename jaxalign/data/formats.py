@@ -1,0 +1,217 @@
+"""Data formats beside HH text: TRL's standard preference format, conversational pairs, `messages` for SFT, and HH
+converted to messages. Every record is accounted for in a `hh.SkipReport`, as for HH text.
+
+Formats (`data.format`; "auto" tells them apart per file by their fields and value types):
+  * "hh": `{"chosen": text, "rejected": text}`, whole HH conversations ("\\n\\nHuman: … \\n\\nAssistant: …");
+  * "preference": TRL's standard format with strings, `{"prompt": text, "chosen": text, "rejected": text}`;
+  * "conversational": TRL's standard format with messages (`[{"role": …, "content": …}, …]`): `chosen` / `rejected`
+    are the responses after an explicit `prompt` (a list of messages, or a string: one user message), or, with no
+    usable prompt field, whole conversations whose common leading messages are the prompt (TRL's "implicit prompt";
+    UltraFeedback-binarized carries both a prompt string and whole conversations);
+  * "messages": `{"messages": [...]}`, one conversation for SFT (the responses are its assistant turns).
+Text records go to `hh.PreferencePair`s (plain text, as today) unless a chat template renders them: then HH text is
+split into messages at its "\\n\\nHuman:" / "\\n\\nAssistant:" markers, and a preference prompt string becomes one
+user message (an HH-style prompt string is split like HH). Message records always need a chat template.
+Pairs whose responses span several turns (they diverge before the last turn) are used and counted as hh.FALLBACK.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+from jaxalign.data import hh
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "hh", "preference", "conversational", "messages")
+ROLES = ("system", "user", "assistant", "tool")
+HUMAN = "\n\nHuman:"
+# The HH turn markers, with or without the leading blank line (the paper's prompt files start with "Human:").
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+# Skip reasons beside hh's.
+NOT_MESSAGES = "not_messages"  # a field that should be a list of {"role", "content"} messages is not
+NO_RESPONSE = "no_assistant_response"  # no assistant message to learn from where the responses should start
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """One usable record as messages (each a dict with string "role" and "content", and whatever else it carried).
+
+  prompt: the messages before the responses; chosen / rejected: the responses (usually one assistant message; several
+  when a pair diverges earlier); rejected is None for an SFT-only `messages` record, whose `chosen` is its final
+  assistant message and what follows it. source / index: where the record came from, as in `hh.PreferencePair`.
+  """
+
+  prompt: tuple[dict, ...]
+  chosen: tuple[dict, ...]
+  rejected: tuple[dict, ...] | None
+  source: str
+  index: int
+
+  @property
+  def is_pair(self) -> bool:
+    return self.rejected is not None
+
+
+def detect_format(records: list[dict], source: str) -> str:
+  """The format of one file's records, from its fields and the type of its first `chosen` / `messages` value;
+  raises ValueError naming the file when the fields fit no format or more than one."""
+  columns = {key for record in records for key in record}
+  if "messages" in columns:
+    if columns & {"chosen", "rejected"}:
+      raise ValueError(f"{source}: records have both 'messages' and 'chosen'/'rejected' fields; set data.format to "
+                       "'messages' (SFT on the conversations) or 'conversational' (the preference pairs)")
+    return "messages"
+  if not {"chosen", "rejected"} <= columns:
+    raise ValueError(f"{source}: records have fields {sorted(columns)}; expected {{chosen, rejected}} (HH), {{prompt, "
+                     "chosen, rejected}} (TRL preference, strings or lists of messages) or {messages} (SFT)")
+  first = next((r["chosen"] for r in records if r.get("chosen") is not None), None)
+  if isinstance(first, list):
+    return "conversational"
+  return "preference" if "prompt" in columns else "hh"
+
+
+def _check_messages(value) -> tuple[dict, ...]:
+  """The messages of a field (each with a known role and string content; other keys, e.g. "tool_calls", go to the
+  template too, except empty ones, which `datasets` adds to every message of a file where one has them); raises
+  UnusableRecord otherwise."""
+  if value is None:
+    raise hh.UnusableRecord(hh.MISSING_FIELD)
+  if not isinstance(value, list) or not all(
+      isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value):
+    raise hh.UnusableRecord(NOT_MESSAGES)
+  return tuple({key: item for key, item in m.items() if item is not None} for m in value)
+
+
+def hh_messages(text: str, *, prompt: bool = False) -> tuple[dict, ...]:
+  """HH text ("\\n\\nHuman: … \\n\\nAssistant: …", or the paper's "Human: …" form) as messages, contents stripped.
+
+  Text before the first marker is dropped when blank and is an error otherwise (HH has none). prompt: the text is a
+  prompt, so a trailing "Assistant:" with nothing after it is the cue for an answer, not an (empty) message.
+  """
+  parts = _HH_TURN.split(text)
+  if parts[0].strip():
+    raise hh.UnusableRecord(hh.NO_ASSISTANT_MARKER)
+  messages = [{"role": _HH_ROLE[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+  if prompt and messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+    messages.pop()
+  return tuple(messages)
+
+
+def _split_responses(prompt: tuple[dict, ...], chosen: tuple[dict, ...], rejected: tuple[dict, ...]):
+  for response in (chosen, rejected):
+    if not response or response[0]["role"] != "assistant":
+      raise hh.UnusableRecord(NO_RESPONSE)
+    if not response[0]["content"].strip():
+      raise hh.UnusableRecord(hh.EMPTY_RESPONSE)
+  if chosen == rejected:
+    raise hh.UnusableRecord(hh.IDENTICAL)
+  return prompt, chosen, rejected
+
+
+def implicit_prompt(chosen: tuple[dict, ...], rejected: tuple[dict, ...]):
+  """(prompt, chosen response, rejected response) of two whole conversations: the prompt is their common leading
+  messages, and both responses must start with an assistant message (TRL's implicit-prompt rule, per message)."""
+  if chosen == rejected:
+    raise hh.UnusableRecord(hh.IDENTICAL)
+  common = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+  if common == 0:
+    raise hh.UnusableRecord(hh.NO_SHARED_PROMPT)
+  return _split_responses(chosen[:common], chosen[common:], rejected[common:])
+
+
+def _prompt_messages(prompt) -> tuple[dict, ...]:
+  if isinstance(prompt, str):
+    return hh_messages(prompt, prompt=True) if _HH_TURN.match(prompt) else ({"role": "user", "content": prompt},)
+  return _check_messages(prompt)
+
+
+def split_conversational(record: dict) -> tuple:
+  """(prompt, chosen, rejected) messages of a conversational record; raises UnusableRecord."""
+  chosen, rejected = _check_messages(record.get("chosen")), _check_messages(record.get("rejected"))
+  prompt = record.get("prompt")
+  if chosen and chosen[0]["role"] != "assistant":  # whole conversations (a prompt field, if any, repeats them)
+    return implicit_prompt(chosen, rejected)
+  if prompt is None:
+    raise hh.UnusableRecord(hh.MISSING_FIELD)
+  return _split_responses(_prompt_messages(prompt), chosen, rejected)
+
+
+def split_hh_as_messages(record: dict) -> tuple:
+  """(prompt, chosen, rejected) messages of an HH text record (the common turns are the prompt)."""
+  hh._check_strings(record, ("chosen", "rejected"))
+  if record["chosen"] == record["rejected"]:
+    raise hh.UnusableRecord(hh.IDENTICAL)
+  return implicit_prompt(hh_messages(record["chosen"]), hh_messages(record["rejected"]))
+
+
+def split_preference_as_messages(record: dict) -> tuple:
+  """(prompt, chosen, rejected) messages of a TRL preference record of strings."""
+  hh.split_generic_record(record)  # the string checks and skip reasons of the text path
+  return _split_responses(_prompt_messages(record["prompt"]), ({"role": "assistant", "content": record["chosen"]},),
+                          ({"role": "assistant", "content": record["rejected"]},))
+
+
+def split_messages(record: dict) -> tuple:
+  """(messages before the last assistant turn, that turn and what follows, None) of an SFT `messages` record."""
+  messages = _check_messages(record.get("messages"))
+  last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+  if last < 0:
+    raise hh.UnusableRecord(NO_RESPONSE)
+  return messages[:last], messages[last:], None
+
+
+_TEXT_SPLITTERS = {"hh": hh.split_hh_record, "preference": hh.split_generic_record}
+_MESSAGE_SPLITTERS = {"hh": split_hh_as_messages, "preference": split_preference_as_messages,
+                      "conversational": split_conversational, "messages": split_messages}
+
+
+def conversations_from_records(records: list[dict], source: str, record_format: str):
+  """Splits one file's records of a known format into Conversations; returns them and their SkipReport."""
+  split = _MESSAGE_SPLITTERS[record_format]
+  out, report = [], hh.SkipReport(total=len(records))
+  for index, record in enumerate(records):
+    try:
+      prompt, chosen, rejected = split(record)
+    except hh.UnusableRecord as e:
+      report.note(e.args[0], source, index)
+      continue
+    if rejected is not None and max(len(chosen), len(rejected)) > 1:
+      report.note(hh.FALLBACK, source, index)  # the pair diverges before the last turn: a response of several turns
+    out.append(Conversation(prompt, chosen, rejected, source, index))
+  report.used = len(out)
+  if not out:
+    raise ValueError(f"{source}: no usable {record_format} record among its {len(records)} records "
+                     f"({report.summary()})")
+  return out, report
+
+
+def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: str = "train",
+                  subsets: list[str] | None = None):
+  """Loads `source` (as `hh.load_records`: Hub id, folder, JSONL or Parquet file) in `data_format`.
+
+  chat: whether a chat template will render the records; then every record becomes a `Conversation`, otherwise a
+  `hh.PreferencePair` of text (message formats then raise ValueError naming the file). Returns (examples in source
+  order, SkipReport over every record read), logging the summary per file and in total.
+  """
+  if data_format not in FORMATS:
+    raise ValueError(f"data format must be one of {FORMATS}, got {data_format!r}")
+  examples, report = [], hh.SkipReport()
+  for label, records in hh.load_records(source, split=split, subsets=subsets):
+    record_format = detect_format(records, label) if data_format == "auto" else data_format
+    if chat:
+      file_examples, file_report = conversations_from_records(records, label, record_format)
+    elif record_format in ("conversational", "messages"):
+      raise ValueError(f"{label}: {record_format} records are lists of messages and need a chat template; set "
+                       "data.chat_template ('tokenizer' or a .jinja file)")
+    else:
+      file_examples, file_report = hh.pairs_from_records(records, label, _TEXT_SPLITTERS[record_format])
+    log.info("%s (%s): %s", label, record_format, file_report.summary())
+    examples.extend(file_examples)
+    report.merge(file_report)
+  hh.log_report(report, source, split)
+  return examples, report
