@@ -121,6 +121,17 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(str(e).replace("config.", f"config.stage_configs.{name}.", 1)) from None
 
 
+def parse_named(spec: str, what: str) -> dict[str, str]:
+  """"name=value,name=value" -> {name: value}, in order; a clear error naming config.`what` for a malformed item."""
+  named = {}
+  for item in filter(None, (part.strip() for part in spec.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip() or not value.strip():
+      raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+    named[name.strip()] = value.strip()
+  return named
+
+
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:
   """The stage's config with "stage:<earlier>" references replaced by that stage's exported model folder."""
   stage = ml_collections.ConfigDict(config.stage_configs[name].to_dict())

@@ -359,3 +359,34 @@ def paper_claims(comparisons: Sequence[Mapping]) -> list[dict[str, Any]]:
                 "point estimates in the claimed direction)")
     out.append({"claim": claim, "verdict": result, "checks": checks})
   return out
+
+
+# ---------------------------------------------------------------------------------------------- judge agreement
+
+def judge_agreement(results_by_judge: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """How far several judges agree on the same responses, per pair of judges and prompt set.
+
+  `results_by_judge`: judge name -> its `metrics_from_rated` result (the same models, prompts and responses, each
+  judge with its own thresholds in its "config"). Per (a, b, set): {"a", "b", "set", "n" (responses: every
+  model's answers to the set), "spearman" (ρ of the two judges' scores), "kappa" (Cohen's κ of their pass/fail
+  verdicts, each at its own threshold), "agreement" (% of responses with the same verdict)}.
+  """
+  def verdicts(result, set_name):
+    threshold = result["config"][{"harmful": "harmless_threshold", "helpful": "helpful_threshold"}[set_name]]
+    records = [r for m in result["models"].values() for r in m["records"][set_name]]
+    scores = np.array([r["score"] for r in records])
+    return [(r["prompt"], r["response"]) for r in records], scores, scores > threshold
+
+  names = list(results_by_judge)
+  out = []
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      for set_name in PROMPT_SETS:
+        a_items, a_scores, a_pass = verdicts(results_by_judge[a], set_name)
+        b_items, b_scores, b_pass = verdicts(results_by_judge[b], set_name)
+        if a_items != b_items:
+          raise ValueError(f"judges {a!r} and {b!r} scored different {set_name} responses; agreement needs the same")
+        out.append({"a": a, "b": b, "set": set_name, "n": len(a_items),
+                    "spearman": stats.spearman_rho(a_scores, b_scores), "kappa": stats.cohen_kappa(a_pass, b_pass),
+                    "agreement": 100.0 * float(np.mean(a_pass == b_pass))})
+  return out

@@ -125,18 +125,20 @@ def spearman_rho(x, y) -> float:
 
 def win_rate_ci(outcomes, *, n_bootstrap: int = 1000, seed: int = 0,
                 level: float = CI_LEVEL) -> dict[str, float | int | list[float]]:
-  """A's win rate over B from per-item outcomes +1 (A better), -1 (B better), 0 (tie), as a percentage with ties
-  counting half, with its percentile-bootstrap CI over items and the sign test's p-value (ties left out).
+  """A's win rate over B from per-item outcomes +1 (A better), -1 (B better), 0 (tie), or a value between (the
+  mean of several raters' outcomes on the item), as a percentage with ties counting half, with its
+  percentile-bootstrap CI over items and the sign test's p-value over the items not tied (outcome != 0).
 
-  Returns {"n", "wins", "losses", "ties", "win_rate", "ci": [lo, hi], "p_value"}.
+  Returns {"n", "wins", "losses", "ties" (items with outcome > 0, < 0, = 0), "win_rate", "ci": [lo, hi], "p_value"}.
   """
   _check_bootstrap(n_bootstrap, level)
-  outcomes = np.asarray(outcomes)
-  if outcomes.ndim != 1 or outcomes.size == 0 or not np.isin(outcomes, (-1, 0, 1)).all():
-    raise ValueError("outcomes: expected a non-empty 1-D sequence of +1 (A wins), -1 (B wins), 0 (tie)")
-  points = (outcomes.astype(np.float64) + 1.0) / 2.0  # win 1, tie 0.5, loss 0
+  outcomes = np.asarray(outcomes, np.float64)
+  if outcomes.ndim != 1 or outcomes.size == 0 or not ((outcomes >= -1) & (outcomes <= 1)).all():
+    raise ValueError("outcomes: expected a non-empty 1-D sequence of +1 (A wins), -1 (B wins), 0 (tie), or means "
+                     "of those")
+  points = (outcomes + 1.0) / 2.0  # win 1, tie 0.5, loss 0
   index = np.random.default_rng(seed).integers(0, points.size, (n_bootstrap, points.size))
-  wins, losses = int(np.count_nonzero(outcomes == 1)), int(np.count_nonzero(outcomes == -1))
+  wins, losses = int(np.count_nonzero(outcomes > 0)), int(np.count_nonzero(outcomes < 0))
   return {"n": int(outcomes.size), "wins": wins, "losses": losses, "ties": int(outcomes.size) - wins - losses,
           "win_rate": 100.0 * float(points.sum()) / points.size,
           "ci": percentile_ci(100.0 * points[index].mean(axis=1), level), "p_value": sign_test(wins, losses)}
