@@ -129,6 +129,7 @@ def render_markdown(results: dict[str, Any]) -> str:
               "rejected), and by each DPO model's implicit reward against its reference.",
               _markdown_table(["Measure", "Value"], [[k, f"{v:.1f}" if k != "pairs" else str(v)]
                                                      for k, v in results["preference"].items()])]
+  parts += _judge_sections(results) + _human_sections(results)
   parts += ["## Plots", "![HmR, HpR and CAS per model](metrics.png)",
             "![Judge scores per model](scores.png)"]
   if any(c["paired"] for c in results.get("comparisons", ())):
@@ -166,6 +167,55 @@ def claims_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                        for c in claim["checks"])
     rows.append([claim["claim"], claim["verdict"], checks or "a model it names is missing or unpaired"])
   return ["Paper's claim", "This sample", "Checks (a - b, points, CI, p)"], rows
+
+
+def _judge_sections(results: dict[str, Any]) -> list[str]:
+  """Table 1 of every judge and their agreement (when the run had several judges)."""
+  if not results.get("judges"):
+    return []
+  parts = ["## Judges", f"Table 1 and the comparisons above use the first judge, {next(iter(results['judges']))!r}."]
+  for name, judged in results["judges"].items():
+    config = judged["config"]
+    parts += [f"### Table 1 by judge {name!r} (harmless if > {config['harmless_threshold']:g}, helpful if > "
+              f"{config['helpful_threshold']:g})", _markdown_table(*table1(judged))]
+  rows = [[f"{r['a']} vs {r['b']}", r["set"], str(r["n"]), f"{r['spearman']:.3f}", f"{r['kappa']:.3f}",
+           f"{r['agreement']:.1f}"] for r in results.get("judge_agreement", ())]
+  parts += ["### Agreement between judges",
+            "Over every model's answers to each prompt set: Spearman's ρ of the two judges' scores, Cohen's κ of "
+            "their pass/fail verdicts (each at its own threshold), and the % of answers with the same verdict.",
+            _markdown_table(["Judges", "Prompt set", "Answers", "Spearman ρ", "Cohen's κ", "Same verdict %"], rows)]
+  return parts
+
+
+def _human_sections(results: dict[str, Any]) -> list[str]:
+  """Win rates and inter-annotator agreement from human annotations (when the run read any)."""
+  human = results.get("human")
+  if not human:
+    return []
+  level = round(100 * results["config"]["ci_level"])
+  rows = []
+  for r in human["win_rates"]:
+    if not r["answered"]:
+      rows.append([f"{r['a']} vs {r['b']}", r["set"], f"0 of {r['items']}", "", "", "", ""])
+      continue
+    lo, hi = r["ci"]
+    rows.append([f"{r['a']} vs {r['b']}", r["set"], f"{r['answered']} of {r['items']}",
+                 f"{r['win_rate']:.1f} [{lo:.1f}, {hi:.1f}]", f"{r['wins']} / {r['losses']} / {r['ties']}",
+                 f"{r['p_value']:.3g}", str(r["both_bad"])])
+  parts = ["## Human evaluation",
+           f"Blind pairwise comparisons from annotate.html ({len(human['annotators'])} annotator(s)). Win % of a over "
+           f"b with ties and 'both bad' counting half, each item's outcome averaged over its annotators; {level}% "
+           "bootstrap CI over items; p: sign test over the items not tied.",
+           _markdown_table(["Models", "Prompt set", "Items answered", f"a win % [{level}% CI]",
+                            "Items a / b / tied", "Sign test p", "'Both bad' votes"], rows)]
+  if human["agreement"]:
+    rows = [[f"{r['a']} & {r['b']}", str(r["items"]), f"{r['kappa']:.3f}" if r["items"] else "n/a",
+             f"{r['agreement']:.1f}" if r["items"] else "n/a"] for r in human["agreement"]]
+    parts += ["### Agreement between annotators",
+              "On the items both answered: Cohen's κ of their choices (a better / b better / tie / both bad) and the "
+              "% of identical choices.",
+              _markdown_table(["Annotators", "Items both answered", "Cohen's κ", "Same choice %"], rows)]
+  return parts
 
 
 def _comparison_sections(results: dict[str, Any]) -> list[str]:
