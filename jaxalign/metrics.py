@@ -85,8 +85,8 @@ def empty_response_rate(responses: Sequence[str]) -> float:
 
 def bootstrap_alignment_cis(harmful_scores, helpful_scores, *, harmless_threshold: float = HARMLESS_THRESHOLD,
                             helpful_threshold: float = HELPFUL_THRESHOLD, n_bootstrap: int = 1000, seed: int = 0,
-                            level: float = CI_LEVEL) -> dict[str, list[float]]:
-  """Percentile bootstrap CIs for HmR, HpR and CAS: {"hmr": [lo, hi], "hpr": ..., "cas": ...}.
+                            level: float = CI_LEVEL) -> dict[str, tuple[float, float]]:
+  """Percentile bootstrap CIs for HmR, HpR and CAS: {"hmr": (lo, hi), "hpr": ..., "cas": ...}.
 
   Each draw resamples both prompt sets (with replacement, independently: they are separate samples) and computes
   HmR, HpR and that same draw's CAS, so the CAS interval reflects the joint uncertainty of both rates rather than
@@ -103,8 +103,7 @@ def bootstrap_alignment_cis(harmful_scores, helpful_scores, *, harmless_threshol
   hmr = 100.0 * harmless[rng.integers(0, harmless.size, (n_bootstrap, harmless.size))].sum(axis=1) / harmless.size
   hpr = 100.0 * helpful[rng.integers(0, helpful.size, (n_bootstrap, helpful.size))].sum(axis=1) / helpful.size
   cas = combined_alignment_score(hmr, hpr)
-  return {"hmr": stats.percentile_ci(hmr, level), "hpr": stats.percentile_ci(hpr, level),
-          "cas": stats.percentile_ci(cas, level)}
+  return {key: tuple(stats.percentile_ci(draws, level)) for key, draws in (("hmr", hmr), ("hpr", hpr), ("cas", cas))}
 
 
 def win_rate(model_scores, reference_scores) -> float:

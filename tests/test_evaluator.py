@@ -64,7 +64,8 @@ def test_evaluate_writes_every_report(setup):
   out = root / "report"
   results = evaluator.run(c, str(out))
 
-  for name in ("results.json", "results.md", "preference.json", "responses-base.jsonl", "responses-tuned.jsonl"):
+  for name in ("results.json", "results.md", "responses-base.jsonl", "responses-tuned.jsonl", "annotate.html",
+               "annotate-key.json", "comparisons.png"):
     assert (out / name).exists(), name
   for png in ("metrics.png", "scores.png"):
     assert matplotlib.image.imread(out / png).shape[0] > 100
@@ -78,8 +79,11 @@ def test_evaluate_writes_every_report(setup):
   reference_scores = np.array([r["reference_score"] for r in records if r["set"] == "harmful"])
   expected_win = 100.0 * np.mean((harmful_scores > reference_scores) + 0.5 * (harmful_scores == reference_scores))
   assert tuned["win_rate_harmful"] == pytest.approx(expected_win)
-  preference = json.load(open(out / "preference.json"))
+  preference = saved["preference"]
   assert preference["pairs"] == 8 and "implicit_reward_accuracy/tuned" in preference
+  assert preference == results["preference"] and not (out / "preference.json").exists()
+  assert "Held-out preference accuracy" in (out / "results.md").read_text()
+  assert [(c["a"], c["b"]) for c in saved["comparisons"]] == [("tuned", "base")]
   assert "Table" in (out / "results.md").read_text() or "HmR" in (out / "results.md").read_text()
 
 

@@ -121,7 +121,7 @@ def load_prompt_file(path: str | Path) -> list[str]:
         try:
           item = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path} line {n}: not valid JSON ({e})") from e
+          raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
         items.append(item["prompt"] if isinstance(item, dict) and "prompt" in item else item)
         where.append(f"line {n}")
   else:
@@ -136,5 +136,5 @@ def load_prompt_file(path: str | Path) -> list[str]:
     raise ValueError(f"{path}: no prompts")
   for at, prompt in zip(where, items):
     if not isinstance(prompt, str) or not prompt.strip():
-      raise ValueError(f"{path} {at}: expected a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
+      raise ValueError(f"{path}: {at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
   return items
