@@ -5,11 +5,15 @@ Every error names the field by its dotted path, the value found and what is allo
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from jaxalign.losses import DPO_LOSS_TYPES
 from jaxalign.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxalign.models.opt import PRESETS
+
+PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
 
 STAGE_PREFIX = "stage:"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,6 +71,13 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
          not config.data.packing or config.task == "sft" or config.data.prefix_sharing,
          "packing only for task 'sft', or a pair task with data.prefix_sharing = True (pairs are packed as "
          "prefix-shared sequences)")
+
+  _one_of(config, "data.pair_filter", PAIR_FILTERS)
+  _check(config, "data.pair_filter_margin", config.data.pair_filter_margin >= 0,
+         "a margin >= 0 (how far the judge must prefer the rejected response)")
+  _check(config, "data.pair_scores", config.data.pair_filter == "keep" or os.path.isfile(config.data.pair_scores),
+         "the scored-<split>.jsonl written by `python evaluate.py --config configs/score_pairs.py` (needed by "
+         f"data.pair_filter = {config.data.pair_filter!r})")
 
   _one_of(config, "optimizer.name", ("adamw", "rmsprop"))
   _one_of(config, "optimizer.schedule", ("linear", "cosine", "constant"))

@@ -15,7 +15,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxalign import annotate, judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
+from jaxalign import (annotate, judges, metrics, pair_scores, parallel, rated, reference as reference_lib, reports,
+                      sampling)
 from jaxalign.config_lib import parse_named
 from jaxalign.data import hh, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
@@ -108,17 +109,11 @@ def judge_preference_accuracy(judge_of: dict[str, judges.Judge], pairs: list[hh.
   """How often the judge scores the chosen response above the rejected one, overall and per kind of pair: pairs
   from harmlessness subsets are scored by the harmful set's judge (a two-head model's harmless head), the rest by
   the helpful set's."""
-  kinds = {"harmful": [p for p in pairs if "harmless" in p.source], "helpful": [p for p in pairs
-                                                                              if "harmless" not in p.source]}
-  chosen, rejected, out = [], [], {}
-  for kind, kind_pairs in kinds.items():
-    if not kind_pairs:
-      continue
-    prompts = [p.prompt for p in kind_pairs]
-    chosen.append(judge_of[kind].score(prompts, [p.chosen for p in kind_pairs]))
-    rejected.append(judge_of[kind].score(prompts, [p.rejected for p in kind_pairs]))
-    out[f"judge_accuracy/{kind}_pairs"] = metrics.preference_accuracy(chosen[-1], rejected[-1])
-  out["judge_accuracy"] = metrics.preference_accuracy(np.concatenate(chosen), np.concatenate(rejected))
+  scores = pair_scores.score_pairs(pairs, judge_of)
+  kinds = np.array([pair_scores.pair_kind(p) for p in pairs])
+  out = {f"judge_accuracy/{kind}_pairs": metrics.preference_accuracy(scores[kinds == kind, 0], scores[kinds == kind, 1])
+         for kind in SETS if np.any(kinds == kind)}
+  out["judge_accuracy"] = metrics.preference_accuracy(scores[:, 0], scores[:, 1])
   return out
 
 

@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from jaxalign import parallel
+from jaxalign import pair_scores, parallel
 from jaxalign.data import batches as batches_lib, hh, synthetic, tokenize
 from jaxalign.tokenizer import train_bpe_tokenizer
 
@@ -212,7 +212,9 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   """The split's pairs and their tokens. SFT rows are cut later, keeping their start (as TRL's SFTTrainer does);
   pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
-  pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
+  pairs, skips = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
+  if split == config.data.train_split:  # held-out pairs stay as they are
+    pairs = pair_scores.filter_pairs(config, pairs, skips)
   pair_task = batch_kind != "sft"
   tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length if pair_task else None,
                                       max_prompt_length=config.data.max_prompt_length if pair_task else None,
