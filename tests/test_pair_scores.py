@@ -112,7 +112,7 @@ def test_a_training_run_reads_exactly_the_kept_pairs(scored, monkeypatch, tmp_pa
   scores_file = str(scored["workdir"] / "scored-train.jsonl")
   config = tiny_config(scored["train_config"].data.cache_dir, "reward", **{
       "reward.heads": ("harmless", "helpful"), "data.pair_filter": "swap", "data.pair_scores": scores_file,
-      "training.max_steps": 1, "data.eval_pairs": 8, "checkpoint.every_steps": 0, "export.enabled": False})
+      "training.max_steps": 1, "data.eval_pairs": 0, "checkpoint.every_steps": 0, "export.enabled": False})
   seen = []
   real = tokenize.tokenize_pairs
 
@@ -122,13 +122,13 @@ def test_a_training_run_reads_exactly_the_kept_pairs(scored, monkeypatch, tmp_pa
 
   monkeypatch.setattr(tokenize, "tokenize_pairs", spy)
   trainer.run(config, str(tmp_path / "run"))
-  train_pairs = seen[0]
   expected = [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) if r["margin"] < 0 else p
               for p, r in zip(scored["pairs"], rows)]
-  assert train_pairs == expected
+  assert seen == [expected]
   # The held-out split is not filtered: its pairs are the data's own.
-  eval_pairs, _ = hh.load_preference_pairs(scored["source"], split="test", subsets=SUBSETS.split(","))
-  assert seen[1] == eval_pairs
+  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, str(tmp_path)))
+  held_out, _ = pipeline._load(config, tokenizer, config.data.eval_split, "pairs")
+  assert held_out == hh.load_preference_pairs(scored["source"], split="test", subsets=SUBSETS.split(","))[0]
 
   config.data.pair_scores = str(tmp_path / "missing.jsonl")
   with pytest.raises(config_lib.ConfigError, match="config.data.pair_scores"):
