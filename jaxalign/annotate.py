@@ -217,7 +217,8 @@ _PAGE = r"""<!DOCTYPE html>
   .answers { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; margin-top: 1em; }
   @media (max-width: 800px) { .answers { grid-template-columns: 1fr; } }
   .choices { display: flex; gap: .6em; justify-content: center; margin-top: 1.2em; flex-wrap: wrap; }
-  button, input { font: inherit; padding: .55em 1.1em; border: 1px solid #aeb4bd; border-radius: 6px; background: #fff; cursor: pointer; }
+  button { font: inherit; padding: .55em 1.1em; border: 1px solid #aeb4bd; border-radius: 6px; background: #fff; cursor: pointer; }
+  input { font: inherit; padding: .3em .5em; border: 1px solid #aeb4bd; border-radius: 4px; }
   button:hover { background: #eef1f4; }
   button.choice.selected { background: #2f7d4f; color: #fff; border-color: #2f7d4f; }
   kbd { font: .8em ui-monospace, monospace; border: 1px solid #c4c9d0; border-bottom-width: 2px; border-radius: 3px; padding: 0 .3em; margin-left: .3em; background: #f7f8fa; color: #1d1f23; }
