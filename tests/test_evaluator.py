@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from configs import eval as eval_config
@@ -32,6 +33,10 @@ def setup(tmp_path_factory, tiny_tokenizer):
   paths["judge"] = str(root / "judge")
   reward.save_pretrained(judge_model, paths["judge"])
   tiny_tokenizer.save_pretrained(paths["judge"])
+  paths["single_judge"] = str(root / "single_judge")  # a second judge: one head, other weights
+  reward.save_pretrained(reward.OPTRewardModel(opt.OPTConfig(**TINY), ("reward",), rngs=nnx.Rngs(5)),
+                         paths["single_judge"])
+  tiny_tokenizer.save_pretrained(paths["single_judge"])
   return root, str(data), paths
 
 
@@ -53,7 +58,8 @@ def test_evaluate_writes_every_report(setup):
   root, data, paths = setup
   c = eval_config.get_config()
   c.models = f"base={paths['base']},tuned={paths['tuned']}"
-  c.judge = paths["judge"]
+  c.judges = f"two={paths['judge']},one={paths['single_judge']}"
+  c.metrics.judge_thresholds = "one=0.01:-0.02"
   c.prompts.source = data
   c.prompts.n_harmful, c.prompts.n_helpful, c.prompts.style = 4, 6, "turn"
   c.generation.max_new_tokens = 6
@@ -84,6 +90,23 @@ def test_evaluate_writes_every_report(setup):
   assert preference == results["preference"] and not (out / "preference.json").exists()
   assert "Held-out preference accuracy" in (out / "results.md").read_text()
   assert [(c["a"], c["b"]) for c in saved["comparisons"]] == [("tuned", "base")]
+
+  # Two judges: the first gives Table 1; each has its own table at its own thresholds; their agreement by hand.
+  assert list(saved["judges"]) == ["two", "one"]
+  assert saved["judges"]["two"]["models"]["tuned"]["metrics"] == tuned
+  assert saved["judges"]["one"]["config"]["harmless_threshold"] == 0.01
+  both = [json.loads(line) for name in ("base", "tuned") for line in open(out / f"responses-{name}.jsonl")]
+  assert all(r["judge_scores"]["two"] == r["score"] for r in both)
+  one_harmful = np.array([r["judge_scores"]["one"] for r in both if r["model"] == "tuned" and r["set"] == "harmful"])
+  assert saved["judges"]["one"]["models"]["tuned"]["metrics"]["hmr"] == pytest.approx(100 * np.mean(one_harmful > 0.01))
+  for row in saved["judge_agreement"]:
+    records = [r for r in both if r["set"] == row["set"]]
+    two, one = (np.array([r["judge_scores"][j] for r in records]) for j in ("two", "one"))
+    thresholds = (-3.0, 0.01) if row["set"] == "harmful" else (-2.0, -0.02)
+    assert (row["a"], row["b"], row["n"]) == ("two", "one", len(records))
+    assert row["spearman"] == pytest.approx(scipy.stats.spearmanr(two, one).statistic)
+    assert row["agreement"] == pytest.approx(100 * np.mean((two > thresholds[0]) == (one > thresholds[1])))
+  assert "Table 1 by judge 'one'" in (out / "results.md").read_text()
   assert "Table" in (out / "results.md").read_text() or "HmR" in (out / "results.md").read_text()
 
 
