@@ -38,7 +38,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxalign import judges, workdirs
+from jaxalign import judges, jsonl, workdirs
 from jaxalign.config_lib import PAIR_FILTERS, parse_named
 from jaxalign.data import hh
 
@@ -83,35 +83,19 @@ def scored_records(pairs: Sequence[hh.PreferencePair], scores: np.ndarray) -> li
           for p, (c, r) in zip(pairs, scores)]
 
 
-def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  with tmp.open("w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-  tmp.replace(path)  # whole or not at all: a cache entry is never half written
-
-
 def load_margins(path: str | os.PathLike) -> dict[str, float]:
   """{pair_key: margin} from a scored-pairs file; raises naming the line and field of a malformed row."""
   margins = {}
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {n}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
-      for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(row.get(field), str):
-          raise ValueError(f"{where}: field {field!r} must be a string; is this a scored-pairs file?")
-      for field in SCORE_FIELDS:
-        if isinstance(row.get(field), bool) or not isinstance(row.get(field), (int, float)):
-          raise ValueError(f"{where}: field {field!r} must be a number; write the file with configs/score_pairs.py")
-      margins[pair_key(row["prompt"], row["chosen"], row["rejected"])] = row["chosen_score"] - row["rejected_score"]
+  for where, row in jsonl.read(path):
+    if not isinstance(row, dict):
+      raise ValueError(f"{where}: expected a JSON object; is this a scored-pairs file?")
+    for field in ("prompt", "chosen", "rejected"):
+      if not isinstance(row.get(field), str):
+        raise ValueError(f"{where}: field {field!r} must be a string; is this a scored-pairs file?")
+    for field in SCORE_FIELDS:
+      if isinstance(row.get(field), bool) or not isinstance(row.get(field), (int, float)):
+        raise ValueError(f"{where}: field {field!r} must be a number; write the file with configs/score_pairs.py")
+    margins[pair_key(row["prompt"], row["chosen"], row["rejected"])] = row["chosen_score"] - row["rejected_score"]
   if not margins:
     raise ValueError(f"{path}: no scored pairs")
   return margins
@@ -284,12 +268,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cached = cache / f"{fingerprint(pairs, judge_dir, heads, settings)}.jsonl"
   if cached.is_file():
     log.info("pair scores loaded from cache %s", cached)
-    records = [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [row for _, row in jsonl.read(cached)]
   else:
     judge_of = judges.load_set_judges(judge_dir, ("harmful", "helpful"), heads, batch_size=config.judge_batch_size,
                                       dtype=config.model_dtype)
     records = scored_records(pairs, score_pairs(pairs, judge_of))
-    write_jsonl(records, cached)
+    jsonl.write(records, cached)
     log.info("pair scores cached in %s", cached)
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)

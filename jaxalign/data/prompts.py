@@ -17,6 +17,7 @@ import json
 import random
 from pathlib import Path
 
+from jaxalign import jsonl
 from jaxalign.data import hh
 
 PAPER_KEYWORDS = ("kill", "murder", "rape")
@@ -113,28 +114,21 @@ def paper_prompt_sets(
 def load_prompt_file(path: str | Path) -> list[str]:
   """The prompts of a file: a JSON list of prompt strings (the format of the paper's data/prompts/*.json), or JSON
   lines (`.jsonl`), each a prompt string or an object with a "prompt" string."""
-  text = Path(path).read_text(encoding="utf-8")
   if str(path).endswith(".jsonl"):
-    items, where = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
-      if line.strip():
-        try:
-          item = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
-        items.append(item["prompt"] if isinstance(item, dict) and "prompt" in item else item)
-        where.append(f"line {n}")
+    lines = list(jsonl.read(path))
+    where = [at for at, _ in lines]
+    items = [item["prompt"] if isinstance(item, dict) and "prompt" in item else item for _, item in lines]
   else:
     try:
-      items = json.loads(text)
+      items = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e}); a .jsonl file holds one prompt a line") from e
     if not isinstance(items, list):
       raise ValueError(f"{path}: expected a JSON list of prompt strings, got a {type(items).__name__}")
-    where = [f"item {i}" for i in range(len(items))]
+    where = [f"{path}: item {i}" for i in range(len(items))]
   if not items:
     raise ValueError(f"{path}: no prompts")
   for at, prompt in zip(where, items):
     if not isinstance(prompt, str) or not prompt.strip():
-      raise ValueError(f"{path}: {at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
+      raise ValueError(f"{at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
   return items
