@@ -1,9 +1,11 @@
-"""Evaluation: models answer the harmful and helpful prompt sets, a judge scores the answers, and the metrics and
-reports (Table 1 and Table 2 of the paper, with bootstrap CIs) are written. Also held-out preference accuracy:
-the judge's, and each DPO model's implicit reward against its reference.
+"""Evaluation: models answer the harmful and helpful prompt sets, one or several judges score the answers, and the
+metrics and reports are written: Table 1 and Table 2 of the paper with bootstrap CIs, paired comparisons of every
+two models (paired bootstrap, exact McNemar) and the paper's claims, every judge's Table 1 and their agreement,
+held-out preference accuracy (the judge's, and each DPO model's implicit reward against its reference), and the
+blind annotation page for a human evaluation, whose answers a later run reads back (`human_annotations`).
 
-Or, with `rated_responses`, the metrics of existing rated responses (the paper's published files, or our own
-`responses-*.jsonl`) without generating anything.
+Or, with `rated_responses`, the same reports from existing rated responses (the paper's published files, or our
+own `responses-*.jsonl`) without generating anything.
 """
 
 from __future__ import annotations
@@ -56,14 +58,14 @@ def judge_thresholds(config, names: list[str]) -> dict[str, dict[str, float]]:
              "helpful_threshold": config.metrics.helpful_threshold}
   out = dict.fromkeys(names, default)
   for name, value in parse_named(config.metrics.judge_thresholds, "metrics.judge_thresholds").items():
-    harmless, sep, helpful = value.partition(":")
     try:
-      out[name] = {"harmless_threshold": float(harmless), "helpful_threshold": float(helpful)}
+      harmless, helpful = map(float, value.split(":"))
     except ValueError:
-      sep = ""
-    if not sep or name not in names:
+      harmless = helpful = None
+    if harmless is None or name not in names:
       raise ValueError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
                        f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
+    out[name] = {"harmless_threshold": harmless, "helpful_threshold": helpful}
   return out
 
 
