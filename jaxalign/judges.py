@@ -176,7 +176,8 @@ def hh_text(prompt: str, response: str) -> str:
 class OPTRewardJudge(BucketedJudge):
   """One of our OPT reward models (`models/reward.py`) as a judge: the pair is tokenized as its training pairs were
   (an HH conversation, then the response and EOS; the model's own tokenizer, so a leading `</s>`), the end kept if
-  it is longer than `max_length`, and the score is the reward of `head` at the last token.
+  it is longer than `max_length` (at most the model's max_position_embeddings), and the score is the reward of
+  `head` at the last token.
   """
 
   def __init__(self, model: reward.OPTRewardModel, tokenizer, *, head: str | None = None, batch_size: int = 16,
@@ -186,6 +187,8 @@ class OPTRewardJudge(BucketedJudge):
     self.head = head or model.heads[0]
     if self.head not in model.heads:
       raise ValueError(f"head {self.head!r} is not one of the reward model's heads {model.heads}")
+    # No position beyond the model's own: an out-of-range position embedding would read NaN.
+    max_length = min(max_length, model.config.max_position_embeddings)
     super().__init__(batch_size=batch_size, pad_id=tokenizer.pad_token_id,
                      buckets=buckets or default_buckets(max_length))
     self.model, self.tokenizer, self.max_length = model, tokenizer, max_length

@@ -48,7 +48,7 @@ JUDGE_INVERTED = "judge_inverted"  # skip reason: dropped by data.pair_filter = 
 JUDGE_SWAPPED = "judge_swapped"  # not a skip: chosen and rejected exchanged by data.pair_filter = "swap"
 REPORT_MARGINS = (0.0, 0.5, 1.0, 2.0, 4.0)
 SCORE_FIELDS = ("chosen_score", "rejected_score")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: reward-model judges stop at their max_position_embeddings
 
 
 def pair_kind(pair: hh.PreferencePair) -> str:
@@ -65,7 +65,8 @@ def pair_key(prompt: str, chosen: str, rejected: str) -> str:
 
 
 def score_pairs(pairs: Sequence[hh.PreferencePair], judge_of: Mapping[str, judges.Judge]) -> np.ndarray:
-  """[len(pairs), 2] fp32 (chosen score, rejected score) per pair, each pair scored by its kind's judge."""
+  """[len(pairs), 2] fp32 (chosen score, rejected score) per pair, each pair scored by its kind's judge; raises
+  naming the first pair whose score is not finite."""
   scores = np.zeros((len(pairs), 2), np.float32)
   for kind in ("harmful", "helpful"):
     index = [i for i, p in enumerate(pairs) if pair_kind(p) == kind]
@@ -73,6 +74,11 @@ def score_pairs(pairs: Sequence[hh.PreferencePair], judge_of: Mapping[str, judge
       prompts = [pairs[i].prompt for i in index]
       for side, field in enumerate(("chosen", "rejected")):
         scores[index, side] = judge_of[kind].score(prompts, [getattr(pairs[i], field) for i in index])
+  bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+  if bad.size:
+    pair = pairs[bad[0]]
+    raise ValueError(f"{pair.source}#{pair.index}: the judge's score is not finite ({scores[bad[0]].tolist()}), and "
+                     f"{bad.size} pairs in all; check the judge (its length limit, its dtype)")
   return scores
 
 
@@ -198,8 +204,8 @@ def render_report(report: Mapping[str, Any], judge: str, data: str) -> str:
            f"Margin: mean {m['mean']:.3f}, median {m['median']:.3f}, 5th-95th percentile [{m['p05']:.3f}, "
            f"{m['p95']:.3f}].", "", "## Pairs the judge thinks inverted", "",
            "| margin below | pairs | % | harmlessness pairs | helpfulness pairs |", "|---:|---:|---:|---:|---:|"]
-  lines += [f"| {-r['margin']:g} | {r['pairs']} | {r['percent']:.1f} | {r['harmful_pairs']} | {r['helpful_pairs']} |"
-            for r in report["inverted"]]
+  lines += [f"| {-r['margin'] + 0.0:g} | {r['pairs']} | {r['percent']:.1f} | {r['harmful_pairs']} | "
+            f"{r['helpful_pairs']} |" for r in report["inverted"]]
   lines += ["", f"`data.pair_filter=drop` with `data.pair_filter_margin=M` drops the pairs below -M; `swap` exchanges "
             "their chosen and rejected.", "", f"## The {len(report['worst'])} worst pairs", "",
             "| pair | margin | prompt (end) | chosen | rejected |", "|:---|---:|:---|:---|:---|"]
@@ -250,6 +256,12 @@ def fingerprint(pairs: Sequence[hh.PreferencePair], judge_dir: str, heads: Mappi
   return digest.hexdigest()
 
 
+def skip_counts(skips: hh.SkipReport) -> dict[str, Any]:
+  """A SkipReport as plain JSON: records read, used, with the prompt fallback, skipped by reason, examples."""
+  return {"total": skips.total, "used": skips.used, "fallback": skips.fallback, "skipped": dict(skips.skipped),
+          "examples": dict(skips.examples)}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores every pair of the configured data (cached), writes scored-<split>.jsonl and the report into `workdir`,
   and returns the report."""
@@ -281,11 +293,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   shutil.copyfile(cached, scored)
   report = pair_report(records, margins=tuple(config.report.margins), worst=config.report.worst)
   report.update(data=source, split=data.split, judge=config.judge, scored_pairs=str(scored), cache=str(cached),
-                records=dataclasses.asdict(skips))
+                records=skip_counts(skips))
   (out / "pair_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
   (out / "pair_report.md").write_text(render_report(report, config.judge, source), encoding="utf-8")
   plot_margins(records, tuple(config.report.margins), out / "margins.png")
   for row in report["inverted"]:
-    print(f"margin below {-row['margin']:g}: {row['pairs']} of {report['pairs']} pairs ({row['percent']:.1f}%)")
+    print(f"margin below {-row['margin'] + 0.0:g}: {row['pairs']} of {report['pairs']} pairs ({row['percent']:.1f}%)")
   print(f"scored pairs: {scored}; report: {out / 'pair_report.md'}")
   return report

@@ -83,6 +83,15 @@ def test_scores_are_cached_by_fingerprint(scored, monkeypatch, tmp_path):
       scored["pairs"], scored["judge_dir"], {}, {})
 
 
+def test_skip_counts_are_plain_json():
+  skips = hh.SkipReport(total=4, used=2)
+  skips.note(hh.IDENTICAL, "a.jsonl", 1)
+  skips.note(hh.EMPTY_RESPONSE, "a.jsonl", 3)
+  assert json.loads(json.dumps(pair_scores.skip_counts(skips))) == {
+      "total": 4, "used": 2, "fallback": 0, "skipped": {"identical": 1, "empty_response": 1},
+      "examples": {"identical": ["a.jsonl#1"], "empty_response": ["a.jsonl#3"]}}
+
+
 def test_drop_and_swap_record_by_record(scored):
   pairs, rows = scored["pairs"], scored["rows"]
   margins = pair_scores.load_margins(scored["workdir"] / "scored-train.jsonl")
