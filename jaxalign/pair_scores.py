@@ -225,10 +225,16 @@ def plot_margins(records: Sequence[Mapping], margins: Sequence[float], path: str
   for kind, label in (("harmful", "harmlessness pairs"), ("helpful", "helpfulness pairs")):
     if np.any(kinds == kind):
       ax.hist(values[kinds == kind], bins=bins, alpha=0.6, label=f"{label} ({np.count_nonzero(kinds == kind)})")
+  lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
+  pad = 0.05 * (hi - lo or 1.0)
+  ax.set_xlim(lo - pad, hi + pad)  # the data's range: a margin line far out would squeeze the histogram
   for i, m in enumerate(margins):
-    ax.axvline(-m, color="red", linestyle="--", linewidth=1.0, alpha=1.0 - 0.15 * i,
-               label=f"-{m:g}: {np.count_nonzero(values < -m)} pairs below" if m else
-               f"0: {np.count_nonzero(values < 0)} pairs inverted")
+    label = f"-{m:g}: {np.count_nonzero(values < -m)} pairs below" if m else \
+        f"0: {np.count_nonzero(values < 0)} pairs inverted"
+    if -m >= lo - pad:
+      ax.axvline(-m, color="red", linestyle="--", linewidth=1.0, alpha=1.0 - 0.15 * i, label=label)
+    else:
+      ax.plot([], [], " ", label=f"{label} (left of the plot)")
   ax.set_xlabel("margin = judge score(chosen) - score(rejected)")
   ax.set_ylabel("pairs")
   ax.set_title(f"Judge margins of {values.size} preference pairs (left of 0: the judge prefers the rejected)")
