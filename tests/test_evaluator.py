@@ -52,11 +52,14 @@ def test_opt_reward_judge_scores_the_hh_text_with_the_named_head(setup, tiny_tok
       want = model(jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))[0, head_index]
       assert got[i] == pytest.approx(float(want), abs=1e-5)
   assert judges.hh_text("Human: Hi", " ok ") == "\n\nHuman: Hi\n\nAssistant: ok"
-  # A pair longer than the model's positions (300) keeps its last 300 tokens: a finite score, that of those tokens.
-  long_prompt = "Human: " + " ".join(["bread"] * 400)
-  ids = (tiny_tokenizer(judges.hh_text(long_prompt, "Mix.")).input_ids + [tiny_tokenizer.eos_token_id])[-300:]
-  want = model(jnp.asarray([ids]), jnp.ones((1, 300), jnp.int32))[0, 0]
-  assert judge.for_head("harmless").score([long_prompt], ["Mix."])[0] == pytest.approx(float(want), abs=1e-5)
+  # A pair longer than the model's positions (here 40) keeps its last 40 tokens: a finite score, that of those.
+  short = reward.OPTRewardModel(opt.OPTConfig(**{**TINY, "max_position_embeddings": 40}), ("reward",),
+                                rngs=nnx.Rngs(7))
+  long_prompt = "Human: " + " ".join(["bread"] * 60)
+  ids = (tiny_tokenizer(judges.hh_text(long_prompt, "Mix.")).input_ids + [tiny_tokenizer.eos_token_id])[-40:]
+  want = short(jnp.asarray([ids]), jnp.ones((1, 40), jnp.int32))[0, 0]
+  got = judges.OPTRewardJudge(short, tiny_tokenizer, batch_size=1).score([long_prompt], ["Mix."])[0]
+  assert got == pytest.approx(float(want), abs=1e-5)
 
 
 def test_evaluate_writes_every_report(setup):
