@@ -189,8 +189,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   by_judge, preference = rated_by_judge(config)
   thresholds = judge_thresholds(config, list(by_judge))
   baseline = config.metrics.baseline if config.metrics.baseline in next(iter(by_judge.values())) else None
-  results_by_judge = {name: metrics.metrics_from_rated(records, baseline=baseline, n_bootstrap=config.metrics.n_bootstrap,
-                                                       seed=config.seed, **thresholds[name])
+  results_by_judge = {name: metrics.metrics_from_rated(records, baseline=baseline,
+                                                       n_bootstrap=config.metrics.n_bootstrap, seed=config.seed,
+                                                       **thresholds[name])
                       for name, records in by_judge.items()}
   primary = next(iter(results_by_judge))
   results = results_by_judge[primary]

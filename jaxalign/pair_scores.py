@@ -149,7 +149,8 @@ def apply_pair_filter(pairs: Sequence[hh.PreferencePair], margins: Mapping[str, 
   return kept, counts
 
 
-def filter_pairs(config, pairs: list[hh.PreferencePair], report: hh.SkipReport | None = None) -> list[hh.PreferencePair]:
+def filter_pairs(config, pairs: list[hh.PreferencePair],
+                 report: hh.SkipReport | None = None) -> list[hh.PreferencePair]:
   """`data.pair_filter` over a stage's train pairs, with the scores of `data.pair_scores`; logs the counts."""
   data = config.data
   if data.pair_filter == "keep":
