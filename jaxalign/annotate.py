@@ -203,27 +203,78 @@ _PAGE = r"""<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{TITLE}}</title>
 <style>
-  body { font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; background: #f4f5f7; color: #1d1f23; }
-  header { display: flex; align-items: center; gap: 1.2em; padding: .7em 1.5em; background: #fff; border-bottom: 1px solid #d9dce1; flex-wrap: wrap; }
+  body {
+    font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif;
+    margin: 0;
+    background: #f4f5f7;
+    color: #1d1f23;
+  }
+  header {
+    display: flex;
+    align-items: center;
+    gap: 1.2em;
+    padding: .7em 1.5em;
+    background: #fff;
+    border-bottom: 1px solid #d9dce1;
+    flex-wrap: wrap;
+  }
   header h1 { font-size: 1.1em; margin: 0; }
   #progress { flex: 1; min-width: 12em; }
   #bar { height: 6px; background: #e3e6ea; border-radius: 3px; overflow: hidden; margin-top: .25em; }
   #bar div { height: 100%; background: #2f7d4f; width: 0; }
   main { max-width: 1200px; margin: 0 auto; padding: 1em 1.5em 2em; }
-  .label { font-size: .8em; font-weight: 600; text-transform: uppercase; letter-spacing: .05em; color: #5b616b; margin-bottom: .3em; }
-  .text { white-space: pre-wrap; word-wrap: break-word; background: #fff; border: 1px solid #d9dce1; border-radius: 6px; padding: .8em 1em; }
+  .label {
+    font-size: .8em;
+    font-weight: 600;
+    text-transform: uppercase;
+    letter-spacing: .05em;
+    color: #5b616b;
+    margin-bottom: .3em;
+  }
+  .text {
+    white-space: pre-wrap;
+    word-wrap: break-word;
+    background: #fff;
+    border: 1px solid #d9dce1;
+    border-radius: 6px;
+    padding: .8em 1em;
+  }
   .text:empty::before { content: "(empty answer)"; color: #8a9099; font-style: italic; }
   #prompt { max-height: 40vh; overflow: auto; }
   .answers { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; margin-top: 1em; }
   @media (max-width: 800px) { .answers { grid-template-columns: 1fr; } }
   .choices { display: flex; gap: .6em; justify-content: center; margin-top: 1.2em; flex-wrap: wrap; }
-  button { font: inherit; padding: .55em 1.1em; border: 1px solid #aeb4bd; border-radius: 6px; background: #fff; cursor: pointer; }
+  button {
+    font: inherit;
+    padding: .55em 1.1em;
+    border: 1px solid #aeb4bd;
+    border-radius: 6px;
+    background: #fff;
+    cursor: pointer;
+  }
   input { font: inherit; padding: .3em .5em; border: 1px solid #aeb4bd; border-radius: 4px; }
   button:hover { background: #eef1f4; }
   button.choice.selected { background: #2f7d4f; color: #fff; border-color: #2f7d4f; }
-  kbd { font: .8em ui-monospace, monospace; border: 1px solid #c4c9d0; border-bottom-width: 2px; border-radius: 3px; padding: 0 .3em; margin-left: .3em; background: #f7f8fa; color: #1d1f23; }
+  kbd {
+    font: .8em ui-monospace, monospace;
+    border: 1px solid #c4c9d0;
+    border-bottom-width: 2px;
+    border-radius: 3px;
+    padding: 0 .3em;
+    margin-left: .3em;
+    background: #f7f8fa;
+    color: #1d1f23;
+  }
   nav { display: flex; justify-content: space-between; margin-top: 1em; }
-  #done { display: none; text-align: center; margin-top: 1em; padding: .8em; background: #e4f3ea; border: 1px solid #9fd0b2; border-radius: 6px; }
+  #done {
+    display: none;
+    text-align: center;
+    margin-top: 1em;
+    padding: .8em;
+    background: #e4f3ea;
+    border: 1px solid #9fd0b2;
+    border-radius: 6px;
+  }
   #help { color: #5b616b; font-size: .85em; text-align: center; margin-top: 1.4em; }
 </style>
 </head>
