@@ -50,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.group_by_length = False  # batches of similar lengths (sorted within windows of 64 batches), less padding
   c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache
   c.data.synthetic_pairs = 2000  # size of the synthetic train split when source = "synthetic"
+  # Cleaning the train pairs with a judge's scores (configs/score_pairs.py writes them): keep | drop | swap the
+  # pairs whose judge margin score(chosen) - score(rejected) is below -pair_filter_margin (counted in the skip report)
+  c.data.pair_filter = "keep"
+  c.data.pair_filter_margin = 0.0
+  c.data.pair_scores = ""  # the scored-<split>.jsonl of configs/score_pairs.py
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | rmsprop

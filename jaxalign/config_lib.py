@@ -5,6 +5,8 @@ Every error names the field by its dotted path, the value found and what is allo
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from jaxalign import losses
@@ -12,6 +14,8 @@ from jaxalign.data.formats import FORMATS
 from jaxalign.data.tokenize import LOSS_ON
 from jaxalign.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from jaxalign.models.opt import PRESETS
+
+PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
 
 STAGE_PREFIX = "stage:"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -98,6 +102,13 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
          "packing only for task 'sft', or a pair task with data.prefix_sharing = True (pairs are packed as "
          "prefix-shared sequences)")
 
+  _one_of(config, "data.pair_filter", PAIR_FILTERS)
+  _check(config, "data.pair_filter_margin", config.data.pair_filter_margin >= 0,
+         "a margin >= 0 (how far the judge must prefer the rejected response)")
+  _check(config, "data.pair_scores", config.data.pair_filter == "keep" or os.path.isfile(config.data.pair_scores),
+         "the scored-<split>.jsonl written by `python evaluate.py --config configs/score_pairs.py` (needed by "
+         f"data.pair_filter = {config.data.pair_filter!r})")
+
   _one_of(config, "optimizer.name", ("adamw", "rmsprop"))
   _one_of(config, "optimizer.schedule", ("linear", "cosine", "constant"))
   _check(config, "optimizer.lr", config.optimizer.lr > 0, "a positive learning rate")
@@ -148,6 +159,17 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
       validate(config.stage_configs[name], stage_names=names[:i])
     except ConfigError as e:
       raise ConfigError(str(e).replace("config.", f"config.stage_configs.{name}.", 1)) from None
+
+
+def parse_named(spec: str, what: str) -> dict[str, str]:
+  """"name=value,name=value" -> {name: value}, in order; a clear error naming config.`what` for a malformed item."""
+  named = {}
+  for item in filter(None, (part.strip() for part in spec.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip() or not value.strip():
+      raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+    named[name.strip()] = value.strip()
+  return named
 
 
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:

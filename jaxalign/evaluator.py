@@ -1,14 +1,15 @@
-"""Evaluation: models answer the harmful and helpful prompt sets, a judge scores the answers, and the metrics and
-reports (Table 1 and Table 2 of the paper, with bootstrap CIs) are written. Also held-out preference accuracy:
-the judge's, and each DPO model's implicit reward against its reference.
+"""Evaluation: models answer the harmful and helpful prompt sets, one or several judges score the answers, and the
+metrics and reports are written: Table 1 and Table 2 of the paper with bootstrap CIs, paired comparisons of every
+two models (paired bootstrap, exact McNemar) and the paper's claims, every judge's Table 1 and their agreement,
+held-out preference accuracy (the judge's, and each DPO model's implicit reward against its reference), and the
+blind annotation page for a human evaluation, whose answers a later run reads back (`human_annotations`).
 
-Or, with `rated_responses`, the metrics of existing rated responses (the paper's published files, or our own
-`responses-*.jsonl`) without generating anything.
+Or, with `rated_responses`, the same reports from existing rated responses (the paper's published files, or our
+own `responses-*.jsonl`) without generating anything.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -16,26 +17,17 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxalign import judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
+from jaxalign import (annotate, judges, metrics, pair_scores, parallel, rated, reference as reference_lib, reports,
+                      sampling)
+from jaxalign.config_lib import parse_named
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
-from jaxalign.trainer import resolve_init_path
+from jaxalign.workdirs import resolve_init_path
 
 log = logging.getLogger(__name__)
 
 SETS = ("harmful", "helpful")
-
-
-def parse_named(spec: str, what: str) -> dict[str, str]:
-  """"name=value,name=value" -> {name: value}, in order; a clear error for a malformed item."""
-  named = {}
-  for item in filter(None, (part.strip() for part in spec.split(","))):
-    name, sep, value = item.partition("=")
-    if not sep or not name.strip() or not value.strip():
-      raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
-    named[name.strip()] = value.strip()
-  return named
 
 
 def prompt_sets(config) -> dict[str, list[str]]:
@@ -48,7 +40,9 @@ def prompt_sets(config) -> dict[str, list[str]]:
     return {"harmful": prompts_lib.load_prompt_file(p.harmful_file),
             "helpful": prompts_lib.load_prompt_file(p.helpful_file)}
   return prompts_lib.paper_prompt_sets(p.source, n_harmful=p.n_harmful, n_helpful=p.n_helpful,
-                                       keywords=tuple(p.keywords), seed=p.seed, style=p.style, with_references=True)
+                                       keywords=tuple(p.keywords), seed=p.seed, style=p.style, with_references=True,
+                                       harmful_subset=p.harmful_subset, helpful_subset=p.helpful_subset,
+                                       split=p.split)
 
 
 def load_policy(path: str, dtype: str):
@@ -57,27 +51,32 @@ def load_policy(path: str, dtype: str):
   return hub.from_pretrained(model_dir, dtype=dtype), load_tokenizer(model_dir)
 
 
-def judges_by_set(config) -> dict[str, judges.Judge]:
-  """The judge of each prompt set; a two-head reward model scores harmful prompts with its harmless head and
-  helpful prompts with its helpful head (`judge_heads`)."""
-  judge = judges.load_judge(config.judge, batch_size=config.judge_batch_size, dtype=config.model_dtype)
-  heads = parse_named(config.judge_heads, "judge_heads")
-  if isinstance(judge, judges.OPTRewardJudge) and len(judge.heads) > 1:
-    return {s: judge.for_head(heads.get(s, "")) for s in SETS}
-  return dict.fromkeys(SETS, judge)
+def judge_thresholds(config, names: list[str]) -> dict[str, dict[str, float]]:
+  """Each judge's (harmless, helpful) thresholds: `metrics.judge_thresholds` ("name=harmless:helpful") where it
+  names the judge, else `metrics.harmless_threshold` / `metrics.helpful_threshold`."""
+  default = {"harmless_threshold": config.metrics.harmless_threshold,
+             "helpful_threshold": config.metrics.helpful_threshold}
+  out = dict.fromkeys(names, default)
+  for name, value in parse_named(config.metrics.judge_thresholds, "metrics.judge_thresholds").items():
+    try:
+      harmless, helpful = map(float, value.split(":"))
+    except ValueError:
+      harmless = helpful = None
+    if harmless is None or name not in names:
+      raise ValueError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
+                       f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
+    out[name] = {"harmless_threshold": harmless, "helpful_threshold": helpful}
+  return out
 
 
-def generate_and_score(config, models: dict[str, str], prompts: dict[str, list[str]], judge_of: dict) -> dict:
-  """{model: {set: [{prompt, response, score[, reference_score]}]}} for every model and prompt set; the reference
-  score is the judge's score of the dataset's chosen answer, where the prompt set has one."""
+def generate(config, models: dict[str, str], prompts: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
+  """{model: {set: [{prompt, response}]}}: every model's answers to every prompt set."""
   mesh = parallel.make_mesh()
   suffix = config.generation.prompt_suffix
-  reference_scores = {s: judge_of[s].score(prompts[s], prompts[f"{s}_references"]) for s in SETS
-                      if f"{s}_references" in prompts}
-  records: dict[str, dict[str, list[dict]]] = {}
+  answers: dict[str, dict[str, list[dict]]] = {}
   for name, path in models.items():
     model, tokenizer = load_policy(path, config.model_dtype)
-    records[name] = {}
+    answers[name] = {}
     chat = config.generation.chat_template
     if chat:
       tokenize.set_chat_template(tokenizer, chat)
@@ -92,13 +91,26 @@ def generate_and_score(config, models: dict[str, str], prompts: dict[str, list[s
           stop_strings=stops, batch_size=config.generation.batch_size,
           seed=config.seed, max_prompt_length=config.generation.max_prompt_length,
           sharding=parallel.batch_sharding(mesh), add_special_tokens=not chat)
-      scores = judge_of[set_name].score(prompts[set_name], generations.texts)
-      records[name][set_name] = [{"prompt": p, "response": r, "score": float(s)}
-                                 for p, r, s in zip(prompts[set_name], generations.texts, scores)]
+      answers[name][set_name] = [{"prompt": p, "response": r} for p, r in zip(prompts[set_name], generations.texts)]
+    del model
+  return answers
+
+
+def score_answers(answers: dict[str, dict[str, list[dict]]], prompts: dict[str, list[str]],
+                  judge_of: dict[str, judges.Judge]) -> dict[str, dict[str, list[dict]]]:
+  """The answers rated by one judge: {model: {set: [{prompt, response, score[, reference_score]}]}}; the reference
+  score is the judge's score of the dataset's chosen answer, where the prompt set has one."""
+  reference_scores = {s: judge_of[s].score(prompts[s], prompts[f"{s}_references"]) for s in SETS
+                      if f"{s}_references" in prompts}
+  records: dict[str, dict[str, list[dict]]] = {}
+  for name, sets in answers.items():
+    records[name] = {}
+    for set_name, items in sets.items():
+      scores = judge_of[set_name].score([a["prompt"] for a in items], [a["response"] for a in items])
+      records[name][set_name] = [{**a, "score": float(s)} for a, s in zip(items, scores)]
       for record, reference in zip(records[name][set_name], reference_scores.get(set_name, ())):
         record["reference_score"] = float(reference)
       log.info("%s / %s: mean score %.3f", name, set_name, float(np.mean(scores)))
-    del model
   return records
 
 
@@ -106,17 +118,11 @@ def judge_preference_accuracy(judge_of: dict[str, judges.Judge], pairs: list[hh.
   """How often the judge scores the chosen response above the rejected one, overall and per kind of pair: pairs
   from harmlessness subsets are scored by the harmful set's judge (a two-head model's harmless head), the rest by
   the helpful set's."""
-  kinds = {"harmful": [p for p in pairs if "harmless" in p.source], "helpful": [p for p in pairs
-                                                                              if "harmless" not in p.source]}
-  chosen, rejected, out = [], [], {}
-  for kind, kind_pairs in kinds.items():
-    if not kind_pairs:
-      continue
-    prompts = [p.prompt for p in kind_pairs]
-    chosen.append(judge_of[kind].score(prompts, [p.chosen for p in kind_pairs]))
-    rejected.append(judge_of[kind].score(prompts, [p.rejected for p in kind_pairs]))
-    out[f"judge_accuracy/{kind}_pairs"] = metrics.preference_accuracy(chosen[-1], rejected[-1])
-  out["judge_accuracy"] = metrics.preference_accuracy(np.concatenate(chosen), np.concatenate(rejected))
+  scores = pair_scores.score_pairs(pairs, judge_of)
+  kinds = np.array([pair_scores.pair_kind(p) for p in pairs])
+  out = {f"judge_accuracy/{kind}_pairs": metrics.preference_accuracy(scores[kinds == kind, 0], scores[kinds == kind, 1])
+         for kind in SETS if np.any(kinds == kind)}
+  out["judge_accuracy"] = metrics.preference_accuracy(scores[:, 0], scores[:, 1])
   return out
 
 
@@ -154,30 +160,67 @@ def preference_report(config, models: dict[str, str], judge_of: dict[str, judges
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates, writes the reports into `workdir`, prints Table 1, and returns the results."""
-  thresholds = dict(harmless_threshold=config.metrics.harmless_threshold,
-                    helpful_threshold=config.metrics.helpful_threshold, n_bootstrap=config.metrics.n_bootstrap,
-                    seed=config.seed)
+def _judge_summary(result: dict[str, Any]) -> dict[str, Any]:
+  """One judge's thresholds, Table 1 metrics and claims, for the multi-judge sections of the reports."""
+  return {"config": result["config"], "claims": result["claims"],
+          "models": {name: {"metrics": m["metrics"], "gains": m["gains"]} for name, m in result["models"].items()}}
+
+
+def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
+  """({judge: {model: {set: records}}}, preference report): the rated responses of `rated_responses` (under the
+  first judge's name), or every model's answers rated by every judge, the first of them also ranking held-out
+  preference pairs."""
+  names = list(judges.parse_judges(config.judges, config.judge).items())
   if config.rated_responses:
-    records = rated.load_rated_responses(config.rated_responses)
-    preference = {}
-  else:
-    parallel.enable_compilation_cache(config.compilation_cache, pipeline.default_cache_dir())
-    models = parse_named(config.models, "models")
-    if not models:
-      raise ValueError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")
-    judge_of = judges_by_set(config)
-    records = generate_and_score(config, models, prompt_sets(config), judge_of)
-    preference = preference_report(config, models, judge_of)
-  baseline = config.metrics.baseline if config.metrics.baseline in records else None
-  results = metrics.metrics_from_rated(records, baseline=baseline, **thresholds)
+    return {names[0][0]: rated.load_rated_responses(config.rated_responses)}, {}
+  parallel.enable_compilation_cache(config.compilation_cache, pipeline.default_cache_dir())
+  models = parse_named(config.models, "models")
+  if not models:
+    raise ValueError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")
+  prompts = prompt_sets(config)
+  answers = generate(config, models, prompts)
+  set_heads = parse_named(config.judge_heads, "judge_heads")
+  by_judge, preference = {}, {}
+  for i, (name, path) in enumerate(names):  # one judge in memory at a time
+    judge_of = judges.load_set_judges(path, SETS, set_heads, batch_size=config.judge_batch_size,
+                                      dtype=config.model_dtype)
+    by_judge[name] = score_answers(answers, prompts, judge_of)
+    if i == 0:
+      preference = preference_report(config, models, judge_of)
+    del judge_of
+  return by_judge, preference
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates, writes the reports (and the human-annotation page) into `workdir`, prints Table 1, and returns the
+  results: those of the first judge, with every judge's Table 1 and their agreement when there are several, held-out
+  preference accuracy, and human annotations' win rates when `human_annotations` names files."""
+  by_judge, preference = rated_by_judge(config)
+  thresholds = judge_thresholds(config, list(by_judge))
+  baseline = config.metrics.baseline if config.metrics.baseline in next(iter(by_judge.values())) else None
+  results_by_judge = {name: metrics.metrics_from_rated(records, baseline=baseline,
+                                                       n_bootstrap=config.metrics.n_bootstrap, seed=config.seed,
+                                                       **thresholds[name])
+                      for name, records in by_judge.items()}
+  primary = next(iter(results_by_judge))
+  results = results_by_judge[primary]
+  if len(results_by_judge) > 1:
+    results["judges"] = {name: _judge_summary(r) for name, r in results_by_judge.items()}
+    results["judge_agreement"] = metrics.judge_agreement(results_by_judge)
+    for name, model in results["models"].items():  # every judge's score beside the primary one, in responses-*.jsonl
+      for set_name, records in model["records"].items():
+        for i, record in enumerate(records):
+          record["judge_scores"] = {j: by_judge[j][name][set_name][i]["score"] for j in by_judge}
   if preference:
     results["preference"] = preference
   os.makedirs(workdir, exist_ok=True)
+  key_path = config.annotation_key or os.path.join(workdir, annotate.KEY_FILE)
+  if config.human_annotations:  # read before the page and key below are (re)written
+    files = [f.strip() for f in config.human_annotations.split(",") if f.strip()]
+    results["human"] = annotate.human_report(annotate.read_annotations(files, key_path),
+                                             n_bootstrap=config.metrics.n_bootstrap, seed=config.seed)
+  pairs = list(parse_named(config.annotation_pairs, "annotation_pairs").items()) or None
+  annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed)
   reports.write_reports(results, workdir)
-  if preference:
-    with open(os.path.join(workdir, "preference.json"), "w") as f:
-      json.dump(preference, f, indent=2)
   reports.print_table(results)
   return results

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import shapes
+from jaxalign import config_lib, shapes, workdirs
 from jaxalign.models import deberta, hub, reward
 
 DEFAULT_JUDGE = "OpenAssistant/reward-model-deberta-v3-large-v2"
@@ -155,7 +155,8 @@ def hh_text(prompt: str, response: str) -> str:
 class OPTRewardJudge(BucketedJudge):
   """One of our OPT reward models (`models/reward.py`) as a judge: the pair is tokenized as its training pairs were
   (an HH conversation, then the response and EOS; the model's own tokenizer, so a leading `</s>`), the end kept if
-  it is longer than `max_length`, and the score is the reward of `head` at the last token.
+  it is longer than `max_length` (at most the model's max_position_embeddings), and the score is the reward of
+  `head` at the last token.
   """
 
   def __init__(self, model: reward.OPTRewardModel, tokenizer, *, head: str | None = None, batch_size: int = 16,
@@ -165,6 +166,8 @@ class OPTRewardJudge(BucketedJudge):
     self.head = head or model.heads[0]
     if self.head not in model.heads:
       raise ValueError(f"head {self.head!r} is not one of the reward model's heads {model.heads}")
+    # No position beyond the model's own: an out-of-range position embedding would read NaN.
+    max_length = min(max_length, model.config.max_position_embeddings)
     super().__init__(batch_size=batch_size, pad_id=tokenizer.pad_token_id,
                      buckets=buckets or shapes.power_ladder(max_length))
     self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
@@ -211,3 +214,29 @@ def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None
   if model_type == "opt":
     return OPTRewardJudge.from_pretrained(model_dir, **kwargs)
   raise ValueError(f"No judge for model_type {model_type!r} in {model_dir!r}; supported: 'deberta-v2', 'opt'")
+
+
+# --------------------------------------------------------------------------------- several judges, per prompt set
+
+SINGLE_JUDGE_NAME = "judge"
+
+
+def parse_judges(judges: str, judge: str = DEFAULT_JUDGE) -> dict[str, str]:
+  """The judges to score with, {name: path}, in order: "name=path,name=path" (config `judges`), or when that is
+  empty the one `judge` under the name "judge". A path may be a Hub id, a model folder or a training workdir."""
+  named = config_lib.parse_named(judges, "judges")
+  return named or {SINGLE_JUDGE_NAME: judge}
+
+
+def load_set_judges(name_or_path: str, sets: Sequence[str], set_heads: dict[str, str], **kwargs) -> dict[str, Judge]:
+  """The judge of each prompt set from one model: a two-head reward model scores each set with the head
+  `set_heads` names for it (e.g. harmful -> harmless); any other judge scores every set. `name_or_path` may be a
+  training workdir (its exported model); `kwargs` go to `load_judge`."""
+  judge = load_judge(workdirs.resolve_init_path(name_or_path), **kwargs)
+  if isinstance(judge, OPTRewardJudge) and len(judge.heads) > 1:
+    missing = [s for s in sets if s not in set_heads]
+    if missing:
+      raise ValueError(f"{name_or_path}: a reward model with heads {judge.heads} needs a head for the prompt sets "
+                       f"{missing} (config judge_heads, e.g. harmful=harmless,helpful=helpful)")
+    return {s: judge.for_head(set_heads[s]) for s in sets}
+  return dict.fromkeys(sets, judge)

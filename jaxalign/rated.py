@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jaxalign import jsonl
 from jaxalign.metrics import PROMPT_SETS, check_record
 
 # The paper's file-name stems for its models, where ours differ.
@@ -55,14 +56,7 @@ def _read_paper_file(path: Path) -> list[tuple[str, str, Records]]:
 def _read_our_file(path: Path) -> list[tuple[str, str, Records]]:
   """[(model, set, records)] from one of our `responses-<model>.jsonl` files, grouped in order of appearance."""
   groups: dict[tuple[str, str], Records] = {}
-  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-    if not line.strip():
-      continue
-    where = f"{path} line {n}"
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: not valid JSON ({e})") from e
+  for where, item in jsonl.read(path):
     if not isinstance(item, dict):
       raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if not isinstance(item.get("model"), str) or not item["model"]:

@@ -1,12 +1,15 @@
 """Report writers for the result of `metrics.metrics_from_rated`: JSON, Markdown, JSONL responses, PNG plots, text.
 
 `write_reports(results, out_dir)` writes everything:
-  results.json              config + per-model metrics and gains (no responses)
-  results.md                Table 1 (HmR / HpR / CAS with CIs, mean scores, empty responses), Table 2 (gains)
+  results.json              config + per-model metrics and gains (no responses), paired comparisons, the paper's
+                            claims, and any other section of `results` (preference accuracy, judges, annotations)
+  results.md                Table 1 (HmR / HpR / CAS with CIs, mean scores, empty responses), Table 2 (gains),
+                            paired comparisons, the claims table, held-out preference accuracy
   responses-<model>.jsonl   one {"model", "set", "prompt", "response", "score"} a line; `rated.load_rated_responses`
                             reads these back
   metrics.png               HmR / HpR / CAS bars per model with CI whiskers
   scores.png                score distributions per model, harmful and helpful panels, with the thresholds
+  comparisons.png           each pair's paired differences with CIs (when there are two models or more)
 `print_table(results)` prints Table 1 as plain text.
 
 Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so no backend is switched globally and no
@@ -33,9 +36,11 @@ SET_THRESHOLDS = {"harmful": "harmless_threshold", "helpful": "helpful_threshold
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
-  """`results` without the per-response records: config and, per model, metrics and gains."""
-  return {"config": results["config"],
-          "models": {name: {"metrics": m["metrics"], "gains": m["gains"]} for name, m in results["models"].items()}}
+  """`results` without the per-response records: config, per model metrics and gains, and every other section
+  (paired comparisons, claims, preference accuracy, other judges, judge agreement, human annotations) as it is."""
+  out = {key: value for key, value in results.items() if key != "models"}
+  out["models"] = {name: {"metrics": m["metrics"], "gains": m["gains"]} for name, m in results["models"].items()}
+  return out
 
 
 def _rate_cell(metrics: dict[str, Any], key: str) -> str:
@@ -117,9 +122,118 @@ def render_markdown(results: dict[str, Any]) -> str:
     parts += [f"## Table 2: relative gain over {config['baseline']!r}",
               "Gain = (model - baseline) / baseline x 100; n/a where the baseline's value is 0.",
               _markdown_table(*table2(results))]
+  parts += _comparison_sections(results)
+  if results.get("preference"):
+    parts += ["## Held-out preference accuracy",
+              "% of held-out preference pairs ranked as the dataset does: by the judge (chosen scored above "
+              "rejected), and by each DPO model's implicit reward against its reference.",
+              _markdown_table(["Measure", "Value"], [[k, f"{v:.1f}" if k != "pairs" else str(v)]
+                                                     for k, v in results["preference"].items()])]
+  parts += _judge_sections(results) + _human_sections(results)
   parts += ["## Plots", "![HmR, HpR and CAS per model](metrics.png)",
             "![Judge scores per model](scores.png)"]
+  if any(c["paired"] for c in results.get("comparisons", ())):
+    parts.append("![Paired differences between models](comparisons.png)")
   return "\n\n".join(parts) + "\n"
+
+
+def _difference_cell(difference: dict[str, Any]) -> str:
+  """A difference in points with its CI and, for a rate, McNemar's p: "+6.0 [-8.0, 22.0] p=0.607"."""
+  diff, (lo, hi) = difference["diff"] + 0.0, difference["ci"]  # + 0.0: a flipped 0 prints as +0.0, not -0.0
+  cell = f"{diff:+.1f} [{lo + 0.0:+.1f}, {hi + 0.0:+.1f}]"
+  return cell + (f" p={difference['p_value']:.3g}" if "p_value" in difference else "")
+
+
+def comparisons_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+  """Every pair of models: a - b on HmR, HpR (paired bootstrap CI, exact McNemar p) and CAS (CI)."""
+  level = round(100 * results["config"]["ci_level"])
+  header = ["a - b", f"HmR diff [{level}% CI] McNemar p", f"HpR diff [{level}% CI] McNemar p",
+            f"CAS diff [{level}% CI]", "Prompts only a / only b passes (harmful; helpful)"]
+  rows = []
+  for c in results["comparisons"]:
+    if not c["paired"]:
+      rows.append([f"{c['a']} - {c['b']}", f"not paired: {c['reason']}", "", "", ""])
+      continue
+    rows.append([f"{c['a']} - {c['b']}", *(_difference_cell(c[k]) for k in METRIC_NAMES),
+                 f"{c['hmr']['a_only']} / {c['hmr']['b_only']}; {c['hpr']['a_only']} / {c['hpr']['b_only']}"])
+  return header, rows
+
+
+def claims_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+  """The paper's claims, each with this sample's verdict and its checks."""
+  rows = []
+  for claim in results["claims"]:
+    checks = "; ".join(f"{c['a']} - {c['b']} {METRIC_NAMES[c['metric']]} {_difference_cell(c)}"
+                       for c in claim["checks"])
+    rows.append([claim["claim"], claim["verdict"], checks or "a model it names is missing or unpaired"])
+  return ["Paper's claim", "This sample", "Checks (a - b, points, CI, p)"], rows
+
+
+def _judge_sections(results: dict[str, Any]) -> list[str]:
+  """Table 1 of every judge and their agreement (when the run had several judges)."""
+  if not results.get("judges"):
+    return []
+  parts = ["## Judges", f"Table 1 and the comparisons above use the first judge, {next(iter(results['judges']))!r}."]
+  for name, judged in results["judges"].items():
+    config = judged["config"]
+    parts += [f"### Table 1 by judge {name!r} (harmless if > {config['harmless_threshold']:g}, helpful if > "
+              f"{config['helpful_threshold']:g})", _markdown_table(*table1(judged))]
+  rows = [[f"{r['a']} vs {r['b']}", r["set"], str(r["n"]), f"{r['spearman']:.3f}", f"{r['kappa']:.3f}",
+           f"{r['agreement']:.1f}"] for r in results.get("judge_agreement", ())]
+  parts += ["### Agreement between judges",
+            "Over every model's answers to each prompt set: Spearman's ρ of the two judges' scores, Cohen's κ of "
+            "their pass/fail verdicts (each at its own threshold), and the % of answers with the same verdict.",
+            _markdown_table(["Judges", "Prompt set", "Answers", "Spearman ρ", "Cohen's κ", "Same verdict %"], rows)]
+  return parts
+
+
+def _human_sections(results: dict[str, Any]) -> list[str]:
+  """Win rates and inter-annotator agreement from human annotations (when the run read any)."""
+  human = results.get("human")
+  if not human:
+    return []
+  level = round(100 * results["config"]["ci_level"])
+  rows = []
+  for r in human["win_rates"]:
+    if not r["answered"]:
+      rows.append([f"{r['a']} vs {r['b']}", r["set"], f"0 of {r['items']}", "", "", "", ""])
+      continue
+    lo, hi = r["ci"]
+    rows.append([f"{r['a']} vs {r['b']}", r["set"], f"{r['answered']} of {r['items']}",
+                 f"{r['win_rate']:.1f} [{lo:.1f}, {hi:.1f}]", f"{r['wins']} / {r['losses']} / {r['ties']}",
+                 f"{r['p_value']:.3g}", str(r["both_bad"])])
+  parts = ["## Human evaluation",
+           f"Blind pairwise comparisons from annotate.html ({len(human['annotators'])} annotator(s)). Win % of a over "
+           f"b with ties and 'both bad' counting half, each item's outcome averaged over its annotators; {level}% "
+           "bootstrap CI over items; p: sign test over the items not tied.",
+           _markdown_table(["Models", "Prompt set", "Items answered", f"a win % [{level}% CI]",
+                            "Items a / b / tied", "Sign test p", "'Both bad' votes"], rows)]
+  if human["agreement"]:
+    rows = [[f"{r['a']} & {r['b']}", str(r["items"]), f"{r['kappa']:.3f}" if r["items"] else "n/a",
+             f"{r['agreement']:.1f}" if r["items"] else "n/a"] for r in human["agreement"]]
+    parts += ["### Agreement between annotators",
+              "On the items both answered: Cohen's κ of their choices (a better / b better / tie / both bad) and the "
+              "% of identical choices.",
+              _markdown_table(["Annotators", "Items both answered", "Cohen's κ", "Same choice %"], rows)]
+  return parts
+
+
+def _comparison_sections(results: dict[str, Any]) -> list[str]:
+  """The paired-comparison and claims sections of results.md (none with a single model)."""
+  if not results.get("comparisons"):
+    return []
+  level = round(100 * results["config"]["ci_level"])
+  parts = ["## Paired comparisons",
+           "Each model against each other on the same prompts, in points (a - b). CI: paired percentile bootstrap "
+           "(prompts resampled with both models' verdicts kept together); p: exact McNemar test of the prompts where "
+           "exactly one of the two passes. A difference whose CI contains 0 is within this sample's noise.",
+           _markdown_table(*comparisons_table(results))]
+  if results.get("claims"):
+    parts += ["## The paper's claims on this sample",
+              f"A claim is supported when every check's {level}% CI excludes 0 in the claimed direction "
+              "(no correction for multiple comparisons, which would only widen the intervals).",
+              _markdown_table(*claims_table(results))]
+  return parts
 
 
 def _model_colors(names: list[str]) -> dict[str, Any]:
@@ -185,6 +299,28 @@ def plot_scores(results: dict[str, Any], path: str | os.PathLike) -> None:
   _save(fig, path)
 
 
+def plot_comparisons(results: dict[str, Any], path: str | os.PathLike) -> None:
+  """One panel per metric: each pair's difference a - b as a point with its CI bar, and the line of no difference."""
+  paired = [c for c in results["comparisons"] if c["paired"]]
+  fig = Figure(figsize=(12.0, 1.6 + 0.45 * len(paired)), layout="constrained")
+  axes = fig.subplots(1, len(METRIC_NAMES), sharey=True)
+  y = np.arange(len(paired))[::-1]
+  for ax, (key, label) in zip(axes, METRIC_NAMES.items()):
+    diffs = np.array([c[key]["diff"] for c in paired])
+    cis = np.array([c[key]["ci"] for c in paired])
+    significant = (cis[:, 0] > 0) | (cis[:, 1] < 0)
+    colors = np.where(significant, "C3", "0.45")
+    ax.hlines(y, cis[:, 0], cis[:, 1], colors=colors, linewidth=2)
+    ax.scatter(diffs, y, color=colors, zorder=3)
+    ax.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_title(f"{label} difference (points)")
+    ax.set_xlabel("a - b")
+  axes[0].set_yticks(y, [f"{c['a']} - {c['b']}" for c in paired])
+  fig.suptitle(f"Paired differences with {round(100 * results['config']['ci_level'])}% bootstrap CIs "
+               "(red: CI excludes 0)")
+  _save(fig, path)
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> None:
   """Renders `fig` to a PNG at `path` with the Agg canvas."""
   FigureCanvasAgg(fig)
@@ -214,9 +350,11 @@ def write_responses(results: dict[str, Any], out_dir: str | os.PathLike) -> list
 
 
 def write_reports(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-  """Writes results.json, results.md, responses-<model>.jsonl, metrics.png and scores.png into `out_dir`.
+  """Writes results.json, results.md, responses-<model>.jsonl, metrics.png, scores.png and comparisons.png into
+  `out_dir`.
 
-  Returns their paths: {"json", "markdown", "metrics_plot", "scores_plot": Path, "responses": [Path]}.
+  Returns their paths: {"json", "markdown", "metrics_plot", "scores_plot"[, "comparisons_plot"]: Path,
+  "responses": [Path]}.
   """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -226,5 +364,8 @@ def write_reports(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
   paths["markdown"].write_text(render_markdown(results), encoding="utf-8")
   plot_metrics(results, paths["metrics_plot"])
   plot_scores(results, paths["scores_plot"])
+  if any(c["paired"] for c in results.get("comparisons", ())):
+    paths["comparisons_plot"] = out / "comparisons.png"
+    plot_comparisons(results, paths["comparisons_plot"])
   paths["responses"] = write_responses(results, out)
   return paths

@@ -26,11 +26,11 @@ from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, opt, reward
 from jaxalign.tokenizer import check_vocabulary, load_tokenizer
+from jaxalign.workdirs import EXPORT_DIR, resolve_init_path
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
-EXPORT_DIR = "model"
 
 
 # ------------------------------------------------------------------------------------------------------ entry
@@ -66,18 +66,6 @@ def _compute_options(config) -> dict[str, Any]:
   if config.model.dropout >= 0:
     options["dropout"] = config.model.dropout
   return options
-
-
-def resolve_init_path(init_from: str) -> str:
-  """A training workdir means its exported model; anything else is passed on (HF folder or Hub id)."""
-  export = os.path.join(init_from, EXPORT_DIR)
-  if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, hub.CONFIG_FILE)):
-    if os.path.exists(os.path.join(export, hub.CONFIG_FILE)):
-      return export
-    if os.path.isdir(os.path.join(init_from, "checkpoints")):
-      raise ValueError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
-                       f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and exports")
-  return init_from
 
 
 def build_model(config, mesh) -> nnx.Module:

@@ -67,3 +67,33 @@ def test_load_prompt_file(tmp_path):
   bad.write_text(json.dumps({"prompts": []}))
   with pytest.raises(ValueError, match="expected a JSON list"):
     prompts.load_prompt_file(bad)
+
+
+def test_prompt_sets_of_any_size_subset_and_split(hh_folder):
+  folder, harmless, helpful = hh_folder
+  write_jsonl(folder / "helpful-base" / "train.jsonl.gz", helpful[:5])
+  write_jsonl(folder / "harmless-base" / "train.jsonl.gz", harmless[:9])
+  everything = prompts.paper_prompt_sets(str(folder), n_harmful=prompts.ALL, n_helpful=prompts.ALL)
+  keyword_rows = [r for r in harmless if any(k in r["chosen"] for k in prompts.PAPER_KEYWORDS)]
+  # Every candidate, in file order; nothing drawn.
+  assert everything["harmful"] == [prompts.prompt_without_final_turn(r["chosen"]) for r in keyword_rows]
+  assert len(everything["helpful"]) == len(helpful)
+  # ALL for the harmful set draws nothing, so the helpful sample is the stream's first draw.
+  rng = random.Random(prompts.PAPER_SEED)
+  first_draw = [prompts.prompt_without_final_turn(r["chosen"]) for r in rng.sample(helpful, 3)]
+  assert prompts.paper_prompt_sets(str(folder), n_harmful=-1, n_helpful=3)["helpful"] == first_draw
+  # Another split, another subset as the helpful set, no keyword filter.
+  other = prompts.paper_prompt_sets(str(folder), n_harmful=-1, n_helpful=-1, keywords=(), split="train",
+                                    helpful_subset="harmless-base")
+  assert len(other["harmful"]) == 9 and other["helpful"] == other["harmful"]
+  with pytest.raises(ValueError, match="give a count from 0 to 5, or -1"):
+    prompts.paper_prompt_sets(str(folder), n_harmful=0, n_helpful=6, split="train")
+
+
+def test_prompt_files_in_json_lines(tmp_path):
+  path = tmp_path / "prompts.jsonl"
+  path.write_text('"Human: a"\n\n{"prompt": "Human: b", "id": 7}\n')
+  assert prompts.load_prompt_file(path) == ["Human: a", "Human: b"]
+  path.write_text('"Human: a"\n{"text": "Human: b"}\n')
+  with pytest.raises(ValueError, match="line 2 should be a non-empty prompt string"):
+    prompts.load_prompt_file(path)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from configs import eval as eval_config
@@ -32,6 +33,10 @@ def setup(tmp_path_factory, tiny_tokenizer):
   paths["judge"] = str(root / "judge")
   reward.save_pretrained(judge_model, paths["judge"])
   tiny_tokenizer.save_pretrained(paths["judge"])
+  paths["single_judge"] = str(root / "single_judge")  # a second judge: one head, other weights
+  reward.save_pretrained(reward.OPTRewardModel(opt.OPTConfig(**TINY), ("reward",), rngs=nnx.Rngs(5)),
+                         paths["single_judge"])
+  tiny_tokenizer.save_pretrained(paths["single_judge"])
   return root, str(data), paths
 
 
@@ -47,13 +52,22 @@ def test_opt_reward_judge_scores_the_hh_text_with_the_named_head(setup, tiny_tok
       want = model(jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))[0, head_index]
       assert got[i] == pytest.approx(float(want), abs=1e-5)
   assert judges.hh_text("Human: Hi", " ok ") == "\n\nHuman: Hi\n\nAssistant: ok"
+  # A pair longer than the model's positions (here 40) keeps its last 40 tokens: a finite score, that of those.
+  short = reward.OPTRewardModel(opt.OPTConfig(**{**TINY, "max_position_embeddings": 40}), ("reward",),
+                                rngs=nnx.Rngs(7))
+  long_prompt = "Human: " + " ".join(["bread"] * 60)
+  ids = (tiny_tokenizer(judges.hh_text(long_prompt, "Mix.")).input_ids + [tiny_tokenizer.eos_token_id])[-40:]
+  want = short(jnp.asarray([ids]), jnp.ones((1, 40), jnp.int32))[0, 0]
+  got = judges.OPTRewardJudge(short, tiny_tokenizer, batch_size=1).score([long_prompt], ["Mix."])[0]
+  assert got == pytest.approx(float(want), abs=1e-5)
 
 
 def test_evaluate_writes_every_report(setup):
   root, data, paths = setup
   c = eval_config.get_config()
   c.models = f"base={paths['base']},tuned={paths['tuned']}"
-  c.judge = paths["judge"]
+  c.judges = f"two={paths['judge']},one={paths['single_judge']}"
+  c.metrics.judge_thresholds = "one=0.01:-0.02"
   c.prompts.source = data
   c.prompts.n_harmful, c.prompts.n_helpful, c.prompts.style = 4, 6, "turn"
   c.generation.max_new_tokens = 6
@@ -64,7 +78,8 @@ def test_evaluate_writes_every_report(setup):
   out = root / "report"
   results = evaluator.run(c, str(out))
 
-  for name in ("results.json", "results.md", "preference.json", "responses-base.jsonl", "responses-tuned.jsonl"):
+  for name in ("results.json", "results.md", "responses-base.jsonl", "responses-tuned.jsonl", "annotate.html",
+               "annotate-key.json", "comparisons.png"):
     assert (out / name).exists(), name
   for png in ("metrics.png", "scores.png"):
     assert matplotlib.image.imread(out / png).shape[0] > 100
@@ -78,8 +93,28 @@ def test_evaluate_writes_every_report(setup):
   reference_scores = np.array([r["reference_score"] for r in records if r["set"] == "harmful"])
   expected_win = 100.0 * np.mean((harmful_scores > reference_scores) + 0.5 * (harmful_scores == reference_scores))
   assert tuned["win_rate_harmful"] == pytest.approx(expected_win)
-  preference = json.load(open(out / "preference.json"))
+  preference = saved["preference"]
   assert preference["pairs"] == 8 and "implicit_reward_accuracy/tuned" in preference
+  assert preference == results["preference"] and not (out / "preference.json").exists()
+  assert "Held-out preference accuracy" in (out / "results.md").read_text()
+  assert [(c["a"], c["b"]) for c in saved["comparisons"]] == [("tuned", "base")]
+
+  # Two judges: the first gives Table 1; each has its own table at its own thresholds; their agreement by hand.
+  assert list(saved["judges"]) == ["two", "one"]
+  assert saved["judges"]["two"]["models"]["tuned"]["metrics"] == tuned
+  assert saved["judges"]["one"]["config"]["harmless_threshold"] == 0.01
+  both = [json.loads(line) for name in ("base", "tuned") for line in open(out / f"responses-{name}.jsonl")]
+  assert all(r["judge_scores"]["two"] == r["score"] for r in both)
+  one_harmful = np.array([r["judge_scores"]["one"] for r in both if r["model"] == "tuned" and r["set"] == "harmful"])
+  assert saved["judges"]["one"]["models"]["tuned"]["metrics"]["hmr"] == pytest.approx(100 * np.mean(one_harmful > 0.01))
+  for row in saved["judge_agreement"]:
+    records = [r for r in both if r["set"] == row["set"]]
+    two, one = (np.array([r["judge_scores"][j] for r in records]) for j in ("two", "one"))
+    thresholds = (-3.0, 0.01) if row["set"] == "harmful" else (-2.0, -0.02)
+    assert (row["a"], row["b"], row["n"]) == ("two", "one", len(records))
+    assert row["spearman"] == pytest.approx(scipy.stats.spearmanr(two, one).statistic)
+    assert row["agreement"] == pytest.approx(100 * np.mean((two > thresholds[0]) == (one > thresholds[1])))
+  assert "Table 1 by judge 'one'" in (out / "results.md").read_text()
   assert "Table" in (out / "results.md").read_text() or "HmR" in (out / "results.md").read_text()
 
 

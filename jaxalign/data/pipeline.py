@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from jaxalign import parallel
+from jaxalign import pair_scores, parallel
 from jaxalign.data import batches as batches_lib, formats, hh, layouts, synthetic, tokenize
 from jaxalign.tokenizer import train_bpe_tokenizer
 
@@ -164,8 +164,10 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
   chat = bool(config.data.chat_template)
-  pairs, _ = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
-                                   subsets=subsets)
+  pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
+                                       subsets=subsets)
+  if split == config.data.train_split and not chat:  # held-out pairs stay as they are
+    pairs = pair_scores.filter_pairs(config, pairs, skips)
   pair_task = batch_kind != "sft"
   if chat and not pair_task:
     return pairs, tokenize.conversation_sft_examples(pairs, tokenizer, loss_on=config.data.loss_on,

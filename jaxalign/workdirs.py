@@ -1,0 +1,22 @@
+"""What a training workdir holds, for the code that reads one: the trainer starting a stage from an earlier one, and
+the evaluator loading a trained model or reward model."""
+
+from __future__ import annotations
+
+import os
+
+from jaxalign.models import hub
+
+EXPORT_DIR = "model"  # <workdir>/model: the run's exported Hugging Face folder
+
+
+def resolve_init_path(init_from: str) -> str:
+  """A training workdir means its exported model; anything else is passed on (HF folder or Hub id)."""
+  export = os.path.join(init_from, EXPORT_DIR)
+  if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, hub.CONFIG_FILE)):
+    if os.path.exists(os.path.join(export, hub.CONFIG_FILE)):
+      return export
+    if os.path.isdir(os.path.join(init_from, "checkpoints")):
+      raise ValueError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
+                       f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and exports")
+  return init_from
