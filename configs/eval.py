@@ -18,6 +18,10 @@ def get_config():
   c.model_dtype = "float32"  # bfloat16 on accelerators
   c.seed = 0
   c.rated_responses = ""  # a folder/file of rated responses: compute metrics only
+  # A Hub dataset repo id ("user/name"): push the results folder (reports, responses, plots) with a generated card
+  # holding Table 1 and Table 2 (token from HF_TOKEN or `hf auth login`).
+  c.push_to_hub = ""
+  c.hub_private = False
   c.compilation_cache = "auto"  # as in configs/common.py: "auto" = ~/.cache/jaxalign/xla on GPU/TPU, a folder, or ""
 
   c.prompts = ml_collections.ConfigDict()

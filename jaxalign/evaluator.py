@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxalign import judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
+from jaxalign import curves, hub_push, judges, metrics, parallel, rated, reference as reference_lib, reports, sampling
 from jaxalign.data import hh, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
@@ -146,7 +146,10 @@ def preference_report(config, models: dict[str, str], judge_of: dict[str, judges
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates, writes the reports into `workdir`, prints Table 1, and returns the results."""
+  """Evaluates, writes the reports into `workdir`, prints Table 1, and returns the results. Inside a study folder
+  it also refreshes the study's study.md; with `push_to_hub` it pushes the folder to a Hub dataset repo."""
+  if config.push_to_hub:
+    hub_push.check_repo_id(config.push_to_hub, "push_to_hub")
   thresholds = dict(harmless_threshold=config.metrics.harmless_threshold,
                     helpful_threshold=config.metrics.helpful_threshold, n_bootstrap=config.metrics.n_bootstrap,
                     seed=config.seed)
@@ -171,4 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "preference.json"), "w") as f:
       json.dump(preference, f, indent=2)
   reports.print_table(results)
+  curves.refresh_study_summary(workdir)
+  if config.push_to_hub:
+    hub_push.push_results(workdir, config.push_to_hub, private=config.hub_private)
   return results
