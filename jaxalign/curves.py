@@ -32,10 +32,11 @@ RESULTS_FILE = "results.json"  # evaluate.py's
 
 # (panel title, metric names without their train/ or eval/ prefix, log-scale y); a panel is drawn when the stage
 # logged at least one of its metrics.
+REWARD_KIND = {"dpo": "DPO's implicit reward: beta x log-ratio to the reference", "reward": "the reward head's score"}
 PANELS = (
     ("loss", ("loss",), False),
     ("perplexity", ("perplexity",), True),
-    ("implicit rewards (beta x log-ratio)", ("rewards/chosen", "rewards/rejected"), False),
+    ("rewards of the chosen and rejected responses", ("rewards/chosen", "rewards/rejected"), False),
     ("reward margin (chosen - rejected)", ("rewards/margins",), False),
     ("preference accuracy", ("rewards/accuracies", "accuracy"), False),
     ("log-probs of the responses", ("logps/chosen", "logps/rejected"), False),
@@ -69,7 +70,7 @@ def _panels(series: dict[str, dict[int, float]]) -> list[tuple[str, list[str], b
   return panels
 
 
-def plot_curves(series: dict[str, dict[int, float]], path: str, title: str) -> list[str]:
+def plot_curves(series: dict[str, dict[int, float]], path: str, title: str, task: str = "") -> list[str]:
   """Draws the panels `series` has into a PNG at `path`; returns the panel titles drawn."""
   panels = _panels(series)
   if not panels:
@@ -89,7 +90,8 @@ def plot_curves(series: dict[str, dict[int, float]], path: str, title: str) -> l
                 zorder=3, label=f"held-out {name}")
     if log_scale and all(v > 0 for n in names for k in ("train", "eval") for v in series.get(f"{k}/{n}", {}).values()):
       ax.set_yscale("log")
-    ax.set_title(panel_title)
+    kind = REWARD_KIND.get(task) if names[0].startswith("rewards/") and "accuracies" not in names[0] else None
+    ax.set_title(f"{panel_title}\n({kind})" if kind else panel_title, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -111,7 +113,7 @@ def write_stage_curves(workdir: str, task: str = "") -> str | None:
     return None
   path = os.path.join(workdir, CURVES_FILE)
   name = os.path.basename(os.path.normpath(workdir))
-  plot_curves(series, path, f"{name} ({task})" if task else name)
+  plot_curves(series, path, f"{name}: {task} stage" if task else name, task)
   return path
 
 
@@ -140,6 +142,17 @@ def _cell(value, fmt: str) -> str:
   return "n/a" if value is None else format(value, fmt)
 
 
+def _start(root: str, init_from: str) -> str:
+  """Where a stage started: a random init, a Hub id, or a path (relative to the study when inside it)."""
+  if not init_from:
+    return "random init"
+  if os.path.isabs(init_from) or os.path.exists(init_from):
+    relative = os.path.relpath(os.path.abspath(init_from), os.path.abspath(root))
+    if not relative.startswith(".."):
+      return f"[{relative}]({relative})"
+  return f"`{init_from}`"
+
+
 def _finished_stages(root: str) -> list[str]:
   """Subfolders of `root` holding done.json, in the order they finished."""
   names = [n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, DONE_FILE))]
@@ -163,7 +176,7 @@ def render_study_summary(root: str, stages: list[str] | None = None) -> str:
   rows = []
   for name, fig in figures.items():
     seconds, compiled = fig["seconds"], fig["compilations"]
-    rows.append([f"[{name}](#{name})", fig["task"] or "n/a", f"`{fig['init_from']}`" if fig["init_from"] else "random init",
+    rows.append([f"[{name}](#{name})", fig["task"] or "n/a", _start(root, fig["init_from"]),
                  str(fig["steps"]), f"{_cell(seconds.get('stage'), '.1f')} / {_cell(seconds.get('loop'), '.1f')}",
                  _cell(fig["tokens_per_second"], ",.0f"), _cell(fig["mfu"], ".1%"),
                  f"{compiled.get('train', 'n/a')} / {compiled.get('eval', 'n/a')}",
@@ -175,7 +188,7 @@ def render_study_summary(root: str, stages: list[str] | None = None) -> str:
     parts += [f"## Evaluation `{name}`", f"Table 1 of [{name}/results.md]({name}/results.md):",
               reports._markdown_table(*reports.table1(results))]
   for name, fig in figures.items():
-    held_out = ", ".join(f"{k[len('eval/'):]} {v:.4f}" for k, v in fig["eval"].items())
+    held_out = ", ".join(f"{k[len('eval/'):]} {v:.4f}" for k, v in fig["eval"].items() if k != "eval/num_tokens")
     parts += [f"## {name}", f"Held-out: {held_out or 'none'}. Workdir: [{name}/]({name}/), "
               f"model: [{name}/model/]({name}/model/)."]
     if os.path.exists(os.path.join(root, name, CURVES_FILE)):
