@@ -207,8 +207,8 @@ class Session:
       raise ValueError(f"max_new_tokens {self.settings.max_new_tokens} leaves no room for a prompt in "
                        f"{chat_model.name}'s {chat_model.model.config.max_position_embeddings} positions")
     if uses_chat_template(tok):  # the template writes its own special tokens
-      ids = tok.encode(prompt, add_special_tokens=False)[-keep:]
-      truncated = len(tok.encode(prompt, add_special_tokens=False)) > keep
+      ids = tok.encode(prompt, add_special_tokens=False)
+      ids, truncated = ids[-keep:], len(ids) > keep
     else:  # as the evaluator encodes prompts
       (ids,), truncated = sampling.encode_prompts(tok, [prompt], keep)
     if truncated:

@@ -4,7 +4,6 @@ saved answers are token for token what `sampling.generate` gives for the same pr
 import json
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -16,6 +15,8 @@ from jaxalign.models import hub, opt
 from jaxalign.tokenizer import load_tokenizer
 
 pexpect = pytest.importorskip("pexpect")
+# pexpect forks this (JAX-threaded) process to start the CLI; the child execs at once, so the fork is safe.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = 3000  # new tokens of the answer that is interrupted: long enough to still be running when Ctrl-C arrives
