@@ -159,3 +159,31 @@ def test_hh_prompt_format(tiny_tokenizer):
               {"role": "assistant", "content": "Hello!", "token_ids": [1]}, {"role": "user", "content": "Bye"}]
   assert chat.format_prompt(tiny_tokenizer, messages) == \
       "Be kind.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:"
+
+
+def test_sampled_answers_match_generate_with_the_same_seed(model_dirs):
+  """In-process session (no terminal): a sampled answer is generate's for the same prompt, settings and seed, and
+  the stream printed is the answer."""
+  import io
+
+  model, tokenizer = hub.from_pretrained(model_dirs[1]), load_tokenizer(model_dirs[1])
+  out = io.StringIO()
+  settings = chat.Settings(temperature=0.9, top_p=0.8, max_new_tokens=SHORT, seed=7)
+  session = chat.Session([chat.ChatModel("beta", model_dirs[1], model, tokenizer, chat.StreamingSampler(model))],
+                         settings, out=out)
+  session.send("Tell me a joke.")
+  record = session.models[0].messages[-1]
+  expected = sampling.generate(model, tokenizer, [record["prompt"]], max_new_tokens=SHORT, temperature=0.9, top_p=0.8,
+                               seed=record["seed"], max_prompt_length=record["max_prompt_length"])
+  assert expected.texts == [record["content"]] and expected.num_new_tokens == [len(record["token_ids"])]
+  assert out.getvalue() == f"beta: {chat.printable(record['content'])}\n"
+
+
+def test_chat_template_is_used_where_the_tokenizer_has_one(tiny_tokenizer_dir):
+  tokenizer = load_tokenizer(tiny_tokenizer_dir)
+  tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "Bye"}]
+  assert chat.format_prompt(tokenizer, messages) == "<|user|>Hi\n<|assistant|>Hello!\n<|user|>Bye\n<|assistant|>"
+  assert chat.stop_strings_for(tokenizer) == ()  # the template's model ends its turn with EOS
