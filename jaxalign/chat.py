@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> None:
       if not session.command(line):
         return
       continue
-    session.send(line)
+    try:
+      session.send(line)
+    except ValueError as e:  # e.g. max_new_tokens too large for the model: say so, keep the session
+      print(f"[{e}]", flush=True)
 
 
 if __name__ == "__main__":
