@@ -119,10 +119,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.logging = ml_collections.ConfigDict()
   c.logging.tensorboard = True
   c.logging.peak_tflops = 0.0  # device peak for MFU; 0 = look up the device kind
+  # Weights & Biases (pip install -e ".[wandb]"): every metrics.jsonl record under the same names, the config, and
+  # done.json in the run's summary. In a study, the study's top-level logging.wandb* fields apply to every stage.
+  c.logging.wandb = False
+  c.logging.wandb_project = "jaxalign"
+  c.logging.wandb_entity = ""  # "" = your default entity
+  c.logging.wandb_name = ""  # run name; "" = the workdir's name (a study's stage: its stage name)
+  c.logging.wandb_group = ""  # "" = none (a study's stages: the study's workdir name)
+  c.logging.wandb_tags = ()
+  c.logging.wandb_mode = ""  # "" = W&B's own setting (WANDB_MODE); online | offline (no network) | disabled
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True  # write <workdir>/model in Hugging Face format at the end
   c.export.dtype = ""  # "" keeps float32
+  # A Hub repo id ("user/name"): push the exported folder with a generated model card at the end of the stage
+  # (token from HF_TOKEN or `hf auth login`). In a study, set it per stage: stage_configs.<name>.export.push_to_hub.
+  c.export.push_to_hub = ""
+  c.export.hub_private = False  # create the repo private
 
   # JAX's persistent compilation cache: "auto" = <data cache>/xla on GPU and TPU (later stages of the same shapes,
   # reruns and resumes load their programs instead of compiling; XLA:CPU gains nothing from it), a folder, or "" (off).

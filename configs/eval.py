@@ -26,6 +26,10 @@ def get_config():
   c.human_annotations = ""
   c.annotation_key = ""  # the annotate-key.json the files answer; "" = <workdir>/annotate-key.json
   c.annotation_pairs = ""  # model pairs to annotate, "a=b,c=d" (e.g. "sft+dpo=sft"); "" = every pair
+  # A Hub dataset repo id ("user/name"): push the results folder (reports, responses, plots) with a generated card
+  # holding Table 1 and Table 2 (token from HF_TOKEN or `hf auth login`).
+  c.push_to_hub = ""
+  c.hub_private = False
   c.compilation_cache = "auto"  # as in configs/common.py: "auto" = ~/.cache/jaxalign/xla on GPU/TPU, a folder, or ""
 
   c.prompts = ml_collections.ConfigDict()

@@ -17,8 +17,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxalign import (annotate, judges, metrics, pair_scores, parallel, rated, reference as reference_lib, reports,
-                      sampling)
+from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, rated,
+                      reference as reference_lib, reports, sampling)
 from jaxalign.config_lib import parse_named
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
@@ -194,7 +194,10 @@ def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates, writes the reports (and the human-annotation page) into `workdir`, prints Table 1, and returns the
   results: those of the first judge, with every judge's Table 1 and their agreement when there are several, held-out
-  preference accuracy, and human annotations' win rates when `human_annotations` names files."""
+  preference accuracy, and human annotations' win rates when `human_annotations` names files. Inside a study folder
+  it also refreshes the study's study.md; with `push_to_hub` it pushes the folder to a Hub dataset repo."""
+  if config.push_to_hub:
+    hub_push.check_repo_id(config.push_to_hub, "push_to_hub")
   by_judge, preference = rated_by_judge(config)
   thresholds = judge_thresholds(config, list(by_judge))
   baseline = config.metrics.baseline if config.metrics.baseline in next(iter(by_judge.values())) else None
@@ -223,4 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed)
   reports.write_reports(results, workdir)
   reports.print_table(results)
+  curves.refresh_study_summary(workdir)
+  if config.push_to_hub:
+    hub_push.push_results(workdir, config.push_to_hub, private=config.hub_private)
   return results

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxalign import flops
+from jaxalign import flops, trackers
 
 
 class MetricLogger:
@@ -40,6 +40,7 @@ class MetricLogger:
       from tensorboardX import SummaryWriter
 
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tracker = trackers.start(config, workdir) if self.is_main else None  # W&B: finished by the trainer
 
   def train_step(self, step: int, metrics: dict, shape: tuple[int, ...]) -> None:
     """Accounts one finished step; `shape` is its batch's (rows, padded length, scored positions per row)."""
@@ -80,6 +81,8 @@ class MetricLogger:
     if self.tensorboard is not None:
       for k, v in record.items():
         self.tensorboard.add_scalar(k, v, step)
+    if self.tracker is not None:
+      self.tracker.log(step, record)
     if any(k.startswith("eval/") for k in record):
       tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
 

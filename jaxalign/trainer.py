@@ -21,7 +21,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxalign import checkpoint, config_lib, flops, parallel, reference as reference_lib, tasks
+from jaxalign import (checkpoint, config_lib, curves, flops, hub_push, parallel, reference as reference_lib, tasks,
+                      trackers)
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, opt, reward
@@ -39,6 +40,7 @@ DONE_FILE = "done.json"
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs a single stage or a study of stages; returns the final stage's exported model folder."""
   config_lib.validate(config)
+  hub_push.check_config(config)
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.enable_compilation_cache(config.compilation_cache, pipeline.cache_dir(config))
   if config.stages:
@@ -50,11 +52,15 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs `config.stages` in order, each in `<workdir>/<name>`; "stage:<name>" refers to an earlier export.
 
   Finished stages (their workdir holds `done.json`) are skipped, so a rerun continues where the study stopped.
+  At the end, `<workdir>/study.md` summarises the stages (see `curves.write_study_summary`).
   """
   exports: dict[str, str] = {}
   for name in config.stages:
     stage = config_lib.resolve_stage(config, name, exports)
+    trackers.apply_study_settings(config, stage, name, workdir)
     exports[name] = train(stage, os.path.join(workdir, name))
+  if jax.process_index() == 0:
+    curves.write_study_summary(workdir, list(config.stages))
   return exports[config.stages[-1]]
 
 
@@ -331,7 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     checkpointer.close()
     metric_logger.close()
 
-  summary = {"steps": step, "compilations": steps.compilations, **final_eval,
+  summary = {"task": config.task, "init_from": config.init_from, "steps": step, "compilations": steps.compilations, **final_eval,
              "train_shapes": sorted(metric_logger.shapes)}
   log.info("compiled the train step %d time(s) for %d batch shape(s)", steps.compilations["train"],
            len(metric_logger.shapes))
@@ -344,6 +350,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
       tokenizer.save_pretrained(export_dir)  # the folder is then all evaluate.py needs
     with open(os.path.join(workdir, DONE_FILE), "w") as f:
       json.dump(summary, f, indent=2)
+    curves_path = curves.write_stage_curves(workdir, config.task)
+    if config.export.push_to_hub:
+      hub_push.push_stage(config, workdir, export_dir, summary)
+    if metric_logger.tracker is not None:
+      metric_logger.tracker.finish(summary, [os.path.join(workdir, DONE_FILE), curves_path or ""])
   return export_dir
 
 
