@@ -16,9 +16,9 @@ process. The CPU setting is described first; `--gpu` changes what the GPU settin
     implementation sees the same batch k.
   * DPO: beta 0.1, sigmoid loss, live reference model (TRL's default; `precompute_ref_log_probs=False`).
     jaxalign runs three variants on the same batches: (a) separate chosen / rejected rows + live reference (the
-    like-for-like row), (b) prefix-shared rows (`collate_dpo_shared`: prompt computed once) + live reference,
+    like-for-like row), (b) prefix-shared rows (`layouts.SharedRows`: prompt computed once) + live reference,
     (c) prefix-shared rows + precomputed reference log-probs (computed before timing, not timed).
-  * the library's own loss path: batches come from `batches.collate_dpo` / `collate_dpo_shared` / `collate_sft`,
+  * the library's own loss path: batches come from the layouts' collates (`SeparateRows` / `SharedRows` / `SFTRows`),
     which list each row's scored positions (`targets` / `target_mask`), and the tasks run the LM head and its
     log-softmax at those positions only (`tasks.target_logprobs`), as TRL's fused LM head does.
   * shapes: TRL pads each batch to its longest row (its default); jaxalign pads rows to buckets — 128/256 for plain

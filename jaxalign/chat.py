@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import sampling
+from jaxalign import sampling, shapes
 from jaxalign.sampling import SamplingOptions
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -124,7 +124,7 @@ class StreamingSampler:
     self.graphdef, self.state = nnx.split(model)
 
   def stream(self, prompt_ids: list[int], options: SamplingOptions, seed: int, max_prompt_length: int):
-    length = sampling.bucket(len(prompt_ids), sampling.length_buckets(max_prompt_length))
+    length = shapes.fit(len(prompt_ids), shapes.power_ladder(max_prompt_length))
     ids = np.full((1, length), options.pad_id, np.int32)
     mask = np.zeros((1, length), bool)
     ids[0, length - len(prompt_ids):], mask[0, length - len(prompt_ids):] = prompt_ids, True

@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from jaxalign import reports
+from jaxalign import annotate, reports
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +170,15 @@ def folder_files(folder: str) -> list[str]:
 
 
 def push(folder: str, repo_id: str, card: ModelCard | DatasetCard, *, repo_type: str = "model",
-         private: bool = False) -> list[str]:
-  """Writes `card` as the folder's README.md, creates the repo if needed and uploads the folder in one commit;
-  returns the files sent."""
+         private: bool = False, keep_local: tuple[str, ...] = ()) -> list[str]:
+  """Writes `card` as the folder's README.md, creates the repo if needed and uploads the folder, less the files
+  named in `keep_local`, in one commit; returns the files sent."""
   card.save(os.path.join(folder, CARD_FILE))
-  files = folder_files(folder)
+  files = [name for name in folder_files(folder) if name not in keep_local]
   api = HfApi()  # the token comes from HF_TOKEN or the login cache, inside huggingface_hub
   try:
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
+    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type, ignore_patterns=list(keep_local),
                       commit_message=f"Upload {os.path.basename(os.path.normpath(folder))} from jaxalign")
   except Exception as e:  # offline, no login, no write access: the cause attached, the folder kept
     raise RuntimeError(f"pushing {folder} to the Hub {repo_type} repo {repo_id!r} failed: {e}. The folder (with its "
@@ -196,5 +196,7 @@ def push_stage(config, workdir: str, export_dir: str, done: dict[str, Any]) -> l
 
 
 def push_results(results_dir: str, repo_id: str, *, private: bool = False) -> list[str]:
-  """Pushes an evaluation's results folder to a Hub dataset repo with its card."""
-  return push(results_dir, repo_id, results_card(results_dir, repo_id), repo_type="dataset", private=private)
+  """Pushes an evaluation's results folder to a Hub dataset repo with its card; the key that unblinds the human
+  annotation page stays local."""
+  return push(results_dir, repo_id, results_card(results_dir, repo_id), repo_type="dataset", private=private,
+              keep_local=(annotate.KEY_FILE,))

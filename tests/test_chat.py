@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import chat, sampling
+from jaxalign import chat, sampling, shapes
 from jaxalign.models import hub, opt
 from jaxalign.tokenizer import load_tokenizer
 
@@ -69,7 +69,7 @@ def check_against_generate(model_dir, record):
   assert out.texts == [record["content"]]
   assert out.num_new_tokens == [len(record["token_ids"])]
   (prompt_ids,), _ = sampling.encode_prompts(tokenizer, [record["prompt"]], record["max_prompt_length"])
-  width = sampling.bucket(len(prompt_ids), sampling.length_buckets(record["max_prompt_length"]))
+  width = shapes.fit(len(prompt_ids), shapes.power_ladder(record["max_prompt_length"]))
   ids, mask = np.full((1, width), tokenizer.pad_token_id), np.zeros((1, width), bool)
   ids[0, width - len(prompt_ids):], mask[0, width - len(prompt_ids):] = prompt_ids, True
   tokens, lengths = sampling.generate_ids(model, ids, mask, options=sampling.SamplingOptions(

@@ -2,6 +2,7 @@
 metrics.jsonl's values, and the files and cards a push to the Hub sends (HfApi mocked at huggingface_hub's boundary).
 One tiny two-stage study (SFT, then DPO) feeds every test."""
 
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -35,7 +36,8 @@ class FakeHub:
       hub.repos.append({"repo_id": repo_id, "repo_type": repo_type, "private": private, "exist_ok": exist_ok})
 
     def upload_folder(api, *, repo_id, folder_path, repo_type=None, commit_message=None, **kwargs):
-      files = hub_push.folder_files(str(folder_path))
+      ignored = kwargs.get("ignore_patterns") or []  # glob patterns, as huggingface_hub reads them
+      files = [f for f in hub_push.folder_files(str(folder_path)) if not any(fnmatch.fnmatch(f, p) for p in ignored)]
       with open(os.path.join(folder_path, "README.md")) as f:
         card = f.read()
       hub.uploads.append({"repo_id": repo_id, "repo_type": repo_type, "files": files, "card": card,
@@ -233,8 +235,10 @@ def test_evaluation_in_a_study_refreshes_study_md_and_pushes_its_results(study, 
   assert "| base | 50.0 [" in text and "| dpo | 100.0 [" in text
   (upload,) = fake.uploads
   assert fake.repos[0]["repo_type"] == upload["repo_type"] == "dataset"
-  assert upload["files"] == sorted(["README.md", "metrics.png", "responses-base.jsonl", "responses-dpo.jsonl",
-                                    "results.json", "results.md", "scores.png"])
+  assert upload["files"] == sorted(["README.md", "annotate.html", "comparisons.png", "metrics.png",
+                                    "responses-base.jsonl", "responses-dpo.jsonl", "results.json", "results.md",
+                                    "scores.png"])  # annotate-key.json (which model is on which side) stays local
+  assert os.path.exists(os.path.join(eval_dir, "annotate-key.json"))
   assert "| base | 50.0 [" in upload["card"] and "Gains over `base`" in upload["card"]
   dpo_config = study["config"].stage_configs.dpo
   card = hub_push.stage_card(dpo_config, os.path.join(study["root"], "dpo"), "someone/tiny-dpo",
