@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.group_by_length = False  # batches of similar lengths (sorted within windows of 64 batches), less padding
   c.data.cache_dir = ""  # tokenization cache; "" = <workdir>/../cache
   c.data.synthetic_pairs = 2000  # size of the synthetic train split when source = "synthetic"
+  c.data.warn_skipped_share = 0.5  # warn loudly when a data file has more than this share of its records skipped
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | rmsprop

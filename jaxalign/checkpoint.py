@@ -11,16 +11,25 @@ Atomicity comes from Orbax: a step is written under `<step>.orbax-checkpoint-tmp
 stores, marked with `commit_success.txt`) only when every process has finished, so a run killed mid-save leaves the
 earlier steps intact and the unfinished folder invisible; it is deleted when the next `Checkpointer` opens the folder.
 Every method must be called on every process: Orbax synchronises them and picks the process that writes shared files.
+
+Integrity: Orbax's commit protects against a save cut short, not against files damaged afterwards (a flipped bit
+keeps a file's size and often still decodes). So `save` records, in the extra item, a 64-bit checksum of every array
+(computed on the devices, over the array's bits, so sharded and multi-host arrays need no gathering) and a digest of
+the extra item itself, and refuses a state with non-finite values. `restore_latest` recomputes both on the restored
+state and also checks that every floating-point array is finite; a step that fails is reported with the arrays that
+differ and the previous step is tried, exactly as for a step whose files cannot be read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -30,10 +39,16 @@ log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+# The key of the extra item under which `save` records checksums (removed again by `restore_latest`).
+INTEGRITY_KEY = "_integrity"
 
 
 class CheckpointRestoreError(RuntimeError):
   """No checkpoint in the folder could be restored."""
+
+
+class CheckpointIntegrityError(RuntimeError):
+  """A restored step differs from what was saved, or holds non-finite values."""
 
 
 class Restored(NamedTuple):
@@ -85,6 +100,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     # Steps that failed to restore: a resumed run reaching one of them overwrites it instead of skipping the save.
     self._unrestorable: set[int] = set()
+    # The newest step known good: restored and verified, or saved with checksums from a finite state.
+    self.last_verified_step: int | None = None
 
   def steps(self) -> list[int]:
     """Saved steps, oldest first; a step still being written in the background is listed too."""
@@ -116,9 +133,19 @@ class Checkpointer:
       log.warning("replacing the unrestorable checkpoint step %d in %s", step, self.directory)
       self._manager.delete(step)
       self._unrestorable.discard(step)
+    checksums, nonfinite = state_checksums(state)
+    if nonfinite:
+      kept = (f"the last verified checkpoint is step {self.last_verified_step}" if self.last_verified_step is not None
+              else "no checkpoint was verified")
+      raise FloatingPointError(f"not saving checkpoint step {step} in {self.directory}: non-finite values in "
+                               f"{_some(nonfinite)}; {kept}")
+    extra = {**extra, INTEGRITY_KEY: {"arrays": checksums, "extra": _extra_digest(extra)}}
     # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
-    return self._manager.save(step, args=ocp.args.Composite(**{
+    saved = self._manager.save(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+    if saved:
+      self.last_verified_step = step
+    return saved
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
     """Restores the newest step that loads, or returns None when the folder has no checkpoint.
@@ -141,15 +168,17 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(abstract_state), EXTRA_ITEM: ocp.args.JsonRestore()}))
+        extra = verify(step, restored[STATE_ITEM], dict(restored[EXTRA_ITEM]))
         error = None
       except Exception as e:  # whatever broke, the previous step may load; all failures are reported below
         error = e
       error = _agree_across_processes(error)
       if error is None:
         if failures:
-          log.warning("resuming from checkpoint step %d in %s, older than the unrestorable newest one", step,
-                      self.directory)
-        return Restored(step, restored[STATE_ITEM], restored[EXTRA_ITEM])
+          log.warning("resuming from checkpoint step %d in %s (verified), older than the unrestorable newest step "
+                      "%d", step, self.directory, steps[0])
+        self.last_verified_step = step
+        return Restored(step, restored[STATE_ITEM], extra)
       reason = _describe(error)
       log.warning("checkpoint step %d in %s could not be restored (%s); %s", step, self.directory, reason,
                   f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left")
@@ -174,6 +203,88 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """An array's bits as uint32 words (narrower types widened, wider ones split), flattened."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = x.dtype.itemsize * 8
+  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}[bits]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+def _mix(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _leaf_checksum(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(two uint32 checksums of the bits, whether all values are finite). Sums wrap modulo 2**32, so any order of
+  reduction (any sharding) gives the same result; the first changes under any single bit flip (odd weights), the
+  second is a sum of hashed words."""
+  words = _words(x)
+  index = jax.lax.iota(jnp.uint32, words.size)
+  positional = jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+  hashed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+  return positional, hashed, finite
+
+
+_checksums = jax.jit(lambda leaves: [_leaf_checksum(x) for x in leaves])
+
+
+def state_checksums(state: Any) -> tuple[dict[str, str], list[str]]:
+  """({array path: 16 hex digits}, paths of arrays with non-finite values) of a pytree of arrays, on the devices."""
+  paths_leaves = jax.tree_util.tree_leaves_with_path(state)
+  results = jax.device_get(_checksums([jnp.asarray(leaf) for _, leaf in paths_leaves]))
+  checksums, nonfinite = {}, []
+  for (path, _), (positional, hashed, finite) in zip(paths_leaves, results):
+    name = jax.tree_util.keystr(path)
+    checksums[name] = f"{int(positional):08x}{int(hashed):08x}"
+    if not finite:
+      nonfinite.append(name)
+  return checksums, nonfinite
+
+
+def _extra_digest(extra: dict) -> str:
+  return hashlib.blake2b(json.dumps(extra, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+  more = f" and {len(names) - shown} more" if len(names) > shown else ""
+  return f"{len(names)} array(s): {', '.join(names[:shown])}{more}"
+
+
+def verify(step: int, state: Any, extra: dict) -> dict:
+  """Checks a restored step against the checksums `save` recorded and for finite values; returns the caller's extra
+  (without the checksums). Raises CheckpointIntegrityError naming the arrays that fail."""
+  integrity = extra.pop(INTEGRITY_KEY, None)
+  checksums, nonfinite = state_checksums(state)
+  problems = []
+  if integrity is None:
+    log.warning("checkpoint step %d has no checksums (saved by an older jaxalign): only checked for finite values",
+                step)
+  else:
+    recorded = integrity.get("arrays", {})
+    if set(recorded) != set(checksums):
+      problems.append(f"saved arrays {sorted(set(recorded) ^ set(checksums))[:3]} differ from the expected structure")
+    changed = [name for name in checksums if name in recorded and recorded[name] != checksums[name]]
+    if changed:
+      problems.append(f"checksum mismatch (data changed since it was saved) in {_some(changed)}")
+    if integrity.get("extra") != _extra_digest(extra):
+      problems.append(f"the {EXTRA_ITEM} item (data position, config) changed since it was saved")
+  if nonfinite:
+    problems.append(f"non-finite values in {_some(nonfinite)}")
+  if problems:
+    raise CheckpointIntegrityError("; ".join(problems))
+  return extra
 
 
 def _agree_across_processes(error: Exception | None) -> Exception | None:

@@ -61,6 +61,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
+  _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
   _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
          "prefix sharing only for the pair tasks 'dpo' and 'reward'")
   _check(config, "data.packing",
@@ -128,3 +129,27 @@ def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[st
     if stage[field].startswith(STAGE_PREFIX):
       stage[field] = exports[stage[field][len(STAGE_PREFIX):]]
   return stage
+
+
+def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, model_config: dict,
+                 devices: int) -> None:
+  """Checks a stage's inputs against each other, before data is tokenized or anything compiles; raises ConfigError.
+
+  tokenizer_size: the tokenizer's number of ids (added tokens included); model_config: the starting model's Hugging
+  Face config dict (`vocab_size`, `max_position_embeddings`); devices: how many devices this run can see.
+  Ids past the embedding table or positions past the position table do not fail in XLA (gathers clamp), they train
+  into garbage and NaN; so they are refused here.
+  """
+  model = f"the model ({'config.init_from = ' + repr(config.init_from) if config.init_from else 'model.preset/arch'})"
+  vocab = model_config.get("vocab_size")
+  if vocab is not None and tokenizer_size > vocab:
+    raise ConfigError(f"config.tokenizer = {config.tokenizer!r} has {tokenizer_size} token ids but {model} has "
+                      f"vocab_size {vocab}: ids {vocab}..{tokenizer_size - 1} have no embedding. Use the model's own "
+                      "tokenizer, or (random init) set model.arch.vocab_size >= the tokenizer's size")
+  positions = model_config.get("max_position_embeddings")
+  if positions is not None and config.data.max_length > positions:
+    raise ConfigError(f"config.data.max_length = {config.data.max_length} is more than the {positions} positions of "
+                      f"{model} (max_position_embeddings): lower data.max_length to at most {positions}")
+  if config.mesh.num_devices > devices:
+    raise ConfigError(f"config.mesh.num_devices = {config.mesh.num_devices} but only {devices} device(s) are "
+                      "present: lower it, or -1 for all of them")

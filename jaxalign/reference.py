@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import parallel, tasks
+from jaxalign import cache, parallel, tasks
 from jaxalign.data import batches as batches_lib, pipeline, tokenize
 from jaxalign.models import hub
 
@@ -87,17 +87,16 @@ def cached_logps(model: nnx.Module, pairs, config, mesh, pad_id: int) -> np.ndar
   layout = f"shared{config.data.prefix_sharing}-packed{config.data.packing}"
   key = fingerprint(model, pairs, f"{config.model.dtype}-{layout}")
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
-  if os.path.exists(path):
+  cached = cache.read(path, lambda payload: cache.npz_arrays(payload)["logps"], "reference log-prob cache")
+  if cached is not None:
     log.info("reference log-probs read from %s", path)
-    return np.load(path)
+    return cached
   log.info("computing reference log-probs for %d pairs (cached in %s)", len(pairs.prompt_ids), path)
   logps = compute_logps(model, pairs, batch_size=config.training.batch_size // config.training.grad_accum,
                         buckets=tuple(config.data.buckets), max_length=config.data.max_length, pad_id=pad_id,
                         mesh=mesh, prefix_sharing=config.data.prefix_sharing, packing=config.data.packing)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path + ".tmp.npy", logps)
-    os.replace(path + ".tmp.npy", path)  # atomic: a killed run never leaves a half-written cache
+    cache.write(path, cache.npz_bytes(logps=logps))  # atomic and checksummed: a damaged file is rebuilt
   return logps
 
 

@@ -212,7 +212,8 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   """The split's pairs and their tokens. SFT rows are cut later, keeping their start (as TRL's SFTTrainer does);
   pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
-  pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets)
+  pairs, _ = hh.load_preference_pairs(data_source(config), split=split, subsets=subsets,
+                                      warn_skipped_share=config.data.warn_skipped_share)
   pair_task = batch_kind != "sft"
   tokenized = tokenize.tokenize_pairs(pairs, tokenizer, max_length=config.data.max_length if pair_task else None,
                                       max_prompt_length=config.data.max_prompt_length if pair_task else None,
