@@ -28,12 +28,15 @@ SETS = ("harmful", "helpful")
 
 
 def parse_named(spec: str, what: str) -> dict[str, str]:
-  """"name=value,name=value" -> {name: value}, in order; a clear error for a malformed item."""
+  """"name=value,name=value" -> {name: value}, in order; a clear error for a malformed item or a repeated name."""
   named = {}
   for item in filter(None, (part.strip() for part in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or not name.strip() or not value.strip():
       raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+    if name.strip() in named:  # the later one would silently replace the earlier one's results
+      raise ValueError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
+                       f"{value.strip()!r}); give each a distinct name")
     named[name.strip()] = value.strip()
   return named
 
