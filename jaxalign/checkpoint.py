@@ -206,14 +206,16 @@ class Checkpointer:
 
 
 def _words(x: jax.Array) -> jax.Array:
-  """An array's bits as uint32 words (narrower types widened, wider ones split), flattened."""
+  """An array's bits as uint32 words of the same shape (narrower types widened; 64-bit ones folded)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
-  bits = x.dtype.itemsize * 8
-  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}[bits]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  if x.dtype.itemsize == 8:  # [..., 2] halves of each 64-bit value
+    words = words[..., 0] ^ _mix(words[..., 1])
+  return words
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -230,20 +232,27 @@ def _leaf_checksum(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   reduction (any sharding) gives the same result; the first changes under any single bit flip (odd weights), the
   second is a sum of hashed words."""
   words = _words(x)
-  index = jax.lax.iota(jnp.uint32, words.size)
+  # The row-major flat index of each element, built from per-axis iotas: no reshape, so no data moves between the
+  # devices of a sharded array.
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= words.shape[axis]
   positional = jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
   hashed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
   finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
   return positional, hashed, finite
 
 
-_checksums = jax.jit(lambda leaves: [_leaf_checksum(x) for x in leaves])
+# One small program per array shape, dtype and sharding (a model has few distinct ones), not one over the whole tree.
+_checksum = jax.jit(_leaf_checksum)
 
 
 def state_checksums(state: Any) -> tuple[dict[str, str], list[str]]:
   """({array path: 16 hex digits}, paths of arrays with non-finite values) of a pytree of arrays, on the devices."""
   paths_leaves = jax.tree_util.tree_leaves_with_path(state)
-  results = jax.device_get(_checksums([jnp.asarray(leaf) for _, leaf in paths_leaves]))
+  results = jax.device_get([_checksum(jnp.asarray(leaf)) for _, leaf in paths_leaves])
   checksums, nonfinite = {}, []
   for (path, _), (positional, hashed, finite) in zip(paths_leaves, results):
     name = jax.tree_util.keystr(path)
