@@ -1,6 +1,7 @@
-"""Faults and bad inputs (issue 16): one run per workdir, a clean stop on SIGTERM / SIGINT, metrics once per step after
-resume, caches that heal, local files read by content, inputs checked against each other before anything runs,
-readable data errors, judges without a scoring head, repeated model names. Checkpoint integrity: test_checkpoint.py.
+"""Faults and bad inputs (issue 16): one run per workdir, a clean stop on SIGTERM / SIGINT, metrics once per step
+after resume, caches that heal, local files read by content, inputs checked against each other before anything
+runs, readable data errors, judges without a scoring head, repeated model names. Checkpoint integrity:
+test_checkpoint.py; SIGTERM then resume end to end: test_trainer.py, beside the SIGKILL test.
 """
 
 import gzip
@@ -22,7 +23,7 @@ from jaxalign import cache, config_lib, evaluator, judges, logger, reference, ru
 from jaxalign.data import hh, tokenize
 from jaxalign.data.synthetic import write_jsonl
 from jaxalign.models import hub, opt
-from test_trainer import REPO, assert_same_params, config_file, exported, tiny_config, train_cli
+from test_trainer import REPO, tiny_config
 
 P = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 GOOD = {"chosen": P + " Mix flour and water.", "rejected": P + " No idea."}
@@ -41,12 +42,6 @@ def tiny_lm() -> opt.OPTForCausalLM:
   make = lambda: opt.OPTForCausalLM(config, rngs=nnx.Rngs(0))
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
-
-
-def metric_steps(workdir) -> list[int]:
-  """The step of every train record in metrics.jsonl, in file order."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [record["step"] for record in map(json.loads, f) if "train/loss" in record]
 
 
 # ------------------------------------------------------------------------------------------- one run per workdir
@@ -85,35 +80,6 @@ def test_second_run_in_a_workdir_fails_at_once_naming_the_holder_and_a_dead_hold
 
 
 # ----------------------------------------------------------------------------------------------------- preemption
-
-
-def test_sigterm_saves_at_the_current_step_and_the_rerun_matches_an_uninterrupted_run(cache_dir, tmp_path):
-  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 200, "checkpoint.every_steps": 50,
-                                            "checkpoint.async_save": True, "data.eval_pairs": 0})
-  path = config_file(tmp_path, config)
-  straight = train_cli(path, str(tmp_path / "straight"))
-  assert straight.wait(timeout=600) == 0, straight.stdout.read()
-
-  stopped = tmp_path / "stopped"
-  victim = train_cli(path, str(stopped))
-  deadline = time.time() + 600
-  while not (stopped / "metrics.jsonl").exists() or len(metric_steps(stopped)) < 3:
-    assert time.time() < deadline and victim.poll() is None, "run ended before the signal"
-    time.sleep(0.01)
-  victim.send_signal(signal.SIGTERM)
-  output = victim.stdout.read()
-  assert victim.wait(timeout=600) == runguard.PREEMPTED_EXIT_CODE, output
-  (line,) = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
-  step = int(line.split("after step ")[1].split()[0])
-  assert 3 <= step < 200 and f"checkpoint step {step} saved" in line
-  assert str(step) in os.listdir(stopped / "checkpoints") and not (stopped / trainer.DONE_FILE).exists()
-
-  resumed = train_cli(path, str(stopped))
-  output = resumed.stdout.read()
-  assert resumed.wait(timeout=600) == 0, output
-  assert f"resumed from step {step}" in output
-  assert metric_steps(stopped) == metric_steps(tmp_path / "straight") == list(range(1, 201))
-  assert_same_params(exported(str(stopped)), exported(str(tmp_path / "straight")))
 
 
 def test_first_signal_requests_a_stop_and_a_second_exits_at_once():
