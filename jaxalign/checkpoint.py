@@ -14,7 +14,7 @@ Every method must be called on every process: Orbax synchronises them and picks 
 
 Integrity: Orbax's commit protects against a save cut short, not against files damaged afterwards (a flipped bit
 keeps a file's size and often still decodes). So `save` records, in the extra item, a 64-bit checksum of every array
-(computed on the devices, over the array's bits, so sharded and multi-host arrays need no gathering) and a digest of
+(over the bits of the blocks each process holds, so sharded and multi-host arrays need no gathering) and a digest of
 the extra item itself, and refuses a state with non-finite values. `restore_latest` recomputes both on the restored
 state and also checks that every floating-point array is finite; a step that fails is reported with the arrays that
 differ and the previous step is tried, exactly as for a step whose files cannot be read.
@@ -205,58 +205,84 @@ class Checkpointer:
     self.close()
 
 
-def _words(x: jax.Array) -> jax.Array:
+def _words(x: np.ndarray) -> np.ndarray:
   """An array's bits as uint32 words of the same shape (narrower types widened; 64-bit ones folded)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  if x.dtype.itemsize == 8:  # [..., 2] halves of each 64-bit value
-    words = words[..., 0] ^ _mix(words[..., 1])
-  return words
+  if x.dtype == np.bool_:
+    x = x.view(np.uint8)
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+  words = x.view(unsigned)
+  if x.dtype.itemsize == 8:
+    words = (words ^ (words >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+  return words.astype(np.uint32)
 
 
-def _mix(h: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
+def _mix(h: np.ndarray) -> np.ndarray:
+  """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits (uint32, wrapping)."""
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
 
 
-def _leaf_checksum(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(two uint32 checksums of the bits, whether all values are finite). Sums wrap modulo 2**32, so any order of
-  reduction (any sharding) gives the same result; the first changes under any single bit flip (odd weights), the
-  second is a sum of hashed words."""
-  words = _words(x)
-  # The row-major flat index of each element, built from per-axis iotas: no reshape, so no data moves between the
-  # devices of a sharded array.
-  index = jnp.zeros(words.shape, jnp.uint32)
+def _block_checksum(block: np.ndarray, starts: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+  """[positional, hashed, finite] (uint64) of one block of an array of `shape` whose corner is at `starts`.
+
+  Each element's weight comes from its row-major index in the whole array, and the sums wrap modulo 2**32, so the
+  blocks of any sharding add up to the same two checksums. The first changes under any single bit flip (odd
+  weights); the second is a sum of hashed words.
+  """
+  words = _words(block)
+  index = np.zeros(words.shape, np.uint32)
   stride = 1
   for axis in reversed(range(words.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
-    stride *= words.shape[axis]
-  positional = jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
-  hashed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
-  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-  return positional, hashed, finite
+    along = (np.arange(words.shape[axis], dtype=np.uint64) + starts[axis]) * stride
+    index = index + (along & 0xFFFFFFFF).astype(np.uint32).reshape([-1] + [1] * (words.ndim - axis - 1))
+    stride *= shape[axis]
+  with np.errstate(over="ignore"):
+    positional = np.sum(words * (np.uint32(2) * index + np.uint32(1)), dtype=np.uint32)
+    hashed = np.sum(_mix(words ^ _mix(index + np.uint32(0x9E3779B9))), dtype=np.uint32)
+  finite = bool(np.all(np.isfinite(block))) if jnp.issubdtype(block.dtype, jnp.inexact) else True  # bf16 too
+  return np.array([positional, hashed, finite], np.uint64)
 
 
-# One small program per array shape, dtype and sharding (a model has few distinct ones), not one over the whole tree.
-_checksum = jax.jit(_leaf_checksum)
+def _host_blocks(leaf) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+  """(values, corner) of the blocks of `leaf` this process holds, each stored block once (replicas skipped)."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if not isinstance(leaf, jax.Array):
+    return [(np.asarray(leaf), (0,) * np.ndim(leaf))] if jax.process_index() == 0 else []
+  blocks = []
+  for shard in leaf.addressable_shards:
+    if shard.replica_id == 0:
+      corner = tuple(s.start or 0 for s in shard.index) if shard.index else ()
+      blocks.append((np.asarray(shard.data), corner))
+  return blocks
 
 
 def state_checksums(state: Any) -> tuple[dict[str, str], list[str]]:
-  """({array path: 16 hex digits}, paths of arrays with non-finite values) of a pytree of arrays, on the devices."""
+  """({array path: 16 hex digits}, paths of arrays with non-finite values) of a pytree of (sharded) arrays.
+
+  Computed on the host from the blocks each process holds (no device program, so no compilation and no collective
+  that could interleave with the training step's), then summed over the processes.
+  """
   paths_leaves = jax.tree_util.tree_leaves_with_path(state)
-  results = jax.device_get([_checksum(jnp.asarray(leaf)) for _, leaf in paths_leaves])
+  totals = np.zeros((len(paths_leaves), 3), np.uint64)
+  totals[:, 2] = 1
+  for i, (_, leaf) in enumerate(paths_leaves):
+    shape = tuple(np.shape(jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                           else leaf))
+    for block, corner in _host_blocks(leaf):
+      checksum = _block_checksum(block, corner, shape)
+      totals[i, :2] += checksum[:2]
+      totals[i, 2] &= checksum[2]
+  if jax.process_count() > 1:
+    gathered = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64)
+    totals = np.concatenate([gathered[..., :2].sum(axis=0), gathered[..., 2:].min(axis=0)], axis=-1)
   checksums, nonfinite = {}, []
-  for (path, _), (positional, hashed, finite) in zip(paths_leaves, results):
+  for (path, _), (positional, hashed, finite) in zip(paths_leaves, totals):
     name = jax.tree_util.keystr(path)
-    checksums[name] = f"{int(positional):08x}{int(hashed):08x}"
+    checksums[name] = f"{int(positional) & 0xFFFFFFFF:08x}{int(hashed) & 0xFFFFFFFF:08x}"
     if not finite:
       nonfinite.append(name)
   return checksums, nonfinite

@@ -288,3 +288,4 @@ def test_checksums_see_every_bit_and_ignore_the_sharding():
   bf16 = {"b": jnp.asarray(values, jnp.bfloat16), "i": jnp.arange(5), "k": jax.random.key(0), "m": jnp.ones(3) > 0}
   checksums, _ = checkpoint.state_checksums(bf16)
   assert set(checksums) == {"['b']", "['i']", "['k']", "['m']"}
+  assert checkpoint.state_checksums({"b": jnp.full(4, jnp.nan, jnp.bfloat16), "i": jnp.arange(3)})[1] == ["['b']"]
