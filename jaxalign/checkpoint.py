@@ -151,9 +151,10 @@ class Checkpointer:
     """Restores the newest step that loads, or returns None when the folder has no checkpoint.
 
     `abstract_state` is the state's pytree with `jax.ShapeDtypeStruct` leaves carrying shardings; each array is read
-    directly onto its devices in that sharding (and cast to that dtype). A step that fails (damaged or missing
-    files, a missing item, a structure or shape that differs from `abstract_state`) is logged as a warning and the
-    previous one tried; if every step fails, `CheckpointRestoreError` lists each step's error.
+    directly onto its devices in that sharding (and cast to that dtype), then verified (`verify`: the checksums
+    recorded at save time, finite values). A step that fails (damaged or missing files, data changed since it was
+    saved, non-finite values, a missing item, a structure or shape that differs from `abstract_state`) is logged as
+    a warning and the previous one tried; if every step fails, `CheckpointRestoreError` lists each step's error.
     """
     unsharded = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
                  if getattr(leaf, "sharding", None) is None]
