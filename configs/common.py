@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.pair_filter = "keep"
   c.data.pair_filter_margin = 0.0
   c.data.pair_scores = ""  # the scored-<split>.jsonl of configs/score_pairs.py
+  c.data.warn_skipped_share = 0.5  # warn loudly when a data file has more than this share of its records skipped
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | rmsprop

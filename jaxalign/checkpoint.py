@@ -11,16 +11,25 @@ Atomicity comes from Orbax: a step is written under `<step>.orbax-checkpoint-tmp
 stores, marked with `commit_success.txt`) only when every process has finished, so a run killed mid-save leaves the
 earlier steps intact and the unfinished folder invisible; it is deleted when the next `Checkpointer` opens the folder.
 Every method must be called on every process: Orbax synchronises them and picks the process that writes shared files.
+
+Integrity: Orbax's commit protects against a save cut short, not against files damaged afterwards (a flipped bit
+keeps a file's size and often still decodes). So `save` records, in the extra item, a 64-bit checksum of every array
+(over the bits of the blocks each process holds, so sharded and multi-host arrays need no gathering) and a digest of
+the extra item itself, and refuses a state with non-finite values. `restore_latest` recomputes both on the restored
+state and also checks that every floating-point array is finite; a step that fails is reported with the arrays that
+differ and the previous step is tried, exactly as for a step whose files cannot be read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -30,10 +39,16 @@ log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+# The key of the extra item under which `save` records checksums (removed again by `restore_latest`).
+INTEGRITY_KEY = "_integrity"
 
 
 class CheckpointRestoreError(RuntimeError):
   """No checkpoint in the folder could be restored."""
+
+
+class CheckpointIntegrityError(RuntimeError):
+  """A restored step differs from what was saved, or holds non-finite values."""
 
 
 class Restored(NamedTuple):
@@ -85,6 +100,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     # Steps that failed to restore: a resumed run reaching one of them overwrites it instead of skipping the save.
     self._unrestorable: set[int] = set()
+    # The newest step known good: restored and verified, or saved with checksums from a finite state.
+    self.last_verified_step: int | None = None
 
   def steps(self) -> list[int]:
     """Saved steps, oldest first; a step still being written in the background is listed too."""
@@ -116,17 +133,28 @@ class Checkpointer:
       log.warning("replacing the unrestorable checkpoint step %d in %s", step, self.directory)
       self._manager.delete(step)
       self._unrestorable.discard(step)
+    checksums, nonfinite = state_checksums(state)
+    if nonfinite:
+      kept = (f"the last verified checkpoint is step {self.last_verified_step}" if self.last_verified_step is not None
+              else "no checkpoint was verified")
+      raise FloatingPointError(f"not saving checkpoint step {step} in {self.directory}: non-finite values in "
+                               f"{_some(nonfinite)}; {kept}")
+    extra = {**extra, INTEGRITY_KEY: {"arrays": checksums, "extra": _extra_digest(extra)}}
     # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
-    return self._manager.save(step, args=ocp.args.Composite(**{
+    saved = self._manager.save(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+    if saved:
+      self.last_verified_step = step
+    return saved
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
     """Restores the newest step that loads, or returns None when the folder has no checkpoint.
 
     `abstract_state` is the state's pytree with `jax.ShapeDtypeStruct` leaves carrying shardings; each array is read
-    directly onto its devices in that sharding (and cast to that dtype). A step that fails (damaged or missing
-    files, a missing item, a structure or shape that differs from `abstract_state`) is logged as a warning and the
-    previous one tried; if every step fails, `CheckpointRestoreError` lists each step's error.
+    directly onto its devices in that sharding (and cast to that dtype), then verified (`verify`: the checksums
+    recorded at save time, finite values). A step that fails (damaged or missing files, data changed since it was
+    saved, non-finite values, a missing item, a structure or shape that differs from `abstract_state`) is logged as
+    a warning and the previous one tried; if every step fails, `CheckpointRestoreError` lists each step's error.
     """
     unsharded = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
                  if getattr(leaf, "sharding", None) is None]
@@ -141,15 +169,17 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(abstract_state), EXTRA_ITEM: ocp.args.JsonRestore()}))
+        extra = verify(step, restored[STATE_ITEM], dict(restored[EXTRA_ITEM]))
         error = None
       except Exception as e:  # whatever broke, the previous step may load; all failures are reported below
         error = e
       error = _agree_across_processes(error)
       if error is None:
         if failures:
-          log.warning("resuming from checkpoint step %d in %s, older than the unrestorable newest one", step,
-                      self.directory)
-        return Restored(step, restored[STATE_ITEM], restored[EXTRA_ITEM])
+          log.warning("resuming from checkpoint step %d in %s (verified), older than the unrestorable newest step "
+                      "%d", step, self.directory, steps[0])
+        self.last_verified_step = step
+        return Restored(step, restored[STATE_ITEM], extra)
       reason = _describe(error)
       log.warning("checkpoint step %d in %s could not be restored (%s); %s", step, self.directory, reason,
                   f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left")
@@ -174,6 +204,123 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _words(x: np.ndarray) -> np.ndarray:
+  """An array's bits as uint32 words of the same shape (narrower types widened; 64-bit ones folded)."""
+  if x.dtype == np.bool_:
+    x = x.view(np.uint8)
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+  words = x.view(unsigned)
+  if x.dtype.itemsize == 8:
+    words = (words ^ (words >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+  return words.astype(np.uint32)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+  """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits (uint32, wrapping)."""
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
+def _block_checksum(block: np.ndarray, starts: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+  """[positional, hashed, finite] (uint64) of one block of an array of `shape` whose corner is at `starts`.
+
+  Each element's weight comes from its row-major index in the whole array, and the sums wrap modulo 2**32, so the
+  blocks of any sharding add up to the same two checksums. The first changes under any single bit flip (odd
+  weights); the second is a sum of hashed words.
+  """
+  words = _words(block)
+  index = np.zeros(words.shape, np.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    along = (np.arange(words.shape[axis], dtype=np.uint64) + starts[axis]) * stride
+    index = index + (along & 0xFFFFFFFF).astype(np.uint32).reshape([-1] + [1] * (words.ndim - axis - 1))
+    stride *= shape[axis]
+  with np.errstate(over="ignore"):
+    positional = np.sum(words * (np.uint32(2) * index + np.uint32(1)), dtype=np.uint32)
+    hashed = np.sum(_mix(words ^ _mix(index + np.uint32(0x9E3779B9))), dtype=np.uint32)
+  finite = bool(np.all(np.isfinite(block))) if jnp.issubdtype(block.dtype, jnp.inexact) else True  # bf16 too
+  return np.array([positional, hashed, finite], np.uint64)
+
+
+def _host_blocks(leaf) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+  """(values, corner) of the blocks of `leaf` this process holds, each stored block once (replicas skipped)."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if not isinstance(leaf, jax.Array):
+    return [(np.asarray(leaf), (0,) * np.ndim(leaf))] if jax.process_index() == 0 else []
+  blocks = []
+  for shard in leaf.addressable_shards:
+    if shard.replica_id == 0:
+      corner = tuple(s.start or 0 for s in shard.index) if shard.index else ()
+      blocks.append((np.asarray(shard.data), corner))
+  return blocks
+
+
+def state_checksums(state: Any) -> tuple[dict[str, str], list[str]]:
+  """({array path: 16 hex digits}, paths of arrays with non-finite values) of a pytree of (sharded) arrays.
+
+  Computed on the host from the blocks each process holds (no device program, so no compilation and no collective
+  that could interleave with the training step's), then summed over the processes.
+  """
+  paths_leaves = jax.tree_util.tree_leaves_with_path(state)
+  totals = np.zeros((len(paths_leaves), 3), np.uint64)
+  totals[:, 2] = 1
+  for i, (_, leaf) in enumerate(paths_leaves):
+    shape = tuple(np.shape(jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                           else leaf))
+    for block, corner in _host_blocks(leaf):
+      checksum = _block_checksum(block, corner, shape)
+      totals[i, :2] += checksum[:2]
+      totals[i, 2] &= checksum[2]
+  if jax.process_count() > 1:
+    gathered = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64)
+    totals = np.concatenate([gathered[..., :2].sum(axis=0), gathered[..., 2:].min(axis=0)], axis=-1)
+  checksums, nonfinite = {}, []
+  for (path, _), (positional, hashed, finite) in zip(paths_leaves, totals):
+    name = jax.tree_util.keystr(path)
+    checksums[name] = f"{int(positional) & 0xFFFFFFFF:08x}{int(hashed) & 0xFFFFFFFF:08x}"
+    if not finite:
+      nonfinite.append(name)
+  return checksums, nonfinite
+
+
+def _extra_digest(extra: dict) -> str:
+  return hashlib.blake2b(json.dumps(extra, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+  more = f" and {len(names) - shown} more" if len(names) > shown else ""
+  return f"{len(names)} array(s): {', '.join(names[:shown])}{more}"
+
+
+def verify(step: int, state: Any, extra: dict) -> dict:
+  """Checks a restored step against the checksums `save` recorded and for finite values; returns the caller's extra
+  (without the checksums). Raises CheckpointIntegrityError naming the arrays that fail."""
+  integrity = extra.pop(INTEGRITY_KEY, None)
+  checksums, nonfinite = state_checksums(state)
+  problems = []
+  if integrity is None:
+    log.warning("checkpoint step %d has no checksums (saved by an older jaxalign): only checked for finite values",
+                step)
+  else:
+    recorded = integrity.get("arrays", {})
+    if set(recorded) != set(checksums):
+      problems.append(f"saved arrays {sorted(set(recorded) ^ set(checksums))[:3]} differ from the expected structure")
+    changed = [name for name in checksums if name in recorded and recorded[name] != checksums[name]]
+    if changed:
+      problems.append(f"checksum mismatch (data changed since it was saved) in {_some(changed)}")
+    if integrity.get("extra") != _extra_digest(extra):
+      problems.append(f"the {EXTRA_ITEM} item (data position, config) changed since it was saved")
+  if nonfinite:
+    problems.append(f"non-finite values in {_some(nonfinite)}")
+  if problems:
+    raise CheckpointIntegrityError("; ".join(problems))
+  return extra
 
 
 def _agree_across_processes(error: Exception | None) -> Exception | None:

@@ -95,6 +95,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
+  _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
   _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
          "prefix sharing only for the pair tasks 'dpo' and 'reward'")
   _check(config, "data.packing",
@@ -162,12 +163,16 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
 
 
 def parse_named(spec: str, what: str) -> dict[str, str]:
-  """"name=value,name=value" -> {name: value}, in order; a clear error naming config.`what` for a malformed item."""
+  """"name=value,name=value" -> {name: value}, in order; a clear error naming config.`what` for a malformed item or a
+  repeated name."""
   named = {}
   for item in filter(None, (part.strip() for part in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or not name.strip() or not value.strip():
       raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+    if name.strip() in named:  # the later one would silently replace the earlier one's results
+      raise ValueError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
+                       f"{value.strip()!r}); give each a distinct name")
     named[name.strip()] = value.strip()
   return named
 
@@ -179,3 +184,27 @@ def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[st
     if stage[field].startswith(STAGE_PREFIX):
       stage[field] = exports[stage[field][len(STAGE_PREFIX):]]
   return stage
+
+
+def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, model_config: dict,
+                 devices: int) -> None:
+  """Checks a stage's inputs against each other, before data is tokenized or anything compiles; raises ConfigError.
+
+  tokenizer_size: the tokenizer's number of ids (added tokens included); model_config: the starting model's Hugging
+  Face config dict (`vocab_size`, `max_position_embeddings`); devices: how many devices this run can see.
+  Ids past the embedding table or positions past the position table do not fail in XLA (gathers clamp), they train
+  into garbage and NaN; so they are refused here.
+  """
+  model = f"the model ({'config.init_from = ' + repr(config.init_from) if config.init_from else 'model.preset/arch'})"
+  vocab = model_config.get("vocab_size")
+  if vocab is not None and tokenizer_size > vocab:
+    raise ConfigError(f"config.tokenizer = {config.tokenizer!r} has {tokenizer_size} token ids but {model} has "
+                      f"vocab_size {vocab}: ids {vocab}..{tokenizer_size - 1} have no embedding. Use the model's own "
+                      "tokenizer, or (random init) set model.arch.vocab_size >= the tokenizer's size")
+  positions = model_config.get("max_position_embeddings")
+  if positions is not None and config.data.max_length > positions:
+    raise ConfigError(f"config.data.max_length = {config.data.max_length} is more than the {positions} positions of "
+                      f"{model} (max_position_embeddings): lower data.max_length to at most {positions}")
+  if config.mesh.num_devices > devices:
+    raise ConfigError(f"config.mesh.num_devices = {config.mesh.num_devices} but only {devices} device(s) are "
+                      "present: lower it, or -1 for all of them")

@@ -205,10 +205,31 @@ class OPTRewardJudge(BucketedJudge):
         :, self.model.heads.index(self.head)]
 
 
+# The tensor a trained judge of each model type has and a plain language model (or bare encoder) lacks.
+SCORING_HEADS = {"deberta-v2": "classifier.weight", "opt": "score.weight"}
+
+
+def _check_scoring_head(name_or_path: str, model_dir: str, hf_config: dict) -> None:
+  """Refuses a checkpoint without a trained scoring head: its head would start random and score noise."""
+  head = SCORING_HEADS[hf_config["model_type"]]
+  names = hub.CheckpointReader(model_dir).names()
+  if head in names:
+    return
+  backbone = ("model.", "decoder.", "deberta.")
+  others = sorted(n for n in names if not n.startswith(backbone)) or ["only backbone tensors"]
+  raise ValueError(f"{name_or_path!r} cannot be a judge: it has no trained scoring head (no {head!r} tensor). Found "
+                   f"architectures {hf_config.get('architectures')} with {len(names)} tensors, outside the backbone "
+                   f"{others[:5]}. Give a reward model: a sequence classifier such as {DEFAULT_JUDGE!r}, or one "
+                   "trained with configs/reward.py")
+
+
 def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None, **kwargs) -> Judge:
   """The judge for a Hub id or local folder, chosen by its config.json `model_type`; `kwargs` go to its loader."""
   model_dir = hub.resolve_model_dir(name_or_path, revision=revision)
-  model_type = hub.load_config(model_dir).get("model_type")
+  hf_config = hub.load_config(model_dir)
+  model_type = hf_config.get("model_type")
+  if model_type in SCORING_HEADS:
+    _check_scoring_head(name_or_path, model_dir, hf_config)
   if model_type == "deberta-v2":
     return DebertaJudge.from_pretrained(model_dir, **kwargs)
   if model_type == "opt":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -12,6 +13,32 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import flops, trackers
+
+log = logging.getLogger(__name__)
+
+
+def keep_records_through(path: str, step: int) -> None:
+  """Drops the records of `metrics.jsonl` after `step` (the checkpoint a run resumes from; 0 for a fresh start),
+  which the interrupted run wrote before it stopped and the resumed run writes again, so each step appears once.
+  A torn last line (a kill mid-write) is dropped too. The file is rewritten atomically."""
+  if not os.path.exists(path):
+    return
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        keep = json.loads(line)["step"] <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    log.info("%s: dropped %d record(s) after step %d, which this run writes again", path, dropped, step)
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class MetricLogger:
@@ -34,6 +61,8 @@ class MetricLogger:
     self._window_start = time.perf_counter()
     self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step", mininterval=1.0,
                     disable=not (self.is_main and config.training.progress_bar))
+    if self.is_main:
+      keep_records_through(os.path.join(workdir, "metrics.jsonl"), start_step)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
     self.tensorboard = None
     if self.is_main and config.logging.tensorboard:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import parallel, shapes, tasks
+from jaxalign import cache, parallel, shapes, tasks
 from jaxalign.data import batches as batches_lib, layouts, pipeline
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,15 @@ def cached_logps(model: nnx.Module, split: pipeline.Split, config, mesh, pad_id:
   layout, examples = split.layout, split.examples
   key = fingerprint(model, layout.pairs_of(examples), f"{config.model.dtype}-{layout!r}")
   path = os.path.join(pipeline.cache_dir(config), "reference", f"logps-{key}.npy")
-  if os.path.exists(path):
+  cached = cache.read(path, lambda payload: cache.npz_arrays(payload)["logps"], "reference log-prob cache")
+  if cached is not None:
     log.info("reference log-probs read from %s", path)
-    return np.load(path)
+    return cached
   log.info("computing reference log-probs for %d pairs (cached in %s)", layout.num_pairs(examples), path)
   logps = compute_logps(model, layout, examples, batch_size=config.training.batch_size // config.training.grad_accum,
                         pad_id=pad_id, mesh=mesh)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path + ".tmp.npy", logps)
-    os.replace(path + ".tmp.npy", path)  # atomic: a killed run never leaves a half-written cache
+    cache.write(path, cache.npz_bytes(logps=logps))  # atomic and checksummed: a damaged file is rebuilt
   return logps
 
 

@@ -21,8 +21,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxalign import (checkpoint, config_lib, curves, flops, hub_push, parallel, reference as reference_lib, tasks,
-                      trackers)
+from jaxalign import (checkpoint, config_lib, curves, flops, hub_push, parallel, reference as reference_lib, runguard,
+                      tasks, trackers)
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, opt, reward
@@ -72,6 +72,32 @@ def _compute_options(config) -> dict[str, Any]:
   if config.model.dropout >= 0:
     options["dropout"] = config.model.dropout
   return options
+
+
+def model_hf_config(config) -> dict[str, Any]:
+  """The Hugging Face config dict of the model a stage starts from (only config.json is read or fetched)."""
+  if not config.init_from:
+    return opt.preset(config.model.preset, **config.model.arch.to_dict()).to_hf_dict()
+  path = resolve_init_path(config.init_from)
+  if os.path.isdir(path):
+    return hub.load_config(path)
+  from huggingface_hub import hf_hub_download
+
+  try:
+    return hub.load_config(os.path.dirname(hf_hub_download(path, hub.CONFIG_FILE)))
+  except Exception as e:  # not on the Hub, offline, gated: all say the same to the user
+    raise config_lib.ConfigError(
+        f"config.init_from = {config.init_from!r} is neither an existing local folder nor a model found on the "
+        f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path, or the "
+        "Hub id and network access") from e
+
+
+def check_inputs(config, workdir: str) -> None:
+  """Checks the tokenizer, the starting model and the devices against each other and the config, before any data is
+  tokenized or anything compiles (config_lib.check_inputs says what is compared)."""
+  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
+  config_lib.check_inputs(config, tokenizer_size=len(tokenizer), model_config=model_hf_config(config),
+                          devices=jax.device_count())
 
 
 def build_model(config, mesh) -> nnx.Module:
@@ -232,7 +258,8 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt
 def _finite_or_raise(metrics: dict, step: int, last_checkpoint: int | None) -> None:
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
-    kept = f"the last checkpoint (step {last_checkpoint}) is intact" if last_checkpoint else "no checkpoint was saved"
+    kept = (f"the last checkpoint, step {last_checkpoint}, was verified (checksums recorded, all values finite)"
+            if last_checkpoint is not None else "no verified checkpoint exists")
     raise FloatingPointError(f"non-finite loss ({loss}) at step {step}; stopping. {kept}. Lower optimizer.lr, "
                              "check the data, or use model.dtype=float32.")
 
@@ -247,13 +274,23 @@ def evaluate(steps: StepFunctions, params, rest, reference_state, batches) -> di
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains one stage in `workdir` (resuming if it has checkpoints) and returns its exported model folder."""
+  """Trains one stage in `workdir` (resuming if it has checkpoints) and returns its exported model folder.
+
+  Holds the workdir's run lock throughout (a second run there fails at once). SIGTERM / SIGINT save a checkpoint
+  after the current step and raise `runguard.Preempted` (exit status 75); rerunning resumes.
+  """
   config_lib.validate(config)
   export_dir = os.path.join(workdir, EXPORT_DIR)
   if os.path.exists(os.path.join(workdir, DONE_FILE)):
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
+  with runguard.lock_workdir(workdir):
+    return _train_locked(config, workdir, export_dir)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
+  check_inputs(config, workdir)
   stage_start = time.perf_counter()
   seconds = {}  # wall time of the stage's parts, for done.json
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
@@ -298,7 +335,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   metric_logger = MetricLogger(workdir, config, total_steps=total_steps, start_step=int(state.step),
                                step_flops=_training_flops(model, reference),
                                num_devices=mesh.size)
-  last_saved = restored.step if restored else None
   seconds["setup"] = time.perf_counter() - stage_start  # data, model, reference pass, restore
   if config.training.precompile:
     start = time.perf_counter()
@@ -311,22 +347,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   start = time.perf_counter()
   step, pending = int(state.step), None  # pending: the previous step's metrics, read one step late (no host stall)
   try:
-    while step < total_steps:
-      batch = data.train.next_global()
-      state, metrics = steps.train(state, rest, reference_state, batch)
-      step += 1
-      if pending is not None:
-        metric_logger.train_step(*pending)
-      pending = (step, metrics, data.train.last_shape)
-      save = checkpointer.should_save(step) or step == total_steps
-      if save or step % config.training.log_every == 0:
-        _finite_or_raise(jax.device_get(metrics), step, last_saved)
-      if save:
-        checkpointer.save(step, state=state, extra={"data": data.train.state(), "config": config.to_dict()},
-                          force=True)
-        last_saved = step
-      if config.training.eval_every and step % config.training.eval_every == 0 and step < total_steps:
-        metric_logger.write(step, evaluate(steps, state.params, rest, reference_state, data.eval_batches))
+    with runguard.StopSignals(check_every=config.training.log_every) as stop_signals:
+      while step < total_steps:
+        batch = data.train.next_global()
+        state, metrics = steps.train(state, rest, reference_state, batch)
+        step += 1
+        if pending is not None:
+          metric_logger.train_step(*pending)
+        pending = (step, metrics, data.train.last_shape)
+        stopping = stop_signals.should_stop(step)
+        save = checkpointer.should_save(step) or step == total_steps or stopping
+        if save or step % config.training.log_every == 0:
+          _finite_or_raise(jax.device_get(metrics), step, checkpointer.last_verified_step)
+        if save:  # every record up to a checkpoint is written before it, so a resumed run logs each step once
+          metric_logger.train_step(*pending)
+          pending = None
+        if config.training.eval_every and step % config.training.eval_every == 0 and step < total_steps:
+          metric_logger.write(step, evaluate(steps, state.params, rest, reference_state, data.eval_batches))
+        if save:
+          checkpointer.save(step, state=state, extra={"data": data.train.state(), "config": config.to_dict()},
+                            force=True)
+        if stopping and step < total_steps:
+          checkpointer.wait()
+          message = (f"stopped by {stop_signals.received} after step {step} of {total_steps}: checkpoint step {step} "
+                     f"saved in {checkpointer.directory}; rerun the same command to resume")
+          log.warning(message)
+          raise runguard.Preempted(message)
     if pending is not None:
       metric_logger.train_step(*pending)
     seconds["loop"] = time.perf_counter() - start  # the steps and their checkpoints
@@ -337,8 +383,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     checkpointer.close()
     metric_logger.close()
 
-  summary = {"task": config.task, "init_from": config.init_from, "steps": step, "compilations": steps.compilations, **final_eval,
-             "train_shapes": sorted(metric_logger.shapes)}
+  summary = {"task": config.task, "init_from": config.init_from, "steps": step, "compilations": steps.compilations,
+             **final_eval, "train_shapes": sorted(metric_logger.shapes)}
   log.info("compiled the train step %d time(s) for %d batch shape(s)", steps.compilations["train"],
            len(metric_logger.shapes))
   if config.export.enabled:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -202,3 +203,89 @@ def test_kill_during_async_save_keeps_previous_step_restorable(tmp_path):
     ckpt.wait()
     assert ckpt.steps() == [1, 2]
   assert not any(TMP_MARKER in name for name in os.listdir(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- integrity (issue 16)
+
+
+def random_state(step: int):
+  """Incompressible values: a flipped bit in the stored bytes changes a value instead of breaking decompression."""
+  values = np.random.default_rng(step).standard_normal(4096).astype(np.float32)
+  return {"w": jnp.asarray(values), "step": jnp.asarray(step, jnp.int32)}
+
+
+def _flip_a_bit_in_the_arrays(step_dir):
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert files, f"no array data files under {step_dir}: Orbax's layout changed, update this test"
+  biggest = max(files, key=os.path.getsize)  # the 16 KiB of `w`; the others are small metadata records
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x04]))
+
+
+def _edit_the_extra_item(step_dir):
+  path = os.path.join(step_dir, "extra", "metadata")  # Orbax's JSON item file
+  text = open(path).read()
+  assert '"position": 2' in text, text
+  with open(path, "w") as f:  # same size, still valid JSON: only the checksum can tell
+    f.write(text.replace('"position": 2', '"position": 7'))
+
+
+@pytest.mark.parametrize("damage", [_flip_a_bit_in_the_arrays, _edit_the_extra_item])
+def test_silently_damaged_newest_step_is_detected_and_the_previous_one_restored(tmp_path, caplog, damage):
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, state=random_state(step), extra={"position": step})
+  sizes = {p: os.path.getsize(p) for p in glob.glob(str(tmp_path / "2" / "**"), recursive=True) if os.path.isfile(p)}
+  damage(str(tmp_path / "2"))
+  assert sizes == {p: os.path.getsize(p) for p in sizes}  # the damage keeps every file's size
+
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="jaxalign.checkpoint"):
+      step, state, extra = ckpt.restore_latest(abstract_of(random_state(0)))
+    assert (step, extra) == (1, {"position": 1}) and ckpt.last_verified_step == 1
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(random_state(1)["w"]))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("step 2" in m and "could not be restored" in m and "changed since it was saved" in m for m in messages)
+  assert any("resuming from checkpoint step 1" in m and "newest step 2" in m for m in messages), messages
+
+
+def test_non_finite_state_is_refused_on_save_and_on_restore(tmp_path, caplog):
+  nan_state = {"w": jnp.full((16,), jnp.nan), "step": jnp.asarray(2, jnp.int32)}
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    ckpt.save(1, state=small_state(1), extra={"position": 1})
+    with pytest.raises(FloatingPointError, match=r"not saving checkpoint step 2.*\['w'\].*verified checkpoint is step 1"):
+      ckpt.save(2, state=nan_state, extra={"position": 2})
+  # A non-finite step written without checksums (as by an older jaxalign) is refused on restore.
+  manager = ocp.CheckpointManager(str(tmp_path))
+  manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(nan_state),
+                                          extra=ocp.args.JsonSave({"position": 2})), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="jaxalign.checkpoint"):
+      step, _, extra = ckpt.restore_latest(abstract_of(small_state(0)))
+  assert (step, extra) == (1, {"position": 1})
+  assert any("step 2" in r.getMessage() and "non-finite values in 1 array(s): ['w']" in r.getMessage()
+             for r in caplog.records), caplog.text
+
+
+def test_checksums_see_every_bit_and_ignore_the_sharding():
+  values = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+  reference, nonfinite = checkpoint.state_checksums({"w": jnp.asarray(values)})
+  assert nonfinite == []
+  for index in ((0, 0), (3, 17), (7, 63)):
+    for bit in (0, 13, 31):
+      flipped = values.copy()
+      flipped.view(np.uint32)[index] ^= np.uint32(1 << bit)
+      assert checkpoint.state_checksums({"w": jnp.asarray(flipped)})[0] != reference, (index, bit)
+  if jax.device_count() >= 8:
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    sharded = parallel.shard_tree({"w": jnp.asarray(values)}, mesh, min_size=0)
+    assert checkpoint.state_checksums(sharded)[0] == reference
+  bf16 = {"b": jnp.asarray(values, jnp.bfloat16), "i": jnp.arange(5), "k": jax.random.key(0), "m": jnp.ones(3) > 0}
+  checksums, _ = checkpoint.state_checksums(bf16)
+  assert set(checksums) == {"['b']", "['i']", "['k']", "['m']"}
+  assert checkpoint.state_checksums({"b": jnp.full(4, jnp.nan, jnp.bfloat16), "i": jnp.arange(3)})[1] == ["['b']"]

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import common
-from jaxalign import config_lib, trainer
+from jaxalign import config_lib, runguard, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,13 +176,20 @@ def test_lora_dpo_trains_only_adapters_and_exports_merged(cache_dir, tmp_path):
   assert not any("lora" in n for n in names) and "model.decoder.layers.0.self_attn.q_proj.weight" in names
 
 
-def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_run(cache_dir, tmp_path_factory):
+  """(config file, workdir) of a 150-step SFT run by train.py, which interrupted and resumed runs must equal."""
+  folder = tmp_path_factory.mktemp("uninterrupted")
   config = tiny_config(cache_dir, "sft", **{"training.max_steps": 150, "checkpoint.every_steps": 10,
                                             "checkpoint.async_save": True, "data.eval_pairs": 0})
-  path = config_file(tmp_path, config)
-  straight = train_cli(path, str(tmp_path / "straight"))
+  path = config_file(folder, config)
+  straight = train_cli(path, str(folder / "straight"))
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
+  return path, folder / "straight"
 
+
+def test_kill_and_resume_is_bit_identical(uninterrupted_run, tmp_path):
+  path, straight_dir = uninterrupted_run
   killed_dir = tmp_path / "killed"
   victim = train_cli(path, str(killed_dir))
   deadline = time.time() + 600
@@ -197,8 +204,34 @@ def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
   output = resumed.stdout.read()
   assert resumed.wait(timeout=600) == 0, output
   assert "resumed from step" in output
-  assert losses_by_step(str(killed_dir)) == losses_by_step(str(tmp_path / "straight"))
-  assert_same_params(exported(str(killed_dir)), exported(str(tmp_path / "straight")))
+  assert losses_by_step(str(killed_dir)) == losses_by_step(str(straight_dir))
+  assert_same_params(exported(str(killed_dir)), exported(str(straight_dir)))
+
+
+def test_sigterm_saves_at_the_current_step_and_the_rerun_matches_an_uninterrupted_run(uninterrupted_run, tmp_path):
+  path, straight_dir = uninterrupted_run
+  stopped = tmp_path / "stopped"
+  victim = train_cli(path, str(stopped))
+  deadline = time.time() + 600
+  while len(losses_by_step(str(stopped)) if (stopped / "metrics.jsonl").exists() else ()) < 3:
+    assert time.time() < deadline and victim.poll() is None, "run ended before the signal"
+    time.sleep(0.01)
+  victim.send_signal(signal.SIGTERM)
+  output = victim.stdout.read()
+  assert victim.wait(timeout=600) == runguard.PREEMPTED_EXIT_CODE, output
+  (line,) = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
+  step = int(line.split("after step ")[1].split()[0])
+  assert 3 <= step < 150 and f"checkpoint step {step} saved" in line
+  assert step in checkpoint_steps(stopped) and not (stopped / trainer.DONE_FILE).exists()
+
+  resumed = train_cli(path, str(stopped))
+  output = resumed.stdout.read()
+  assert resumed.wait(timeout=600) == 0, output
+  assert f"resumed from step {step}" in output
+  with open(stopped / "metrics.jsonl") as f:  # each step exactly once, with the uninterrupted run's loss
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 151))
+  assert losses_by_step(str(stopped)) == losses_by_step(str(straight_dir))
+  assert_same_params(exported(str(stopped)), exported(str(straight_dir)))
 
 
 def test_two_processes_train_like_one(cache_dir, tmp_path):

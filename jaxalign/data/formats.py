@@ -60,7 +60,7 @@ class Conversation:
 def detect_format(records: list[dict], source: str) -> str:
   """The format of one file's records, from its fields and the type of its first `chosen` / `messages` value;
   raises ValueError naming the file when the fields fit no format or more than one."""
-  columns = {key for record in records for key in record}
+  columns = {key for record in records if isinstance(record, dict) for key in record}  # hh.BadLine: no fields
   if "messages" in columns:
     if columns & {"chosen", "rejected"}:
       raise ValueError(f"{source}: records have both 'messages' and 'chosen'/'rejected' fields; set data.format to "
@@ -69,7 +69,7 @@ def detect_format(records: list[dict], source: str) -> str:
   if not {"chosen", "rejected"} <= columns:
     raise ValueError(f"{source}: records have fields {sorted(columns)}; expected {{chosen, rejected}} (HH), {{prompt, "
                      "chosen, rejected}} (TRL preference, strings or lists of messages) or {messages} (SFT)")
-  first = next((r["chosen"] for r in records if r.get("chosen") is not None), None)
+  first = next((r["chosen"] for r in records if isinstance(r, dict) and r.get("chosen") is not None), None)
   if isinstance(first, list):
     return "conversational"
   return "preference" if "prompt" in columns else "hh"
@@ -176,6 +176,8 @@ def conversations_from_records(records: list[dict], source: str, record_format: 
   out, report = [], hh.SkipReport(total=len(records))
   for index, record in enumerate(records):
     try:
+      if isinstance(record, hh.BadLine):
+        raise hh.UnusableRecord(record.reason)
       prompt, chosen, rejected = split(record)
     except hh.UnusableRecord as e:
       report.note(e.args[0], source, index)
@@ -191,7 +193,7 @@ def conversations_from_records(records: list[dict], source: str, record_format: 
 
 
 def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: str = "train",
-                  subsets: list[str] | None = None):
+                  subsets: list[str] | None = None, warn_skipped_share: float = hh.WARN_SKIPPED_SHARE):
   """Loads `source` (as `hh.load_records`: Hub id, folder, JSONL or Parquet file) in `data_format`.
 
   chat: whether a chat template will render the records; then every record becomes a `Conversation`, otherwise a
@@ -211,6 +213,7 @@ def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: 
     else:
       file_examples, file_report = hh.pairs_from_records(records, label, _TEXT_SPLITTERS[record_format])
     log.info("%s (%s): %s", label, record_format, file_report.summary())
+    hh.warn_if_mostly_skipped(label, file_report, warn_skipped_share)
     examples.extend(file_examples)
     report.merge(file_report)
   hh.log_report(report, source, split)

@@ -1,10 +1,19 @@
 """Anthropic HH-RLHF and generic preference data: load records, split them into prompt / chosen / rejected, count skips.
 
-Sources (all read through `datasets`):
-  * the Hub id "Anthropic/hh-rlhf": one `data_dir` per subset; by default all four, whose train splits together are
-    the paper's 160,800 pairs;
+Sources:
+  * the Hub id "Anthropic/hh-rlhf" (read through `datasets`): one `data_dir` per subset; by default all four, whose
+    train splits together are the paper's 160,800 pairs;
   * a local folder laid out like that repository: `<folder>/<subset>/<split>.jsonl.gz` (or `.jsonl`);
   * a local folder holding `<split>.jsonl[.gz]` (or `<split>.parquet`) directly, or a single such file.
+Local JSON lines files are read here, line by line, every run (no cache keyed by path or modification time, so a
+replaced file is always read anew; the tokenization cache downstream is keyed by the text itself). What is refused and what is
+skipped, by format:
+  * a JSON line that is not valid UTF-8, not valid JSON, or not a JSON object: that record is skipped and counted
+    (`invalid_utf8`, `malformed_line`), and the first few are logged with file, line number and the parser's message;
+    blank lines are not records;
+  * a `.gz` file whose stream is truncated or corrupt: the whole file is refused (the records after the damage are
+    lost, and a partial file would be trained on silently), naming the file and the last complete line;
+  * a file with no record at all (empty, or only blank lines): refused.
 Each file is in one of two formats, told apart by its fields:
   * HH: `{"chosen": text, "rejected": text}`, two whole conversations ("\\n\\nHuman: … \\n\\nAssistant: …")
     that share everything up to the final "\\n\\nAssistant:";
@@ -15,15 +24,19 @@ and rejected texts. Where the rejected text does not share that prompt the promp
 prefix that ends at a turn boundary (a "\\n\\nAssistant:"). In harmless-base test that is 4 pairs; of the 5 whose
 texts differ before their own last "\\n\\nAssistant:", the fifth (#1950) shares the chosen prompt and only its
 rejected response runs on into more turns. Unusable records are skipped and counted by reason in a `SkipReport`; a
-source with no usable record at all is an error.
+source with no usable record at all is an error, and a source where more than `warn_skipped_share` of the records are
+skipped (a wrong file, a wrong format) is warned about loudly.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import gzip
+import json
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import datasets
@@ -47,6 +60,10 @@ NO_ASSISTANT_MARKER = "no_assistant_marker"  # HH chosen text without "\n\nAssis
 NO_SHARED_PROMPT = "no_shared_prompt"  # chosen and rejected share no prefix ending at an "\n\nAssistant:"
 EMPTY_RESPONSE = "empty_response"  # a response that is empty or only whitespace
 IDENTICAL = "identical"  # chosen and rejected are the same text: no preference to learn
+INVALID_UTF8 = "invalid_utf8"  # a JSON line whose bytes are not UTF-8
+MALFORMED_LINE = "malformed_line"  # a line that is not valid JSON, or JSON but not an object
+# A source with more than this share of its records skipped gets a loud warning (configs: data.warn_skipped_share).
+WARN_SKIPPED_SHARE = 0.5
 # Not a skip: the pair was split with the turn-boundary fallback.
 FALLBACK = "fallback_prompt"
 
@@ -177,13 +194,27 @@ def _splitter(columns: list[str], source: str):
                    f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
-def pairs_from_records(records: list[dict], source: str, split=None) -> tuple[list[PreferencePair], SkipReport]:
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+  """A line of a JSON lines file that is not a record: `reason` (INVALID_UTF8 or MALFORMED_LINE), 1-based `line`."""
+
+  reason: str
+  line: int
+  message: str
+
+
+def pairs_from_records(records: list[dict | BadLine], source: str,
+                       split=None) -> tuple[list[PreferencePair], SkipReport]:
   """Splits one source's records into pairs (with `split`, else the split function its fields call for); raises
   ValueError naming the source when none is usable."""
-  split = split or _splitter(sorted({key for record in records for key in record}), source)
+  columns = sorted({key for record in records if isinstance(record, dict) for key in record})
+  if split is None and any(isinstance(r, dict) for r in records):
+    split = _splitter(columns, source)
   pairs, report = [], SkipReport(total=len(records))
   for index, record in enumerate(records):
     try:
+      if isinstance(record, BadLine):
+        raise UnusableRecord(record.reason)
       prompt, chosen, rejected, fallback = split(record)
     except UnusableRecord as e:
       report.note(e.args[0], source, index)
@@ -232,13 +263,48 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
   return [_split_file(root / s, split) for s in found]
 
 
-def _read_json_lines(path: Path) -> list[dict]:
+def _parse_line(raw: bytes, number: int) -> dict | BadLine:
   try:
-    builder = "parquet" if path.suffix == ".parquet" else "json"
-    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return BadLine(INVALID_UTF8, number, f"not UTF-8 ({e.reason} at byte {e.start})")
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    return BadLine(MALFORMED_LINE, number, f"not valid JSON ({e.msg} at column {e.colno})")
+  if not isinstance(record, dict):
+    return BadLine(MALFORMED_LINE, number, f"a JSON {type(record).__name__}, expected an object")
+  return record
+
+
+def _read_json_lines(path: Path) -> list[dict | BadLine]:
+  """The records of a JSON lines file (gzip-compressed if it ends in .gz), bad lines as BadLine (see the module
+  docstring for what is refused)."""
+  records, number = [], 0
+  try:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+      for number, raw in enumerate(f, start=1):
+        if raw.strip():
+          records.append(_parse_line(raw, number))
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
+                     " expected a complete .gz file: download or copy it again") from e
+  if not records:
+    raise ValueError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
+                     "{prompt, chosen, rejected} object per line")
+  bad = [r for r in records if isinstance(r, BadLine)]
+  for r in bad[:_EXAMPLES_KEPT]:
+    log.warning("%s:%d: skipped, %s", path, r.line, r.message)
+  if len(bad) > _EXAMPLES_KEPT:
+    log.warning("%s: %d more bad lines skipped", path, len(bad) - _EXAMPLES_KEPT)
+  return records
+
+
+def _read_parquet(path: Path) -> list[dict]:
+  try:
+    return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
   except datasets.exceptions.DatasetGenerationError as e:
-    raise ValueError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from e
-  return dataset.to_list()
+    raise ValueError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
 
 
 def _read_hub(hub_id: str, subset: str | None, split: str) -> list[dict]:
@@ -254,7 +320,8 @@ def load_records(source: str, *, split: str = "train",
   """
   root = Path(source).expanduser()
   if root.exists():
-    return [(str(path), _read_json_lines(path)) for path in local_files(root, split, subsets)]
+    return [(str(path), _read_parquet(path) if path.suffix == ".parquet" else _read_json_lines(path))
+            for path in local_files(root, split, subsets)]
   if source.count("/") != 1:
     raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
   if subsets is None and source == HH_HUB_ID:
@@ -264,19 +331,31 @@ def load_records(source: str, *, split: str = "train",
 
 def load_preference_pairs(
     source: str = HH_HUB_ID, *, split: str = "train", subsets: list[str] | None = None,
+    warn_skipped_share: float = WARN_SKIPPED_SHARE,
 ) -> tuple[list[PreferencePair], SkipReport]:
   """Loads and splits preference pairs from `source` (see `load_records`); logs and returns the skip summary.
 
-  Returns the usable pairs in source order and a SkipReport accounting for every record read.
+  Returns the usable pairs in source order and a SkipReport accounting for every record read. Each file (or Hub
+  subset) where more than `warn_skipped_share` of the records are skipped gets a loud warning.
   """
   pairs, report = [], SkipReport()
   for label, records in load_records(source, split=split, subsets=subsets):
     source_pairs, source_report = pairs_from_records(records, label)
     log.info("%s: %s", label, source_report.summary())
+    warn_if_mostly_skipped(label, source_report, warn_skipped_share)
     pairs.extend(source_pairs)
     report.merge(source_report)
   log_report(report, source, split)
   return pairs, report
+
+
+def warn_if_mostly_skipped(label: str, report: SkipReport, share: float) -> None:
+  """A loud warning when more than `share` of one file's records were skipped (a wrong file, a wrong format)."""
+  skipped = sum(report.skipped.values())
+  if skipped > share * report.total:
+    log.warning("!!! %s: %d of its %d records (%.0f%%, more than data.warn_skipped_share = %.0f%%) were SKIPPED, "
+                "so the run trains on a small part of it: %s. Check the file and its format.", label, skipped,
+                report.total, 100 * skipped / report.total, 100 * share, report.summary())
 
 
 def log_report(report: SkipReport, source: str, split: str) -> None:

@@ -165,7 +165,7 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
   chat = bool(config.data.chat_template)
   pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
-                                       subsets=subsets)
+                                       subsets=subsets, warn_skipped_share=config.data.warn_skipped_share)
   if split == config.data.train_split and not chat:  # held-out pairs stay as they are
     pairs = pair_scores.filter_pairs(config, pairs, skips)
   pair_task = batch_kind != "sft"

@@ -47,6 +47,9 @@ def prompt_without_final_turn(conversation: str, style: str = "turn") -> str:
 def _split_rows(source: str, subset: str, split: str) -> list[tuple[str, dict]]:
   """The (location, record) rows of one subset's split, in file order."""
   (label, records), = hh.load_records(source, split=split, subsets=[subset])
+  bad = next((r for r in records if isinstance(r, hh.BadLine)), None)
+  if bad is not None:  # the paper's selection samples rows by position: a skipped row would shift every prompt
+    raise ValueError(f"{label}:{bad.line}: {bad.message}; prompt sets need every row of the file")
   return [(f"{label}#{i}", record) for i, record in enumerate(records)]
 
 

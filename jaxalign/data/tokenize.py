@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxalign import cache
 from jaxalign.data.formats import Conversation, hh_messages
 from jaxalign.data.hh import PreferencePair, SkipReport, UnusableRecord
 from jaxalign.tokenizer import end_of_turn
@@ -252,19 +253,21 @@ def _save(tokenized: TokenizedPairs, path: Path) -> None:
     ragged = getattr(tokenized, name)
     arrays[name] = np.concatenate(ragged) if ragged else np.zeros(0, np.int32)
     arrays[name + "_lengths"] = np.array([len(ids) for ids in ragged], np.int64)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-  np.savez(tmp, **arrays)
-  # Atomic, so concurrent hosts sharing the cache folder never read half a file.
-  os.replace(tmp, path)
+  # Atomic, so concurrent hosts sharing the cache folder never read half a file; checksummed, so a damaged one heals.
+  cache.write(path, cache.npz_bytes(**arrays))
 
 
-def _load(path: Path) -> TokenizedPairs:
-  with np.load(path) as arrays:
+def _load(path: Path) -> TokenizedPairs | None:
+  """The cached pairs at `path`, or None when absent or damaged (a damaged entry is logged and deleted)."""
+
+  def decode(payload: bytes) -> TokenizedPairs:
+    arrays = cache.npz_arrays(payload)
     fields = {name: arrays[name] for name in _FLAG_FIELDS}
     for name in _ID_FIELDS:
       fields[name] = np.split(arrays[name], np.cumsum(arrays[name + "_lengths"])[:-1])
-  return TokenizedPairs(**fields)
+    return TokenizedPairs(**fields)
+
+  return cache.read(path, decode, "tokenization cache")
 
 
 def _encode(pairs: list[PreferencePair], backend, prefix: list[int], suffix: list[int], kept_bos: int | None,
@@ -320,9 +323,10 @@ def tokenize_pairs(
   if cache_dir is not None:
     settings = (tuple(prefix), tuple(suffix), kept_bos, tuple(sorted(truncation.items())))
     path = Path(cache_dir) / f"pairs-{_fingerprint(pairs, backend, settings)}.npz"
-    if path.is_file():
+    cached = _load(path)
+    if cached is not None:
       log.info("tokenized pairs loaded from cache %s", path)
-      return _load(path)
+      return cached
   tokenized = _encode(pairs, backend, prefix, suffix, kept_bos, **truncation)
   log.info("tokenized %s", tokenized.counts())
   if path is not None:

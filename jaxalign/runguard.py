@@ -1,0 +1,160 @@
+"""Run-level safety for a training stage: one run per workdir, and a clean stop on SIGTERM / SIGINT.
+
+Workdir lock: `lock_workdir` takes an exclusive `flock` on `<workdir>/run.lock` for the whole stage and writes the
+holder (host, pid, start time) into it. The kernel drops the lock when the process ends in any way (an exception,
+SIGKILL, a crash), so a lock left by a dead run never blocks a rerun; a second live run fails at once naming the
+holder. Only process 0 of a multi-host run takes it (the hosts of one run share the workdir) and all processes learn
+the outcome, so either every host starts or every host fails. Across machines the lock relies on the filesystem's
+`flock` (local disks; NFSv4 and Lustre mounted with flock support); where it is not enforced across machines, the
+holder line still says who else wrote there.
+
+Preemption: `StopSignals` turns the first SIGTERM (what cloud schedulers and SLURM send before killing) or SIGINT
+(Ctrl-C) into a request the training loop polls with `should_stop`: it finishes the current step, saves a
+checkpoint and raises `Preempted`, whose exit status (`PREEMPTED_EXIT_CODE`) tells a scheduler "resume me". A second
+signal exits at once. In a multi-host run every process polls at the same steps (every `check_every`) and the
+processes exchange their flags there, so all stop after the same step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+# EX_TEMPFAIL from sysexits.h: a temporary failure, to be retried (a resumable stop), unlike a crash or a kill.
+PREEMPTED_EXIT_CODE = 75
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+class Preempted(SystemExit):
+  """Raised after the checkpoint of a stop requested by a signal was saved; exits with PREEMPTED_EXIT_CODE."""
+
+  def __init__(self, message: str):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+class WorkdirLock:
+  """The held lock of one workdir (process 0 only holds the file); `release()` or `with` frees it."""
+
+  def __init__(self, fd: int | None):
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor drops the flock
+      self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _holder_line() -> str:
+  started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  return f"host {socket.gethostname()}, pid {os.getpid()}, started {started}"
+
+
+def _try_lock(path: str) -> tuple[int | None, str]:
+  """(descriptor holding the lock, "") or (None, the holder's line)."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+      os.close(fd)
+      raise
+    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown (it has not written its line yet)"
+    os.close(fd)
+    return None, holder
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (_holder_line() + "\n").encode(), 0)
+  return fd, ""
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+  """Takes the workdir's run lock (see the module docstring); raises WorkdirBusyError naming the live holder."""
+  fd, holder = None, ""
+  if jax.process_index() == 0:
+    fd, holder = _try_lock(os.path.join(workdir, LOCK_FILE))
+  busy = jax.process_index() == 0 and fd is None
+  if jax.process_count() > 1:
+    busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+  if busy:
+    raise WorkdirBusyError(f"{workdir} is in use by another training run ({holder or 'see process 0 for who'}); "
+                           "wait for it to finish, stop it, or use another --workdir: two runs in one workdir would "
+                           "mix their checkpoints, metrics and exported model")
+  return WorkdirLock(fd)
+
+
+class StopSignals:
+  """While entered, the first SIGTERM or SIGINT requests a stop (see `should_stop`); a second one exits at once.
+
+  Handlers can only be installed from the main thread; elsewhere (a training run started from a worker thread) the
+  signals keep their previous behaviour and a warning says so.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, check_every: int = 1):
+    self.check_every = max(1, check_every)
+    self.received: str | None = None
+    self._previous: dict[int, object] = {}
+
+  def _handle(self, signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      log.warning("second signal (%s): exiting now, without a checkpoint", name)
+      self._restore()
+      raise KeyboardInterrupt(f"{name} received twice")
+    self.received = name
+    log.warning("%s received: finishing the current step, then saving a checkpoint and stopping (send it again to "
+                "exit at once)", name)
+
+  def __enter__(self) -> StopSignals:
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("training outside the main thread: SIGTERM/SIGINT will not save a checkpoint before stopping")
+      return self
+    for signum in self.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _restore(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def __exit__(self, *exc) -> None:
+    self._restore()
+
+  def should_stop(self, step: int) -> bool:
+    """Whether the loop should save and stop after `step`. Single process: as soon as a signal came. Several
+    processes: at steps that are multiples of `check_every`, if a signal reached any of them (all agree)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % self.check_every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    if np.any(flags) and self.received is None:
+      self.received = "a signal on another process"
+    return bool(np.any(flags))
