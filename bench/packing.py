@@ -130,8 +130,8 @@ def run_task(task: str, model, pairs, args, pad_id: int) -> list[str]:
   for v, counts in zip(variants, examples):
     padded = sum(padded_tokens(b) for b in v.batches)
     real = sum(real_tokens(b) for b in v.batches)
-    shapes = sorted({(b.num_rows, max(x.shape[1] for k, x in layouts.named_arrays(b).items() if k.endswith("input_ids")))
-                     for b in v.batches})
+    row_length = lambda b: max(x.shape[1] for k, x in layouts.named_arrays(b).items() if k.endswith("input_ids"))
+    shapes = sorted({(b.num_rows, row_length(b)) for b in v.batches})
     rate = v.timer.total_rate()
     lines.append(f"| {task} | {v.name} | {sum(counts)} | {len(v.batches)} | {padded:,} | {real / padded:.0%} | "
                  f"{len(shapes)} | {sum(v.timer.times):.1f} | {rate:.2f} {unit}/s | {rate / base:.2f}x |")

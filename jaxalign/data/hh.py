@@ -6,8 +6,8 @@ Sources:
   * a local folder laid out like that repository: `<folder>/<subset>/<split>.jsonl.gz` (or `.jsonl`);
   * a local folder holding `<split>.jsonl[.gz]` (or `<split>.parquet`) directly, or a single such file.
 Local JSON lines files are read here, line by line, every run (no cache keyed by path or modification time, so a
-replaced file is always read anew; the tokenization cache downstream is keyed by the text itself). What is refused and what is
-skipped, by format:
+replaced file is always read anew; the tokenization cache downstream is keyed by the text itself). What is refused
+and what is skipped, by format:
   * a JSON line that is not valid UTF-8, not valid JSON, or not a JSON object: that record is skipped and counted
     (`invalid_utf8`, `malformed_line`), and the first few are logged with file, line number and the parser's message;
     blank lines are not records;

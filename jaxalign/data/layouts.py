@@ -163,8 +163,11 @@ def gather_per_pair(per_pair: dict[str, np.ndarray], pair_index: np.ndarray) -> 
   """Each per-pair array ([N, ...]) at `pair_index` ([rows, K], -1 = no pair there: 0)."""
   present = pair_index >= 0
   safe = np.where(present, pair_index, 0)
-  return {name: np.where(present.reshape(present.shape + (1,) * (values.ndim - 1)), values[safe], 0).astype(values.dtype)
-          for name, values in per_pair.items()}
+  out = {}
+  for name, values in per_pair.items():
+    where = present.reshape(present.shape + (1,) * (values.ndim - 1))
+    out[name] = np.where(where, values[safe], 0).astype(values.dtype)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
@@ -350,7 +353,8 @@ class SharedRows(PairLayout):
         fields[key].append(np.concatenate(values))
     side = _pad(fields["response_side"], length, PAD_SIDE, np.int32)
     batch = SharedPairBatch(
-        input_ids=_pad(fields["input_ids"], length, pad_id, np.int32), attention_mask=_real(fields["input_ids"], length),
+        input_ids=_pad(fields["input_ids"], length, pad_id, np.int32),
+        attention_mask=_real(fields["input_ids"], length),
         positions=_pad(fields["positions"], length, 0, np.int32), response_side=side,
         segment_ids=_pad(fields["segment_ids"], length, 0, np.int32), pair_mask=(pair_index >= 0).astype(np.int32))
     if self.scored:
