@@ -177,8 +177,14 @@ def test_lora_dpo_trains_only_adapters_and_exports_merged(cache_dir, tmp_path):
 
 
 def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
-  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 150, "checkpoint.every_steps": 10,
-                                            "checkpoint.async_save": True, "data.eval_pairs": 0})
+  assert_kill_and_resume_is_bit_identical(tiny_config(cache_dir, "sft"), tmp_path)
+
+
+def assert_kill_and_resume_is_bit_identical(config, tmp_path, steps: int = 150):
+  """A run SIGKILLed mid-training (asynchronous checkpoints every 10 steps) and resumed logs the same losses and
+  exports the same parameters, bit for bit, as the run straight through."""
+  config.training.max_steps, config.checkpoint.every_steps = steps, 10
+  config.checkpoint.async_save, config.data.eval_pairs = True, 0
   path = config_file(tmp_path, config)
   straight = train_cli(path, str(tmp_path / "straight"))
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
