@@ -126,7 +126,7 @@ def test_methods_train_with_lora_on_packed_rows(method, cache_dir, tmp_path):
 @pytest.mark.parametrize("method", ["simpo", "kto"])
 def test_kill_and_resume_is_bit_identical(method, cache_dir, tmp_path):
   task_name, fields = METHODS.get(method, ("kto", {}))
-  assert_kill_and_resume_is_bit_identical(tiny_config(cache_dir, task_name, **fields), tmp_path)
+  assert_kill_and_resume_is_bit_identical(tiny_config(cache_dir, task_name, **fields), tmp_path, steps=60)
 
 
 @pytest.mark.parametrize("module", [cpo, simpo, orpo, ipo, kto, methods, quickstart_methods])
