@@ -120,6 +120,16 @@ def pair_scored_tokens(batch: PairBatch) -> jax.Array:
   return batch.chosen_target_mask.sum() + batch.rejected_target_mask.sum()
 
 
+class ScoredPairCounts:
+  """Throughput counts of a task whose LM head scores pair (or KTO) rows: all tokens, and the scored ones."""
+
+  def tokens(self, batch: PairBatch) -> jax.Array:
+    return pair_tokens(batch)
+
+  def scored_tokens(self, batch: PairBatch) -> jax.Array:
+    return pair_scored_tokens(batch)
+
+
 @dataclasses.dataclass(frozen=True)
 class SFTTask:
   """Next-token cross-entropy on the masked targets (the whole conversation, or only the final response)."""
@@ -143,7 +153,7 @@ class SFTTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOTask:
+class DPOTask(ScoredPairCounts):
   """DPO and its variants. Against a reference when the loss needs one: a model (a frozen copy, or the LoRA base with
   adapters off) passed as `reference`, or precomputed log-probs carried by the batch (`extras`
   "reference_chosen_logps" / "reference_rejected_logps") with `reference` None."""
@@ -175,15 +185,9 @@ class DPOTask:
                            loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
                            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau)
 
-  def tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_tokens(batch)
-
-  def scored_tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_scored_tokens(batch)
-
 
 @dataclasses.dataclass(frozen=True)
-class CPOTask:
+class CPOTask(ScoredPairCounts):
   """CPO (TRL's CPOTrainer) and SimPO (its loss_type "simpo"): a preference loss on the policy's own log-probs plus
   `alpha` times the chosen responses' NLL; no reference is built or run."""
 
@@ -202,15 +206,9 @@ class CPOTask:
                            label_smoothing=self.label_smoothing, mask=pair_mask(batch),
                            chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens)
 
-  def tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_tokens(batch)
-
-  def scored_tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_scored_tokens(batch)
-
 
 @dataclasses.dataclass(frozen=True)
-class ORPOTask:
+class ORPOTask(ScoredPairCounts):
   """ORPO (TRL's ORPOTrainer): the chosen responses' NLL plus `beta` (the paper's lambda) times the log-odds-ratio
   term; no reference, so it trains from the base model in one stage."""
 
@@ -223,15 +221,9 @@ class ORPOTask:
     return losses.orpo_loss(policy.chosen, policy.rejected, chosen_lengths=policy.chosen_tokens,
                             rejected_lengths=policy.rejected_tokens, beta=self.beta, mask=pair_mask(batch))
 
-  def tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_tokens(batch)
-
-  def scored_tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_scored_tokens(batch)
-
 
 @dataclasses.dataclass(frozen=True)
-class KTOTask:
+class KTOTask(ScoredPairCounts):
   """KTO (TRL's KTOTrainer) on unpaired examples, each batch row pair (completion, mismatched completion): the
   completion's log-ratio against the reference, and the mismatched completions' for the KL point z. The reference
   as for DPO: a model passed as `reference`, or precomputed log-probs in the batch's extras; labels in the
@@ -264,12 +256,6 @@ class KTOTask:
     weights = jnp.ones_like(correct) if mask is None else mask.astype(jnp.float32)
     metrics["rewards/accuracies"] = (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)
     return loss, metrics
-
-  def tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_tokens(batch)
-
-  def scored_tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_scored_tokens(batch)
 
 
 @dataclasses.dataclass(frozen=True)
