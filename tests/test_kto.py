@@ -120,3 +120,28 @@ def test_kto_task_reads_its_config():
   config = tiny_config("", "kto", **{"kto.beta": 0.3, "kto.desirable_weight": 1.2, "kto.loss_type":
                                      "apo_zero_unpaired"})
   assert tasks.make_task(config) == tasks.KTOTask(beta=0.3, desirable_weight=1.2, loss_type="apo_zero_unpaired")
+
+
+def test_kto_trains_from_unpaired_jsonl(cache_dir, tmp_path):
+  """A KTO stage from a folder of unpaired {prompt, completion, label} files (the synthetic pairs split by hand, one
+  unusable record added): every usable record is an example, the stage trains and evaluates."""
+  source = pipeline.data_source(tiny_config(cache_dir, "kto"))
+  folder = tmp_path / "unpaired"
+  folder.mkdir()
+  for split in ("train", "test"):
+    pairs, _ = hh.load_preference_pairs(source, split=split, subsets=["harmless-base"])
+    records = [{"prompt": p.prompt, "completion": c, "label": label}
+               for p in pairs for c, label in ((p.chosen, True), (p.rejected, False))]
+    write_jsonl(folder / f"{split}.jsonl", records + [{"prompt": "Q", "completion": "", "label": True}])
+  config = tiny_config(cache_dir, "kto", **{"data.source": str(folder), "data.subsets": "", "training.max_steps": 2,
+                                            "data.eval_pairs": 16})
+  task, model, data, reference, mesh = prepared(config)
+  assert len(data.train.examples) == len(records_of(folder / "train.jsonl")) - 1
+  trainer.run(config, str(tmp_path / "run"))
+  done = json.load(open(tmp_path / "run" / trainer.DONE_FILE))
+  assert done["steps"] == 2 and 0.0 <= done["eval/rewards/accuracies"] <= 1.0 and "eval/kl" in done
+
+
+def records_of(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
