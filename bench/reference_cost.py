@@ -1,6 +1,7 @@
-"""What a reference costs a DPO step, and that a reference-free loss pays none of it: sigmoid DPO with a live
-reference vs `reference_free` (prepared by `reference.prepare` with `dpo.reference=precomputed`: it must run no
-reference pass) vs sigmoid with precomputed reference log-probs, on the same model and the same batches.
+"""What a reference costs a DPO step, and that a reference-free loss or method pays none of it: sigmoid DPO with a
+live reference vs `reference_free`, CPO, SimPO and ORPO (each prepared by `reference.prepare` with
+`dpo.reference=precomputed`: they must run no reference pass) vs sigmoid with precomputed reference log-probs, on the
+same model and the same batches.
 
 Same small OPT as the other CPU benchmarks (4 layers, hidden 256, OPT's vocabulary; fp32, AdamW, the trainer's own
 step), synthetic pairs of a 96-token prompt and two 32-token responses (no data needed), prefix-shared rows as in
@@ -9,7 +10,7 @@ turn, so changes in machine load hit all alike. Reported per variant: the median
 reference's, the FLOPs per step the trainer counts for MFU (`trainer._training_flops`) and XLA's own count of the
 compiled step.
 
-  python bench/reference_cost.py            # ~2 minutes on 2 cores
+  python bench/reference_cost.py            # ~4 minutes on 2 cores
   python bench/reference_cost.py --record   # append the table to BENCHMARKS.md
 """
 
@@ -53,12 +54,26 @@ def synthetic_pairs(count: int, vocab: int, seed: int = 0):
                                  flags, flags.copy(), flags.copy())
 
 
-def stage_config(loss_type: str, reference: str):
+# (name, task, its config fields, dpo.reference)
+VARIANTS = (
+    ("sigmoid, live reference", "dpo", {}, "model"),
+    ("reference_free (dpo.reference=precomputed)", "dpo", {"dpo": {"loss_type": "reference_free"}}, "precomputed"),
+    ("sigmoid, precomputed reference", "dpo", {}, "precomputed"),
+    ("CPO (sigmoid + NLL)", "cpo", {}, "precomputed"),
+    ("SimPO (cpo.loss_type=simpo)", "cpo", {"cpo": {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0,
+                                                    "alpha": 0.0}}, "precomputed"),
+    ("ORPO", "orpo", {}, "precomputed"),
+)
+
+
+def stage_config(task: str, fields: dict, reference: str):
   from configs import common
 
   c = common.get_config()
-  c.task, c.init_from = "dpo", ""
-  c.dpo.loss_type, c.dpo.reference = loss_type, reference
+  c.task, c.init_from = task, ""
+  for section, values in fields.items():
+    c[section].update(values)
+  c.dpo.reference = reference
   c.data.prefix_sharing, c.data.max_length = True, PROMPT + RESPONSE
   return c
 
@@ -88,10 +103,8 @@ def main():
   data = pipeline.StageData(pipeline.Split(layout, pairs, []), None, "pairs")
 
   variants, counted, prepare_s = [], [], {}
-  for name, loss_type, reference in (("sigmoid, live reference", "sigmoid", "model"),
-                                     ("reference_free (dpo.reference=precomputed)", "reference_free", "precomputed"),
-                                     ("sigmoid, precomputed reference", "sigmoid", "precomputed")):
-    config = stage_config(loss_type, reference)
+  for name, task_name, fields, reference in VARIANTS:
+    config = stage_config(task_name, fields, reference)
     task = tasks.make_task(config)
     start = time.perf_counter()
     prepared = (reference_lib.prepare(task, model, data, config, mesh, PAD_ID) if reference == "precomputed"

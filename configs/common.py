@@ -5,7 +5,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "sft"  # sft | dpo | reward
+  c.task = "sft"  # sft | dpo | cpo (CPO, SimPO) | orpo | kto | reward
   c.seed = 0
   c.resume = True  # continue from the workdir's checkpoints; False refuses a workdir that has some
   # Where the weights start: a Hub id, a Hugging Face folder, a training workdir, "stage:<name>" (an earlier stage
@@ -92,6 +92,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.discopop_tau = 0.05
   c.dpo.reference = "model"  # model (live forward) | precomputed (one pass first, cached on disk)
   c.dpo.reference_dtype = "float32"  # a frozen reference copy may be kept in bfloat16
+
+  # Reference-free methods (no reference built or run; formulas and papers in jaxalign/losses.py). CPO: TRL's
+  # CPOTrainer; its loss_type simpo with alpha 0 is SimPO (configs/simpo.py: beta 2.0, gamma 1.0, the SimPO authors').
+  c.cpo = ml_collections.ConfigDict()
+  c.cpo.loss_type = "sigmoid"  # sigmoid | hinge | ipo | simpo
+  c.cpo.beta = 0.1  # CPO paper: 0.1
+  c.cpo.alpha = 1.0  # weight of the chosen responses' NLL (CPO paper: 1.0; SimPO: 0)
+  c.cpo.simpo_gamma = 0.5  # SimPO's target margin gamma (TRL's default 0.5; the SimPO authors use 1.0 with beta 2)
+  c.cpo.label_smoothing = 0.0  # sigmoid / simpo: conservative eps
+  c.orpo = ml_collections.ConfigDict()
+  c.orpo.beta = 0.1  # the ORPO paper's lambda (0.1 in Mistral-ORPO and TRL); trains from the base model
+
+  # KTO on unpaired examples (data.source: unpaired {prompt, completion, label} JSON lines, or preference pairs split
+  # into desirable / undesirable examples); against the reference of dpo.reference / dpo.reference_dtype.
+  c.kto = ml_collections.ConfigDict()
+  c.kto.loss_type = "kto"  # kto | apo_zero_unpaired
+  c.kto.beta = 0.1  # KTO paper: 0.1
+  c.kto.desirable_weight = 1.0  # paper: keep desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+  c.kto.undesirable_weight = 1.0  # in [1, 4/3]
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = False

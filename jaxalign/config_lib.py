@@ -18,6 +18,8 @@ from jaxalign.models.opt import PRESETS
 PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
 
 STAGE_PREFIX = "stage:"
+TASKS = ("sft", "dpo", "cpo", "orpo", "kto", "reward")
+PAIR_TASKS = ("dpo", "cpo", "orpo", "kto", "reward")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,7 +68,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   if config.stages:
     _validate_study(config)
     return
-  _one_of(config, "task", ("sft", "dpo", "reward"))
+  _one_of(config, "task", TASKS)
   _check(config, "tokenizer", bool(config.tokenizer), "a Hub id, a tokenizer folder, or 'synthetic'")
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
@@ -97,7 +99,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
   _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
   _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
-         "prefix sharing only for the pair tasks 'dpo' and 'reward'")
+         f"prefix sharing only for the pair tasks {list(PAIR_TASKS)}")
   _check(config, "data.packing",
          not config.data.packing or config.task == "sft" or config.data.prefix_sharing,
          "packing only for task 'sft', or a pair task with data.prefix_sharing = True (pairs are packed as "
@@ -131,6 +133,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check_dpo_loss(config.dpo)
   _one_of(config, "dpo.reference", ("model", "precomputed"))
   _one_of(config, "dpo.reference_dtype", DTYPES)
+  _validate_methods(config)
 
   if config.lora.enabled:
     _check(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")
@@ -148,6 +151,20 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "mesh.fsdp", config.mesh.fsdp == -1 or config.mesh.fsdp >= 1, "-1 or a device count")
   _one_of(config, "mesh.distributed", ("auto", "on", "off"))
   _one_of(config, "export.dtype", ("",) + DTYPES)
+
+
+def _validate_methods(config: ml_collections.ConfigDict) -> None:
+  """The cpo.*, orpo.* and kto.* sections (checked whatever the task, so a study's shared defaults stay valid)."""
+  _one_of(config, "cpo.loss_type", losses.CPO_LOSS_TYPES)
+  _check(config, "cpo.beta", config.cpo.beta > 0, "a positive number")
+  _check(config, "cpo.alpha", config.cpo.alpha >= 0, "a weight >= 0 (0 = no NLL term, as SimPO)")
+  _check(config, "cpo.simpo_gamma", config.cpo.simpo_gamma >= 0, "a margin >= 0")
+  _check(config, "cpo.label_smoothing", 0 <= config.cpo.label_smoothing < 0.5, "a number in [0, 0.5)")
+  _check(config, "orpo.beta", config.orpo.beta > 0, "a positive number (the ORPO paper's lambda)")
+  _one_of(config, "kto.loss_type", losses.KTO_LOSS_TYPES)
+  _check(config, "kto.beta", config.kto.beta > 0, "a positive number")
+  _check(config, "kto.desirable_weight", config.kto.desirable_weight > 0, "a positive weight")
+  _check(config, "kto.undesirable_weight", config.kto.undesirable_weight > 0, "a positive weight")
 
 
 def _validate_study(config: ml_collections.ConfigDict) -> None:

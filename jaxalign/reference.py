@@ -1,4 +1,6 @@
-"""The DPO reference, prepared before the data streams are built: what the step needs of it, decided by the loss.
+"""The reference of DPO and KTO, prepared before the data streams are built: what the step needs of it, decided by
+the loss (CPO, SimPO and ORPO need none). KTO's examples travel as pairs (completion, mismatched completion), so all
+of the modes below serve it unchanged.
 
 `prepare` returns one of:
   none         the loss has no reference term (e.g. `reference_free`): nothing is built, loaded or run;
@@ -118,6 +120,8 @@ def prepare(task, model: nnx.Module, data: pipeline.StageData, config, mesh, pad
     if config.task == "dpo":
       log.info("dpo.loss_type=%s has no reference term: no reference is built or run (dpo.reference=%s unused)",
                config.dpo.loss_type, config.dpo.reference)
+    elif config.task in ("cpo", "orpo"):
+      log.info("task %s is reference-free: no reference is built or run", config.task)
     return Reference("none")
   if config.dpo.reference == "model":
     if config.lora.enabled:

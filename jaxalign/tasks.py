@@ -1,6 +1,9 @@
-"""What is trained: SFT, DPO and reward modelling, each a loss over a typed batch, all driven by one loop.
+"""What is trained: SFT, DPO, CPO / SimPO, ORPO, KTO and reward modelling, each a loss over a typed batch, all driven
+by one loop.
 
-A task knows which examples it reads (`batch_kind`: "sft" rows or preference "pairs"), whether its loss needs a
+A task knows which examples it reads (`batch_kind`: "sft" rows, preference "pairs", or KTO's "unpaired" examples,
+which travel in the pair layouts as (prompt, completion, mismatched completion): see `data/unpaired.py`), whether its
+loss needs a
 reference (`uses_reference`, from the loss), how to compute its loss and metrics from a model and a batch, and how
 many tokens a batch holds (for throughput). The batch's type (`data/layouts.py`) selects the code path: separate
 chosen / rejected rows run as one concatenated forward; prefix-shared rows (one pair, or several packed, per row) as
@@ -91,6 +94,15 @@ def pair_logprobs(model, batch: PairBatch, dropout_key=None) -> PairLogps:
   return separate_pair_logprobs(model, batch, dropout_key)
 
 
+def reference_pair_logps(reference, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
+  """The reference's chosen and rejected log-probs: from `reference` (a model) when given, else the precomputed ones
+  the batch carries (`extras` "reference_chosen_logps" / "reference_rejected_logps"); no gradient."""
+  if reference is None:
+    return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
+  logps = pair_logprobs(reference, batch)
+  return jax.lax.stop_gradient(logps.chosen), jax.lax.stop_gradient(logps.rejected)
+
+
 def pair_mask(batch: PairBatch) -> jax.Array | None:
   """Which per-pair entries are pairs ([B, K] for shared rows; None: every row of separate rows is one)."""
   return batch.pair_mask if isinstance(batch, SharedPairBatch) else None
@@ -106,6 +118,16 @@ def pair_scored_tokens(batch: PairBatch) -> jax.Array:
   if isinstance(batch, SharedPairBatch):
     return batch.target_mask.sum()
   return batch.chosen_target_mask.sum() + batch.rejected_target_mask.sum()
+
+
+class ScoredPairCounts:
+  """Throughput counts of a task whose LM head scores pair (or KTO) rows: all tokens, and the scored ones."""
+
+  def tokens(self, batch: PairBatch) -> jax.Array:
+    return pair_tokens(batch)
+
+  def scored_tokens(self, batch: PairBatch) -> jax.Array:
+    return pair_scored_tokens(batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +153,7 @@ class SFTTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOTask:
+class DPOTask(ScoredPairCounts):
   """DPO and its variants. Against a reference when the loss needs one: a model (a frozen copy, or the LoRA base with
   adapters off) passed as `reference`, or precomputed log-probs carried by the batch (`extras`
   "reference_chosen_logps" / "reference_rejected_logps") with `reference` None."""
@@ -152,10 +174,7 @@ class DPOTask:
   def reference_logps(self, reference, batch: PairBatch) -> tuple[jax.Array | None, jax.Array | None]:
     if not self.uses_reference:
       return None, None
-    if reference is None:
-      return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
-    logps = pair_logprobs(reference, batch)
-    return jax.lax.stop_gradient(logps.chosen), jax.lax.stop_gradient(logps.rejected)
+    return reference_pair_logps(reference, batch)
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
     policy = pair_logprobs(model, batch, dropout_key)
@@ -166,11 +185,77 @@ class DPOTask:
                            loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
                            f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau)
 
-  def tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_tokens(batch)
 
-  def scored_tokens(self, batch: PairBatch) -> jax.Array:
-    return pair_scored_tokens(batch)
+@dataclasses.dataclass(frozen=True)
+class CPOTask(ScoredPairCounts):
+  """CPO (TRL's CPOTrainer) and SimPO (its loss_type "simpo"): a preference loss on the policy's own log-probs plus
+  `alpha` times the chosen responses' NLL; no reference is built or run."""
+
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  alpha: float = 1.0
+  simpo_gamma: float = 0.5
+  label_smoothing: float = 0.0
+  batch_kind = "pairs"
+  uses_reference = False
+
+  def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    policy = pair_logprobs(model, batch, dropout_key)
+    return losses.cpo_loss(policy.chosen, policy.rejected, beta=self.beta, cpo_alpha=self.alpha,
+                           loss_type=self.loss_type, simpo_gamma=self.simpo_gamma,
+                           label_smoothing=self.label_smoothing, mask=pair_mask(batch),
+                           chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOTask(ScoredPairCounts):
+  """ORPO (TRL's ORPOTrainer): the chosen responses' NLL plus `beta` (the paper's lambda) times the log-odds-ratio
+  term; no reference, so it trains from the base model in one stage."""
+
+  beta: float = 0.1
+  batch_kind = "pairs"
+  uses_reference = False
+
+  def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    policy = pair_logprobs(model, batch, dropout_key)
+    return losses.orpo_loss(policy.chosen, policy.rejected, chosen_lengths=policy.chosen_tokens,
+                            rejected_lengths=policy.rejected_tokens, beta=self.beta, mask=pair_mask(batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOTask(ScoredPairCounts):
+  """KTO (TRL's KTOTrainer) on unpaired examples, each batch row pair (completion, mismatched completion): the
+  completion's log-ratio against the reference, and the mismatched completions' for the KL point z. The reference
+  as for DPO: a model passed as `reference`, or precomputed log-probs in the batch's extras; labels in the
+  `desirable` extra.
+
+  Besides `losses.kto_loss`'s metrics, rewards/accuracies: the fraction of examples whose log-ratio lies on the side
+  of z their label asks for (above for desirable, below for undesirable; 0.5 for the starting model on balanced
+  labels), KTO's own notion of a correct implicit reward for unpaired data."""
+
+  beta: float = 0.1
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  loss_type: str = "kto"
+  batch_kind = "unpaired"
+  uses_reference = True
+
+  def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    policy = pair_logprobs(model, batch, dropout_key)
+    # The KL point carries no gradient (TRL computes it under no_grad).
+    kl_policy = jax.lax.stop_gradient(policy.rejected)
+    ref_completion, ref_kl = reference_pair_logps(reference, batch)
+    desirable = batch.extras["desirable"]
+    mask = pair_mask(batch)
+    loss, metrics = losses.kto_loss(policy.chosen, ref_completion, desirable, kl_policy_logps=kl_policy,
+                                    kl_reference_logps=ref_kl, beta=self.beta,
+                                    desirable_weight=self.desirable_weight,
+                                    undesirable_weight=self.undesirable_weight, loss_type=self.loss_type, mask=mask)
+    logratio = policy.chosen - ref_completion
+    correct = jnp.where(desirable > 0, logratio > metrics["kl"], logratio < metrics["kl"]).astype(jnp.float32)
+    weights = jnp.ones_like(correct) if mask is None else mask.astype(jnp.float32)
+    metrics["rewards/accuracies"] = (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    return loss, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +304,16 @@ def make_task(config: Any):
                    loss_weights=tuple(dpo.loss_weights) if dpo.loss_weights else None,
                    f_divergence_type=dpo.f_divergence_type, f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
                    discopop_tau=dpo.discopop_tau)
+  if config.task == "cpo":
+    cpo = config.cpo
+    return CPOTask(beta=cpo.beta, loss_type=cpo.loss_type, alpha=cpo.alpha, simpo_gamma=cpo.simpo_gamma,
+                   label_smoothing=cpo.label_smoothing)
+  if config.task == "orpo":
+    return ORPOTask(beta=config.orpo.beta)
+  if config.task == "kto":
+    kto = config.kto
+    return KTOTask(beta=kto.beta, desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
+                   loss_type=kto.loss_type)
   if config.task == "reward":
     return RewardTask(margin=config.reward.margin, center_rewards_coefficient=config.reward.center_rewards_coefficient)
-  raise ValueError(f"task {config.task!r} unknown; one of 'sft', 'dpo', 'reward'")
+  raise ValueError(f"task {config.task!r} unknown; one of {config_lib.TASKS}")

@@ -176,20 +176,20 @@ def test_lora_dpo_trains_only_adapters_and_exports_merged(cache_dir, tmp_path):
   assert not any("lora" in n for n in names) and "model.decoder.layers.0.self_attn.q_proj.weight" in names
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_run(cache_dir, tmp_path_factory):
-  """(config file, workdir) of a 150-step SFT run by train.py, which interrupted and resumed runs must equal."""
-  folder = tmp_path_factory.mktemp("uninterrupted")
-  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 150, "checkpoint.every_steps": 10,
-                                            "checkpoint.async_save": True, "data.eval_pairs": 0})
+def run_straight(config, folder, steps: int = 150):
+  """(config file, workdir) of a run by train.py straight through `steps` steps (asynchronous checkpoints every 10
+  steps), which interrupted and resumed runs of the same config must equal."""
+  config.training.max_steps, config.checkpoint.every_steps = steps, 10
+  config.checkpoint.async_save, config.data.eval_pairs = True, 0
   path = config_file(folder, config)
   straight = train_cli(path, str(folder / "straight"))
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
   return path, folder / "straight"
 
 
-def test_kill_and_resume_is_bit_identical(uninterrupted_run, tmp_path):
-  path, straight_dir = uninterrupted_run
+def assert_killed_and_resumed_run_equals(path, straight_dir, tmp_path):
+  """A run SIGKILLed mid-training and resumed logs the same losses and exports the same parameters, bit for bit, as
+  the run straight through."""
   killed_dir = tmp_path / "killed"
   victim = train_cli(path, str(killed_dir))
   deadline = time.time() + 600
@@ -206,6 +206,20 @@ def test_kill_and_resume_is_bit_identical(uninterrupted_run, tmp_path):
   assert "resumed from step" in output
   assert losses_by_step(str(killed_dir)) == losses_by_step(str(straight_dir))
   assert_same_params(exported(str(killed_dir)), exported(str(straight_dir)))
+
+
+def assert_kill_and_resume_is_bit_identical(config, tmp_path, steps: int = 150):
+  assert_killed_and_resumed_run_equals(*run_straight(config, tmp_path, steps), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(cache_dir, tmp_path_factory):
+  """(config file, workdir) of a 150-step SFT run straight through, shared by the SIGKILL and SIGTERM tests."""
+  return run_straight(tiny_config(cache_dir, "sft"), tmp_path_factory.mktemp("uninterrupted"))
+
+
+def test_kill_and_resume_is_bit_identical(uninterrupted_run, tmp_path):
+  assert_killed_and_resumed_run_equals(*uninterrupted_run, tmp_path)
 
 
 def test_sigterm_saves_at_the_current_step_and_the_rerun_matches_an_uninterrupted_run(uninterrupted_run, tmp_path):

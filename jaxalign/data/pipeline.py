@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxalign import pair_scores, parallel
-from jaxalign.data import batches as batches_lib, formats, hh, layouts, synthetic, tokenize
+from jaxalign.data import batches as batches_lib, formats, hh, layouts, synthetic, tokenize, unpaired
 from jaxalign.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,11 @@ class TrainStream:
 @dataclasses.dataclass
 class Split:
   """One split of a stage's data: its layout, the examples in that layout's form, and the records they came from
-  (for per-pair arrays such as reward heads)."""
+  (for per-pair arrays such as reward heads and KTO labels)."""
 
   layout: layouts.Layout
   examples: object
-  records: list[hh.PreferencePair]
+  records: list[hh.PreferencePair] | list[unpaired.UnpairedExample]
 
 
 @dataclasses.dataclass
@@ -160,14 +160,21 @@ def _sft_examples(config, pairs: tokenize.TokenizedPairs) -> tokenize.SFTExample
 
 
 def _load(config, tokenizer, split: str, batch_kind: str):
-  """The split's pairs and their tokens. SFT rows are cut later, keeping their start (as TRL's SFTTrainer does);
-  pairs are cut here the reference-DPO way (the prompt keeps its end, then the responses are shortened)."""
+  """The split's records (pairs, or KTO's unpaired examples) and their tokens. SFT rows are cut later, keeping their
+  start (as TRL's SFTTrainer does); pairs are cut here the reference-DPO way (the prompt keeps its end, then the
+  responses are shortened)."""
   subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
   chat = bool(config.data.chat_template)
-  pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
-                                       subsets=subsets, warn_skipped_share=config.data.warn_skipped_share)
-  if split == config.data.train_split and not chat:  # held-out pairs stay as they are
-    pairs = pair_scores.filter_pairs(config, pairs, skips)
+  if batch_kind == "unpaired":
+    # KTO: its examples, each travelling as (prompt, completion, mismatched completion) in the pair layouts.
+    records, _ = unpaired.load_examples(data_source(config), split=split, subsets=subsets)
+    pairs = unpaired.as_pairs(records, seed=config.seed)
+  else:
+    pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
+                                         subsets=subsets, warn_skipped_share=config.data.warn_skipped_share)
+    if split == config.data.train_split and not chat:  # held-out pairs stay as they are
+      pairs = pair_scores.filter_pairs(config, pairs, skips)
+    records = pairs
   pair_task = batch_kind != "sft"
   if chat and not pair_task:
     return pairs, tokenize.conversation_sft_examples(pairs, tokenizer, loss_on=config.data.loss_on,
@@ -179,7 +186,7 @@ def _load(config, tokenizer, split: str, batch_kind: str):
                                       max_prompt_length=config.data.max_prompt_length if pair_task else None,
                                       truncation_mode=config.data.truncation_mode, rendered=chat,
                                       cache_dir=os.path.join(cache_dir(config), "tokenized"))
-  return pairs, tokenized
+  return records, tokenized
 
 
 def _split(config, layout: layouts.Layout, records, tokenized, batch_kind: str) -> Split:
@@ -190,14 +197,14 @@ def _split(config, layout: layouts.Layout, records, tokenized, batch_kind: str) 
 
 
 def layout_for(config, batch_kind: str, *, held_out: bool = False) -> layouts.Layout:
-  """The batch layout of a stage's train or held-out split."""
+  """The batch layout of a stage's train or held-out split (KTO's unpaired examples use the pair layouts)."""
   if batch_kind == "sft":
     return layouts.sft_layout(config.data, held_out=held_out)
   return layouts.pair_layout(config.data, scored=config.task != "reward", held_out=held_out)
 
 
 def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
-  """A stage's train and held-out examples in their layouts; `batch_kind` "sft" or "pairs"."""
+  """A stage's train and held-out examples in their layouts; `batch_kind` "sft", "pairs" or "unpaired" (KTO)."""
   _check_divisible(config, mesh)
   if config.data.chat_template:
     tokenize.set_chat_template(tokenizer, config.data.chat_template)  # saved with the tokenizer on export
@@ -224,6 +231,8 @@ def streams(config, data: StageData, mesh, pad_id: int,
     out = dict((per_pair or {}).get(name, {}))
     if config.task == "reward":
       out.update(_head_per_pair(config, split.records))
+    if data.batch_kind == "unpaired":
+      out["desirable"] = unpaired.desirable_labels(split.records)
     return out
 
   common = dict(pad_id=pad_id, seed=config.seed, group_by_length=config.data.group_by_length)
