@@ -8,8 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxalign.losses import DPO_LOSS_TYPES
-from jaxalign.models.lora import ATTENTION_TARGETS, MLP_TARGETS
-from jaxalign.models.opt import PRESETS
+from jaxalign.models import registry
 
 STAGE_PREFIX = "stage:"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -47,7 +46,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
   if not config.init_from:
-    _one_of(config, "model.preset", sorted(PRESETS))
+    _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
 
@@ -93,9 +92,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
 
   if config.lora.enabled:
     _check(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")
-    _check(config, "lora.targets", bool(config.lora.targets)
-           and set(config.lora.targets) <= set(ATTENTION_TARGETS + MLP_TARGETS),
-           f"a non-empty subset of {list(ATTENTION_TARGETS + MLP_TARGETS)}")
+    _check(config, "lora.targets", set(config.lora.targets) <= set(registry.ALL_LORA_TARGETS),
+           f"() for the model family's default, or projection names from {list(registry.ALL_LORA_TARGETS)} "
+           "(which ones a model has depends on its family)")
     _check(config, "lora.dropout", 0 <= config.lora.dropout < 1, "a rate in [0, 1)")
   heads = tuple(config.reward.heads)
   _check(config, "reward.heads", bool(heads) and len(set(heads)) == len(heads), "distinct head names")
