@@ -6,6 +6,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxalign import sampling
 from jaxalign.models import hub
@@ -15,6 +16,18 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB = 99
 LENGTHS = (11, 7, 3, 11)
+
+
+@nnx.jit
+def forward(model, ids, attention_mask=None, **kwargs):
+  """fp32 logits, compiled (one program per shape: much faster than op-by-op on a busy CPU)."""
+  return model(ids, attention_mask, **kwargs)
+
+
+@nnx.jit
+def decode_step(model, ids, mask, cache):
+  hidden, cache = model.hidden_states(ids, mask, cache=cache)
+  return model.logits(hidden), cache
 
 
 def make_torch(model_type: str, seed: int = 0, **arch):
@@ -57,7 +70,7 @@ def torch_logits(torch_model, ids, mask):
 def assert_logits_match(torch_model, model, padding_side: str, atol: float = 1e-4):
   ids, mask = padded_batch(padding_side)
   expected = torch_logits(torch_model, ids, mask)
-  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  got = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
   diff = np.abs(got - expected)[mask.astype(bool)].max()
   assert diff <= atol, f"max abs logit diff on non-pad positions {diff}"
 
@@ -66,13 +79,13 @@ def assert_cached_decoding_matches(model, prefill: int = 5, atol: float = 1e-5):
   """Prefill `prefill` slots of a left-padded batch (some rows still all padding), then decode one token at a time:
   the same logits as the full forward."""
   ids, mask = (jnp.asarray(a) for a in padded_batch("left"))
-  full = np.asarray(model(ids, mask))
+  full = np.asarray(forward(model, ids, mask))
   cache = model.init_cache(ids.shape[0], ids.shape[1], dtype=jnp.float32)
-  hidden, cache = model.hidden_states(ids[:, :prefill], mask[:, :prefill], cache=cache)
-  steps = [model.logits(hidden)]
+  logits, cache = decode_step(model, ids[:, :prefill], mask[:, :prefill], cache)
+  steps = [logits]
   for t in range(prefill, ids.shape[1]):
-    hidden, cache = model.hidden_states(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
-    steps.append(model.logits(hidden))
+    logits, cache = decode_step(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+    steps.append(logits)
   cached = np.asarray(jnp.concatenate(steps, axis=1))
   assert np.abs(cached - full)[np.asarray(mask).astype(bool)].max() <= atol
 

@@ -119,7 +119,7 @@ TINY = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, nu
 
 
 def token_logprobs(model, ids, **kwargs):
-  logp = jax.nn.log_softmax(model(ids, **kwargs)[:, :-1], axis=-1)
+  logp = jax.nn.log_softmax(fp.forward(model, ids, **kwargs)[:, :-1], axis=-1)
   return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[0, :, 0]
 
 
@@ -144,7 +144,7 @@ def test_prefix_shared_row_gives_the_separate_rows_logprobs():
   positions = jnp.array([list(range(p + c)) + list(range(p, p + r))])
   allowed = np.ones((1, p + c + r, p + c + r), bool)
   allowed[0, p + c:, p:p + c] = False  # rejected does not see chosen
-  logp = jax.nn.log_softmax(model(row, positions=positions, mask=jnp.asarray(allowed)), axis=-1)[0]
+  logp = jax.nn.log_softmax(fp.forward(model, row, positions=positions, mask=jnp.asarray(allowed)), axis=-1)[0]
   separate_c = token_logprobs(model, jnp.array([prompt + chosen]))
   separate_r = token_logprobs(model, jnp.array([prompt + rejected]))
   shared_c = logp[np.arange(p - 1, p + c - 1), chosen]
@@ -192,9 +192,9 @@ def test_remat_and_bf16_keep_the_function():
   ids = jnp.array([[5, 6, 7, 8, 9, 10]])
   graphdef, state = nnx.split(model)
   remat = nnx.merge(nnx.split(llama.LlamaForCausalLM(TINY.replace(remat=True), rngs=nnx.Rngs(3)))[0], state)
-  np.testing.assert_allclose(remat(ids), model(ids), atol=1e-6)
+  np.testing.assert_allclose(fp.forward(remat, ids), fp.forward(model, ids), atol=1e-6)
   bf16 = nnx.merge(nnx.split(llama.LlamaForCausalLM(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(3)))[0], state)
-  out = bf16(ids)
+  out = fp.forward(bf16, ids)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, model(ids), atol=5e-2)
+  np.testing.assert_allclose(out, fp.forward(model, ids), atol=5e-2)
   assert registry.family_of(TINY).hf_causal_lm == "LlamaForCausalLM"
