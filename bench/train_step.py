@@ -14,7 +14,8 @@ figures are per real token at that length. Batches come from the library's own c
 pairs, the LM head runs at the scored (response) positions only, as in training, and MFU counts it only there.
 Random init (no weights needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), AdamW, each
 family's own dropout (0.1 for OPT and GPT-2, none for the others). DPO uses precomputed reference log-probs (the
-study recipe) unless --live-reference. `--json FILE` appends one JSON line per run, which `bench/study_estimate.py --measured FILE` turns into a projected study time.
+study recipe) unless --live-reference. `--json FILE` appends one JSON line per run, which
+`bench/study_estimate.py --measured FILE` turns into a projected study time.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ process. The CPU setting is described first; `--gpu` changes what the GPU settin
 
 GPU setting (`--gpu`): OPT-350M's shape (with `--model llama`: SmolLM2-360M's; random init), bf16 compute on both
 sides (jaxalign: dtype bfloat16 with fp32 parameters and fp32 log-softmax; TRL: `bf16=True`, autocast over fp32
-weights), max length 512 / prompt 256, still batch 8 (the paper's DPO batch). jaxalign pads plain and SFT rows to 512 and prefix-shared rows to 768 or
-1024, and runs the like-for-like variant and the study's (prefix-shared, precomputed reference) only, to keep the
-compilations few. TRL's steps are timed between `torch.cuda.synchronize()` calls.
+weights), max length 512 / prompt 256, still batch 8 (the paper's DPO batch). jaxalign pads plain and SFT rows to
+512 and prefix-shared rows to 768 or 1024, and runs the like-for-like variant and the study's (prefix-shared,
+precomputed reference) only, to keep the compilations few. TRL's steps are timed between `torch.cuda.synchronize()` calls.
 
   python bench/trl_compare.py                # ~5-7 minutes on 2 cores (longer when the machine is busy)
   python bench/trl_compare.py --record       # also appends the table to BENCHMARKS.md

@@ -173,9 +173,9 @@ def hh_text(prompt: str, response: str) -> str:
 
 
 class RewardModelJudge(BucketedJudge):
-  """One of our reward models (`models/reward.py`, any model family) as a judge: the pair is tokenized as its training pairs were
-  (an HH conversation, then the response and EOS; the model's own tokenizer, so a leading `</s>`), the end kept if
-  it is longer than `max_length`, and the score is the reward of `head` at the last token.
+  """One of our reward models (`models/reward.py`, any model family) as a judge: the pair is tokenized as its
+  training pairs were (an HH conversation, then the response and EOS; the model's own tokenizer, so OPT's leading
+  `</s>`), the end kept if it is longer than `max_length`, and the score is the reward of `head` at the last token.
   """
 
   def __init__(self, model: reward.RewardModel, tokenizer, *, head: str | None = None, batch_size: int = 16,

@@ -79,13 +79,13 @@ class GPT2Config:
       raise ValueError(f"Expected a GPT-2 config (model_type 'gpt2'), got {hf.get('model_type')!r}")
     if hf.get("add_cross_attention"):
       raise ValueError("GPT-2 configs with add_cross_attention=True (encoder-decoder use) are not supported")
-    fields = {k: layers.frozen(hf[k]) for k in _HF_FIELDS if k in hf and (hf[k] is not None or k.endswith("_id"))}
+    fields = layers.fields_from_hf(hf, _HF_FIELDS)
     if hf.get("resid_pdrop") is not None:
       fields["dropout"] = hf["resid_pdrop"]
     return cls(**{**fields, **overrides})
 
   def to_hf_dict(self) -> dict[str, Any]:
-    hf = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in _HF_FIELDS)}
+    hf = layers.hf_fields(self, _HF_FIELDS)
     hf.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], resid_pdrop=self.dropout,
               embd_pdrop=self.dropout)
     return hf
@@ -93,10 +93,6 @@ class GPT2Config:
   def replace(self, **changes) -> GPT2Config:
     return dataclasses.replace(self, **changes)
 
-
-def _linear(config: GPT2Config, rngs: nnx.Rngs, d_in: int, d_out: int, use_bias: bool = True) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
-                    kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
 
 
 def _layer_norm(config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -108,8 +104,8 @@ class GPT2Attention(nnx.Module):
 
   def __init__(self, config: GPT2Config, layer_index: int, *, rngs: nnx.Rngs):
     self.config = config
-    self.c_attn = _linear(config, rngs, config.n_embd, 3 * config.n_embd)
-    self.c_proj = _linear(config, rngs, config.n_embd, config.n_embd)
+    self.c_attn = layers.linear(config, rngs, config.n_embd, 3 * config.n_embd)
+    self.c_proj = layers.linear(config, rngs, config.n_embd, config.n_embd)
     scale = 1.0 / np.sqrt(config.head_dim) if config.scale_attn_weights else 1.0
     self.scale = scale / (layer_index + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
@@ -132,8 +128,8 @@ class GPT2MLP(nnx.Module):
 
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
     self.config = config
-    self.c_fc = _linear(config, rngs, config.n_embd, config.intermediate_size)
-    self.c_proj = _linear(config, rngs, config.intermediate_size, config.n_embd)
+    self.c_fc = layers.linear(config, rngs, config.n_embd, config.intermediate_size)
+    self.c_proj = layers.linear(config, rngs, config.intermediate_size, config.n_embd)
 
   def __call__(self, x, dropout_key=None):
     keys = layers.split_key(dropout_key, 2)
@@ -161,7 +157,7 @@ class GPT2Block(nnx.Module):
     return x, new_cache
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(layers.CausalLM):
   """Embeddings (`wte`, `wpe`), blocks, `ln_f` and the tied head; the decoder protocol of opt.py.
 
   `lm_head=False` leaves an untied head out (a reward model's backbone); GPT-2's own head is tied.
@@ -176,12 +172,8 @@ class GPT2LMHeadModel(nnx.Module):
     self.layers = nnx.List([GPT2Block(config, i, rngs=rngs) for i in range(config.n_layer)])
     self.ln_f = _layer_norm(config, rngs)
     untied = lm_head and not config.tie_word_embeddings
-    self.lm_head = _linear(config, rngs, config.n_embd, config.vocab_size, False) if untied else None
+    self.lm_head = layers.linear(config, rngs, config.n_embd, config.vocab_size, False) if untied else None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
-    cfg = self.config
-    return layers.init_cache(batch_size, max_length, num_layers=cfg.n_layer, kv_heads=cfg.n_head,
-                             head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -206,6 +198,3 @@ class GPT2LMHeadModel(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     return layers.head_logits(hidden, self.lm_head, self.wte, self.config)
 
-  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
-    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
-    return self.logits(hidden)

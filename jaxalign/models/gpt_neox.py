@@ -84,7 +84,7 @@ class GPTNeoXConfig:
     (`rope_parameters` with `partial_rotary_factor`); `overrides` win."""
     if hf.get("model_type") != "gpt_neox":
       raise ValueError(f"Expected a GPT-NeoX config (model_type 'gpt_neox'), got {hf.get('model_type')!r}")
-    fields = {k: layers.frozen(hf[k]) for k in _HF_FIELDS if k in hf and (hf[k] is not None or k.endswith("_id"))}
+    fields = layers.fields_from_hf(hf, _HF_FIELDS)
     rope = layers.rope_from_hf(hf, default_theta=10000.0, theta_key="rotary_emb_base", partial_key="rotary_pct",
                                default_partial=0.25)
     fields["rotary_pct"] = rope.pop("partial_rotary_factor")
@@ -95,7 +95,7 @@ class GPTNeoXConfig:
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The config.json contents, RoPE in transformers 5's form and 4's (`rotary_pct`, `rotary_emb_base`)."""
-    hf = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in _HF_FIELDS)}
+    hf = layers.hf_fields(self, _HF_FIELDS)
     hf.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_dropout=self.dropout,
               rotary_pct=self.rotary_pct, rotary_emb_base=self.rope_theta,
               **layers.rope_to_hf(self.rope_theta, self.rope_type, self.rope_scaling,
@@ -105,10 +105,6 @@ class GPTNeoXConfig:
   def replace(self, **changes) -> GPTNeoXConfig:
     return dataclasses.replace(self, **changes)
 
-
-def _linear(config: GPTNeoXConfig, rngs: nnx.Rngs, d_in: int, d_out: int, use_bias: bool = True) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
-                    kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
 
 
 def _layer_norm(config: GPTNeoXConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -121,8 +117,9 @@ class GPTNeoXAttention(nnx.Module):
 
   def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.query_key_value = _linear(config, rngs, config.hidden_size, 3 * config.hidden_size, config.attention_bias)
-    self.dense = _linear(config, rngs, config.hidden_size, config.hidden_size, config.attention_bias)
+    width, bias = config.hidden_size, config.attention_bias
+    self.query_key_value = layers.linear(config, rngs, width, 3 * width, bias)
+    self.dense = layers.linear(config, rngs, width, width, bias)
 
   def __call__(self, x, mask, rope, layer_cache=None, cache_index=None, dropout_key=None):
     cfg = self.config
@@ -144,8 +141,8 @@ class GPTNeoXMLP(nnx.Module):
 
   def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.dense_h_to_4h = _linear(config, rngs, config.hidden_size, config.intermediate_size)
-    self.dense_4h_to_h = _linear(config, rngs, config.intermediate_size, config.hidden_size)
+    self.dense_h_to_4h = layers.linear(config, rngs, config.hidden_size, config.intermediate_size)
+    self.dense_4h_to_h = layers.linear(config, rngs, config.intermediate_size, config.hidden_size)
 
   def __call__(self, x, dropout_key=None):
     keys = layers.split_key(dropout_key, 2)
@@ -174,7 +171,7 @@ class GPTNeoXLayer(nnx.Module):
     return h + dropout(self.mlp(self.post_attention_layernorm(h), keys[2]), rate, keys[3]), new_cache
 
 
-class GPTNeoXForCausalLM(nnx.Module):
+class GPTNeoXForCausalLM(layers.CausalLM):
   """The decoder (`embed_in`, layers, `final_layer_norm`) and its head `embed_out`; the decoder protocol of opt.py.
 
   `lm_head=False` leaves the untied head out (a reward model's backbone).
@@ -188,12 +185,8 @@ class GPTNeoXForCausalLM(nnx.Module):
     self.layers = nnx.List([GPTNeoXLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
     self.final_layer_norm = _layer_norm(config, rngs)
     untied = lm_head and not config.tie_word_embeddings
-    self.embed_out = _linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
+    self.embed_out = layers.linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
-    cfg = self.config
-    return layers.init_cache(batch_size, max_length, num_layers=cfg.num_hidden_layers,
-                             kv_heads=cfg.num_attention_heads, head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -218,9 +211,6 @@ class GPTNeoXForCausalLM(nnx.Module):
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied)."""
     return layers.head_logits(hidden, self.embed_out, self.embed_in, self.config)
 
-  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
-    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
-    return self.logits(hidden)
 
 
 @functools.lru_cache(maxsize=None)

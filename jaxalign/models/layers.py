@@ -181,6 +181,12 @@ def _attention_with_dropout(q, k, v, mask, rate, key, scale):
   return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(batch, length, heads, head_dim)
 
 
+def linear(config, rngs: nnx.Rngs, d_in: int, d_out: int, use_bias: bool = True) -> nnx.Linear:
+  """A projection in the config's compute / parameter dtypes, initialised N(0, initializer_range)."""
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
+                    kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+
+
 def layer_norm(size: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(size, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -251,6 +257,17 @@ def rope_to_hf(rope_theta: float, rope_type: str, rope_scaling: tuple, **extra) 
               rope_parameters={"rope_type": rope_type, "rope_theta": rope_theta, **extra, **scaling})
 
 
+def fields_from_hf(hf: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+  """The config.json fields named, lists as tuples; a null field is left out (the default), except special-token
+  ids (null there means "none")."""
+  return {k: frozen(hf[k]) for k in names if k in hf and (hf[k] is not None or k.endswith("token_id"))}
+
+
+def hf_fields(config, names: tuple[str, ...]) -> dict[str, Any]:
+  """The named fields of a config for config.json, tuples as lists."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in names)}
+
+
 def frozen(value):
   """Lists as tuples, so configs stay hashable (they are static under jit)."""
   return tuple(value) if isinstance(value, list) else value
@@ -317,6 +334,24 @@ def head_logits(hidden: jax.Array, lm_head: nnx.Linear | None, embed: nnx.Embed,
   if not config.tie_word_embeddings:
     raise ValueError("this model was built without its LM head (lm_head=False): it gives hidden states only")
   return lm_logits(hidden, embed.embedding[...], config.dtype, vocab_first=True)
+
+
+class CausalLM(nnx.Module):
+  """What every family's causal LM shares: `model(ids, mask, **kw)` gives fp32 logits, and an empty KV cache of
+  `kv_heads` heads per slot. Subclasses define `hidden_states` and `logits`."""
+
+  kv_heads_field = "num_attention_heads"  # the config field with the number of K/V heads
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
+    cfg = self.config
+    return init_cache(batch_size, max_length, num_layers=cfg.num_hidden_layers,
+                      kv_heads=getattr(cfg, self.kv_heads_field), head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
+
+  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
+    """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""
+    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
+    return self.logits(hidden)
 
 
 def count_params(model: nnx.Module) -> int:

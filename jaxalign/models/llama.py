@@ -121,7 +121,7 @@ class LlamaConfig:
     if hf.get("use_sliding_window") and model_type in ("qwen2", "qwen3"):
       raise ValueError(f"{model_type} configs with use_sliding_window=True (sliding attention in some layers) are "
                        "not supported")
-    fields = {k: layers.frozen(hf[k]) for k in _HF_FIELDS if k in hf}
+    fields = layers.fields_from_hf(hf, _HF_FIELDS)
     if model_type != "mistral":
       fields.pop("sliding_window", None)  # Qwen configs carry it unused (use_sliding_window is False)
     if model_type == "qwen2":
@@ -140,7 +140,7 @@ class LlamaConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers `config.json` contents, with RoPE in both forms (transformers 5 reads `rope_parameters`,
     transformers 4 `rope_theta` / `rope_scaling`)."""
-    hf = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in _HF_FIELDS)}
+    hf = layers.hf_fields(self, _HF_FIELDS)
     hf.update(model_type=self.model_type, architectures=[f"{ARCHITECTURES[self.model_type]}ForCausalLM"],
               rope_theta=self.rope_theta, **layers.rope_to_hf(self.rope_theta, self.rope_type, self.rope_scaling))
     if self.model_type == "qwen2":
@@ -153,10 +153,6 @@ class LlamaConfig:
     return dataclasses.replace(self, **changes)
 
 
-def _linear(config: LlamaConfig, rngs: nnx.Rngs, d_in: int, d_out: int, use_bias: bool) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
-                    kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-
 
 def _rms_norm(config: LlamaConfig, size: int) -> layers.RMSNorm:
   return layers.RMSNorm(size, eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
@@ -168,10 +164,10 @@ class LlamaAttention(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
     c, qkv_bias = config, config.attention_bias or config.qkv_bias
-    self.q_proj = _linear(c, rngs, c.hidden_size, c.num_attention_heads * c.head_dim, qkv_bias)
-    self.k_proj = _linear(c, rngs, c.hidden_size, c.num_key_value_heads * c.head_dim, qkv_bias)
-    self.v_proj = _linear(c, rngs, c.hidden_size, c.num_key_value_heads * c.head_dim, qkv_bias)
-    self.o_proj = _linear(c, rngs, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias)
+    self.q_proj = layers.linear(c, rngs, c.hidden_size, c.num_attention_heads * c.head_dim, qkv_bias)
+    self.k_proj = layers.linear(c, rngs, c.hidden_size, c.num_key_value_heads * c.head_dim, qkv_bias)
+    self.v_proj = layers.linear(c, rngs, c.hidden_size, c.num_key_value_heads * c.head_dim, qkv_bias)
+    self.o_proj = layers.linear(c, rngs, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias)
     if config.qk_norm:
       self.q_norm, self.k_norm = _rms_norm(c, c.head_dim), _rms_norm(c, c.head_dim)
     else:
@@ -203,9 +199,9 @@ class LlamaMLP(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
     c = config
-    self.gate_proj = _linear(c, rngs, c.hidden_size, c.intermediate_size, c.mlp_bias)
-    self.up_proj = _linear(c, rngs, c.hidden_size, c.intermediate_size, c.mlp_bias)
-    self.down_proj = _linear(c, rngs, c.intermediate_size, c.hidden_size, c.mlp_bias)
+    self.gate_proj = layers.linear(c, rngs, c.hidden_size, c.intermediate_size, c.mlp_bias)
+    self.up_proj = layers.linear(c, rngs, c.hidden_size, c.intermediate_size, c.mlp_bias)
+    self.down_proj = layers.linear(c, rngs, c.intermediate_size, c.hidden_size, c.mlp_bias)
 
   def __call__(self, x, dropout_key=None):
     keys = layers.split_key(dropout_key, 3)
@@ -231,11 +227,14 @@ class LlamaDecoderLayer(nnx.Module):
     return x, new_cache
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(layers.CausalLM):
   """The decoder with its LM head (tied to the embeddings, or its own `lm_head`); the decoder protocol of opt.py.
 
-  `lm_head=False` leaves an untied head out (a reward model's backbone needs only the hidden states).
+  `lm_head=False` leaves an untied head out (a reward model's backbone needs only the hidden states). The KV cache
+  holds num_key_value_heads per slot: grouped-query attention caches less.
   """
+
+  kv_heads_field = "num_key_value_heads"
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.config = config
@@ -245,13 +244,8 @@ class LlamaForCausalLM(nnx.Module):
     self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
     self.norm = _rms_norm(config, config.hidden_size)
     untied = lm_head and not config.tie_word_embeddings
-    self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
+    self.lm_head = layers.linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
-    """An empty KV cache (num_key_value_heads per slot: grouped-query attention caches less)."""
-    cfg = self.config
-    return layers.init_cache(batch_size, max_length, num_layers=cfg.num_hidden_layers,
-                             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -275,10 +269,6 @@ class LlamaForCausalLM(nnx.Module):
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied)."""
     return layers.head_logits(hidden, self.lm_head, self.embed_tokens, self.config)
 
-  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
-    """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""
-    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
-    return self.logits(hidden)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,9 @@
 """LoRA (Hu et al., 2021): a frozen Linear plus a trainable low-rank update, y = xW + b + (alpha/r) · drop(x) A B.
 
 `apply_lora` swaps chosen projections of every block of a causal LM or reward model of any family (by attribute name,
-anywhere inside the block, as PEFT's `target_modules`; default: the family's, from the registry) for `LoRALinear`s that keep the wrapped layer's `kernel`/`bias`
-(same parameter paths, so checkpoints and exports still line up). Only `nnx.LoRAParam` variables are trained.
-B starts at zero, so a fresh adapter leaves the model unchanged; zeroing the LoRA params gives back the base model
+anywhere inside the block, as PEFT's `target_modules`; default: the family's, from the registry) for `LoRALinear`s
+that keep the wrapped layer's `kernel`/`bias` (same parameter paths, so checkpoints and exports still line up).
+Only `nnx.LoRAParam` variables are trained. B starts at zero, so a fresh adapter leaves the model unchanged; zeroing the LoRA params gives back the base model
 (the DPO reference "with adapters off", without a second copy of the weights). `merge_lora` folds the update into
 the kernels for export.
 """

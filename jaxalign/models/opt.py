@@ -206,7 +206,7 @@ class OPTDecoderLayer(nnx.Module):
     return x, new_cache
 
 
-class OPTForCausalLM(nnx.Module):
+class OPTForCausalLM(layers.CausalLM):
   """The OPT decoder with its tied language-model head.
 
   Call `model(input_ids, attention_mask)` for fp32 logits; `model.hidden_states(...)` for the final hidden states
@@ -234,11 +234,6 @@ class OPTForCausalLM(nnx.Module):
     # Pre-LN models end with a LayerNorm; post-LN blocks already end normalised.
     self.final_layer_norm = _layer_norm(config, rngs) if config.do_layer_norm_before else None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
-    """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
-    cfg = self.config
-    return layers.init_cache(batch_size, max_length, num_layers=cfg.num_hidden_layers,
-                             kv_heads=cfg.num_attention_heads, head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -273,7 +268,3 @@ class OPTForCausalLM(nnx.Module):
     """The tied LM head: hidden @ embed_tokens.T, multiplied in the compute dtype and accumulated/returned in fp32."""
     return layers.lm_logits(hidden, self.embed_tokens.embedding[...], self.config.dtype, vocab_first=True)
 
-  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
-    """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""
-    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
-    return self.logits(hidden)
