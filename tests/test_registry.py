@@ -87,7 +87,8 @@ def test_lora_wraps_the_family_default_targets(model_type, wrapped):
   ids = np.array([[5, 6, 7, 8]])
   merged = lora.merge_lora(model)
   assert not lora.has_lora(merged)
-  np.testing.assert_allclose(merged(ids), model(ids), atol=1e-6)  # B = 0: the adapters change nothing yet
+  forward = nnx.jit(lambda m, ids: m(ids))
+  np.testing.assert_allclose(forward(merged, ids), forward(model, ids), atol=1e-6)  # B = 0: nothing changed yet
 
 
 def test_lora_names_the_family_targets_when_a_target_is_missing():
@@ -138,8 +139,8 @@ def llama_folder(tmp_path_factory):
 def llama_run(folder, cache_dir, task, **fields):
   from test_trainer import tiny_config
 
-  config = tiny_config(cache_dir, task, **{"init_from": folder, "training.max_steps": 3, **fields})
-  return config
+  return tiny_config(cache_dir, task, **{"init_from": folder, "training.max_steps": 2, "data.eval_pairs": 0,
+                                         **fields})
 
 
 def test_trainer_runs_sft_lora_dpo_and_reward_from_a_llama_folder(llama_folder, tmp_path):
@@ -148,10 +149,10 @@ def test_trainer_runs_sft_lora_dpo_and_reward_from_a_llama_folder(llama_folder, 
   from test_trainer import losses_by_step
 
   cache = str(tmp_path / "cache")
-  sft = trainer.run(llama_run(llama_folder, cache, "sft", **{"training.max_steps": 6, "optimizer.lr": 3e-3}),
+  sft = trainer.run(llama_run(llama_folder, cache, "sft", **{"training.max_steps": 5, "optimizer.lr": 3e-3}),
                     str(tmp_path / "sft"))
   losses = losses_by_step(str(tmp_path / "sft"))
-  assert losses[6] < losses[1]
+  assert losses[5] < losses[1]
   dpo = trainer.run(llama_run(sft, cache, "dpo", **{"lora.enabled": True, "optimizer.lr": 1e-2}),
                     str(tmp_path / "dpo"))
   assert losses_by_step(str(tmp_path / "dpo"))[1] == pytest.approx(math.log(2), abs=1e-6)
