@@ -115,13 +115,10 @@ class GPT2Attention(nnx.Module):
     keys = layers.split_key(dropout_key, 3)
     q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim)
                for t in jnp.split(project(self.c_attn, x, keys[0]), 3, axis=-1))
-    new_cache = None
-    if layer_cache is not None:
-      k, v, new_cache = layers.write_cache(layer_cache, k, v, cache_index)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attend(q, k, v, mask, attention_impl=cfg.attention_impl, dropout_rate=cfg.attn_pdrop,
-                        dropout_key=keys[1], scale=self.scale)
-    return project(self.c_proj, out.reshape(batch, length, cfg.n_embd), keys[2]), new_cache
+    out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
+                                             attention_impl=cfg.attention_impl, dropout_rate=cfg.attn_pdrop,
+                                             dropout_key=keys[1], scale=self.scale)
+    return project(self.c_proj, out, keys[2]), new_cache
 
 
 class GPT2MLP(nnx.Module):
@@ -132,9 +129,7 @@ class GPT2MLP(nnx.Module):
     self.c_proj = layers.linear(config, rngs, config.intermediate_size, config.n_embd)
 
   def __call__(self, x, dropout_key=None):
-    keys = layers.split_key(dropout_key, 2)
-    activation = layers.ACTIVATIONS[self.config.activation_function]
-    return project(self.c_proj, activation(project(self.c_fc, x, keys[0])), keys[1])
+    return layers.feed_forward(self.c_fc, self.c_proj, self.config.activation_function, x, dropout_key)
 
 
 class GPT2Block(nnx.Module):

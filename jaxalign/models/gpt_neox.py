@@ -128,13 +128,10 @@ class GPTNeoXAttention(nnx.Module):
     qkv = project(self.query_key_value, x, keys[0]).reshape(batch, length, cfg.num_attention_heads, 3 * cfg.head_dim)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
-    new_cache = None
-    if layer_cache is not None:
-      k, v, new_cache = layers.write_cache(layer_cache, k, v, cache_index)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attend(q, k, v, mask, attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
-                        dropout_key=keys[1])
-    return project(self.dense, out.reshape(batch, length, cfg.hidden_size), keys[2]), new_cache
+    out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
+                                             attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
+                                             dropout_key=keys[1])
+    return project(self.dense, out, keys[2]), new_cache
 
 
 class GPTNeoXMLP(nnx.Module):
@@ -145,9 +142,7 @@ class GPTNeoXMLP(nnx.Module):
     self.dense_4h_to_h = layers.linear(config, rngs, config.intermediate_size, config.hidden_size)
 
   def __call__(self, x, dropout_key=None):
-    keys = layers.split_key(dropout_key, 2)
-    activation = layers.ACTIVATIONS[self.config.hidden_act]
-    return project(self.dense_4h_to_h, activation(project(self.dense_h_to_4h, x, keys[0])), keys[1])
+    return layers.feed_forward(self.dense_h_to_4h, self.dense_4h_to_h, self.config.hidden_act, x, dropout_key)
 
 
 class GPTNeoXLayer(nnx.Module):

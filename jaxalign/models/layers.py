@@ -148,6 +148,25 @@ def write_cache(layer_cache, k, v, cache_index):
   return k, v, {"k": k, "v": v}
 
 
+def cached_attention(q, k, v, mask, layer_cache, cache_index, *, attention_impl: str, dropout_rate: float,
+                     dropout_key, scale: float | None = None):
+  """This call's K/V written into the layer cache (when there is one), then attention over all the cache's slots.
+  Returns the heads' outputs flattened to [B, T, N * H] and the new layer cache (None without a cache)."""
+  new_cache = None
+  if layer_cache is not None:
+    k, v, new_cache = write_cache(layer_cache, k, v, cache_index)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+  out = attend(q, k, v, mask, attention_impl=attention_impl, dropout_rate=dropout_rate, dropout_key=dropout_key,
+               scale=scale)
+  return out.reshape(*q.shape[:2], -1), new_cache
+
+
+def feed_forward(up: nnx.Module, down: nnx.Module, activation: str, x: jax.Array, dropout_key) -> jax.Array:
+  """down(activation(up(x))): the two-matrix MLP of OPT, GPT-2 and GPT-NeoX."""
+  keys = split_key(dropout_key, 2)
+  return project(down, ACTIVATIONS[activation](project(up, x, keys[0])), keys[1])
+
+
 def attention_implementation(attention_impl: str, dtype) -> str:
   """The implementation `jax.nn.dot_product_attention` is given for this setting and compute dtype."""
   if attention_impl != "auto":

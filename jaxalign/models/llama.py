@@ -183,14 +183,10 @@ class LlamaAttention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
-    new_cache = None
-    if layer_cache is not None:
-      k, v, new_cache = layers.write_cache(layer_cache, k, v, cache_index)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attend(q, k, v, mask, attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
-                        dropout_key=keys[3])
-    out = project(self.o_proj, out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim), keys[4])
-    return out, new_cache
+    out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
+                                             attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
+                                             dropout_key=keys[3])
+    return project(self.o_proj, out, keys[4]), new_cache
 
 
 class LlamaMLP(nnx.Module):

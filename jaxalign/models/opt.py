@@ -142,14 +142,10 @@ class OPTAttention(nnx.Module):
     q = split(project(self.q_proj, x, keys[0]))
     k = split(project(self.k_proj, x, keys[1]))
     v = split(project(self.v_proj, x, keys[2]))
-    new_cache = None
-    if layer_cache is not None:
-      k, v, new_cache = layers.write_cache(layer_cache, k, v, cache_index)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attend(q, k, v, mask, attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
-                        dropout_key=keys[3])
-    out = project(self.out_proj, out.reshape(batch, length, cfg.hidden_size), keys[4])
-    return out, new_cache
+    out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
+                                             attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
+                                             dropout_key=keys[3])
+    return project(self.out_proj, out, keys[4]), new_cache
 
 
 def _linear_factory(config: OPTConfig, rngs: nnx.Rngs):
@@ -186,7 +182,7 @@ class OPTDecoderLayer(nnx.Module):
   def __call__(self, x, mask, context=None, layer_cache=None, cache_index=None, dropout_key=None):
     """One block; `context` is unused (OPT's positions are added once, at the embeddings)."""
     cfg = self.config
-    keys = layers.split_key(dropout_key, 5)
+    keys = layers.split_key(dropout_key, 4)
     residual = x
     if cfg.do_layer_norm_before:
       x = self.self_attn_layer_norm(x)
@@ -198,8 +194,7 @@ class OPTDecoderLayer(nnx.Module):
     residual = x
     if cfg.do_layer_norm_before:
       x = self.final_layer_norm(x)
-    activation = layers.ACTIVATIONS[cfg.activation_function]
-    x = project(self.fc2, activation(project(self.fc1, x, keys[3])), keys[4])
+    x = layers.feed_forward(self.fc1, self.fc2, cfg.activation_function, x, keys[3])
     x = residual + dropout(x, cfg.dropout, keys[2])
     if not cfg.do_layer_norm_before:
       x = self.final_layer_norm(x)
