@@ -1,15 +1,21 @@
 """SFT, DPO and reward-model train-step throughput: step time, tokens/s, examples/s, peak memory and MFU.
 
   python bench/train_step.py --preset opt-350m --dtype bfloat16 --runs sft:32x512,dpo-shared:32x1024,reward:32x512
+  python bench/train_step.py --preset smollm2-360m,qwen2.5-0.5b --runs sft:16x512,dpo-shared:8x1024
+
+Presets: every family's real shapes (`jaxalign.models.registry.preset_names()`: opt-*, smollm2-360m, llama-3.2-1b,
+qwen2.5-0.5b, qwen2.5-1.5b, qwen3-0.6b, mistral-7b, pythia-*, gpt2*), comma-separated; `--layers N` keeps only N
+blocks (a quick CPU check of a big shape).
 
 Tasks: `sft` (rows of `length`), `dpo` (chosen and rejected rows of `length` each: half prompt, half response),
 `dpo-shared` (prefix-shared rows of `length`: prompt half, then chosen and rejected a quarter each, the prompt
 computed once) and `reward` (two rows of `length` per pair, a scalar head, as `dpo`). Every row is full, so the
 figures are per real token at that length. Batches come from the library's own collate functions on synthetic
 pairs, the LM head runs at the scored (response) positions only, as in training, and MFU counts it only there.
-Random init (no weights needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), AdamW, dropout
-as in OPT. DPO uses precomputed reference log-probs (the study recipe) unless --live-reference. `--json FILE`
-appends one JSON line per run, which `bench/study_estimate.py --measured FILE` turns into a projected study time.
+Random init (no weights needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), AdamW, each
+family's own dropout (0.1 for OPT and GPT-2, none for the others). DPO uses precomputed reference log-probs (the
+study recipe) unless --live-reference. `--json FILE` appends one JSON line per run, which
+`bench/study_estimate.py --measured FILE` turns into a projected study time.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from flax import nnx
 from configs import common
 from jaxalign import flops, parallel, reference as reference_lib, tasks, trainer
 from jaxalign.data import layouts, tokenize
-from jaxalign.models import opt, reward
+from jaxalign.models import layers, registry, reward
 
 TASKS = ("sft", "dpo", "dpo-shared", "reward")
 PAD_ID = 1
@@ -74,12 +80,14 @@ def make_task(task: str):
 
 
 def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, remat: bool, steps: int,
-            live_reference: bool = False, attention: str = "auto") -> dict:
+            live_reference: bool = False, attention: str = "auto", num_layers: int = 0) -> dict:
   """Times `steps` train steps after one compile; returns the figures as a dict."""
-  config = opt.preset(preset).replace(dtype=dtype, remat=remat, attention_impl=attention)
+  config = registry.preset(preset).replace(dtype=dtype, remat=remat, attention_impl=attention)
+  if num_layers:
+    config = _with_layers(config, num_layers)
   mesh = parallel.make_mesh()
-  model = (reward.OPTRewardModel(config, ("harmless", "helpful"), rngs=nnx.Rngs(0)) if task == "reward"
-           else opt.OPTForCausalLM(config, rngs=nnx.Rngs(0)))
+  model = (reward.RewardModel(config, ("harmless", "helpful"), rngs=nnx.Rngs(0)) if task == "reward"
+           else registry.build_causal_lm(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = trainer.split_model(model, use_lora=False)
   tx = trainer.make_optimizer(common.get_config().optimizer, total_steps=10_000)
   state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -113,14 +121,20 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
   flops_per_s = flops.training_flops(config, length, tokens, scored, extra_forwards=extra) / step_s
   stats = jax.devices()[0].memory_stats() or {}
   return {
-      "device": jax.devices()[0].device_kind, "preset": preset, "task": task, "dtype": dtype, "remat": remat,
-      "attention": opt.attention_implementation(config, config.dtype),
+      "device": jax.devices()[0].device_kind, "preset": preset + (f" ({num_layers} layers)" if num_layers else ""),
+      "task": task, "dtype": dtype, "remat": remat,
+      "attention": layers.attention_implementation(config.attention_impl, config.dtype),
       "reference": reference_mode if task.startswith("dpo") else "", "batch": batch, "length": length,
       "rows": rows, "scored": scored, "compile_s": compile_s, "step_ms": step_s * 1e3,
       "tokens_per_s": tokens / step_s, "examples_per_s": batch / step_s, "tflops": flops_per_s / 1e12,
       "mfu": flops.mfu(flops_per_s, jax.device_count(), flops.device_peak_flops()),
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "loss": float(metrics["loss"]),
   }
+
+
+def _with_layers(config, num_layers: int):
+  field = "n_layer" if registry.family_of(config).model_type == "gpt2" else "num_hidden_layers"
+  return config.replace(**{field: num_layers})
 
 
 def format_row(r: dict) -> str:
@@ -150,7 +164,9 @@ def parse_run(spec: str) -> tuple[str, int, int]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", default="opt-350m")
+  parser.add_argument("--preset", default="opt-350m",
+                      help=f"comma-separated presets, from {', '.join(registry.preset_names())}")
+  parser.add_argument("--layers", type=int, default=0, help="keep only this many blocks (0 = all)")
   parser.add_argument("--runs", default="sft:16x512,dpo-shared:8x1024",
                       help="comma-separated TASK:BATCHxLENGTH, e.g. sft:32x512,dpo-shared:16x1024 (DPO and reward "
                            "batch = pairs)")
@@ -162,13 +178,15 @@ def main():
                       help="attention implementation; with auto, a run that fails under cuDNN is retried with xla")
   parser.add_argument("--json", help="append one JSON line per run to this file")
   args = parser.parse_args()
-  runs = [parse_run(spec) for spec in args.runs.split(",")]
+  runs = [(preset, *parse_run(spec)) for preset in args.preset.split(",") for spec in args.runs.split(",")]
+  for preset, *_ in runs:
+    registry.preset(preset)  # an unknown name fails before anything runs
   print(HEADER, flush=True)
-  for task, batch, length in runs:
+  for preset, task, batch, length in runs:
     for attention in (args.attention, "xla") if args.attention == "auto" else (args.attention,):
       try:
-        result = measure(args.preset, task, batch, length, dtype=args.dtype, remat=args.remat, steps=args.steps,
-                         live_reference=args.live_reference, attention=attention)
+        result = measure(preset, task, batch, length, dtype=args.dtype, remat=args.remat, steps=args.steps,
+                         live_reference=args.live_reference, attention=attention, num_layers=args.layers)
         break
       except Exception as error:  # a benchmark reports a failing shape and goes on with the others
         result = None

@@ -2,9 +2,12 @@
 (the default) or on a GPU (`--gpu`). Same model, same weights, same token ids, same batches, run alternately in one
 process. The CPU setting is described first; `--gpu` changes what the GPU setting list at the end says.
 
-  * model: a small OPT (4 layers, hidden 256, 4 heads, ffn 1024, vocab 50272), random init, built by jaxalign and
-    written with `hub.save_pretrained`; TRL trains `OPTForCausalLM.from_pretrained` of that folder (its reference
-    model is a second copy). Dropout 0 on both sides (TRL's DPO default `disable_dropout=True`). fp32.
+  * model: a small OPT (4 layers, hidden 256, 4 heads, ffn 1024, vocab 50272), or with `--model llama` a small
+    Llama (4 layers, hidden 256, grouped-query attention with 4 query / 2 K/V heads, SwiGLU 1024, tied head, vocab
+    49152: SmolLM2's shape in small), random init, built by jaxalign and written with `hub.save_pretrained`; TRL
+    trains `AutoModelForCausalLM.from_pretrained` of that folder (its reference model is a second copy). Dropout 0
+    on both sides (TRL's DPO default `disable_dropout=True`). fp32. The Llama reads the OPT tokenizer's ids: the
+    few at or above its vocabulary (rare BPE merges) are folded into it (id mod 49152), the same ids on both sides.
   * data: real Anthropic HH pairs (harmless-base test) and the real OPT tokenizer from ../shared. Pairs are tokenized
     ONCE by jaxalign (max_length 256, max_prompt_length 128, prompt keeps its end) and TRL is handed these very ids
     (`prompt_ids` / `chosen_ids` / `rejected_ids`; its own tokenization step is bypassed, because TRL >= 1.0 no longer
@@ -38,16 +41,17 @@ process. The CPU setting is described first; `--gpu` changes what the GPU settin
   * tokens/s counts the real (unpadded) tokens of the plain layout — prompt + chosen and prompt + rejected rows —
     for every DPO row, so it is proportional to pairs/s; prefix sharing computes fewer tokens for the same work.
 
-GPU setting (`--gpu`): OPT-350M's shape (random init), bf16 compute on both sides (jaxalign: dtype bfloat16 with
-fp32 parameters and fp32 log-softmax; TRL: `bf16=True`, autocast over fp32 weights), max length 512 / prompt 256,
-still batch 8 (the paper's DPO batch). jaxalign pads plain and SFT rows to 512 and prefix-shared rows to 768 or
-1024, and runs the like-for-like variant and the study's (prefix-shared, precomputed reference) only, to keep the
-compilations few. TRL's steps are timed between `torch.cuda.synchronize()` calls.
+GPU setting (`--gpu`): OPT-350M's shape (with `--model llama`: SmolLM2-360M's; random init), bf16 compute on both
+sides (jaxalign: dtype bfloat16 with fp32 parameters and fp32 log-softmax; TRL: `bf16=True`, autocast over fp32
+weights), max length 512 / prompt 256, still batch 8 (the paper's DPO batch). jaxalign pads plain and SFT rows to
+512 and prefix-shared rows to 768 or 1024, and runs the like-for-like variant and the study's (prefix-shared,
+precomputed reference) only, to keep the compilations few. TRL's steps are timed between `torch.cuda.synchronize()` calls.
 
   python bench/trl_compare.py                # ~5-7 minutes on 2 cores (longer when the machine is busy)
   python bench/trl_compare.py --record       # also appends the table to BENCHMARKS.md
   python bench/trl_compare.py --breakdown    # also times where a jaxalign DPO step goes (forward, head, backward)
   python bench/trl_compare.py --gpu          # on a GPU (bench/gpu.sh runs it)
+  python bench/trl_compare.py --model llama  # the small Llama instead of the small OPT
 
 Needs `trl` (the `bench` extra). Skips, with the reason printed, when ../shared or trl is missing.
 """
@@ -99,11 +103,16 @@ class Setting:
   def gpu(self) -> bool:
     return self.name == "GPU"
 
-  def model_config(self):
-    from jaxalign.models import opt
+  def model_config(self, family: str = "opt"):
+    from jaxalign.models import llama, registry
 
     if self.gpu:
-      return opt.preset("opt-350m").replace(dtype=self.dtype, dropout=0.0, attention_dropout=0.0)
+      name = "smollm2-360m" if family == "llama" else "opt-350m"
+      return registry.preset(name).replace(dtype=self.dtype, dropout=0.0, attention_dropout=0.0)
+    if family == "llama":
+      return llama.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                               rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
     return small_opt_config()
 
 
@@ -126,6 +135,9 @@ def parse_args():
   parser.add_argument("--seed", type=int, default=0, help="batch order and model init")
   parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
   parser.add_argument("--gpu", action="store_true", help="the GPU setting: OPT-350M shape, bf16, length 512")
+  parser.add_argument("--model", choices=("opt", "llama"), default="opt",
+                      help="the small OPT, or the small Llama (GQA 4/2, vocab 49152); with --gpu OPT-350M or "
+                           "SmolLM2-360M")
   args = parser.parse_args()
   args.setting = GPU if args.gpu else CPU
   return args
@@ -146,18 +158,26 @@ def skip_reason(args) -> str | None:
 # ------------------------------------------------------------------------------------------------------ setup
 
 
-def load_data(args):
-  """(tokenized DPO pairs at the setting's lengths, SFT examples cut to its max length, permutation of the pairs)."""
+def fold_ids(pairs, vocab_size: int):
+  """The pairs with ids >= vocab_size folded into the vocabulary (the small Llama reads the OPT tokenizer's ids)."""
+  fold = lambda arrays: [np.where(a >= vocab_size, a % vocab_size, a).astype(a.dtype) for a in arrays]
+  return dataclasses.replace(pairs, prompt_ids=fold(pairs.prompt_ids), chosen_ids=fold(pairs.chosen_ids),
+                             rejected_ids=fold(pairs.rejected_ids))
+
+
+def load_data(args, vocab_size: int):
+  """(tokenized DPO pairs at the setting's lengths, SFT examples cut to its max length, permutation of the pairs),
+  every id below `vocab_size`."""
   from jaxalign import tokenizer as tokenizer_lib
   from jaxalign.data import hh, tokenize
 
   tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer)
   pairs, report = hh.load_preference_pairs(args.data, split="test")
   setting = args.setting
-  dpo = tokenize.tokenize_pairs(pairs, tokenizer, max_length=setting.max_length,
-                                max_prompt_length=setting.max_prompt_length)
-  sft = tokenize.sft_examples(tokenize.tokenize_pairs(pairs, tokenizer, max_length=None, max_prompt_length=None),
-                              max_length=setting.max_length)
+  dpo = fold_ids(tokenize.tokenize_pairs(pairs, tokenizer, max_length=setting.max_length,
+                                         max_prompt_length=setting.max_prompt_length), vocab_size)
+  full = fold_ids(tokenize.tokenize_pairs(pairs, tokenizer, max_length=None, max_prompt_length=None), vocab_size)
+  sft = tokenize.sft_examples(full, max_length=setting.max_length)
   order = np.random.default_rng(args.seed).permutation(len(dpo))
   print(f"data: {report.summary()}; DPO {dpo.counts()}; SFT {sft.counts}", flush=True)
   return tokenizer, dpo, sft, order
@@ -296,7 +316,7 @@ def alternating_callback(warmup, steps, timer, examples, tokens, between_rounds)
 def run_dpo(args, model, model_dir, pairs, order, pad_id):
   import datasets
   import torch
-  from transformers import OPTForCausalLM
+  from transformers import AutoModelForCausalLM
   from trl import DPOConfig, DPOTrainer
 
   from jaxalign import tasks
@@ -306,14 +326,15 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
   setting = args.setting
   rows, shared, tokens, width_note = make_dpo_batches(setting, pairs, order, count, pad_id)
   device = "cuda" if setting.gpu else "cpu"
-  hf_policy = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-  hf_reference = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+  hf_policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+  hf_reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
   same = check_same_function(model, hf_policy, rows[0])
   compared = f"jaxalign in {setting.dtype}, transformers in float32"
   print(f"same function: max |logp(ours) - logp(torch)| over 16 rows = {same:.2e} ({compared})", flush=True)
 
   task = tasks.DPOTask(beta=BETA)
-  notes = [f"summed response log-probs of the first batch (16 rows) agree with transformers' OPT to {same:.1e} "
+  notes = [f"summed response log-probs of the first batch (16 rows) agree with transformers' "
+           f"{type(hf_policy).__name__} to {same:.1e} "
            f"(max abs difference; {compared})", width_note]
   batches_of = {LIVE: rows, SHARED_LIVE: shared}
   if SHARED_PRECOMPUTED in setting.dpo_variants:
@@ -369,7 +390,7 @@ def run_dpo(args, model, model_dir, pairs, order, pad_id):
 def run_sft(args, model, model_dir, examples, order, pad_id):
   import datasets
   import torch
-  from transformers import OPTForCausalLM
+  from transformers import AutoModelForCausalLM
   from trl import SFTConfig, SFTTrainer
 
   from jaxalign import shapes, tasks
@@ -402,7 +423,7 @@ def run_sft(args, model, model_dir, examples, order, pad_id):
 
   dataset = datasets.Dataset.from_dict({"input_ids": [examples.input_ids[i].tolist()
                                                       for i in order[:count * BATCH]]})
-  hf_model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   with tempfile.TemporaryDirectory() as out_dir:
     config = SFTConfig(**trl_common_args(args.setting, out_dir, count), max_length=args.setting.max_length,
                        packing=False, padding_free=False)
@@ -491,7 +512,7 @@ def main():
   import trl
   from flax import nnx
 
-  from jaxalign.models import hub, opt
+  from jaxalign.models import hub, registry
 
   import warnings
 
@@ -503,9 +524,10 @@ def main():
   datasets.disable_progress_bars()
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
-  tokenizer, pairs, sft, order = load_data(args)
+  model_config = args.setting.model_config(args.model)
+  tokenizer, pairs, sft, order = load_data(args, model_config.vocab_size)
   pad_id = tokenizer.pad_token_id
-  model = opt.OPTForCausalLM(args.setting.model_config(), rngs=nnx.Rngs(args.seed))
+  model = registry.build_causal_lm(model_config, rngs=nnx.Rngs(args.seed))
   accelerator = f"{jax.devices()[0].device_kind}, " if args.setting.gpu else ""
   machine = (f"{accelerator}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "

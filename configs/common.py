@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer = "facebook/opt-350m"  # Hub id or local folder; "synthetic" trains a tiny BPE on the synthetic data
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "opt-350m"  # architecture for random init (see jaxalign.models.opt.PRESETS)
+  # Architecture for random init: opt-125m … opt-66b, smollm2-360m, llama-3.2-1b, qwen2.5-0.5b, qwen2.5-1.5b,
+  # qwen3-0.6b, mistral-7b, pythia-160m … pythia-2.8b, gpt2 … gpt2-xl (jaxalign.models.registry.preset_names())
+  c.model.preset = "opt-350m"
   c.model.arch = ml_collections.ConfigDict()  # field overrides of the preset, e.g. num_hidden_layers
   c.model.dtype = "float32"  # compute dtype: bfloat16 on GPU/TPU; parameters stay float32
   c.model.remat = False
@@ -117,7 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.rank = 8
   c.lora.alpha = 16.0
   c.lora.dropout = 0.05
-  c.lora.targets = ("q_proj", "v_proj")
+  # Projections to adapt; () = the family's default: q_proj, v_proj (OPT, Llama, Qwen, Mistral; the paper's),
+  # query_key_value (GPT-NeoX), c_attn (GPT-2)
+  c.lora.targets = ()
 
   c.reward = ml_collections.ConfigDict()
   c.reward.heads = ("reward",)  # or ("harmless", "helpful"): one head per criterion, trained on its HH subsets

@@ -12,8 +12,7 @@ import ml_collections
 from jaxalign import losses
 from jaxalign.data.formats import FORMATS
 from jaxalign.data.tokenize import LOSS_ON
-from jaxalign.models.lora import ATTENTION_TARGETS, MLP_TARGETS
-from jaxalign.models.opt import PRESETS
+from jaxalign.models import registry
 
 PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
 
@@ -73,7 +72,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
   if not config.init_from:
-    _one_of(config, "model.preset", sorted(PRESETS))
+    _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
 
@@ -137,9 +136,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
 
   if config.lora.enabled:
     _check(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")
-    _check(config, "lora.targets", bool(config.lora.targets)
-           and set(config.lora.targets) <= set(ATTENTION_TARGETS + MLP_TARGETS),
-           f"a non-empty subset of {list(ATTENTION_TARGETS + MLP_TARGETS)}")
+    _check(config, "lora.targets", set(config.lora.targets) <= set(registry.ALL_LORA_TARGETS),
+           f"() for the model family's default, or projection names from {list(registry.ALL_LORA_TARGETS)} "
+           "(which ones a model has depends on its family)")
     _check(config, "lora.dropout", 0 <= config.lora.dropout < 1, "a rate in [0, 1)")
   heads = tuple(config.reward.heads)
   _check(config, "reward.heads", bool(heads) and len(set(heads)) == len(heads), "distinct head names")
@@ -218,7 +217,7 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
     raise ConfigError(f"config.tokenizer = {config.tokenizer!r} has {tokenizer_size} token ids but {model} has "
                       f"vocab_size {vocab}: ids {vocab}..{tokenizer_size - 1} have no embedding. Use the model's own "
                       "tokenizer, or (random init) set model.arch.vocab_size >= the tokenizer's size")
-  positions = model_config.get("max_position_embeddings")
+  positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")  # GPT-2: n_positions
   if positions is not None and config.data.max_length > positions:
     raise ConfigError(f"config.data.max_length = {config.data.max_length} is more than the {positions} positions of "
                       f"{model} (max_position_embeddings): lower data.max_length to at most {positions}")

@@ -2,15 +2,22 @@
 
 Counting follows the PaLM appendix: a multiply-add is 2 FLOPs; a forward pass costs 2 FLOPs per matmul weight per
 token plus attention's two T x T products (4 · T · d per layer per token, counted for the full, non-causal square);
-a backward pass costs twice the forward. Embedding lookups are free; the tied LM head is a matmul and counts where
-it runs (the trainer runs it only at scored positions).
+a backward pass costs twice the forward. Embedding lookups are free; the LM head (tied or not) is a matmul and
+counts where it runs (the trainer runs it only at scored positions).
+
+Any registered family: the matmul weights are the kernels of its decoder (found in the abstract model, so fused
+projections, grouped-query K/V, SwiGLU's three matrices and OPT's project_in/out count as they are), attention's
+width is query heads × head_dim.
 """
 
 from __future__ import annotations
 
-import jax
+import functools
 
-from jaxalign.models.opt import OPTConfig
+import jax
+from flax import nnx
+
+from jaxalign.models import registry
 
 # Dense bf16 peak FLOP/s by device kind (substring match, first hit wins; most specific first).
 PEAK_FLOPS = (
@@ -27,26 +34,31 @@ PEAK_FLOPS = (
 )
 
 
-def body_flops_per_token(config: OPTConfig, seq_len: int) -> float:
+@functools.lru_cache(maxsize=None)
+def matmul_weights(config) -> int:
+  """Weights of the decoder's matrix multiplications (every kernel but the LM head; embeddings are lookups)."""
+  body = registry.abstract_causal_lm(config, lm_head=False)
+  flat = nnx.to_flat_state(nnx.state(body, nnx.Param))
+  return sum(variable.size for path, variable in flat if path[-1] == "kernel")
+
+
+def body_flops_per_token(config, seq_len: int) -> float:
   """Forward FLOPs per token of everything but the LM head, for rows of `seq_len` tokens."""
-  d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
-  matmul_weights = layers * (4 * d * d + 2 * d * f)
-  if config.word_embed_proj_dim != d:
-    matmul_weights += 2 * d * config.word_embed_proj_dim
-  return 2.0 * matmul_weights + layers * 4 * seq_len * d
+  attention_width = config.num_attention_heads * config.head_dim
+  return 2.0 * matmul_weights(config) + config.num_hidden_layers * 4 * seq_len * attention_width
 
 
-def head_flops_per_token(config: OPTConfig) -> float:
-  """Forward FLOPs of the (tied) LM head for one position."""
-  return 2.0 * config.vocab_size * config.word_embed_proj_dim
+def head_flops_per_token(config) -> float:
+  """Forward FLOPs of the LM head for one position."""
+  return 2.0 * config.vocab_size * registry.family_of(config).hidden_width(config)
 
 
-def forward_flops_per_token(config: OPTConfig, seq_len: int) -> float:
+def forward_flops_per_token(config, seq_len: int) -> float:
   """FLOPs of one forward pass per token (LM head included) for rows of `seq_len` tokens."""
   return body_flops_per_token(config, seq_len) + head_flops_per_token(config)
 
 
-def training_flops(config: OPTConfig, seq_len: int, tokens: float, scored: float, *, extra_forwards: int = 0) -> float:
+def training_flops(config, seq_len: int, tokens: float, scored: float, *, extra_forwards: int = 0) -> float:
   """Forward + backward (3 forwards) over `tokens` tokens whose LM head runs at `scored` positions only (as the
   trainer computes it), plus `extra_forwards` such forwards (1 for a live DPO reference model)."""
   forward = tokens * body_flops_per_token(config, seq_len) + scored * head_flops_per_token(config)

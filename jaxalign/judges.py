@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import config_lib, shapes, workdirs
-from jaxalign.models import deberta, hub, reward
+from jaxalign.models import deberta, hub, registry, reward
 
 DEFAULT_JUDGE = "OpenAssistant/reward-model-deberta-v3-large-v2"
 
@@ -152,14 +152,13 @@ def hh_text(prompt: str, response: str) -> str:
   return f"{conversation} {response.strip()}"
 
 
-class OPTRewardJudge(BucketedJudge):
-  """One of our OPT reward models (`models/reward.py`) as a judge: the pair is tokenized as its training pairs were
-  (an HH conversation, then the response and EOS; the model's own tokenizer, so a leading `</s>`), the end kept if
-  it is longer than `max_length` (at most the model's max_position_embeddings), and the score is the reward of
-  `head` at the last token.
+class RewardModelJudge(BucketedJudge):
+  """One of our reward models (`models/reward.py`, any model family) as a judge: the pair is tokenized as its
+  training pairs were (an HH conversation, then the response and EOS; the model's own tokenizer, so OPT's leading
+  `</s>`), the end kept if it is longer than `max_length`, and the score is the reward of `head` at the last token.
   """
 
-  def __init__(self, model: reward.OPTRewardModel, tokenizer, *, head: str | None = None, batch_size: int = 16,
+  def __init__(self, model: reward.RewardModel, tokenizer, *, head: str | None = None, batch_size: int = 16,
                max_length: int = 512, buckets: Sequence[int] | None = None, _compiled=None):
     if head is None and len(model.heads) > 1:
       raise ValueError(f"this reward model has heads {model.heads}: name the one to judge with")
@@ -183,16 +182,16 @@ class OPTRewardJudge(BucketedJudge):
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, *, head: str | None = None, dtype: str = "float32",
-                      revision: str | None = None, **kwargs) -> OPTRewardJudge:
+                      revision: str | None = None, **kwargs) -> RewardModelJudge:
     from jaxalign.tokenizer import load_tokenizer
 
     model_dir = hub.resolve_model_dir(name_or_path, revision=revision)
     model = reward.from_pretrained(model_dir, dtype=dtype)
     return cls(model, load_tokenizer(model_dir), head=head or model.heads[0], **kwargs)
 
-  def for_head(self, head: str) -> OPTRewardJudge:
+  def for_head(self, head: str) -> RewardModelJudge:
     """The same model (and compiled forward) judging with another head."""
-    return OPTRewardJudge(self.model, self.tokenizer, head=head, _compiled=self._compiled, **self._settings)
+    return RewardModelJudge(self.model, self.tokenizer, head=head, _compiled=self._compiled, **self._settings)
 
   def encode(self, prompts, responses):
     texts = [hh_text(p, r) for p, r in zip(prompts, responses)]
@@ -206,7 +205,8 @@ class OPTRewardJudge(BucketedJudge):
 
 
 # The tensor a trained judge of each model type has and a plain language model (or bare encoder) lacks.
-SCORING_HEADS = {"deberta-v2": "classifier.weight", "opt": "score.weight"}
+# Our reward models of every family carry `score.weight` (their sequence-classification head).
+SCORING_HEADS = {"deberta-v2": "classifier.weight", **dict.fromkeys(registry.FAMILIES, "score.weight")}
 
 
 def _check_scoring_head(name_or_path: str, model_dir: str, hf_config: dict) -> None:
@@ -223,6 +223,10 @@ def _check_scoring_head(name_or_path: str, model_dir: str, hf_config: dict) -> N
                    "trained with configs/reward.py")
 
 
+# The name from before other model families; the class is the same.
+OPTRewardJudge = RewardModelJudge
+
+
 def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None, **kwargs) -> Judge:
   """The judge for a Hub id or local folder, chosen by its config.json `model_type`; `kwargs` go to its loader."""
   model_dir = hub.resolve_model_dir(name_or_path, revision=revision)
@@ -232,9 +236,10 @@ def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None
     _check_scoring_head(name_or_path, model_dir, hf_config)
   if model_type == "deberta-v2":
     return DebertaJudge.from_pretrained(model_dir, **kwargs)
-  if model_type == "opt":
-    return OPTRewardJudge.from_pretrained(model_dir, **kwargs)
-  raise ValueError(f"No judge for model_type {model_type!r} in {model_dir!r}; supported: 'deberta-v2', 'opt'")
+  if model_type in registry.FAMILIES:
+    return RewardModelJudge.from_pretrained(model_dir, **kwargs)
+  raise ValueError(f"No judge for model_type {model_type!r} in {model_dir!r}; supported: 'deberta-v2', "
+                   f"{', '.join(repr(t) for t in sorted(registry.FAMILIES))} (our reward models)")
 
 
 # --------------------------------------------------------------------------------- several judges, per prompt set

@@ -24,7 +24,6 @@ from flax import nnx
 
 from jaxalign import shapes
 from jaxalign.parallel import host_numpy
-from jaxalign.models.opt import OPTForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def compiled_program_count() -> int:
 
 
 def generate_ids(
-    model: OPTForCausalLM, input_ids, attention_mask, *, key: jax.Array | None = None,
+    model: nnx.Module, input_ids, attention_mask, *, key: jax.Array | None = None,
     options: SamplingOptions = SamplingOptions(), sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Generates continuations of left-padded prompts; returns (tokens [B, max_new_tokens] int32, lengths [B] int32).
@@ -277,7 +276,7 @@ def _left_padded(rows: list[list[int]], batch: int, length: int, pad_id: int) ->
 
 
 def generate(
-    model: OPTForCausalLM, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50,
+    model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50,
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS, batch_size: int = 64, seed: int = 0,
     max_prompt_length: int = 1024, sharding: jax.sharding.Sharding | None = None, add_special_tokens: bool = True,
@@ -318,6 +317,6 @@ def generate(
   return Generations(texts=texts, num_new_tokens=num_new, num_truncated_prompts=truncated)
 
 
-def generate_texts(model: OPTForCausalLM, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
+def generate_texts(model: nnx.Module, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
   """The responses only; keyword arguments as in `generate`."""
   return generate(model, tokenizer, prompts, **kwargs).texts

@@ -25,7 +25,7 @@ from jaxalign import (checkpoint, config_lib, curves, flops, hub_push, parallel,
                       tasks, trackers)
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
-from jaxalign.models import hub, lora, opt, reward
+from jaxalign.models import hub, lora, registry, reward
 from jaxalign.tokenizer import check_vocabulary, load_tokenizer
 from jaxalign.workdirs import EXPORT_DIR, resolve_init_path
 
@@ -77,7 +77,7 @@ def _compute_options(config) -> dict[str, Any]:
 def model_hf_config(config) -> dict[str, Any]:
   """The Hugging Face config dict of the model a stage starts from (only config.json is read or fetched)."""
   if not config.init_from:
-    return opt.preset(config.model.preset, **config.model.arch.to_dict()).to_hf_dict()
+    return registry.preset(config.model.preset, **config.model.arch.to_dict()).to_hf_dict()
   path = resolve_init_path(config.init_from)
   if os.path.isdir(path):
     return hub.load_config(path)
@@ -112,11 +112,11 @@ def build_model(config, mesh) -> nnx.Module:
     else:
       model = hub.from_pretrained(path, shardings_fn=shardings_fn, **compute)
   else:
-    arch = opt.preset(config.model.preset, **config.model.arch.to_dict()).replace(**compute)
+    arch = registry.preset(config.model.preset, **config.model.arch.to_dict()).replace(**compute)
     if config.task == "reward":
-      make = lambda: reward.OPTRewardModel(arch, tuple(config.reward.heads), rngs=nnx.Rngs(config.seed))
+      make = lambda: reward.RewardModel(arch, tuple(config.reward.heads), rngs=nnx.Rngs(config.seed))
     else:
-      make = lambda: opt.OPTForCausalLM(arch, rngs=nnx.Rngs(config.seed))
+      make = lambda: registry.build_causal_lm(arch, rngs=nnx.Rngs(config.seed))
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
     shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.min_fsdp_size)
     state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
@@ -127,9 +127,11 @@ def build_model(config, mesh) -> nnx.Module:
   return model
 
 
-def export_model(model: nnx.Module, out_dir: str, dtype: str = "") -> None:
-  if isinstance(model, reward.OPTRewardModel):
-    reward.save_pretrained(model, out_dir)
+def export_model(model: nnx.Module, out_dir: str, dtype: str = "", pad_token_id: int | None = None) -> None:
+  """The trained model as a Hugging Face folder (a reward model scored at the last token that is not
+  `pad_token_id`)."""
+  if isinstance(model, reward.RewardModel):
+    reward.save_pretrained(model, out_dir, pad_token_id=pad_token_id)
   else:
     hub.save_pretrained(lora.merge_lora(model) if lora.has_lora(model) else model, out_dir, dtype=dtype or None)
 
@@ -388,7 +390,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   log.info("compiled the train step %d time(s) for %d batch shape(s)", steps.compilations["train"],
            len(metric_logger.shapes))
   if config.export.enabled:
-    export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype)
+    export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype, tokenizer.pad_token_id)
   seconds["stage"] = time.perf_counter() - stage_start
   summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
   if jax.process_index() == 0:
@@ -407,6 +409,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
 def _training_flops(model, reference: reference_lib.Reference):
   """Training FLOPs of a step as a function of (row length, tokens, scored tokens); a reference run in the step
   adds a forward."""
-  arch = model.backbone.config if isinstance(model, reward.OPTRewardModel) else model.config
+  arch = model.config
   extra = 1 if reference.runs_forward else 0
   return lambda seq_len, tokens, scored: flops.training_flops(arch, seq_len, tokens, scored, extra_forwards=extra)

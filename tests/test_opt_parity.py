@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.models import hub, opt
+from jaxalign.models import hub, opt, registry
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -124,7 +124,7 @@ def test_explicit_mask_restricts_attention(tmp_path):
 
 
 def test_opt_350m_preset_has_the_real_parameter_count():
-  model = hub.abstract_opt(opt.preset("opt-350m"))
+  model = registry.abstract_causal_lm(opt.preset("opt-350m"))
   assert opt.count_params(model) == 331_196_416
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import parallel
-from jaxalign.models import opt
+from jaxalign.models import registry
 
 log = logging.getLogger(__name__)
 
@@ -189,83 +190,73 @@ def export_tensors(model: nnx.Module, param_map: ParamMap) -> dict[str, np.ndarr
           for path, (hf, transform) in param_map.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------- OPT
+# ------------------------------------------------------------------------------------------- every family
+
+# Buffers some checkpoints carry that are not parameters: RoPE tables, GPT-2 / GPT-NeoX causal-mask constants.
+_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|\.attention\.(masked_)?bias)$")
 
 
-def opt_param_map(config: opt.OPTConfig, prefix: str = "model.") -> ParamMap:
-  """Our OPT parameter paths -> transformers' OPTForCausalLM tensor names (the LM head is tied, so not listed)."""
-  d = f"{prefix}decoder."
-  mapping: ParamMap = {
-      ("embed_tokens", "embedding"): (f"{d}embed_tokens.weight", "copy"),
-      ("embed_positions", "embedding"): (f"{d}embed_positions.weight", "copy"),
-  }
-  if config.word_embed_proj_dim != config.hidden_size:
-    mapping[("project_in", "kernel")] = (f"{d}project_in.weight", "transpose")
-    mapping[("project_out", "kernel")] = (f"{d}project_out.weight", "transpose")
-  if config.do_layer_norm_before:
-    mapping[("final_layer_norm", "scale")] = (f"{d}final_layer_norm.weight", "copy")
-    mapping[("final_layer_norm", "bias")] = (f"{d}final_layer_norm.bias", "copy")
-  linears = [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "out_proj"),
-             ("fc1",), ("fc2",)]
-  norms = [("self_attn_layer_norm",), ("final_layer_norm",)]
-  for i in range(config.num_hidden_layers):
-    for module in linears:
-      hf = f"{d}layers.{i}.{'.'.join(module)}"
-      mapping[("layers", i, *module, "kernel")] = (f"{hf}.weight", "transpose")
-      if config.enable_bias:
-        mapping[("layers", i, *module, "bias")] = (f"{hf}.bias", "copy")
-    if config.layer_norm_elementwise_affine:
-      for module in norms:
-        hf = f"{d}layers.{i}.{module[0]}"
-        mapping[("layers", i, *module, "scale")] = (f"{hf}.weight", "copy")
-        mapping[("layers", i, *module, "bias")] = (f"{hf}.bias", "copy")
-  return mapping
-
-
-def opt_prefix(reader: CheckpointReader) -> str:
-  # Current transformers checkpoints say "model.decoder.*"; facebook's original OPT uploads say "decoder.*".
-  for prefix in ("model.", ""):
-    if f"{prefix}decoder.embed_tokens.weight" in reader.names():
+def checkpoint_prefix(reader: CheckpointReader, fam: registry.Family, first_param: str) -> str:
+  """Which of the family's name prefixes the checkpoint uses (e.g. "model.decoder." or facebook's "decoder.")."""
+  names = reader.names()
+  for prefix in fam.prefixes:
+    if prefix + first_param in names:
       return prefix
-  raise KeyError(f"{reader.model_dir!r} does not look like an OPT checkpoint: no decoder.embed_tokens.weight")
+  raise KeyError(f"{reader.model_dir!r} does not look like a {fam.model_type} checkpoint: none of "
+                 f"{[p + first_param for p in fam.prefixes]} is in it")
 
 
-def abstract_opt(config: opt.OPTConfig) -> opt.OPTForCausalLM:
-  """An OPT with shapes and dtypes but no memory behind its parameters (fill it with `load_into`)."""
-  return nnx.eval_shape(lambda: opt.OPTForCausalLM(config, rngs=nnx.Rngs(0)))
+def load_model(abstract: nnx.Module, reader: CheckpointReader, fam: registry.Family, shardings: Any = None, *,
+               under: tuple = (), extra: ParamMap | None = None) -> nnx.Module:
+  """Fills `abstract` (a causal LM, or a model holding one at `under`) from a checkpoint of family `fam`; `extra`
+  maps parameters outside the decoder (a reward head). An unused LM head and known buffers are ignored."""
+  unprefixed = registry.param_map(abstract, fam, "", under=under)
+  first_body_name = next(name for path, (name, _) in unprefixed.items()
+                         if path[len(under)] not in fam.head_attributes)
+  mapping = registry.param_map(abstract, fam, checkpoint_prefix(reader, fam, first_body_name), under=under)
+  mapping.update(extra or {})
+  heads = {f"{head}.weight" for head in fam.head_attributes + ("lm_head",)}
+  ignore = [name for name in reader.names() if _BUFFERS.search(name) or name in heads]
+  return load_into(abstract, reader, mapping, shardings, ignore=ignore)
 
 
 def from_pretrained(name_or_path: str, *, revision: str | None = None, shardings: Any = None,
-                    shardings_fn: Callable[[nnx.Module], Any] | None = None, **compute) -> opt.OPTForCausalLM:
-  """Loads an OPT from a Hub id (e.g. "facebook/opt-350m") or a local HF folder.
+                    shardings_fn: Callable[[nnx.Module], Any] | None = None, **compute) -> nnx.Module:
+  """Loads a causal LM of any registered family from a Hub id (e.g. "facebook/opt-350m",
+  "HuggingFaceTB/SmolLM2-360M") or a local folder (single or sharded safetensors; torch .bin through
+  `weights_only`).
 
-  `compute` sets how to compute (dtype, remat, attention_impl). `shardings` (a State-shaped tree) or
+  `compute` sets how to compute (dtype, remat, attention_impl, dropout). `shardings` (a State-shaped tree) or
   `shardings_fn(abstract_model)` places each parameter directly onto its sharding.
   """
   model_dir = resolve_model_dir(name_or_path, revision=revision)
-  config = opt.OPTConfig.from_hf_dict(load_config(model_dir), **compute)
+  config = registry.config_from_hf(load_config(model_dir), **compute)
   reader = CheckpointReader(model_dir)
-  abstract = abstract_opt(config)
+  abstract = registry.abstract_causal_lm(config)
   if shardings is None and shardings_fn is not None:
     shardings = shardings_fn(abstract)
-  prefix = opt_prefix(reader)
-  return load_into(abstract, reader, opt_param_map(config, prefix), shardings, ignore=["lm_head.weight"])
+  return load_model(abstract, reader, registry.family_of(config), shardings)
 
 
-def save_pretrained(model: opt.OPTForCausalLM, out_dir: str, *, dtype: str | None = None) -> None:
-  """Writes `config.json` + safetensors that transformers' `OPTForCausalLM.from_pretrained(out_dir)` loads.
-
-  `dtype` (e.g. "bfloat16") converts the stored weights; default keeps the parameter dtype. In a multi-host run every
-  process must call this (arrays are gathered); only process 0 writes.
-  """
-  tensors = export_tensors(model, opt_param_map(model.config))
-  if dtype is not None:
-    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+def write_model(out_dir: str, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+  """Writes config.json (with the stored dtype) and the safetensors; only process 0 writes."""
   if jax.process_index() != 0:
     return
   os.makedirs(out_dir, exist_ok=True)
-  hf_config = model.config.to_hf_dict()
   hf_config["dtype"] = str(next(iter(tensors.values())).dtype)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(hf_config, f, indent=2)
   write_safetensors(tensors, out_dir)
+
+
+def save_pretrained(model: nnx.Module, out_dir: str, *, dtype: str | None = None) -> None:
+  """Writes `config.json` + safetensors that transformers' `AutoModelForCausalLM.from_pretrained(out_dir)` loads
+  (`OPTForCausalLM`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GPTNeoXForCausalLM`, `GPT2LMHeadModel`…).
+
+  `dtype` (e.g. "bfloat16") converts the stored weights; default keeps the parameter dtype. In a multi-host run every
+  process must call this (arrays are gathered); only process 0 writes.
+  """
+  tensors = export_tensors(model, registry.param_map(model, registry.family_of(model.config)))
+  if dtype is not None:
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+  write_model(out_dir, model.config.to_hf_dict(), tensors)

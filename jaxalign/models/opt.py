@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign.models import layers
+from jaxalign.models.layers import count_params, dropout, project  # noqa: F401 (count_params: callers use opt.*)
+
 # OPT's learned position table is indexed by position + 2: fairseq reserved the first two rows (padding_idx + 1).
 POSITION_OFFSET = 2
 # HF OPT uses torch.nn.LayerNorm's default epsilon (flax's default is 1e-6).
 LAYER_NORM_EPS = 1e-5
-_ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
 
 # Fields of a transformers OPTConfig that we read and write back.
 _HF_FIELDS = (
@@ -63,10 +65,10 @@ class OPTConfig:
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
           f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
-    if self.activation_function not in _ACTIVATIONS:
-      raise ValueError(f"activation_function {self.activation_function!r} not supported; one of {sorted(_ACTIVATIONS)}")
-    if self.attention_impl not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"attention_impl {self.attention_impl!r} not supported; one of 'auto', 'xla', 'cudnn'")
+    layers.check_choice("activation_function", self.activation_function, ("relu", "gelu"))
+    layers.check_choice("attention_impl", self.attention_impl, layers.ATTENTION_IMPLS)
+
+  model_type = "opt"
 
   @property
   def head_dim(self) -> int:
@@ -121,41 +123,6 @@ def preset(name: str, **changes) -> OPTConfig:
 
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def default_positions(attention_mask: jax.Array) -> jax.Array:
-  """OPT's positions from a padding mask: 0, 1, 2, … over real tokens (so left padding works), -1 on padding."""
-  mask = attention_mask.astype(jnp.int32)
-  return jnp.cumsum(mask, axis=1) * mask - 1
-
-
-def attention_mask_4d(
-    query_slots: jax.Array, key_valid: jax.Array, query_segments: jax.Array | None = None,
-    key_segments: jax.Array | None = None, explicit: jax.Array | None = None,
-) -> jax.Array:
-  """Boolean attention mask [B, 1, T, S]: causal (by slot), keys not padding, same segment, and `explicit`.
-
-  `query_slots` [B, T] are the key-slot indices of the queries (their own slot; with a cache, offset by the cache
-  index). A query always sees its own slot, so padded queries never get an all-masked row (no NaNs).
-  """
-  num_keys = key_valid.shape[1]
-  key_slots = jnp.arange(num_keys)[None, None, :]
-  causal = key_slots <= query_slots[:, :, None]
-  mask = causal & key_valid[:, None, :].astype(bool)
-  if query_segments is not None:
-    mask &= query_segments[:, :, None] == key_segments[:, None, :]
-  if explicit is not None:
-    mask &= explicit.astype(bool)
-  mask |= key_slots == query_slots[:, :, None]
-  return mask[:, None, :, :]
-
-
 class OPTAttention(nnx.Module):
   """Multi-head self-attention. OPT scales queries by head_dim**-0.5 before the dot product."""
 
@@ -170,52 +137,15 @@ class OPTAttention(nnx.Module):
   def __call__(self, x, mask, layer_cache=None, cache_index=None, dropout_key=None):
     cfg = self.config
     batch, length, _ = x.shape
-    keys = _split_key(dropout_key, 5)
+    keys = layers.split_key(dropout_key, 5)
     split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
     q = split(project(self.q_proj, x, keys[0]))
     k = split(project(self.k_proj, x, keys[1]))
     v = split(project(self.v_proj, x, keys[2]))
-    new_cache = None
-    if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-      new_cache = {"k": k, "v": v}
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if cfg.attention_dropout > 0.0 and dropout_key is not None:
-      out = _attention_with_dropout(q, k, v, mask, cfg.attention_dropout, keys[3])
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attention_implementation(cfg, q.dtype))
-    out = project(self.out_proj, out.reshape(batch, length, cfg.hidden_size), keys[4])
-    return out, new_cache
-
-
-def _split_key(key: jax.Array | None, n: int) -> list:
-  return list(jax.random.split(key, n)) if key is not None else [None] * n
-
-
-def project(linear: nnx.Module, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-  """Applies a projection; LoRA-wrapped ones (models/lora.py) also take a key for their input dropout."""
-  if isinstance(linear, nnx.Linear):
-    return linear(x)
-  return linear(x, dropout_key=dropout_key)
-
-
-def attention_implementation(cfg: OPTConfig, dtype) -> str:
-  """The implementation `jax.nn.dot_product_attention` is given for this config and compute dtype."""
-  if cfg.attention_impl != "auto":
-    return cfg.attention_impl
-  # cuDNN flash attention exists only on GPU and only in half precision.
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "xla"
-
-
-def _attention_with_dropout(q, k, v, mask, rate, key):
-  """Explicit softmax attention, used only when attention-probability dropout is on (OPT's default is 0)."""
-  scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
+                                             attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
+                                             dropout_key=keys[3])
+    return project(self.out_proj, out, keys[4]), new_cache
 
 
 def _linear_factory(config: OPTConfig, rngs: nnx.Rngs):
@@ -249,9 +179,10 @@ class OPTDecoderLayer(nnx.Module):
     self.fc2 = linear(config.ffn_dim, config.hidden_size)
     self.final_layer_norm = _layer_norm(config, rngs)
 
-  def __call__(self, x, mask, layer_cache=None, cache_index=None, dropout_key=None):
+  def __call__(self, x, mask, context=None, layer_cache=None, cache_index=None, dropout_key=None):
+    """One block; `context` is unused (OPT's positions are added once, at the embeddings)."""
     cfg = self.config
-    keys = _split_key(dropout_key, 5)
+    keys = layers.split_key(dropout_key, 4)
     residual = x
     if cfg.do_layer_norm_before:
       x = self.self_attn_layer_norm(x)
@@ -263,29 +194,23 @@ class OPTDecoderLayer(nnx.Module):
     residual = x
     if cfg.do_layer_norm_before:
       x = self.final_layer_norm(x)
-    x = project(self.fc2, _ACTIVATIONS[cfg.activation_function](project(self.fc1, x, keys[3])), keys[4])
+    x = layers.feed_forward(self.fc1, self.fc2, cfg.activation_function, x, keys[3])
     x = residual + dropout(x, cfg.dropout, keys[2])
     if not cfg.do_layer_norm_before:
       x = self.final_layer_norm(x)
     return x, new_cache
 
 
-def _run_layer(layer: OPTDecoderLayer, x, mask, dropout_key):
-  return layer(x, mask, dropout_key=dropout_key)[0]
-
-
-# Rematerialised layer call: keeps only each block's input for the backward pass.
-_run_layer_remat = nnx.remat(_run_layer)
-
-
-class OPTForCausalLM(nnx.Module):
+class OPTForCausalLM(layers.CausalLM):
   """The OPT decoder with its tied language-model head.
 
   Call `model(input_ids, attention_mask)` for fp32 logits; `model.hidden_states(...)` for the final hidden states
   (what reward heads and chunked log-prob computations use) and, with a cache, incremental decoding.
+  `lm_head=False` (a reward model's backbone) changes nothing: the head is the tied embedding table.
   """
 
-  def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+    del lm_head  # tied: there is no separate head to leave out
     self.config = config
     embed_init = nnx.initializers.normal(config.init_std)
     self.embed_tokens = nnx.Embed(config.vocab_size, config.word_embed_proj_dim, dtype=config.dtype,
@@ -304,17 +229,6 @@ class OPTForCausalLM(nnx.Module):
     # Pre-LN models end with a LayerNorm; post-LN blocks already end normalised.
     self.final_layer_norm = _layer_norm(config, rngs) if config.do_layer_norm_before else None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
-    """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
-    cfg = self.config
-    dtype = dtype or cfg.dtype
-    shape = (batch_size, max_length, cfg.num_attention_heads, cfg.head_dim)
-    return {
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)],
-        "index": jnp.zeros((), jnp.int32),
-        "key_valid": jnp.zeros((batch_size, max_length), bool),
-        "next_position": jnp.zeros((batch_size,), jnp.int32),
-    }
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -328,68 +242,24 @@ class OPTForCausalLM(nnx.Module):
       (attention only within equal ids; pass positions restarting per segment); mask [B, T, S] an extra boolean
       attention mask ANDed with the causal/padding/segment mask (S = T without a cache); dropout_key enables dropout.
     """
-    cfg = self.config
-    batch, length = input_ids.shape
     if attention_mask is None:
-      attention_mask = jnp.ones((batch, length), jnp.int32)
-    real = attention_mask.astype(bool)
-    if cache is None:
-      if positions is None:
-        positions = default_positions(attention_mask)
-      slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
-      key_valid, cache_index = real, None
-    else:
-      cache_index = cache["index"]
-      if positions is None:
-        positions = cache["next_position"][:, None] + default_positions(attention_mask)
-      slots = cache_index + jnp.broadcast_to(jnp.arange(length), (batch, length))
-      key_valid = jax.lax.dynamic_update_slice_in_dim(cache["key_valid"], real, cache_index, axis=1)
-    mask4 = attention_mask_4d(slots, key_valid, segment_ids, segment_ids, mask)
-
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
+                                     cache=cache)
     x = self.embed_tokens(input_ids)
     if self.project_in is not None:
       x = self.project_in(x)
     # Padding gets position -1, i.e. row 1 of the table, as in transformers.
-    x = x + self.embed_positions(positions + POSITION_OFFSET)
-
-    layer_caches = []
-    for i, layer in enumerate(self.layers):
-      key = jax.random.fold_in(dropout_key, i) if dropout_key is not None else None
-      if cache is not None:
-        x, layer_cache = layer(x, mask4, cache["layers"][i], cache_index, key)
-        layer_caches.append(layer_cache)
-      elif cfg.remat:
-        x = _run_layer_remat(layer, x, mask4, key)
-      else:
-        x = _run_layer(layer, x, mask4, key)
-
+    x = x + self.embed_positions(inputs.positions + POSITION_OFFSET)
+    x, layer_caches = layers.run_stack(self.layers, x, inputs, None, cache, dropout_key, remat=self.config.remat)
     if self.final_layer_norm is not None:
       x = self.final_layer_norm(x)
     if self.project_out is not None:
       x = self.project_out(x)
-
-    new_cache = None
-    if cache is not None:
-      new_cache = {
-          "layers": layer_caches,
-          "index": cache_index + length,
-          "key_valid": key_valid,
-          "next_position": cache["next_position"] + attention_mask.sum(axis=1).astype(jnp.int32),
-      }
+    new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """The tied LM head: hidden @ embed_tokens.T, multiplied in the compute dtype and accumulated/returned in fp32."""
-    table = self.embed_tokens.embedding[...]
-    dtype = self.config.dtype
-    return jnp.einsum("btd,vd->btv", hidden.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
+    return layers.lm_logits(hidden, self.embed_tokens.embedding[...], self.config.dtype, vocab_first=True)
 
-  def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
-    """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""
-    hidden, _ = self.hidden_states(input_ids, attention_mask, **kwargs)
-    return self.logits(hidden)
-
-
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters (the tied head counted once, as it is stored once)."""
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,31 +1,31 @@
-"""A reward model: the OPT decoder with a linear scalar head (or one per criterion) read at the last real token.
+"""A reward model: the decoder of any registered family with a linear scalar head (or one per criterion) read at the
+last real token.
 
-It is transformers' `OPTForSequenceClassification` layout (`score.weight` [num_heads, word_embed_proj_dim], no
-bias, read at the rightmost non-padding token), so exports load there too. With two heads (harmless, helpful) one
-model scores both criteria, each head trained on its own HH subsets.
+It is transformers' `<Family>ForSequenceClassification` layout (`score.weight` [num_heads, hidden], no bias, the
+decoder's tensors under the family's usual prefix, read at the rightmost non-padding token), so exports load there
+too (`OPTForSequenceClassification`, `LlamaForSequenceClassification`, `GPTNeoXForSequenceClassification`…). With
+two heads (harmless, helpful) one model scores both criteria, each head trained on its own HH subsets.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.models import hub, opt
+from jaxalign.models import hub, registry
+
+SCORE = "score.weight"
 
 
-class OPTRewardModel(nnx.Module):
+class RewardModel(nnx.Module):
+  """`backbone`: the family's causal LM without its LM head (hidden states only); `score`: the scalar heads."""
 
-  def __init__(self, config: opt.OPTConfig, heads: tuple[str, ...] = ("reward",), *, rngs: nnx.Rngs):
+  def __init__(self, config, heads: tuple[str, ...] = ("reward",), *, rngs: nnx.Rngs):
     self.config = config
     self.heads = tuple(heads)
-    self.backbone = opt.OPTForCausalLM(config, rngs=rngs)
-    self.score = nnx.Linear(config.word_embed_proj_dim, len(self.heads), use_bias=False, dtype=config.dtype,
-                            param_dtype=config.param_dtype,
-                            kernel_init=nnx.initializers.normal(config.init_std), rngs=rngs)
+    self.backbone = registry.build_causal_lm(config, rngs=rngs, lm_head=False)
+    self.score = _score_head(config, len(self.heads), rngs)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                dropout_key: jax.Array | None = None) -> jax.Array:
@@ -40,41 +40,53 @@ class OPTRewardModel(nnx.Module):
     return self.score(jnp.take_along_axis(hidden, read_at[..., None], axis=1)).astype(jnp.float32)
 
 
-def _param_map(config: opt.OPTConfig, prefix: str = "model.") -> hub.ParamMap:
-  mapping = {("backbone", *path): name for path, name in hub.opt_param_map(config, prefix).items()}
-  mapping[("score", "kernel")] = ("score.weight", "transpose")
-  return mapping
+def _score_head(config, num_heads: int, rngs: nnx.Rngs) -> nnx.Linear:
+  init_std = getattr(config, "initializer_range", getattr(config, "init_std", 0.02))
+  return nnx.Linear(registry.family_of(config).hidden_width(config), num_heads, use_bias=False, dtype=config.dtype,
+                    param_dtype=config.param_dtype, kernel_init=nnx.initializers.normal(init_std), rngs=rngs)
+
+
+# The name from before other families (OPT only); the class is the same.
+OPTRewardModel = RewardModel
+
+_SCORE_MAP = {("score", "kernel"): (SCORE, "transpose")}
 
 
 def from_pretrained(name_or_path: str, *, revision: str | None = None, heads: tuple[str, ...] | None = None,
-                    seed: int = 0, shardings_fn=None, **compute) -> OPTRewardModel:
-  """Loads an exported reward model, or starts one from a causal-LM OPT (the head then starts random)."""
+                    seed: int = 0, shardings_fn=None, **compute) -> RewardModel:
+  """Loads an exported reward model, or starts one from a causal LM of any family (the head then starts random)."""
   model_dir = hub.resolve_model_dir(name_or_path, revision=revision)
   hf_config = hub.load_config(model_dir)
-  config = opt.OPTConfig.from_hf_dict(hf_config, **compute)
+  config = registry.config_from_hf(hf_config, **compute)
+  family = registry.family_of(config)
   reader = hub.CheckpointReader(model_dir)
-  if "score.weight" in reader.names():
+  if SCORE in reader.names():
     saved_heads = tuple(hf_config["id2label"][str(i)] for i in range(len(hf_config["id2label"])))
     if heads is not None and tuple(heads) != saved_heads:
       raise ValueError(f"{name_or_path!r} has reward heads {saved_heads}, but heads {tuple(heads)} were asked for")
-    abstract = nnx.eval_shape(lambda: OPTRewardModel(config, saved_heads, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: RewardModel(config, saved_heads, rngs=nnx.Rngs(0)))
     shardings = shardings_fn(abstract) if shardings_fn else None
-    return hub.load_into(abstract, reader, _param_map(config, hub.opt_prefix(reader)), shardings)
-  model = OPTRewardModel(config, heads or ("reward",), rngs=nnx.Rngs(seed))
-  model.backbone = hub.from_pretrained(model_dir, shardings_fn=shardings_fn, **compute)
+    return hub.load_model(abstract, reader, family, shardings, under=("backbone",), extra=_SCORE_MAP)
+  heads = tuple(heads or ("reward",))
+  model = nnx.eval_shape(lambda: RewardModel(config, heads, rngs=nnx.Rngs(0)))
+  abstract_backbone = registry.abstract_causal_lm(config, lm_head=False)
+  shardings = shardings_fn(abstract_backbone) if shardings_fn else None
+  model.backbone = hub.load_model(abstract_backbone, reader, family, shardings)
+  model.score = _score_head(config, len(heads), nnx.Rngs(seed))
   return model
 
 
-def save_pretrained(model: OPTRewardModel, out_dir: str) -> None:
-  """Writes an `OPTForSequenceClassification` folder (num_labels = heads, id2label = head names)."""
-  tensors = hub.export_tensors(model, _param_map(model.config))
-  if jax.process_index() != 0:
-    return
-  os.makedirs(out_dir, exist_ok=True)
+def save_pretrained(model: RewardModel, out_dir: str, *, pad_token_id: int | None = None) -> None:
+  """Writes a `<Family>ForSequenceClassification` folder (num_labels = heads, id2label = head names).
+
+  transformers scores at the last token that is not `pad_token_id`: pass the tokenizer's (default: the config's).
+  """
+  family = registry.family_of(model.config)
+  tensors = hub.export_tensors(model, registry.param_map(model, family, under=("backbone",)) | _SCORE_MAP)
   hf_config = model.config.to_hf_dict()
-  hf_config.update(architectures=["OPTForSequenceClassification"], num_labels=len(model.heads),
+  hf_config.update(architectures=[family.hf_sequence_classification], num_labels=len(model.heads),
                    id2label={str(i): name for i, name in enumerate(model.heads)},
                    label2id={name: i for i, name in enumerate(model.heads)})
-  with open(os.path.join(out_dir, hub.CONFIG_FILE), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  hub.write_safetensors(tensors, out_dir)
+  if pad_token_id is not None:
+    hf_config["pad_token_id"] = pad_token_id
+  hub.write_model(out_dir, hf_config, tensors)
