@@ -93,6 +93,21 @@ def tiny_opt_folder(out_dir: str, tokenizer_dir: str) -> str:
   return out_dir
 
 
-# Model builders for the end-to-end test, by family: (out_dir, tokenizer_dir) -> a Hugging Face folder. After the
-# model-families branch lands, add the Llama family here (a tiny LlamaConfig folder; ids < its vocab_size).
-MODEL_FOLDERS = {"opt": tiny_opt_folder}
+def tiny_llama_folder(out_dir: str, tokenizer_dir: str) -> str:
+  """A random 2-layer Llama-family model (grouped-query attention 4/2, untied head, as SmolLM2's family) saved as a
+  Hugging Face folder, with the chat tokenizer beside it."""
+  from flax import nnx
+
+  from jaxalign.models import hub, llama
+  from jaxalign.tokenizer import load_tokenizer
+
+  config = llama.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             rope_theta=10000.0)
+  hub.save_pretrained(llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0)), out_dir)
+  load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+  return out_dir
+
+
+# Model builders for the end-to-end test, by family: (out_dir, tokenizer_dir) -> a Hugging Face folder.
+MODEL_FOLDERS = {"opt": tiny_opt_folder, "llama": tiny_llama_folder}
