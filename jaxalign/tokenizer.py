@@ -76,6 +76,13 @@ def ensure_pad_token(tokenizer) -> None:
            tokenizer.pad_token_id)
 
 
+def embedding_rows(tokenizer) -> int:
+  """The token rows a model needs at least for this tokenizer beyond what its checkpoint has: the tokenizer's length
+  when `ensure_pad_token` added a new pad token (its row is then grown, see `hub.from_pretrained(vocab_size=)`),
+  else 0 (the model's own vocabulary must hold every id: `check_vocabulary`)."""
+  return len(tokenizer) if tokenizer.pad_token == NEW_PAD_TOKEN else 0
+
+
 def check_vocabulary(tokenizer, vocab_size: int) -> None:
   """Raises when the tokenizer has ids the model cannot embed (e.g. a pad or chat token added to its vocabulary)."""
   if len(tokenizer) > vocab_size:

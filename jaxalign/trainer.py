@@ -26,7 +26,7 @@ from jaxalign import (checkpoint, config_lib, curves, flops, hub_push, parallel,
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, registry, reward
-from jaxalign.tokenizer import check_vocabulary, load_tokenizer
+from jaxalign.tokenizer import check_vocabulary, embedding_rows, load_tokenizer
 from jaxalign.workdirs import EXPORT_DIR, resolve_init_path
 
 log = logging.getLogger(__name__)
@@ -96,23 +96,27 @@ def check_inputs(config, workdir: str) -> None:
   """Checks the tokenizer, the starting model and the devices against each other and the config, before any data is
   tokenized or anything compiles (config_lib.check_inputs says what is compared)."""
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
-  config_lib.check_inputs(config, tokenizer_size=len(tokenizer), model_config=model_hf_config(config),
+  # A pad token the tokenizer needed gets a new embedding row (build_model), so it is not an id past the table.
+  added_pad = 1 if embedding_rows(tokenizer) else 0
+  config_lib.check_inputs(config, tokenizer_size=len(tokenizer) - added_pad, model_config=model_hf_config(config),
                           devices=jax.device_count())
 
 
-def build_model(config, mesh) -> nnx.Module:
-  """The model the task trains, its parameters placed on the mesh by the FSDP rule."""
+def build_model(config, mesh, vocab_size: int = 0) -> nnx.Module:
+  """The model the task trains, its parameters placed on the mesh by the FSDP rule; with at least `vocab_size`
+  token rows (`tokenizer.embedding_rows`: a pad token the tokenizer needed; new rows start at the mean)."""
   compute = _compute_options(config)
   shardings_fn = lambda abstract: parallel.tree_shardings(nnx.state(abstract), mesh, config.mesh.min_fsdp_size)
   if config.init_from:
     path = resolve_init_path(config.init_from)
     if config.task == "reward":
       model = reward.from_pretrained(path, heads=tuple(config.reward.heads), seed=config.seed,
-                                     shardings_fn=shardings_fn, **compute)
+                                     shardings_fn=shardings_fn, vocab_size=vocab_size, **compute)
     else:
-      model = hub.from_pretrained(path, shardings_fn=shardings_fn, **compute)
+      model = hub.from_pretrained(path, shardings_fn=shardings_fn, vocab_size=vocab_size, **compute)
   else:
     arch = registry.preset(config.model.preset, **config.model.arch.to_dict()).replace(**compute)
+    arch, _ = hub.with_vocab_size(arch, vocab_size)
     if config.task == "reward":
       make = lambda: reward.RewardModel(arch, tuple(config.reward.heads), rngs=nnx.Rngs(config.seed))
     else:
@@ -301,7 +305,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   stage_data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
 
-  model = build_model(config, mesh)
+  model = build_model(config, mesh, embedding_rows(tokenizer))
   check_vocabulary(tokenizer, model.config.vocab_size)
   # Before the streams: precomputed reference log-probs travel with the batches.
   reference = reference_lib.prepare(task, model, stage_data, config, mesh, tokenizer.pad_token_id)

@@ -118,13 +118,23 @@ def _path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
+def grow_rows(array: np.ndarray, axis: int, rows: int) -> np.ndarray:
+  """`array` with `rows` entries along `axis`, the new ones the mean of the old (as transformers' mean resizing of
+  token embeddings: a new token starts as an average token, not as noise)."""
+  mean = array.mean(axis=axis, keepdims=True)
+  return np.concatenate([array, np.repeat(mean, rows - array.shape[axis], axis=axis)], axis=axis)
+
+
 def load_into(abstract_model: nnx.Module, reader: CheckpointReader, param_map: ParamMap,
-              shardings: Any = None, *, ignore: Iterable[str] = ()) -> nnx.Module:
+              shardings: Any = None, *, ignore: Iterable[str] = (), vocab_rows: tuple[int, int] | None = None
+              ) -> nnx.Module:
   """Fills an abstract model (from `nnx.eval_shape`) with tensors from `reader` as mapped by `param_map`.
 
   `shardings`: None (default device), or a State-shaped tree of `jax.sharding.Sharding` from `parallel`; each array
   is then built shard by shard from the memory-mapped file. Names in the checkpoint that nothing maps to and that are
-  not in `ignore` are reported, as are missing names and shape mismatches (errors).
+  not in `ignore` are reported, as are missing names and shape mismatches (errors). `vocab_rows` (checkpoint rows,
+  model rows): the model's token embedding (and untied LM head) has more rows than the checkpoint's, e.g. for an
+  added pad token; the new rows start at the mean of the checkpoint's (`grow_rows`).
   """
   graphdef, abstract_state = nnx.split(abstract_model)
   flat = dict(nnx.to_flat_state(abstract_state))
@@ -143,6 +153,10 @@ def load_into(abstract_model: nnx.Module, reader: CheckpointReader, param_map: P
   for path, variable in flat.items():
     hf_name, transform = param_map[path]
     array = _TRANSFORMS[transform](reader.get(hf_name))
+    if vocab_rows and array.shape != variable.shape:
+      grown = [axis for axis, (have, want) in enumerate(zip(array.shape, variable.shape)) if have != want]
+      if len(grown) == 1 and (array.shape[grown[0]], variable.shape[grown[0]]) == vocab_rows:
+        array = grow_rows(array, grown[0], vocab_rows[1])
     if array.shape != variable.shape:
       raise ValueError(f"Tensor {hf_name!r} in {reader.model_dir!r} has shape {array.shape} after {transform}; "
                        f"parameter {_path_str(path)} expects {variable.shape}")
@@ -207,9 +221,11 @@ def checkpoint_prefix(reader: CheckpointReader, fam: registry.Family, first_para
 
 
 def load_model(abstract: nnx.Module, reader: CheckpointReader, fam: registry.Family, shardings: Any = None, *,
-               under: tuple = (), extra: ParamMap | None = None) -> nnx.Module:
+               under: tuple = (), extra: ParamMap | None = None, vocab_rows: tuple[int, int] | None = None
+               ) -> nnx.Module:
   """Fills `abstract` (a causal LM, or a model holding one at `under`) from a checkpoint of family `fam`; `extra`
-  maps parameters outside the decoder (a reward head). An unused LM head and known buffers are ignored."""
+  maps parameters outside the decoder (a reward head); `vocab_rows` as in `load_into`. An unused LM head and known
+  buffers are ignored."""
   unprefixed = registry.param_map(abstract, fam, "", under=under)
   first_body_name = next(name for path, (name, _) in unprefixed.items()
                          if path[len(under)] not in fam.head_attributes)
@@ -217,25 +233,34 @@ def load_model(abstract: nnx.Module, reader: CheckpointReader, fam: registry.Fam
   mapping.update(extra or {})
   heads = {f"{head}.weight" for head in fam.head_attributes + ("lm_head",)}
   ignore = [name for name in reader.names() if _BUFFERS.search(name) or name in heads]
-  return load_into(abstract, reader, mapping, shardings, ignore=ignore)
+  return load_into(abstract, reader, mapping, shardings, ignore=ignore, vocab_rows=vocab_rows)
+
+
+def with_vocab_size(config, vocab_size: int):
+  """(config with at least `vocab_size` token rows, (checkpoint rows, model rows) or None when unchanged)."""
+  if vocab_size <= config.vocab_size:
+    return config, None
+  return config.replace(vocab_size=vocab_size), (config.vocab_size, vocab_size)
 
 
 def from_pretrained(name_or_path: str, *, revision: str | None = None, shardings: Any = None,
-                    shardings_fn: Callable[[nnx.Module], Any] | None = None, **compute) -> nnx.Module:
+                    shardings_fn: Callable[[nnx.Module], Any] | None = None, vocab_size: int = 0,
+                    **compute) -> nnx.Module:
   """Loads a causal LM of any registered family from a Hub id (e.g. "facebook/opt-350m",
   "HuggingFaceTB/SmolLM2-360M") or a local folder (single or sharded safetensors; torch .bin through
   `weights_only`).
 
   `compute` sets how to compute (dtype, remat, attention_impl, dropout). `shardings` (a State-shaped tree) or
-  `shardings_fn(abstract_model)` places each parameter directly onto its sharding.
+  `shardings_fn(abstract_model)` places each parameter directly onto its sharding. `vocab_size`: at least this many
+  token rows (a tokenizer's added pad token); new rows start at the mean of the checkpoint's.
   """
   model_dir = resolve_model_dir(name_or_path, revision=revision)
-  config = registry.config_from_hf(load_config(model_dir), **compute)
+  config, vocab_rows = with_vocab_size(registry.config_from_hf(load_config(model_dir), **compute), vocab_size)
   reader = CheckpointReader(model_dir)
   abstract = registry.abstract_causal_lm(config)
   if shardings is None and shardings_fn is not None:
     shardings = shardings_fn(abstract)
-  return load_model(abstract, reader, registry.family_of(config), shardings)
+  return load_model(abstract, reader, registry.family_of(config), shardings, vocab_rows=vocab_rows)
 
 
 def write_model(out_dir: str, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:

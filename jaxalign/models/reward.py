@@ -53,11 +53,12 @@ _SCORE_MAP = {("score", "kernel"): (SCORE, "transpose")}
 
 
 def from_pretrained(name_or_path: str, *, revision: str | None = None, heads: tuple[str, ...] | None = None,
-                    seed: int = 0, shardings_fn=None, **compute) -> RewardModel:
-  """Loads an exported reward model, or starts one from a causal LM of any family (the head then starts random)."""
+                    seed: int = 0, shardings_fn=None, vocab_size: int = 0, **compute) -> RewardModel:
+  """Loads an exported reward model, or starts one from a causal LM of any family (the head then starts random);
+  `vocab_size` as in `hub.from_pretrained`."""
   model_dir = hub.resolve_model_dir(name_or_path, revision=revision)
   hf_config = hub.load_config(model_dir)
-  config = registry.config_from_hf(hf_config, **compute)
+  config, vocab_rows = hub.with_vocab_size(registry.config_from_hf(hf_config, **compute), vocab_size)
   family = registry.family_of(config)
   reader = hub.CheckpointReader(model_dir)
   if SCORE in reader.names():
@@ -66,12 +67,13 @@ def from_pretrained(name_or_path: str, *, revision: str | None = None, heads: tu
       raise ValueError(f"{name_or_path!r} has reward heads {saved_heads}, but heads {tuple(heads)} were asked for")
     abstract = nnx.eval_shape(lambda: RewardModel(config, saved_heads, rngs=nnx.Rngs(0)))
     shardings = shardings_fn(abstract) if shardings_fn else None
-    return hub.load_model(abstract, reader, family, shardings, under=("backbone",), extra=_SCORE_MAP)
+    return hub.load_model(abstract, reader, family, shardings, under=("backbone",), extra=_SCORE_MAP,
+                          vocab_rows=vocab_rows)
   heads = tuple(heads or ("reward",))
   model = nnx.eval_shape(lambda: RewardModel(config, heads, rngs=nnx.Rngs(0)))
   abstract_backbone = registry.abstract_causal_lm(config, lm_head=False)
   shardings = shardings_fn(abstract_backbone) if shardings_fn else None
-  model.backbone = hub.load_model(abstract_backbone, reader, family, shardings)
+  model.backbone = hub.load_model(abstract_backbone, reader, family, shardings, vocab_rows=vocab_rows)
   model.score = _score_head(config, len(heads), nnx.Rngs(seed))
   return model
 
