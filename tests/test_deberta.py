@@ -224,8 +224,9 @@ def test_judge_without_length_limit_scores_whole_pairs(judge_folder):
 def test_load_judge_dispatches_on_model_type(judge_folder, tmp_path):
   folder, _, _ = judge_folder
   assert isinstance(judges.load_judge(str(folder), batch_size=2, max_length=16), judges.DebertaJudge)
-  # "opt" goes to the OPT reward-model judge, which then finds no weights in this config-only folder.
-  for model_type, error in (("opt", FileNotFoundError), ("gpt2", ValueError)):
+  # A registered family ("opt", "gpt2") goes to the reward-model judge, which then finds no weights in this
+  # config-only folder; a model type with no judge is refused.
+  for model_type, error in (("opt", FileNotFoundError), ("gpt2", FileNotFoundError), ("t5", ValueError)):
     (tmp_path / model_type).mkdir()
     (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
     with pytest.raises(error):
