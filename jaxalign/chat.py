@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import unicodedata
 from typing import Any, TextIO
@@ -345,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
+  # Ctrl-C stops an answer even when the session was started with SIGINT ignored (from a background job, say).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   paths = args.compare or [args.model]
   names = [display_name(p) for p in paths]
   if len(set(names)) < len(names):

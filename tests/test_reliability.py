@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import cache, config_lib, evaluator, judges, logger, reference, runguard, trainer
-from jaxalign.data import hh, tokenize
+from jaxalign.data import hh, layouts, pipeline, tokenize
 from jaxalign.data.synthetic import write_jsonl
 from jaxalign.models import hub, opt
 from test_trainer import REPO, tiny_config
@@ -83,6 +83,7 @@ def test_second_run_in_a_workdir_fails_at_once_naming_the_holder_and_a_dead_hold
 
 
 def test_first_signal_requests_a_stop_and_a_second_exits_at_once():
+  before = signal.getsignal(signal.SIGINT)
   with runguard.StopSignals() as stop:
     assert not stop.should_stop(1)
     os.kill(os.getpid(), signal.SIGINT)
@@ -90,7 +91,7 @@ def test_first_signal_requests_a_stop_and_a_second_exits_at_once():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(1)  # the handler runs at the next bytecode; never reached
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_a_resumed_run_keeps_the_records_through_its_checkpoint_only(tmp_path):
@@ -140,11 +141,12 @@ def test_damaged_reference_logps_cache_is_rebuilt(tiny_lm, tiny_tokenizer, tmp_p
   tokenized = tokenize.tokenize_pairs(pairs, tiny_tokenizer, max_length=32, max_prompt_length=16)
   model = tiny_lm
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-  fresh = reference.cached_logps(model, tokenized, config, mesh, tiny_tokenizer.pad_token_id)
+  split = pipeline.Split(layouts.pair_layout(config.data, scored=True), tokenized, pairs)
+  fresh = reference.cached_logps(model, split, config, mesh, tiny_tokenizer.pad_token_id)
   (entry,) = (tmp_path / "cache" / "reference").iterdir()
   _damage(entry, "flip")
   with caplog.at_level(logging.WARNING):
-    again = reference.cached_logps(model, tokenized, config, mesh, tiny_tokenizer.pad_token_id)
+    again = reference.cached_logps(model, split, config, mesh, tiny_tokenizer.pad_token_id)
   assert f"damaged reference log-prob cache {entry}" in caplog.text
   np.testing.assert_array_equal(again, fresh)
   assert cache.read(entry, cache.npz_arrays) is not None  # rebuilt whole
