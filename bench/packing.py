@@ -87,10 +87,11 @@ def layout_epochs(task: str, pairs, args, pad_id: int) -> list[tuple[str, list, 
                        ("prefix-shared, packed", layouts.SharedRows(max_length=MAX_LENGTH, buckets=ROW_BUCKETS,
                                                                     scored=scored, packing=True))):
     examples = layout.examples(pairs)
-    rows = rows_for(args.batch, len(pairs), len(examples)) if layout.packing else args.batch
+    packed = getattr(layout, "packing", False)
+    rows = rows_for(args.batch, len(pairs), len(examples)) if packed else args.batch
     layout_batches = epoch(layout.iterator(examples, global_batch_size=rows, per_pair=per_pair, **common))
-    counts = [int(b.pair_mask.sum()) for b in layout_batches] if layout.packing else None
-    out.append((f"{name}, {rows} rows of {MAX_LENGTH}" if layout.packing else name, layout_batches, counts))
+    counts = [int(b.pair_mask.sum()) for b in layout_batches] if packed else None
+    out.append((f"{name}, {rows} rows of {MAX_LENGTH}" if packed else name, layout_batches, counts))
   return out
 
 
