@@ -163,7 +163,7 @@ def main():
   print(machine, flush=True)
   lines = []
   for task in args.tasks.split(","):
-    model = (reward.OPTRewardModel(config, ("harmless", "helpful"), rngs=nnx.Rngs(args.seed)) if task == "reward"
+    model = (reward.RewardModel(config, ("harmless", "helpful"), rngs=nnx.Rngs(args.seed)) if task == "reward"
              else opt.OPTForCausalLM(config, rngs=nnx.Rngs(args.seed)))
     lines += run_task(task, model, pairs, args, tokenizer.pad_token_id)
   table = "\n".join(["| task | layout | examples | steps | padded tokens | real / padded | batch shapes | "

@@ -223,10 +223,6 @@ def _check_scoring_head(name_or_path: str, model_dir: str, hf_config: dict) -> N
                    "trained with configs/reward.py")
 
 
-# The name from before other model families; the class is the same.
-OPTRewardJudge = RewardModelJudge
-
-
 def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None, **kwargs) -> Judge:
   """The judge for a Hub id or local folder, chosen by its config.json `model_type`; `kwargs` go to its loader."""
   model_dir = hub.resolve_model_dir(name_or_path, revision=revision)
@@ -259,7 +255,7 @@ def load_set_judges(name_or_path: str, sets: Sequence[str], set_heads: dict[str,
   `set_heads` names for it (e.g. harmful -> harmless); any other judge scores every set. `name_or_path` may be a
   training workdir (its exported model); `kwargs` go to `load_judge`."""
   judge = load_judge(workdirs.resolve_init_path(name_or_path), **kwargs)
-  if isinstance(judge, OPTRewardJudge) and len(judge.heads) > 1:
+  if isinstance(judge, RewardModelJudge) and len(judge.heads) > 1:
     missing = [s for s in sets if s not in set_heads]
     if missing:
       raise ValueError(f"{name_or_path}: a reward model with heads {judge.heads} needs a head for the prompt sets "

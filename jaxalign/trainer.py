@@ -92,10 +92,9 @@ def model_hf_config(config) -> dict[str, Any]:
         "Hub id and network access") from e
 
 
-def check_inputs(config, workdir: str) -> None:
+def check_inputs(config, tokenizer) -> None:
   """Checks the tokenizer, the starting model and the devices against each other and the config, before any data is
   tokenized or anything compiles (config_lib.check_inputs says what is compared)."""
-  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   # A pad token the tokenizer needed gets a new embedding row (build_model), so it is not an id past the table.
   added_pad = 1 if embedding_rows(tokenizer) else 0
   config_lib.check_inputs(config, tokenizer_size=len(tokenizer) - added_pad, model_config=model_hf_config(config),
@@ -296,13 +295,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
-  check_inputs(config, workdir)
+  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
+  check_inputs(config, tokenizer)
   stage_start = time.perf_counter()
   seconds = {}  # wall time of the stage's parts, for done.json
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
-  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   stage_data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
 
   model = build_model(config, mesh, embedding_rows(tokenizer))

@@ -29,12 +29,12 @@ def setup(tmp_path_factory, tiny_tokenizer):
     paths[name] = str(root / name)
     hub.save_pretrained(opt.OPTForCausalLM(opt.OPTConfig(**TINY), rngs=nnx.Rngs(seed)), paths[name])
     tiny_tokenizer.save_pretrained(paths[name])
-  judge_model = reward.OPTRewardModel(opt.OPTConfig(**TINY), ("harmless", "helpful"), rngs=nnx.Rngs(2))
+  judge_model = reward.RewardModel(opt.OPTConfig(**TINY), ("harmless", "helpful"), rngs=nnx.Rngs(2))
   paths["judge"] = str(root / "judge")
   reward.save_pretrained(judge_model, paths["judge"])
   tiny_tokenizer.save_pretrained(paths["judge"])
   paths["single_judge"] = str(root / "single_judge")  # a second judge: one head, other weights
-  reward.save_pretrained(reward.OPTRewardModel(opt.OPTConfig(**TINY), ("reward",), rngs=nnx.Rngs(5)),
+  reward.save_pretrained(reward.RewardModel(opt.OPTConfig(**TINY), ("reward",), rngs=nnx.Rngs(5)),
                          paths["single_judge"])
   tiny_tokenizer.save_pretrained(paths["single_judge"])
   return root, str(data), paths
@@ -53,12 +53,12 @@ def test_opt_reward_judge_scores_the_hh_text_with_the_named_head(setup, tiny_tok
       assert got[i] == pytest.approx(float(want), abs=1e-5)
   assert judges.hh_text("Human: Hi", " ok ") == "\n\nHuman: Hi\n\nAssistant: ok"
   # A pair longer than the model's positions (here 40) keeps its last 40 tokens: a finite score, that of those.
-  short = reward.OPTRewardModel(opt.OPTConfig(**{**TINY, "max_position_embeddings": 40}), ("reward",),
+  short = reward.RewardModel(opt.OPTConfig(**{**TINY, "max_position_embeddings": 40}), ("reward",),
                                 rngs=nnx.Rngs(7))
   long_prompt = "Human: " + " ".join(["bread"] * 60)
   ids = (tiny_tokenizer(judges.hh_text(long_prompt, "Mix.")).input_ids + [tiny_tokenizer.eos_token_id])[-40:]
   want = short(jnp.asarray([ids]), jnp.ones((1, 40), jnp.int32))[0, 0]
-  got = judges.OPTRewardJudge(short, tiny_tokenizer, batch_size=1).score([long_prompt], ["Mix."])[0]
+  got = judges.RewardModelJudge(short, tiny_tokenizer, batch_size=1).score([long_prompt], ["Mix."])[0]
   assert got == pytest.approx(float(want), abs=1e-5)
 
 

@@ -29,7 +29,7 @@ def scored(tmp_path_factory):
   tokenizer_dir = pipeline.tokenizer_path(train_config, str(root))
   judge_dir = str(root / "judge")
   arch = opt.preset("opt-125m", **train_config.model.arch.to_dict())
-  reward.save_pretrained(reward.OPTRewardModel(arch, ("harmless", "helpful"), rngs=nnx.Rngs(3)), judge_dir)
+  reward.save_pretrained(reward.RewardModel(arch, ("harmless", "helpful"), rngs=nnx.Rngs(3)), judge_dir)
   load_tokenizer(tokenizer_dir).save_pretrained(judge_dir)
 
   c = score_pairs_config.get_config()

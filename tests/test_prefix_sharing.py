@@ -163,7 +163,7 @@ def test_every_layout_gives_the_same_dpo_loss_as_the_concatenated_forward():
 
 
 def test_reward_model_on_shared_and_packed_rows_equals_separate_rows():
-  model = reward.OPTRewardModel(TINY, ("harmless", "helpful"), rngs=nnx.Rngs(3))
+  model = reward.RewardModel(TINY, ("harmless", "helpful"), rngs=nnx.Rngs(3))
   pairs = random_pairs(9, seed=7)
   rows = separate(pairs, np.arange(9), 20, scored=False)
   one_row = shared(pairs, np.arange(9), 32, scored=False)

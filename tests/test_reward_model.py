@@ -16,7 +16,7 @@ TINY = opt.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_att
 
 @pytest.mark.parametrize("heads", [("reward",), ("harmless", "helpful")])
 def test_export_matches_transformers_sequence_classifier(heads, tmp_path):
-  model = reward.OPTRewardModel(TINY, heads, rngs=nnx.Rngs(0))
+  model = reward.RewardModel(TINY, heads, rngs=nnx.Rngs(0))
   ids = np.array([[2, 5, 6, 7, 8], [2, 9, 10, 1, 1]])
   mask = (ids != 1).astype(np.int64)
   ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
@@ -31,7 +31,7 @@ def test_export_matches_transformers_sequence_classifier(heads, tmp_path):
 
 
 def test_reward_read_at_last_real_token_with_left_padding():
-  model = reward.OPTRewardModel(TINY, rngs=nnx.Rngs(1))
+  model = reward.RewardModel(TINY, rngs=nnx.Rngs(1))
   right = model(jnp.array([[2, 5, 6, 1, 1]]), jnp.array([[1, 1, 1, 0, 0]]))
   left = model(jnp.array([[1, 1, 2, 5, 6]]), jnp.array([[0, 0, 1, 1, 1]]))
   np.testing.assert_allclose(right, left, atol=1e-5)

@@ -270,16 +270,14 @@ class SeparateRows(PairLayout):
     return np.array([max(len(c), len(r)) for c, r in zip(pairs.chosen_ids, pairs.rejected_ids)], np.int64)
 
   def collate(self, pairs: TokenizedPairs, indices, length, pad_id, width=None, per_pair=None) -> SeparatePairBatch:
-    sides = {}
-    for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids)):
-      ids = [np.concatenate([pairs.prompt_ids[i], responses[i]]) for i in indices]
-      scored = [np.arange(len(pairs.prompt_ids[i]) + len(responses[i])) >= len(pairs.prompt_ids[i]) for i in indices]
-      sides[side] = (ids, scored)
-    batch = SeparatePairBatch(
-        _pad(sides["chosen"][0], length, pad_id, np.int32), _real(sides["chosen"][0], length),
-        _pad(sides["rejected"][0], length, pad_id, np.int32), _real(sides["rejected"][0], length))
-    if self.scored:
-      targets, valid = target_positions(sides["chosen"][1] + sides["rejected"][1], length, width)
+    sides = {side: [np.concatenate([pairs.prompt_ids[i], responses[i]]) for i in indices]
+             for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids))}
+    batch = SeparatePairBatch(_pad(sides["chosen"], length, pad_id, np.int32), _real(sides["chosen"], length),
+                              _pad(sides["rejected"], length, pad_id, np.int32), _real(sides["rejected"], length))
+    if self.scored:  # the response tokens: each row's tokens past its prompt
+      scored = [np.arange(len(row)) >= len(pairs.prompt_ids[i]) for rows in sides.values()
+                for i, row in zip(indices, rows)]
+      targets, valid = target_positions(scored, length, width)
       rows = len(indices)
       batch.chosen_targets, batch.chosen_target_mask = targets[:rows], valid[:rows]
       batch.rejected_targets, batch.rejected_target_mask = targets[rows:], valid[rows:]

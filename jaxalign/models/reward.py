@@ -45,10 +45,6 @@ def _score_head(config, num_heads: int, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(registry.family_of(config).hidden_width(config), num_heads, use_bias=False, dtype=config.dtype,
                     param_dtype=config.param_dtype, kernel_init=nnx.initializers.normal(init_std), rngs=rngs)
 
-
-# The name from before other families (OPT only); the class is the same.
-OPTRewardModel = RewardModel
-
 _SCORE_MAP = {("score", "kernel"): (SCORE, "transpose")}
 
 
