@@ -181,12 +181,12 @@ def render_study_summary(root: str, stages: list[str] | None = None) -> str:
                  _cell(fig["tokens_per_second"], ",.0f"), _cell(fig["mfu"], ".1%"),
                  f"{compiled.get('train', 'n/a')} / {compiled.get('eval', 'n/a')}",
                  _cell(fig["eval"].get("eval/loss"), ".4f")])
-  parts.append(reports._markdown_table(header, rows))
+  parts.append(reports.markdown_table(header, rows))
   for name in _evaluations(root):
     with open(os.path.join(root, name, RESULTS_FILE)) as f:
       results = json.load(f)
     parts += [f"## Evaluation `{name}`", f"Table 1 of [{name}/results.md]({name}/results.md):",
-              reports._markdown_table(*reports.table1(results))]
+              reports.markdown_table(*reports.table1(results))]
   for name, fig in figures.items():
     held_out = ", ".join(f"{k[len('eval/'):]} {v:.4f}" for k, v in fig["eval"].items() if k != "eval/num_tokens")
     parts += [f"## {name}", f"Held-out: {held_out or 'none'}. Workdir: [{name}/]({name}/), "

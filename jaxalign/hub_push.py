@@ -105,9 +105,9 @@ def evaluation_sections(results_paths: list[str]) -> list[str]:
               f"HmR = % of answers to harmful prompts the judge scores > {c['harmless_threshold']:g}, HpR = % of "
               f"answers to helpful prompts scored > {c['helpful_threshold']:g}, CAS = (HmR + HpR) / 2; brackets: "
               f"{round(100 * c['ci_level'])}% bootstrap CIs.",
-              reports._markdown_table(*reports.table1(results))]
+              reports.markdown_table(*reports.table1(results))]
     if c.get("baseline") is not None:
-      parts += [f"Gains over `{c['baseline']}`:", reports._markdown_table(*reports.table2(results))]
+      parts += [f"Gains over `{c['baseline']}`:", reports.markdown_table(*reports.table2(results))]
   return parts
 
 
@@ -139,10 +139,12 @@ def stage_card(config, workdir: str, repo_id: str, done: dict[str, Any]) -> Mode
            f"- **Method:** {METHODS[config.task]}" + (" with LoRA adapters (merged)" if config.lora.enabled else ""),
            f"- **Steps:** {done.get('steps', 'n/a')}; wall time {done.get('seconds', {}).get('stage', 'n/a')} s",
            "### Hyperparameters",
-           reports._markdown_table(["Setting", "Value"], [[f"`{k}`", str(v)] for k, v in hyperparameters(config).items()])]
+           reports.markdown_table(["Setting", "Value"],
+                                  [[f"`{k}`", str(v)] for k, v in hyperparameters(config).items()])]
   if held_out:
     lines += ["### Held-out figures at the end of training",
-              reports._markdown_table(["Metric", "Value"], [[k[len("eval/"):], f"{v:.4f}"] for k, v in held_out.items()])]
+              reports.markdown_table(["Metric", "Value"],
+                                     [[k[len("eval/"):], f"{v:.4f}"] for k, v in held_out.items()])]
   evaluations = evaluation_sections(evaluations_beside(workdir))
   if evaluations:
     lines += ["## Evaluation", *evaluations]

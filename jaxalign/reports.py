@@ -83,7 +83,7 @@ def table2(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
   return header, rows
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
   """A GitHub Markdown table; every column but the first right-aligned (they hold numbers)."""
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -116,18 +116,18 @@ def render_markdown(results: dict[str, Any]) -> str:
       f"Brackets: {level}% percentile-bootstrap CIs ({config['n_bootstrap']} draws, seed {config['seed']}; "
       "CAS resampled jointly with HmR and HpR).",
       "## Table 1: metrics per model",
-      _markdown_table(*table1(results)),
+      markdown_table(*table1(results)),
   ]
   if config["baseline"] is not None:
     parts += [f"## Table 2: relative gain over {config['baseline']!r}",
               "Gain = (model - baseline) / baseline x 100; n/a where the baseline's value is 0.",
-              _markdown_table(*table2(results))]
+              markdown_table(*table2(results))]
   parts += _comparison_sections(results)
   if results.get("preference"):
     parts += ["## Held-out preference accuracy",
               "% of held-out preference pairs ranked as the dataset does: by the judge (chosen scored above "
               "rejected), and by each DPO model's implicit reward against its reference.",
-              _markdown_table(["Measure", "Value"], [[k, f"{v:.1f}" if k != "pairs" else str(v)]
+              markdown_table(["Measure", "Value"], [[k, f"{v:.1f}" if k != "pairs" else str(v)]
                                                      for k, v in results["preference"].items()])]
   parts += _judge_sections(results) + _human_sections(results)
   parts += ["## Plots", "![HmR, HpR and CAS per model](metrics.png)",
@@ -177,13 +177,13 @@ def _judge_sections(results: dict[str, Any]) -> list[str]:
   for name, judged in results["judges"].items():
     config = judged["config"]
     parts += [f"### Table 1 by judge {name!r} (harmless if > {config['harmless_threshold']:g}, helpful if > "
-              f"{config['helpful_threshold']:g})", _markdown_table(*table1(judged))]
+              f"{config['helpful_threshold']:g})", markdown_table(*table1(judged))]
   rows = [[f"{r['a']} vs {r['b']}", r["set"], str(r["n"]), f"{r['spearman']:.3f}", f"{r['kappa']:.3f}",
            f"{r['agreement']:.1f}"] for r in results.get("judge_agreement", ())]
   parts += ["### Agreement between judges",
             "Over every model's answers to each prompt set: Spearman's ρ of the two judges' scores, Cohen's κ of "
             "their pass/fail verdicts (each at its own threshold), and the % of answers with the same verdict.",
-            _markdown_table(["Judges", "Prompt set", "Answers", "Spearman ρ", "Cohen's κ", "Same verdict %"], rows)]
+            markdown_table(["Judges", "Prompt set", "Answers", "Spearman ρ", "Cohen's κ", "Same verdict %"], rows)]
   return parts
 
 
@@ -206,7 +206,7 @@ def _human_sections(results: dict[str, Any]) -> list[str]:
            f"Blind pairwise comparisons from annotate.html ({len(human['annotators'])} annotator(s)). Win % of a over "
            f"b with ties and 'both bad' counting half, each item's outcome averaged over its annotators; {level}% "
            "bootstrap CI over items; p: sign test over the items not tied.",
-           _markdown_table(["Models", "Prompt set", "Items answered", f"a win % [{level}% CI]",
+           markdown_table(["Models", "Prompt set", "Items answered", f"a win % [{level}% CI]",
                             "Items a / b / tied", "Sign test p", "'Both bad' votes"], rows)]
   if human["agreement"]:
     rows = [[f"{r['a']} & {r['b']}", str(r["items"]), f"{r['kappa']:.3f}" if r["items"] else "n/a",
@@ -214,7 +214,7 @@ def _human_sections(results: dict[str, Any]) -> list[str]:
     parts += ["### Agreement between annotators",
               "On the items both answered: Cohen's κ of their choices (a better / b better / tie / both bad) and the "
               "% of identical choices.",
-              _markdown_table(["Annotators", "Items both answered", "Cohen's κ", "Same choice %"], rows)]
+              markdown_table(["Annotators", "Items both answered", "Cohen's κ", "Same choice %"], rows)]
   return parts
 
 
@@ -227,12 +227,12 @@ def _comparison_sections(results: dict[str, Any]) -> list[str]:
            "Each model against each other on the same prompts, in points (a - b). CI: paired percentile bootstrap "
            "(prompts resampled with both models' verdicts kept together); p: exact McNemar test of the prompts where "
            "exactly one of the two passes. A difference whose CI contains 0 is within this sample's noise.",
-           _markdown_table(*comparisons_table(results))]
+           markdown_table(*comparisons_table(results))]
   if results.get("claims"):
     parts += ["## The paper's claims on this sample",
               f"A claim is supported when every check's {level}% CI excludes 0 in the claimed direction "
               "(no correction for multiple comparisons, which would only widen the intervals).",
-              _markdown_table(*claims_table(results))]
+              markdown_table(*claims_table(results))]
   return parts
 
 
