@@ -34,3 +34,9 @@ def tiny_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
   return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """One tokenization / reference cache for the whole session: the synthetic data is tokenized once."""
+  return str(tmp_path_factory.mktemp("jaxalign-cache"))

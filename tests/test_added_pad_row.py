@@ -12,7 +12,7 @@ from conftest import TINY_CORPUS
 from jaxalign import trainer
 from jaxalign.models import gpt2, hub
 from jaxalign.tokenizer import NEW_PAD_TOKEN, load_tokenizer
-from test_trainer import losses_by_step, tiny_config
+from helpers import losses_by_step, tiny_config
 
 END_OF_TEXT = "<|endoftext|>"
 

@@ -16,7 +16,7 @@ from configs import common
 from jaxalign import trainer
 from jaxalign.data import formats, tokenize
 from jaxalign.tokenizer import load_tokenizer
-from test_trainer import config_file, losses_by_step, train_cli
+from helpers import config_file, losses_by_step, train_cli
 
 N_TRAIN, N_TEST = 48, 16
 

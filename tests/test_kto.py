@@ -10,15 +10,9 @@ import pytest
 from jaxalign import tasks, trainer
 from jaxalign.data import hh, pipeline, unpaired
 from jaxalign.tokenizer import load_tokenizer
-from test_reference import prepared
-from test_trainer import losses_by_step, tiny_config
+from helpers import losses_by_step, prepared, tiny_config
 
 P = "\n\nHuman: How do I bake bread?\n\nAssistant:"
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jaxalign-cache"))
 
 
 def write_jsonl(path, records):

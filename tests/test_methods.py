@@ -9,9 +9,8 @@ from configs import cpo, ipo, kto, methods, orpo, quickstart_methods, simpo
 from jaxalign import config_lib, losses, reference as reference_lib, tasks, trainer
 from jaxalign.data import layouts
 from jaxalign.models import opt
-from test_prefix_sharing import TINY, on_device, random_pairs
-from test_reference import prepared, step_flops
-from test_trainer import assert_kill_and_resume_is_bit_identical, exported, losses_by_step, tiny_config
+from helpers import (TINY, assert_kill_and_resume_is_bit_identical, exported, losses_by_step, on_device, prepared,
+                     random_pairs, step_flops, tiny_config)
 
 METHODS = {
     "cpo": ("cpo", {}),
@@ -20,11 +19,6 @@ METHODS = {
 }
 LAYOUTS = (layouts.SeparateRows(max_length=20), layouts.SharedRows(max_length=20),
            layouts.SharedRows(max_length=20, packing=True))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jaxalign-cache"))
 
 
 def losses_in_every_layout(task, pairs, per_pair):

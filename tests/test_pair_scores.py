@@ -15,7 +15,7 @@ from jaxalign import config_lib, judges, pair_scores, trainer
 from jaxalign.data import hh, pipeline, tokenize
 from jaxalign.models import opt, reward
 from jaxalign.tokenizer import load_tokenizer
-from test_trainer import tiny_config
+from helpers import tiny_config
 
 SUBSETS = "harmless-base,helpful-base"
 

@@ -11,23 +11,7 @@ from flax import nnx
 from jaxalign import tasks
 from jaxalign.data import layouts, tokenize
 from jaxalign.models import opt, reward
-
-TINY = opt.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                     word_embed_proj_dim=16, do_layer_norm_before=False, max_position_embeddings=64, dropout=0.0)
-
-
-def random_pairs(n: int, seed: int = 0) -> tokenize.TokenizedPairs:
-  rng = np.random.default_rng(seed)
-  ids = lambda lo, hi: np.concatenate([rng.integers(3, 64, rng.integers(lo, hi))]).astype(np.int32)
-  prompts = [np.concatenate([[2], ids(1, 9)]).astype(np.int32) for _ in range(n)]
-  chosen = [np.concatenate([ids(1, 7), [2]]).astype(np.int32) for _ in range(n)]
-  rejected = [np.concatenate([ids(1, 7), [2]]).astype(np.int32) for _ in range(n)]
-  flags = np.zeros(n, bool)
-  return tokenize.TokenizedPairs(prompts, chosen, rejected, flags, flags, flags)
-
-
-def on_device(batch):
-  return jax.tree.map(jnp.asarray, batch)
+from helpers import TINY, on_device, random_pairs
 
 
 def separate(pairs, indices, length, scored=True):

@@ -4,30 +4,12 @@ runs none; precomputed log-probs are computed in each split's own layout and tra
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxalign import parallel, reference as reference_lib, tasks, trainer
+from jaxalign import reference as reference_lib, tasks, trainer
 from jaxalign.data import layouts, pipeline
-from jaxalign.tokenizer import load_tokenizer
-from test_trainer import losses_by_step, tiny_config
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jaxalign-cache"))
-
-
-def prepared(config):
-  """(task, model, stage data, reference, mesh, pad id) as `trainer.train` prepares them."""
-  mesh = parallel.make_mesh(devices=jax.devices()[:1])
-  task = tasks.make_task(config)
-  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, ""))
-  data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
-  model = trainer.build_model(config, mesh)
-  return task, model, data, reference_lib.prepare(task, model, data, config, mesh, tokenizer.pad_token_id), mesh
+from helpers import losses_by_step, prepared, step_flops, tiny_config
 
 
 @pytest.mark.parametrize("reference", ["model", "precomputed"])
@@ -43,19 +25,6 @@ def test_a_reference_free_loss_builds_and_runs_no_reference(reference, cache_dir
   flops_free = trainer._training_flops(model, prepared_reference)(128, 1000.0, 100.0)
   flops_live = trainer._training_flops(model, reference_lib.Reference("model"))(128, 1000.0, 100.0)
   assert flops_free < flops_live  # the step's FLOPs (and MFU) count no reference forward
-
-
-def step_flops(config) -> float:
-  """XLA's FLOP count of the compiled train step of `config`'s first batch."""
-  task, model, data, reference, mesh = prepared(config)
-  streams = pipeline.streams(config, data, mesh, 1, reference.per_pair())
-  graphdef, params, rest = trainer.split_model(model, False)
-  tx = trainer.make_optimizer(config.optimizer, 10)
-  state = trainer.TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params))
-  steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference=reference)
-  compiled = steps.train.lower(state, rest, reference.state, streams.train.next_global()).compile()
-  analysis = compiled.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
 
 def test_the_compiled_step_of_a_reference_free_loss_has_no_reference_forward(cache_dir):

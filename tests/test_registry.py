@@ -137,7 +137,7 @@ def llama_folder(tmp_path_factory):
 
 
 def llama_run(folder, cache_dir, task, **fields):
-  from test_trainer import tiny_config
+  from helpers import tiny_config
 
   return tiny_config(cache_dir, task, **{"init_from": folder, "training.max_steps": 2, "data.eval_pairs": 0,
                                          **fields})
@@ -146,7 +146,7 @@ def llama_run(folder, cache_dir, task, **fields):
 def test_trainer_runs_sft_lora_dpo_and_reward_from_a_llama_folder(llama_folder, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from test_trainer import losses_by_step
+  from helpers import losses_by_step
 
   cache = str(tmp_path / "cache")
   sft = trainer.run(llama_run(llama_folder, cache, "sft", **{"training.max_steps": 5, "optimizer.lr": 3e-3}),

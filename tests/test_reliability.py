@@ -23,15 +23,10 @@ from jaxalign import cache, config_lib, evaluator, judges, logger, reference, ru
 from jaxalign.data import hh, layouts, pipeline, tokenize
 from jaxalign.data.synthetic import write_jsonl
 from jaxalign.models import hub, opt
-from test_trainer import REPO, tiny_config
+from helpers import REPO, tiny_config
 
 P = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 GOOD = {"chosen": P + " Mix flour and water.", "rejected": P + " No idea."}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jaxalign-cache"))
 
 
 @pytest.fixture(scope="module")

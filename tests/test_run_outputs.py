@@ -15,7 +15,7 @@ from PIL import Image
 
 from configs import common, eval as eval_config
 from jaxalign import curves, evaluator, hub_push, trackers
-from test_trainer import tiny_config
+from helpers import tiny_config
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None  # the [test] extra installs it
 

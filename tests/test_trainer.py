@@ -6,106 +6,16 @@ import math
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from configs import common
+from helpers import (assert_killed_and_resumed_run_equals, assert_same_params, checkpoint_steps, config_file, exported,
+                     losses_by_step, run_straight, tiny_config, train_cli)
 from jaxalign import config_lib, runguard, trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jaxalign-cache"))
-
-
-def tiny_config(cache_dir: str, task: str = "sft", /, **fields):
-  """A 2-layer OPT on 400 synthetic pairs; `fields` are dotted overrides, e.g. {"dpo.beta": 0.5}."""
-  c = common.get_config()
-  c.task = task
-  c.seed = 0
-  c.init_from = ""
-  c.tokenizer = "synthetic"
-  c.data.source = "synthetic"
-  c.data.synthetic_pairs = 400
-  c.data.subsets = "harmless-base,helpful-base"
-  c.data.cache_dir = cache_dir
-  c.data.eval_pairs = 16
-  c.data.max_length = 128
-  c.data.max_prompt_length = 64
-  c.data.buckets = (128,)
-  c.model.preset = "opt-125m"
-  c.model.arch.update(vocab_size=1024, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                      word_embed_proj_dim=32, max_position_embeddings=160)
-  c.model.dropout = 0.0
-  c.optimizer.lr = 1e-3
-  c.training.batch_size = 8
-  c.training.max_steps = 4
-  c.training.log_every = 1
-  c.training.progress_bar = False
-  c.checkpoint.every_steps = 2
-  c.checkpoint.async_save = False
-  c.logging.tensorboard = False
-  for name, value in fields.items():
-    parent = c
-    *path, leaf = name.split(".")
-    for part in path:
-      parent = parent[part]
-    parent[leaf] = value
-  return c
-
-
-def exported(workdir: str) -> dict[str, np.ndarray]:
-  return load_file(os.path.join(workdir, trainer.EXPORT_DIR, "model.safetensors"))
-
-
-def losses_by_step(workdir: str) -> dict[int, float]:
-  """The last logged train loss of each step (a resumed run logs the steps after its checkpoint again)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "train/loss" in record:
-        out[record["step"]] = record["train/loss"]
-  return out
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  """Committed checkpoint steps (Orbax's unfinished `<step>.orbax-checkpoint-tmp-*` folders are not digits)."""
-  folder = os.path.join(workdir, "checkpoints")
-  return [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
-
-
-def config_file(tmp_path, config) -> str:
-  """A config file for `train.py` that returns exactly `config`."""
-  path = tmp_path / "config.py"
-  path.write_text("import ml_collections\n\ndef get_config():\n"
-                  f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
-  return str(path)
-
-
-def train_cli(config_path: str, workdir: str, env_extra: dict | None = None, devices: int = 1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO,
-             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
-  return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), f"--config={config_path}",
-                           f"--workdir={workdir}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def assert_same_params(a: dict, b: dict, atol: float = 0.0):
-  assert a.keys() == b.keys()
-  for name in a:
-    if atol:
-      np.testing.assert_allclose(a[name], b[name], atol=atol, err_msg=name)
-    else:
-      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------- tests
@@ -174,42 +84,6 @@ def test_lora_dpo_trains_only_adapters_and_exports_merged(cache_dir, tmp_path):
   assert losses[1] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == reference
   names = exported(str(tmp_path)).keys()
   assert not any("lora" in n for n in names) and "model.decoder.layers.0.self_attn.q_proj.weight" in names
-
-
-def run_straight(config, folder, steps: int = 150):
-  """(config file, workdir) of a run by train.py straight through `steps` steps (asynchronous checkpoints every 10
-  steps), which interrupted and resumed runs of the same config must equal."""
-  config.training.max_steps, config.checkpoint.every_steps = steps, 10
-  config.checkpoint.async_save, config.data.eval_pairs = True, 0
-  path = config_file(folder, config)
-  straight = train_cli(path, str(folder / "straight"))
-  assert straight.wait(timeout=600) == 0, straight.stdout.read()
-  return path, folder / "straight"
-
-
-def assert_killed_and_resumed_run_equals(path, straight_dir, tmp_path):
-  """A run SIGKILLed mid-training and resumed logs the same losses and exports the same parameters, bit for bit, as
-  the run straight through."""
-  killed_dir = tmp_path / "killed"
-  victim = train_cli(path, str(killed_dir))
-  deadline = time.time() + 600
-  # SIGKILL once a checkpoint exists past the first one, while training is still running.
-  while max(checkpoint_steps(killed_dir), default=0) < 20:
-    assert time.time() < deadline and victim.poll() is None, "run ended before it could be killed"
-    time.sleep(0.02)
-  victim.send_signal(signal.SIGKILL)
-  victim.wait()
-  assert not (killed_dir / trainer.DONE_FILE).exists()
-  resumed = train_cli(path, str(killed_dir))
-  output = resumed.stdout.read()
-  assert resumed.wait(timeout=600) == 0, output
-  assert "resumed from step" in output
-  assert losses_by_step(str(killed_dir)) == losses_by_step(str(straight_dir))
-  assert_same_params(exported(str(killed_dir)), exported(str(straight_dir)))
-
-
-def assert_kill_and_resume_is_bit_identical(config, tmp_path, steps: int = 150):
-  assert_killed_and_resumed_run_equals(*run_straight(config, tmp_path, steps), tmp_path)
 
 
 @pytest.fixture(scope="module")
