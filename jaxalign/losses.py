@@ -125,6 +125,12 @@ def selected_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
+def token_entropies(logits: jax.Array) -> jax.Array:
+  """The entropy of each position's next-token distribution: [..., vocab] -> [...] (fp32)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -(jnp.exp(log_probs) * log_probs).sum(-1)
+
+
 def sft_loss(target_logps: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, dict]:
   """Mean token negative log-likelihood over all scored targets of the batch."""
   num_tokens = target_mask.sum()

@@ -1,0 +1,78 @@
+"""The online methods' group layout: a prompt once per row with its G completions, each attending to the prompt and
+to itself only, gives the per-token log-probs of G separate forwards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import tasks
+from jaxalign.data import layouts
+from jaxalign.models import opt
+from helpers import TINY, on_device
+
+G, MAX_COMPLETION = 3, 6
+
+
+def _groups(prompts: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  ids = lambda lo, hi: rng.integers(3, 64, rng.integers(lo, hi)).astype(np.int32)
+  prompt_ids = [np.concatenate([[2], ids(1, 9)]).astype(np.int32) for _ in range(prompts)]
+  completion_ids = [[ids(1, MAX_COMPLETION + 1) for _ in range(G)] for _ in range(prompts)]
+  return prompt_ids, completion_ids
+
+
+def _separate_logprobs(model, prompt_ids, completion_ids) -> list[np.ndarray]:
+  """log p of each completion token from its own row, prompt + completion alone (full logits; one padded forward
+  over all the rows)."""
+  rows = [(prompt, completion) for prompt, group in zip(prompt_ids, completion_ids) for completion in group]
+  sequences = [np.concatenate(row) for row in rows]
+  length = max(len(s) for s in sequences)
+  ids = np.ones((len(rows), length), np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for r, sequence in enumerate(sequences):
+    ids[r, :len(sequence)], mask[r, :len(sequence)] = sequence, 1
+  logp = jax.nn.log_softmax(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask))[:, :-1],
+                            axis=-1)
+  token = np.asarray(jnp.take_along_axis(logp, jnp.asarray(ids)[:, 1:, None], axis=-1)[..., 0])
+  return [token[r, len(prompt) - 1:len(prompt) - 1 + len(completion)] for r, (prompt, completion) in enumerate(rows)]
+
+
+def test_group_logprobs_equal_separate_forwards():
+  model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(0))
+  prompt_ids, completion_ids = _groups(4)
+  layout = layouts.GroupRows(max_prompt_length=10, max_completion_length=MAX_COMPLETION, num_generations=G,
+                             buckets=(16, 32))
+  batch = layout.collate(prompt_ids, completion_ids, pad_id=1, rows=5)  # one filler row
+  assert batch.input_ids.shape == (5, 28)  # the ladder ends at the row limit 10 + 3 x 6 and batch.completion_mask.shape == (15, MAX_COMPLETION)
+  logps, entropies = nnx.jit(lambda m, b: tasks.group_logprobs(m, b, with_entropies=True))(model, on_device(batch))
+  for row, want in enumerate(_separate_logprobs(model, prompt_ids, completion_ids)):  # prompt-major, as the batch
+    np.testing.assert_allclose(np.asarray(logps[row, :len(want)]), want, atol=1e-5)
+    assert not np.asarray(logps[row, len(want):]).any()
+  np.testing.assert_array_equal(batch.row_mask, [1] * 12 + [0] * 3)
+  assert not np.asarray(logps[12:]).any() and np.all(np.asarray(entropies[:12])[batch.completion_mask[:12] > 0] > 0)
+
+
+def test_group_rows_layout():
+  prompt_ids, completion_ids = _groups(1, seed=3)
+  (prompt,), (group,) = prompt_ids, completion_ids
+  layout = layouts.GroupRows(max_prompt_length=10, max_completion_length=MAX_COMPLETION, num_generations=G)
+  batch = layout.collate(prompt_ids, completion_ids, pad_id=1, length=40)
+  n = len(prompt)
+  second = n + len(group[0])
+  assert batch.group_member[0, second] == 2 and batch.positions[0, second] == n
+  assert batch.predecessors[1, 0] == n - 1 and batch.predecessors[1, 1] == second
+  assert batch.group_member[0, -1] == layouts.PAD_MEMBER
+  np.testing.assert_array_equal(batch.completion_mask.sum(-1), [len(c) for c in group])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p, c: (p, [g[:2] for g in c]), "num_generations 3"),
+    (lambda p, c: ([np.zeros(0, np.int32)] + p[1:], c), "expected 1 to max_prompt_length"),
+    (lambda p, c: (p, [[np.arange(9)] + g[1:] for g in c]), "at most 6"),
+    (lambda p, c: (p[:1], c), "1 prompts but 2 groups")])
+def test_group_rows_refuse_bad_groups(change, message):
+  layout = layouts.GroupRows(max_prompt_length=10, max_completion_length=MAX_COMPLETION, num_generations=G)
+  with pytest.raises(ValueError, match=message):
+    layout.collate(*change(*_groups(2)), pad_id=1)
