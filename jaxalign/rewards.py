@@ -36,9 +36,9 @@ import numpy as np
 
 from jaxalign import config_lib, judges, workdirs
 from jaxalign.data import arithmetic
+from jaxalign.data.prompts import SET_COLUMN  # a prompt's evaluator set (harmful / helpful): head routing
 
 RewardFunction = Callable[..., list]
-SET_COLUMN = "prompt_set"  # the prompt column that names a prompt's set (harmful / helpful) for head routing
 _FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
