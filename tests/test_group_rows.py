@@ -9,10 +9,15 @@ from flax import nnx
 
 from jaxalign import tasks
 from jaxalign.data import layouts
-from jaxalign.models import opt
+from jaxalign.models import llama, opt
 from helpers import TINY, on_device
 
 G, MAX_COMPLETION = 3, 6
+# Learned positions (OPT, offset 2) and rotary ones with grouped-query attention (Llama).
+MODELS = {"opt": lambda: opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(0)),
+          "llama": lambda: llama.LlamaForCausalLM(llama.LlamaConfig(
+              vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64), rngs=nnx.Rngs(0))}
 
 
 def _groups(prompts: int, seed: int = 0):
@@ -39,8 +44,9 @@ def _separate_logprobs(model, prompt_ids, completion_ids) -> list[np.ndarray]:
   return [token[r, len(prompt) - 1:len(prompt) - 1 + len(completion)] for r, (prompt, completion) in enumerate(rows)]
 
 
-def test_group_logprobs_equal_separate_forwards():
-  model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_group_logprobs_equal_separate_forwards(family):
+  model = MODELS[family]()
   prompt_ids, completion_ids = _groups(4)
   layout = layouts.GroupRows(max_prompt_length=10, max_completion_length=MAX_COMPLETION, num_generations=G,
                              buckets=(16, 32))
