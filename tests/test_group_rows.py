@@ -51,7 +51,8 @@ def test_group_logprobs_equal_separate_forwards(family):
   layout = layouts.GroupRows(max_prompt_length=10, max_completion_length=MAX_COMPLETION, num_generations=G,
                              buckets=(16, 32))
   batch = layout.collate(prompt_ids, completion_ids, pad_id=1, rows=5)  # one filler row
-  assert batch.input_ids.shape == (5, 28)  # the ladder ends at the row limit 10 + 3 x 6 and batch.completion_mask.shape == (15, MAX_COMPLETION)
+  # The ladder ends at the row limit, 10 + 3 x 6.
+  assert batch.input_ids.shape == (5, 28) and batch.completion_mask.shape == (15, MAX_COMPLETION)
   logps, entropies = nnx.jit(lambda m, b: tasks.group_logprobs(m, b, with_entropies=True))(model, on_device(batch))
   for row, want in enumerate(_separate_logprobs(model, prompt_ids, completion_ids)):  # prompt-major, as the batch
     np.testing.assert_allclose(np.asarray(logps[row, :len(want)]), want, atol=1e-5)

@@ -70,6 +70,11 @@ def _metrics_store():
   return collections.defaultdict(lambda: collections.defaultdict(list))
 
 
+def _last(metrics):
+  """Each metric's last logged value."""
+  return {name: values[-1] for name, values in metrics.items()}
+
+
 def _leaf(values):
   return torch.tensor(values, requires_grad=True)
 
@@ -95,7 +100,7 @@ def _trl_grpo(logps, old, ref, advantages, mask, entropies, *, loss_type, beta, 
     inputs["old_per_token_logps"] = torch.tensor(old)
   loss = GRPOTrainer._compute_loss(self, None, inputs)
   loss.backward()
-  return float(loss.detach()), policy.grad.numpy(), {name: values[-1] for name, values in self._metrics["train"].items()}
+  return float(loss.detach()), policy.grad.numpy(), _last(self._metrics["train"])
 
 
 def _ours_grpo(logps, old, ref, advantages, mask, entropies, *, loss_type, beta, epsilon=0.2, epsilon_high=None,
@@ -268,7 +273,7 @@ def _trl_rloo(logps, old, advantages, mask, entropies, *, epsilon, epsilon_high)
             "advantages": torch.tensor(advantages), "old_logps": torch.tensor((old * mask).sum(-1))}
   loss = RLOOTrainer._compute_loss(self, None, inputs)
   loss.backward()
-  return float(loss.detach()), policy.grad.numpy(), {name: values[-1] for name, values in self._metrics["train"].items()}
+  return float(loss.detach()), policy.grad.numpy(), _last(self._metrics["train"])
 
 
 @pytest.mark.parametrize("epsilon,epsilon_high", [(0.2, 0.2), (0.2, 0.28)])
@@ -310,7 +315,7 @@ def _trl_online_dpo(logps, ref, rewards, mask, *, loss_type, beta):
   loss = OnlineDPOTrainer.training_step(self, model, {"prompt": [f"prompt {i}" for i in range(len(logps) // 2)]})
   grad = np.empty_like(logps)
   grad[order] = policy.grad.numpy()
-  return float(loss), grad, {name: values[-1] for name, values in self.stats.items()}
+  return float(loss), grad, _last(self.stats)
 
 
 def _online_dpo_inputs(seed, width=WIDTH):
