@@ -739,6 +739,9 @@ def online_dpo_loss(
   `dpo_options`. A pair with a NaN reward (unscorable) or a filler row (`row_mask` 0) is left out (TRL would score
   an unscorable completion 0); metric unscorable_pairs counts the former."""
   logps, mask = _fp32(per_token_logps), _fp32(completion_mask)
+  if logps.shape[0] % 2 or jnp.shape(rewards) != logps.shape[:1]:
+    raise ValueError(f"online DPO: per-token log-probs of shape {logps.shape} and rewards of shape "
+                     f"{jnp.shape(rewards)}; expected two completions per prompt and one reward per completion")
   pairs = logps.shape[0] // 2
   summed = (logps * mask).sum(-1).reshape(pairs, 2)
   lengths = mask.sum(-1).reshape(pairs, 2)

@@ -375,3 +375,5 @@ def test_online_dpo_leaves_pairs_with_an_unscorable_completion_out():
   want, _ = losses.online_dpo_loss(logps[keep], ref[keep], rewards[keep], mask[keep])
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   assert int(metrics["unscorable_pairs"]) == 1
+  with pytest.raises(ValueError, match="two completions per prompt"):
+    losses.online_dpo_loss(logps[:9], ref[:9], rewards[:9], mask[:9])
