@@ -63,6 +63,35 @@ KTO (`kto_loss`, TRL's KTOTrainer; unpaired examples, each desirable or not, aga
   2408.06266).
   Metrics: kl = z, rewards/chosen|rejected = mean beta u over desirable | undesirable examples (0 when there are
   none), rewards/margins, logps/chosen|rejected.
+
+Online methods (TRL 1.16's GRPOTrainer, RLOOTrainer and experimental OnlineDPOTrainer), on per-token log-probs
+[rows, T] of sampled completions (rows = prompts x num_generations, each prompt's completions adjacent), m the
+completion mask (0 on padding, and on truncated completions with `mask_truncated_completions`: `loss_mask`):
+  advantages  group_advantages: A = (r - mean_group(r)) / (std + 1e-4), std over the group (`scale_rewards`
+              "group"), the batch ("batch") or none ("none": A = r - mean_group(r)); GRPO, Shao et al. 2024, arXiv
+              2402.03300; Dr. GRPO (Liu et al. 2025, arXiv 2503.20783) drops the std. rloo_advantages: A = r - the
+              mean of the other completions' rewards of the prompt, r = reward - beta sum_t (old_t - ref_t) (the KL
+              in the reward); RLOO, Ahmadian et al. 2024, arXiv 2402.14740. NaN rewards (no reward function scored
+              the completion) are left out of every mean and std and get advantage 0 (TRL's rule).
+  grpo_loss   ratio w = exp(logp - old) per token, or with importance_sampling_level "sequence" the exponential of
+              the mean of (logp - old) over the completion (GSPO, Zheng et al. 2025, arXiv 2507.18071);
+              l = -min(min(w, delta) A, clip(w, 1 - epsilon, 1 + epsilon_high) A) + beta k3, k3 = exp(ref - logp)
+              - (ref - logp) - 1 (Schulman's estimator; no reference when beta = 0), aggregated by loss_type:
+                grpo     mean over completions of each completion's mean over its tokens
+                bnpo     sum(l m) / sum(m) over the batch
+                dr_grpo  sum(l m) / (completions x max_completion_length)
+                dapo     sum(l m) / num_items_in_batch (the generation batch's completion tokens; TRL's default;
+                         DAPO, Yu et al. 2025, arXiv 2503.14476, with epsilon_high 0.28)
+              delta: two-sided clipping (INTELLECT-2, arXiv 2505.07291); old = logp without gradient when None
+              (one update per generation). Metrics: loss, kl (mean k3), entropy (given per-token entropies),
+              clip_ratio/low_mean|high_mean|region_mean (share of tokens, or of completions at sequence level,
+              whose ratio is clipped on the side their advantage pushes), clip_ratio/low_min|high_max.
+  rloo_loss   w = exp(sum_t logp - sum_t old) per completion, l = -min(w A, clip(w, 1 - epsilon, 1 + epsilon_high) A),
+              mean over completions. Metrics: loss, entropy, clip_ratio/*.
+  online_dpo_loss  two completions per prompt: the one with the higher reward (the first on a tie) is chosen, then
+              `dpo_loss` with any loss type on their summed log-probs. Metrics: dpo_loss's, objective/kl
+              (mean summed logp - ref), objective/entropy (mean -summed logp), objective/non_score_reward,
+              objective/rlhf_reward, objective/scores, objective/scores_margin (TRL's names).
 """
 
 from __future__ import annotations
@@ -94,6 +123,12 @@ def selected_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """
   logits = logits.astype(jnp.float32)
   return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_entropies(logits: jax.Array) -> jax.Array:
+  """The entropy of each position's next-token distribution: [..., vocab] -> [...] (fp32)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -(jnp.exp(log_probs) * log_probs).sum(-1)
 
 
 def sft_loss(target_logps: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -476,3 +511,259 @@ def _masked_mean(mask: jax.Array | None, like: jax.Array):
 
 def _fp32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------ online methods
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+_STD_EPS = 1e-4  # TRL's: advantages divide by std + 1e-4
+
+
+def grpo_needs_reference(beta: float) -> bool:
+  """Whether GRPO reads reference log-probs (the k3 KL term): only when beta != 0; otherwise no reference is built,
+  loaded or run."""
+  return beta != 0.0
+
+
+def loss_mask(completion_mask: jax.Array, truncated: jax.Array, mask_truncated_completions: bool) -> jax.Array:
+  """The completion mask the loss reads: with `mask_truncated_completions` (DAPO's overlong filtering), the
+  completions that stopped at max_completion_length without EOS (`truncated` [rows]) have no scored token."""
+  if not mask_truncated_completions:
+    return completion_mask
+  return completion_mask * (1 - jnp.asarray(truncated, completion_mask.dtype))[:, None]
+
+
+def nanstd(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+  """The standard deviation ignoring NaNs, with Bessel's correction (NaN with fewer than two values), as TRL's."""
+  count = (~jnp.isnan(x)).sum(axis=axis, keepdims=True)
+  mean = jnp.nanmean(x, axis=axis, keepdims=True)
+  variance = jnp.nanmean((x - mean) ** 2, axis=axis, keepdims=True) * count / jnp.maximum(count - 1, 1)
+  std = jnp.where(count > 1, jnp.sqrt(variance), jnp.nan)
+  return std if keepdims else jnp.squeeze(std, axis=axis)
+
+
+def _check_groups(rewards: jax.Array, num_generations: int) -> jax.Array:
+  rewards = _fp32(rewards)
+  if rewards.ndim != 1 or num_generations < 1 or rewards.shape[0] % num_generations:
+    raise ValueError(f"rewards of shape {rewards.shape}: expected [prompts x num_generations] with num_generations "
+                     f"{num_generations} (each prompt's completions adjacent)")
+  return rewards
+
+
+def group_advantages(rewards: jax.Array, num_generations: int, *,
+                     scale_rewards: str = "group") -> tuple[jax.Array, dict]:
+  """GRPO's advantages [rows] from the combined rewards [rows] (NaN: unscorable, advantage 0), each prompt's
+  `num_generations` completions adjacent; `scale_rewards` group / batch / none (module docstring). Metric
+  frac_reward_zero_std: the share of rows whose std is 0 (all rewards of the group, or of the batch, equal)."""
+  if scale_rewards not in SCALE_REWARDS:
+    raise ValueError(f"scale_rewards {scale_rewards!r}: expected one of {SCALE_REWARDS}")
+  rewards = _check_groups(rewards, num_generations)
+  grouped = rewards.reshape(-1, num_generations)
+  centred = (grouped - jnp.nanmean(grouped, axis=1, keepdims=True)).reshape(-1)
+  if scale_rewards == "batch":
+    std = jnp.broadcast_to(nanstd(rewards) if rewards.size > 1 else jnp.zeros(()), rewards.shape)
+  elif num_generations > 1:
+    std = jnp.repeat(nanstd(grouped, axis=1), num_generations)
+  else:
+    std = jnp.zeros_like(rewards)
+  advantages = centred if scale_rewards == "none" else centred / (std + _STD_EPS)
+  zero_std = jnp.isclose(std, 0.0).astype(jnp.float32)
+  return jnp.nan_to_num(advantages, nan=0.0), {"frac_reward_zero_std": zero_std.mean()}
+
+
+def rloo_advantages(rewards: jax.Array, num_generations: int, *, beta: float = 0.0,
+                    old_per_token_logps: jax.Array | None = None, ref_per_token_logps: jax.Array | None = None,
+                    completion_mask: jax.Array | None = None, normalize_advantages: bool = False,
+                    reward_clip_range: tuple[float, float] | None = None) -> tuple[jax.Array, dict]:
+  """RLOO's advantages [rows] (TRL's RLOOTrainer): rewards (NaN: unscorable) clipped to `reward_clip_range`, minus
+  beta times each completion's summed old - ref log-probs (the KL in the reward; old and ref [rows, T] needed when
+  beta != 0), minus the mean of the other scorable completions of its prompt; optionally normalised over the batch.
+  Metrics: kl (mean per-token old - ref, when beta != 0), frac_reward_zero_std (share of groups of equal rewards)."""
+  rewards = _check_groups(rewards, num_generations)
+  if reward_clip_range is not None:
+    rewards = jnp.clip(rewards, *reward_clip_range)
+  metrics = {}
+  if beta != 0.0:
+    if old_per_token_logps is None or ref_per_token_logps is None or completion_mask is None:
+      raise ValueError("rloo_advantages with beta != 0 needs old_per_token_logps, ref_per_token_logps and "
+                       "completion_mask (the KL in the reward)")
+    mask = _fp32(completion_mask)
+    per_token_kl = (_fp32(old_per_token_logps) - _fp32(ref_per_token_logps)) * mask
+    rewards = rewards - beta * per_token_kl.sum(axis=-1)
+    metrics["kl"] = per_token_kl.sum() / jnp.maximum(mask.sum(), 1.0)
+  grouped = rewards.reshape(-1, num_generations)
+  std = nanstd(grouped, axis=1) if num_generations > 1 else jnp.zeros(grouped.shape[0])
+  if num_generations > 1:
+    scorable = (~jnp.isnan(grouped)).sum(axis=1, keepdims=True)
+    # 0 / 0 = NaN for a group with one scorable completion: zeroed below, as unscorable rows are.
+    baselines = (jnp.nansum(grouped, axis=1, keepdims=True) - grouped) / (scorable - 1)
+    advantages = (grouped - baselines).reshape(-1)
+  else:
+    advantages = jnp.zeros_like(rewards)
+  if normalize_advantages:
+    advantages = (advantages - jnp.nanmean(advantages)) / (nanstd(advantages) + _STD_EPS)
+  metrics["frac_reward_zero_std"] = jnp.isclose(std, 0.0).astype(jnp.float32).mean()
+  return jnp.nan_to_num(advantages, nan=0.0), metrics
+
+
+def check_grpo_options(*, loss_type: str, importance_sampling_level: str, epsilon: float,
+                       epsilon_high: float | None, delta: float | None) -> None:
+  """Validate GRPO's options (before anything compiles); raises ValueError naming the option."""
+  if loss_type not in GRPO_LOSS_TYPES:
+    raise ValueError(f"grpo loss_type {loss_type!r}: expected one of {GRPO_LOSS_TYPES}")
+  if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+    raise ValueError(f"grpo importance_sampling_level {importance_sampling_level!r}: expected one of "
+                     f"{IMPORTANCE_SAMPLING_LEVELS}")
+  if not 0.0 <= epsilon < 1.0 or (epsilon_high is not None and epsilon_high < 0.0):
+    raise ValueError(f"grpo epsilon {epsilon} / epsilon_high {epsilon_high}: expected epsilon in [0, 1) and "
+                     "epsilon_high >= 0 (DAPO uses 0.28)")
+  if delta is not None and not delta > 1.0:
+    raise ValueError(f"grpo delta {delta}: expected a bound above 1 (INTELLECT-2 recommends more than 1 + epsilon)")
+
+
+def grpo_loss(
+    per_token_logps: jax.Array, old_per_token_logps: jax.Array | None, ref_per_token_logps: jax.Array | None,
+    advantages: jax.Array, completion_mask: jax.Array, *, loss_type: str = "dapo", beta: float = 0.0,
+    epsilon: float = 0.2, epsilon_high: float | None = None, delta: float | None = None,
+    importance_sampling_level: str = "token", max_completion_length: int | None = None,
+    num_items_in_batch: jax.Array | None = None, row_mask: jax.Array | None = None,
+    entropies: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """GRPO and its variants (TRL 1.16's GRPOTrainer; formulas in the module docstring) on per-token log-probs
+  [rows, T], advantages [rows] and the completion mask [rows, T] (`loss_mask`).
+
+  old: the sampling policy's log-probs (None: this policy's, without gradient). ref: needed when beta != 0.
+  row_mask [rows]: the completions present (a fixed-shape batch's filler rows are 0; default all), counted by grpo
+  and dr_grpo. max_completion_length: dr_grpo's constant (default T). num_items_in_batch: dapo's normaliser, the
+  completion tokens of the generation batch this batch is a part of (default: this batch's).
+  """
+  check_grpo_options(loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
+                     epsilon_high=epsilon_high, delta=delta)
+  logps, mask = _fp32(per_token_logps), _fp32(completion_mask)
+  old = jax.lax.stop_gradient(logps) if old_per_token_logps is None else _fp32(old_per_token_logps)
+  rows = jnp.ones(mask.shape[0]) if row_mask is None else _fp32(row_mask)
+  high = epsilon if epsilon_high is None else epsilon_high
+  log_ratio = logps - old
+  if importance_sampling_level == "sequence":  # one ratio per completion: [rows, 1]
+    log_ratio = (log_ratio * mask).sum(-1, keepdims=True) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+  ratio = jnp.exp(log_ratio)
+  clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + high)
+  if delta is not None:
+    ratio = jnp.minimum(ratio, delta)
+  advantages = _fp32(advantages)[:, None]
+  per_token = jnp.broadcast_to(-jnp.minimum(ratio * advantages, clipped * advantages), mask.shape)
+  metrics = {}
+  if grpo_needs_reference(beta):
+    if ref_per_token_logps is None:
+      raise ValueError(f"grpo beta {beta} needs reference log-probs (ref_per_token_logps); got None")
+    gap = _fp32(ref_per_token_logps) - logps
+    per_token_kl = jnp.exp(gap) - gap - 1.0
+    per_token = per_token + beta * per_token_kl
+    metrics["kl"] = _token_mean(per_token_kl, mask)
+  loss = _aggregate_grpo(per_token * mask, mask, rows, loss_type, max_completion_length, num_items_in_batch)
+  metrics["loss"] = loss
+  if entropies is not None:
+    metrics["entropy"] = _token_mean(_fp32(entropies), mask)
+  metrics.update(_clip_metrics(ratio, advantages, mask, rows, epsilon, high))
+  return loss, metrics
+
+
+def _aggregate_grpo(losses, mask, rows, loss_type, max_completion_length, num_items_in_batch) -> jax.Array:
+  """The batch's loss from masked per-token losses [rows, T] by GRPO's loss_type (module docstring)."""
+  if loss_type == "grpo":
+    per_row = losses.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    return (per_row * rows).sum() / jnp.maximum(rows.sum(), 1.0)
+  if loss_type == "bnpo":
+    return losses.sum() / jnp.maximum(mask.sum(), 1.0)
+  if loss_type == "dr_grpo":
+    return losses.sum() / (rows.sum() * (max_completion_length or mask.shape[1]))
+  tokens = mask.sum() if num_items_in_batch is None else _fp32(num_items_in_batch)
+  return losses.sum() / jnp.maximum(tokens, 1.0)
+
+
+def _token_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _clip_metrics(ratio, advantages, mask, rows, epsilon: float, epsilon_high: float) -> dict:
+  """TRL's clip_ratio metrics: the share of tokens (or, with one ratio per completion, of completions) whose ratio
+  lies beyond the clip range on the side its advantage pushes; low_min / high_max: the extreme per-completion share
+  over the completions that have any token."""
+  low = ((ratio < 1.0 - epsilon) & (advantages < 0)).astype(jnp.float32)
+  high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).astype(jnp.float32)
+  region = jnp.maximum(low, high)
+  if ratio.shape[1] == 1:  # sequence level: one value per completion
+    weights, per_row, counted = rows[:, None], (lambda x: x[:, 0]), rows > 0
+  else:
+    weights, counted = mask * rows[:, None], (mask.sum(-1) > 0) & (rows > 0)
+    per_row = lambda x: (x * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+  mean = lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  none = jnp.full((), jnp.nan)
+  return {"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high), "clip_ratio/region_mean": mean(region),
+          "clip_ratio/low_min": jnp.where(counted.any(), jnp.min(jnp.where(counted, per_row(low), jnp.inf)), none),
+          "clip_ratio/high_max": jnp.where(counted.any(), jnp.max(jnp.where(counted, per_row(high), -jnp.inf)), none)}
+
+
+def rloo_loss(
+    per_token_logps: jax.Array, old_per_token_logps: jax.Array | None, advantages: jax.Array,
+    completion_mask: jax.Array, *, epsilon: float = 0.2, epsilon_high: float | None = None,
+    row_mask: jax.Array | None = None, entropies: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """RLOO's clipped loss (TRL 1.16's RLOOTrainer) with one importance ratio per completion from its summed
+  log-probs, averaged over the completions present (`row_mask`, default all); old None: this policy's, without
+  gradient. The KL is in the advantages (`rloo_advantages`)."""
+  logps, mask = _fp32(per_token_logps), _fp32(completion_mask)
+  old = jax.lax.stop_gradient(logps) if old_per_token_logps is None else _fp32(old_per_token_logps)
+  rows = jnp.ones(mask.shape[0]) if row_mask is None else _fp32(row_mask)
+  high = epsilon if epsilon_high is None else epsilon_high
+  ratio = jnp.exp(((logps - old) * mask).sum(-1))[:, None]
+  advantages = _fp32(advantages)[:, None]
+  per_row = -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1.0 - epsilon, 1.0 + high) * advantages)[:, 0]
+  loss = (per_row * rows).sum() / jnp.maximum(rows.sum(), 1.0)
+  metrics = {"loss": loss, **_clip_metrics(ratio, advantages, mask, rows, epsilon, high)}
+  if entropies is not None:
+    metrics["entropy"] = _token_mean(_fp32(entropies), mask * rows[:, None])
+  return loss, metrics
+
+
+def online_dpo_loss(
+    per_token_logps: jax.Array, ref_per_token_logps: jax.Array | None, rewards: jax.Array,
+    completion_mask: jax.Array, *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+    row_mask: jax.Array | None = None, **dpo_options,
+) -> tuple[jax.Array, dict]:
+  """Online DPO (TRL 1.16's experimental OnlineDPOTrainer, any `dpo_loss` loss type): two completions per prompt,
+  rows [p0 c0, p0 c1, p1 c0, ...] with per-token log-probs [2P, T] and rewards [2P]; the completion with the higher
+  reward (the first on a tie) is chosen, then `dpo_loss` on their summed log-probs (with their token counts) and
+  `dpo_options`. A pair with a NaN reward (unscorable) or a filler row (`row_mask` 0) is left out (TRL would score
+  an unscorable completion 0); metric unscorable_pairs counts the former."""
+  logps, mask = _fp32(per_token_logps), _fp32(completion_mask)
+  if logps.shape[0] % 2 or jnp.shape(rewards) != logps.shape[:1]:
+    raise ValueError(f"online DPO: per-token log-probs of shape {logps.shape} and rewards of shape "
+                     f"{jnp.shape(rewards)}; expected two completions per prompt and one reward per completion")
+  pairs = logps.shape[0] // 2
+  summed = (logps * mask).sum(-1).reshape(pairs, 2)
+  lengths = mask.sum(-1).reshape(pairs, 2)
+  ref = jnp.zeros_like(summed) if ref_per_token_logps is None else (_fp32(ref_per_token_logps) * mask).sum(-1).reshape(
+      pairs, 2)
+  rewards = _fp32(rewards).reshape(pairs, 2)
+  present = jnp.ones(pairs) if row_mask is None else _fp32(row_mask).reshape(pairs, 2).min(-1)
+  scorable = ~jnp.isnan(rewards).any(-1)
+  pair_mask = present * scorable
+  first_chosen = rewards[:, 0] >= rewards[:, 1]
+  pick = lambda values, first: jnp.where(first, values[:, 0], values[:, 1])
+  chosen, rejected = (lambda values: pick(values, first_chosen)), (lambda values: pick(values, ~first_chosen))
+  loss, metrics = dpo_loss(chosen(summed), rejected(summed), chosen(ref), rejected(ref), beta=beta,
+                           loss_type=loss_type, mask=pair_mask, chosen_lengths=chosen(lengths),
+                           rejected_lengths=rejected(lengths), **dpo_options)
+  mean = _masked_mean(pair_mask, summed[:, 0])
+  kl = (summed - ref).sum(-1) / 2.0  # mean over the pair's two completions
+  rewards_or_0 = jnp.nan_to_num(rewards)
+  metrics.update({
+      "objective/kl": mean(kl), "objective/entropy": mean(-summed.sum(-1) / 2.0),
+      "objective/non_score_reward": -beta * mean(kl), "objective/scores": mean(rewards_or_0.sum(-1) / 2.0),
+      "objective/rlhf_reward": mean(rewards_or_0.sum(-1) / 2.0 - beta * kl),
+      "objective/scores_margin": mean(chosen(rewards_or_0) - rejected(rewards_or_0)),
+      "unscorable_pairs": (present * ~scorable).sum()})
+  return loss, metrics

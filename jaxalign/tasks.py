@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import config_lib, losses
-from jaxalign.data.layouts import CHOSEN_SIDE, REJECTED_SIDE, SeparatePairBatch, SFTBatch, SharedPairBatch
+from jaxalign.data.layouts import (CHOSEN_SIDE, REJECTED_SIDE, GroupBatch, SeparatePairBatch, SFTBatch,
+                                   SharedPairBatch)
 
 PairBatch = SeparatePairBatch | SharedPairBatch
 
@@ -85,6 +86,27 @@ def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> Pai
   rejected_side = (target_side == REJECTED_SIDE) * batch.target_mask
   return PairLogps(per_pair(logps * chosen_side), per_pair(logps * rejected_side), per_pair(chosen_side),
                    per_pair(rejected_side))
+
+
+def group_logprobs(model, batch: GroupBatch, dropout_key=None, *,
+                   with_entropies: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Per-token log-probs [P*G, C] of each prompt group's completions (0 off `completion_mask`) from one forward over
+  prompt + its G completions, each completion attending to the prompt and itself only; the LM head runs at the
+  completion tokens only. with_entropies: also the policy's entropy at those tokens [P*G, C]."""
+  member = batch.group_member
+  other_completion = (member[:, :, None] > 0) & (member[:, None, :] > 0) & (member[:, :, None] != member[:, None, :])
+  hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
+                                  mask=~other_completion, dropout_key=dropout_key)
+  prompts = batch.num_rows
+  flat = lambda x: x.reshape(prompts, -1)  # [P*G, C] -> [P, G*C]: each prompt row's completion tokens
+  picked = jnp.take_along_axis(hidden, flat(batch.predecessors)[..., None], axis=1)
+  logits = model.logits(picked)
+  mask = flat(batch.completion_mask)
+  logps = losses.selected_logprobs(logits, jnp.take_along_axis(batch.input_ids, flat(batch.targets), axis=1)) * mask
+  shape = batch.completion_mask.shape
+  if not with_entropies:
+    return logps.reshape(shape)
+  return logps.reshape(shape), (losses.token_entropies(logits) * mask).reshape(shape)
 
 
 def pair_logprobs(model, batch: PairBatch, dropout_key=None) -> PairLogps:

@@ -75,7 +75,7 @@ def detect_format(records: list[dict], source: str) -> str:
   return "preference" if "prompt" in columns else "hh"
 
 
-def _check_messages(value) -> tuple[dict, ...]:
+def check_messages(value) -> tuple[dict, ...]:
   """The messages of a field (each with a known role and string content; other keys, e.g. "tool_calls", go to the
   template too, except empty ones, which `datasets` adds to every message of a file where one has them); raises
   UnusableRecord otherwise."""
@@ -127,12 +127,12 @@ def implicit_prompt(chosen: tuple[dict, ...], rejected: tuple[dict, ...]):
 def _prompt_messages(prompt) -> tuple[dict, ...]:
   if isinstance(prompt, str):
     return hh_messages(prompt, prompt=True) if _HH_TURN.match(prompt) else ({"role": "user", "content": prompt},)
-  return _check_messages(prompt)
+  return check_messages(prompt)
 
 
 def split_conversational(record: dict) -> tuple:
   """(prompt, chosen, rejected) messages of a conversational record; raises UnusableRecord."""
-  chosen, rejected = _check_messages(record.get("chosen")), _check_messages(record.get("rejected"))
+  chosen, rejected = check_messages(record.get("chosen")), check_messages(record.get("rejected"))
   prompt = record.get("prompt")
   if chosen and chosen[0]["role"] != "assistant":  # whole conversations (a prompt field, if any, repeats them)
     return implicit_prompt(chosen, rejected)
@@ -158,7 +158,7 @@ def split_preference_as_messages(record: dict) -> tuple:
 
 def split_messages(record: dict) -> tuple:
   """(messages before the last assistant turn, that turn and what follows, None) of an SFT `messages` record."""
-  messages = _check_messages(record.get("messages"))
+  messages = check_messages(record.get("messages"))
   last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
   if last < 0:
     raise hh.UnusableRecord(NO_RESPONSE)

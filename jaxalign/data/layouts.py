@@ -379,3 +379,100 @@ def sft_layout(data_config, *, held_out: bool = False) -> SFTRows:
   """The SFT layout a stage's `data` config asks for; held-out batches are never packed."""
   return SFTRows(max_length=data_config.max_length, buckets=tuple(data_config.buckets),
                  packing=data_config.packing and not held_out)
+
+
+# ------------------------------------------------------------------------------------------ online: prompt groups
+
+PROMPT_MEMBER, PAD_MEMBER = 0, -1  # group_member values besides the completions' 1 … G
+
+
+@_pytree
+@dataclasses.dataclass
+class GroupBatch:
+  """Rows of one prompt and its G sampled completions, for the online methods' training forward: the prompt once,
+  then each completion, every completion attending to the prompt and to itself only (positions restart after the
+  prompt, so each sees the positions it would see alone).
+
+  input_ids / attention_mask / positions / group_member [P, L]: group_member is PROMPT_MEMBER on the prompt, g
+  (1-based) on the g-th completion, PAD_MEMBER on padding. Per completion, rows prompt-major (p0 c1, p0 c2, …, p1 c1,
+  …) with C = max_completion_length token slots: targets [P*G, C] (the slot of each completion token),
+  predecessors [P*G, C] (the slot whose logits predict it: the prompt's last for the first token),
+  completion_mask [P*G, C] (1 on real completion tokens), row_mask [P*G] (0 for the completions of filler rows).
+  """
+
+  input_ids: Array
+  attention_mask: Array
+  positions: Array
+  group_member: Array
+  targets: Array
+  predecessors: Array
+  completion_mask: Array
+  row_mask: Array
+
+  @property
+  def num_rows(self) -> int:
+    return self.input_ids.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRows:
+  """The layout of prompt groups (`GroupBatch`): rows of a prompt (at most `max_prompt_length` tokens) and its
+  `num_generations` completions (at most `max_completion_length` each), padded to a bucket length."""
+
+  max_prompt_length: int
+  max_completion_length: int
+  num_generations: int
+  buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+  @property
+  def row_limit(self) -> int:
+    return self.max_prompt_length + self.num_generations * self.max_completion_length
+
+  @property
+  def ladder(self) -> tuple[int, ...]:
+    return shapes.bucket_ladder(self.buckets, self.row_limit)
+
+  def _check(self, prompt_ids, completion_ids) -> None:
+    if len(prompt_ids) != len(completion_ids):
+      raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} groups of completions")
+    for p, (prompt, group) in enumerate(zip(prompt_ids, completion_ids)):
+      if not 1 <= len(prompt) <= self.max_prompt_length:
+        raise ValueError(f"prompt {p}: {len(prompt)} tokens; expected 1 to max_prompt_length "
+                         f"{self.max_prompt_length}")
+      if len(group) != self.num_generations or any(len(c) > self.max_completion_length for c in group):
+        raise ValueError(f"prompt {p}: completions of {[len(c) for c in group]} tokens; expected "
+                         f"num_generations {self.num_generations} of at most {self.max_completion_length}")
+
+  def collate(self, prompt_ids, completion_ids, pad_id: int, *, rows: int | None = None,
+              length: int | None = None) -> GroupBatch:
+    """A GroupBatch of prompts (id arrays) and their completions (`num_generations` id arrays each), filled to
+    `rows` prompt rows (default: as many as prompts) and padded to `length` (default: the smallest bucket that
+    holds the longest row)."""
+    self._check(prompt_ids, completion_ids)
+    rows = rows or len(prompt_ids)
+    if rows < len(prompt_ids):
+      raise ValueError(f"{len(prompt_ids)} prompts do not fit {rows} rows")
+    groups, width = self.num_generations, self.max_completion_length
+    sequences = [np.concatenate([prompt, *group]).astype(np.int32) for prompt, group in zip(prompt_ids, completion_ids)]
+    length = length or shapes.fit(max(len(s) for s in sequences), self.ladder)
+    batch = GroupBatch(
+        input_ids=_pad(sequences + [np.zeros(0, np.int32)] * (rows - len(sequences)), length, pad_id, np.int32),
+        attention_mask=np.zeros((rows, length), np.int32), positions=np.zeros((rows, length), np.int32),
+        group_member=np.full((rows, length), PAD_MEMBER, np.int32), targets=np.zeros((rows * groups, width), np.int32),
+        predecessors=np.zeros((rows * groups, width), np.int32),
+        completion_mask=np.zeros((rows * groups, width), np.float32), row_mask=np.zeros(rows * groups, np.float32))
+    for r, (prompt, group) in enumerate(zip(prompt_ids, completion_ids)):
+      n_prompt, start = len(prompt), len(prompt)
+      batch.attention_mask[r, :len(sequences[r])] = 1
+      batch.positions[r, :n_prompt] = np.arange(n_prompt)
+      batch.group_member[r, :n_prompt] = PROMPT_MEMBER
+      for g, completion in enumerate(group):
+        n, row = len(completion), r * groups + g
+        batch.positions[r, start:start + n] = n_prompt + np.arange(n)
+        batch.group_member[r, start:start + n] = g + 1
+        batch.targets[row, :n] = start + np.arange(n)
+        batch.predecessors[row, :n] = np.concatenate([[n_prompt - 1], start + np.arange(n - 1)])[:n]
+        batch.completion_mask[row, :n] = 1.0
+        batch.row_mask[row] = 1.0
+        start += n
+    return batch

@@ -1,5 +1,7 @@
-"""Evaluation prompt sets: the paper's selection from the HH test splits (or any size, subset and split drawn the
-same way), or a JSON / JSONL file of prompts.
+"""Prompts: the evaluation prompt sets (the paper's selection from the HH test splits, or any size, subset and split
+drawn the same way, or a JSON / JSONL file of prompts), and the online methods' training prompts
+(`load_training_prompts`: HH prompts, never those the evaluator may hold out; TRL's prompt-only and conversational
+prompt formats with extra columns kept; the synthetic arithmetic task), every record counted in a SkipReport.
 
 The paper's procedure (its eval notebook): harmful = the harmless-base TEST rows whose `chosen` text contains "kill",
 "murder" or "rape" (192 rows, case-sensitive), `random.seed(100)`, `random.sample(rows, 50)`; helpful =
@@ -13,12 +15,17 @@ any subset and split for either set, and any keywords (none: every row is a cand
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
 from pathlib import Path
+from typing import Any
 
 from jaxalign import jsonl
-from jaxalign.data import hh
+from jaxalign.data import arithmetic, formats, hh
+
+log = logging.getLogger(__name__)
 
 PAPER_KEYWORDS = ("kill", "murder", "rape")
 PAPER_SEED = 100
@@ -135,3 +142,134 @@ def load_prompt_file(path: str | Path) -> list[str]:
     if not isinstance(prompt, str) or not prompt.strip():
       raise ValueError(f"{at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
   return items
+
+
+# ------------------------------------------------------------------------------ training prompts (online methods)
+
+# Skip reasons of training prompts beside hh's and formats'.
+EMPTY_PROMPT = "empty_prompt"  # a prompt that is empty or only whitespace (or no messages)
+DUPLICATE_PROMPT = "duplicate_prompt"  # the same prompt as an earlier record (HH repeats prompts across pairs)
+EVALUATION_PROMPT = "evaluation_prompt"  # a prompt the evaluator may hold out: never trained on
+SET_COLUMN = "prompt_set"  # the column naming an HH prompt's evaluator set, "harmful" or "helpful"
+ARITHMETIC = "arithmetic"  # the source name of the synthetic arithmetic task (data/arithmetic.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+  """One training prompt: text, or messages (TRL's conversational prompt); `columns`: the record's other fields,
+  which reach reward functions as keyword arguments (an HH prompt has "prompt_set": "harmful" or "helpful", the
+  evaluator's set its subset feeds); source / index: where it came from, as in `hh.PreferencePair`."""
+
+  prompt: str | tuple[dict, ...]
+  columns: dict[str, Any]
+  source: str
+  index: int
+
+  def as_trl(self) -> dict[str, Any]:
+    """The record in TRL's prompt-only format: {"prompt": ..., **columns}."""
+    return {"prompt": self.prompt if isinstance(self.prompt, str) else list(self.prompt), **self.columns}
+
+
+def _held_out_key(prompt) -> str | None:
+  """A text prompt as the evaluator writes its prompts (stripped, no final "Assistant:" cue), for the exclusion."""
+  if not isinstance(prompt, str):
+    return None
+  text = prompt.strip()
+  return text[:-len("Assistant:")].strip() if text.endswith("Assistant:") else text
+
+
+def _prompt_of(record: dict, kind: str) -> tuple[str | tuple[dict, ...], dict]:
+  """(prompt, columns) of a record: kind "prompt" (TRL's prompt-only format, every other field a column) or "hh"
+  (the chosen conversation through its last "\\n\\nAssistant:", column prompt_set); raises hh.UnusableRecord."""
+  if kind == "hh":
+    hh._check_strings(record, ("chosen",))
+    end = record["chosen"].rfind(hh.ASSISTANT)
+    if end < 0:
+      raise hh.UnusableRecord(hh.NO_ASSISTANT_MARKER)
+    prompt, columns = record["chosen"][:end + len(hh.ASSISTANT)], {}
+  else:
+    prompt = record.get("prompt")
+    if prompt is None:
+      raise hh.UnusableRecord(hh.MISSING_FIELD)
+    if isinstance(prompt, list):
+      prompt = formats.check_messages(prompt)
+    elif not isinstance(prompt, str):
+      raise hh.UnusableRecord(hh.NOT_A_STRING)
+    columns = {key: value for key, value in record.items() if key != "prompt"}
+  contents = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+  if not any(text.strip() for text in contents):
+    raise hh.UnusableRecord(EMPTY_PROMPT)
+  return prompt, columns
+
+
+def prompts_from_records(records: list, source: str, *, exclude: frozenset[str] = frozenset(),
+                         seen: set | None = None) -> tuple[list[PromptRecord], hh.SkipReport]:
+  """One file's training prompts: TRL prompt-only records ({"prompt": text or messages, …columns}) or HH records
+  (their prompts, by the file's fields), every record counted: used, or skipped by reason (bad lines, missing or
+  malformed prompts, empty ones, duplicates of a prompt in `seen` (updated), prompts in `exclude` (the evaluator's,
+  as `_held_out_key` writes them)). Raises ValueError naming the file when its fields fit neither format, or when
+  no record is usable."""
+  columns = {key for record in records if isinstance(record, dict) for key in record}
+  kind = "prompt" if "prompt" in columns else "hh" if "chosen" in columns else None
+  if kind is None:
+    raise ValueError(f"{source}: records have fields {sorted(columns)}; expected TRL's prompt-only format "
+                     "({\"prompt\": text or messages, ...}) or HH ({\"chosen\", \"rejected\"})")
+  seen = set() if seen is None else seen
+  out, report = [], hh.SkipReport(total=len(records))
+  for index, record in enumerate(records):
+    try:
+      if isinstance(record, hh.BadLine):
+        raise hh.UnusableRecord(record.reason)
+      prompt, extra = _prompt_of(record, kind)
+      if kind == "hh":
+        extra = {SET_COLUMN: "harmful" if "harmless" in source else "helpful"}
+      if _held_out_key(prompt) in exclude:
+        raise hh.UnusableRecord(EVALUATION_PROMPT)
+      identity = json.dumps(prompt, sort_keys=True)
+      if identity in seen:
+        raise hh.UnusableRecord(DUPLICATE_PROMPT)
+    except hh.UnusableRecord as e:
+      report.note(e.args[0], source, index)
+      continue
+    seen.add(identity)
+    out.append(PromptRecord(prompt, extra, source, index))
+  report.used = len(out)
+  if not out:
+    raise ValueError(f"{source}: no usable prompt among its {len(records)} records ({report.summary()})")
+  return out, report
+
+
+def evaluation_prompts(source: str) -> frozenset[str]:
+  """Every prompt the evaluator can draw from `source` with its default subsets and split (all rows of
+  harmless-base and helpful-base test, whatever the count and keywords), as `_held_out_key` writes them."""
+  sets = paper_prompt_sets(source, n_harmful=ALL, n_helpful=ALL, keywords=())
+  return frozenset(_held_out_key(p) for p in sets["harmful"] + sets["helpful"])
+
+
+def load_training_prompts(
+    source: str, *, split: str = "train", subsets: list[str] | None = None,
+    exclude: frozenset[str] | None = None, arithmetic_options: dict | None = None,
+    warn_skipped_share: float = hh.WARN_SKIPPED_SHARE,
+) -> tuple[list[PromptRecord], hh.SkipReport]:
+  """Training prompts for the online methods, in source order, and a SkipReport over every record read.
+
+  source: "arithmetic" (the synthetic task's train problems, or with split "test" its held-out ones;
+  `arithmetic_options` go to `arithmetic.arithmetic_split`), or anything `hh.load_records` reads (Hub id, HH-layout
+  folder, JSONL or Parquet file) holding TRL prompt-only records or HH pairs. exclude: prompts never to train on;
+  None means, for the Hub id or a folder, every prompt the evaluator can draw from the same source
+  (`evaluation_prompts`), and nothing for a single file. Duplicate prompts are kept once (counted).
+  """
+  if source == ARITHMETIC:
+    train, held_out = arithmetic.arithmetic_split(**(arithmetic_options or {}))
+    return prompts_from_records(held_out if split == "test" else train, f"{ARITHMETIC}/{split}")
+  if exclude is None:
+    exclude = frozenset() if Path(source).expanduser().is_file() else evaluation_prompts(source)
+  out, report, seen = [], hh.SkipReport(), set()
+  for label, records in hh.load_records(source, split=split, subsets=subsets):
+    file_prompts, file_report = prompts_from_records(records, label, exclude=exclude, seen=seen)
+    log.info("%s (prompts): %s", label, file_report.summary())
+    hh.warn_if_mostly_skipped(label, file_report, warn_skipped_share)
+    out.extend(file_prompts)
+    report.merge(file_report)
+  hh.log_report(report, source, split)
+  return out, report
