@@ -50,9 +50,8 @@ def left_padded_prompts(lengths=PROMPT_LENGTHS, seed=0):
 
 
 def greedy(model, ids, mask, **options):
-  tokens, lengths = sampling.generate_ids(model, ids, mask, options=SamplingOptions(max_new_tokens=NEW_TOKENS,
-                                                                                   **options))
-  return np.asarray(tokens), np.asarray(lengths)
+  out = sampling.generate_ids(model, ids, mask, options=SamplingOptions(max_new_tokens=NEW_TOKENS, **options))
+  return np.asarray(out.tokens), np.asarray(out.lengths)
 
 
 def torch_greedy(torch_model, ids, mask, eos_id):
@@ -118,7 +117,7 @@ def test_temperature_0_is_greedy_whatever_the_filters(model):
   expected, _ = greedy(model, ids, mask, eos_id=None)
   before = sampling.compiled_program_count()
   options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None, temperature=0.0, top_k=5, top_p=0.5)
-  tokens, _ = sampling.generate_ids(model, ids, mask, key=jax.random.key(3), options=options)
+  tokens = sampling.generate_ids(model, ids, mask, key=jax.random.key(3), options=options).tokens
   np.testing.assert_array_equal(tokens, expected)
   assert sampling.compiled_program_count() == before  # shares the plain greedy program
 
@@ -131,7 +130,7 @@ def test_sharded_batch_equals_single_device(model):
   ids, mask, expected = np.tile(ids, (2, 1)), np.tile(mask, (2, 1)), np.tile(expected, (2, 1))
   sharding = parallel.batch_sharding(parallel.make_mesh(data=4, fsdp=2))
   options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None)
-  tokens, _ = sampling.generate_ids(model, ids, mask, options=options, sharding=sharding)
+  tokens = sampling.generate_ids(model, ids, mask, options=options, sharding=sharding).tokens
   assert tokens.sharding.is_equivalent_to(sharding, 2)
   assert sampling.batch_shards(sharding) == 8 and sampling.batch_shards(None) == 1
   np.testing.assert_array_equal(np.asarray(tokens), expected)
