@@ -368,6 +368,9 @@ class Sampler:
       key = jax.random.key(0)  # unused by greedy decoding, but the program takes one
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
       raise ValueError("key must be a typed PRNG key (jax.random.key(seed)), not a raw uint32 jax.random.PRNGKey")
+    if key.shape not in ((), (self.rows,)):
+      raise ValueError(f"key: one key or one per completion row ({self.rows} = batch_size x num_generations); got "
+                       f"keys of shape {key.shape}")
     row_keys = key if key.shape == (self.rows,) else jax.random.split(key, self.rows)
     if self.sharding is not None:
       row_keys = jax.device_put(row_keys, self.sharding)
