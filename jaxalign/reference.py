@@ -46,6 +46,20 @@ class Reference:
   logps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
+  def arrays(self):
+    """What the compiled step takes as the reference's input: the frozen copy's parameters, or None."""
+    return self.state
+
+  def model(self, graphdef, params, rest, arrays) -> nnx.Module | None:
+    """The reference model inside the step, from the policy's graph, trained parameters and rest, and `arrays`; None
+    when there is none or its log-probs travel with the batch (precomputed)."""
+    if self.mode == "lora_off":
+      return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), rest)
+    if self.mode == "model":
+      return nnx.merge(self.graphdef, arrays)
+    return None
+
+  @property
   def runs_forward(self) -> bool:
     """Whether each step runs a reference forward (counted in the step's FLOPs)."""
     return self.mode in ("model", "lora_off")

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxalign import reference as reference_lib, tasks, trainer
+from jaxalign import reference as reference_lib, step, tasks, trainer
 from jaxalign.data import layouts, pipeline
 from helpers import losses_by_step, prepared, step_flops, tiny_config
 
@@ -22,8 +22,8 @@ def test_a_reference_free_loss_builds_and_runs_no_reference(reference, cache_dir
   assert prepared_reference.mode == "none" and prepared_reference.state is None and not prepared_reference.logps
   assert not passes  # no reference pass over the data
   assert not os.path.exists(os.path.join(cache_dir, "reference"))
-  flops_free = trainer._training_flops(model, prepared_reference)(128, 1000.0, 100.0)
-  flops_live = trainer._training_flops(model, reference_lib.Reference("model"))(128, 1000.0, 100.0)
+  flops_free = step.training_flops(model, prepared_reference)(128, 1000.0, 100.0)
+  flops_live = step.training_flops(model, reference_lib.Reference("model"))(128, 1000.0, 100.0)
   assert flops_free < flops_live  # the step's FLOPs (and MFU) count no reference forward
 
 
