@@ -1,13 +1,12 @@
 """What is trained: SFT, DPO, CPO / SimPO, ORPO, KTO and reward modelling, each a loss over a typed batch, all driven
-by one loop.
+by one loop; `TASKS` at the end is the registry of them, the one list every other module asks.
 
 A task knows which examples it reads (`batch_kind`: "sft" rows, preference "pairs", or KTO's "unpaired" examples,
 which travel in the pair layouts as (prompt, completion, mismatched completion): see `data/unpaired.py`), whether its
-loss needs a
-reference (`uses_reference`, from the loss), how to compute its loss and metrics from a model and a batch, and how
-many tokens a batch holds (for throughput). The batch's type (`data/layouts.py`) selects the code path: separate
-chosen / rejected rows run as one concatenated forward; prefix-shared rows (one pair, or several packed, per row) as
-one forward over prompt + chosen + rejected.
+loss needs a reference (`uses_reference`, from the loss), how to compute its loss and metrics from a model and a
+batch, and how many tokens a batch holds (for throughput). The batch's type (`data/layouts.py`) selects the code path:
+separate chosen / rejected rows run as one concatenated forward; prefix-shared rows (one pair, or several packed, per
+row) as one forward over prompt + chosen + rejected.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ the judge inverts; a training run reads exactly the pairs the filter keeps."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -15,7 +17,7 @@ from jaxalign import config_lib, judges, pair_scores, trainer
 from jaxalign.data import hh, pair_filter, pipeline, tokenize
 from jaxalign.models import opt, reward
 from jaxalign.tokenizer import load_tokenizer
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 SUBSETS = "harmless-base,helpful-base"
 
@@ -145,3 +147,11 @@ def test_a_training_run_reads_exactly_the_kept_pairs(scored, monkeypatch, tmp_pa
   config.data.pair_filter = "sometimes"
   with pytest.raises(config_lib.ConfigError, match="config.data.pair_filter"):
     config_lib.validate(config)
+
+
+def test_loading_pairs_imports_no_judge_model_or_plotting():
+  """The data floor (pipeline, pair filter) stands alone: scoring pairs needs judges, filtering them does not."""
+  code = ("import sys, jaxalign.data.pipeline; print(sorted(m for m in sys.modules if m.startswith(("
+          "'matplotlib', 'jaxalign.judges', 'jaxalign.models', 'jaxalign.pair_scores', 'jaxalign.curves'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+  assert out.stdout.strip() == "[]"
