@@ -118,6 +118,7 @@ def test_drop_and_swap_record_by_record(scored):
     pair_filter.apply_pair_filter([extra], margins, "drop", 0.0)
 
 
+@pytest.mark.slow
 def test_a_training_run_reads_exactly_the_kept_pairs(scored, monkeypatch, tmp_path):
   rows = scored["rows"]
   scores_file = str(scored["workdir"] / "scored-train.jsonl")

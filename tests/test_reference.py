@@ -37,6 +37,7 @@ def test_the_compiled_step_of_a_reference_free_loss_has_no_reference_forward(cac
   assert free < 0.85 * live  # a forward of the same rows is about a third of forward + backward
 
 
+@pytest.mark.slow
 def test_held_out_reference_logps_are_computed_in_the_held_out_layout(cache_dir, tmp_path, monkeypatch):
   """Packed training rows, unpacked held-out rows: each split's pass runs in its own layout, and the held-out
   metrics equal those against a live reference."""

@@ -78,6 +78,7 @@ def wandb_records(run_dir):
   return records
 
 
+@pytest.mark.slow
 def test_each_stage_has_curves_and_the_study_a_summary(study):
   root = study["root"]
   sizes = {}
@@ -99,6 +100,7 @@ def test_each_stage_has_curves_and_the_study_a_summary(study):
   assert "[sft/model](sft/model)" in dpo_row  # started from the study's SFT stage
 
 
+@pytest.mark.slow
 def test_curve_panels_follow_the_task(study):
   sft = curves.read_metrics(os.path.join(study["root"], "sft", "metrics.jsonl"))
   dpo = curves.read_metrics(os.path.join(study["root"], "dpo", "metrics.jsonl"))
@@ -119,6 +121,7 @@ def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path):
     curves.read_metrics(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install -e '.[wandb]')")
 def test_wandb_offline_run_holds_the_metrics_jsonl_values(study):
   for stage, steps in (("sft", SFT_STEPS), ("dpo", DPO_STEPS)):
@@ -155,6 +158,7 @@ def test_missing_wandb_gives_an_install_hint(monkeypatch, tmp_path):
     trackers.start(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_push_sends_the_export_with_its_model_card(study):
   fake = study["hub"]
   assert fake.repos == [{"repo_id": "someone/tiny-dpo", "repo_type": "model", "private": False, "exist_ok": True}]
@@ -183,6 +187,7 @@ def test_push_settings_are_checked_before_training(tmp_path):
     hub_push.check_config(study)
 
 
+@pytest.mark.slow
 def test_evaluation_in_a_study_refreshes_study_md_and_pushes_its_results(study, tmp_path, monkeypatch):
   """evaluate.py on rated responses, with its workdir inside the study: Table 1 joins study.md, the results folder
   goes to a Hub dataset repo with Table 1 in its card, and a later stage card carries the table too."""
