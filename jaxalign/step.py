@@ -32,6 +32,16 @@ class TrainState:
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"], meta_fields=[])
 
 
+def initial_state(params, tx, mesh, min_fsdp_size: int) -> tuple[TrainState, TrainState]:
+  """The train state at step 0 and its shardings (parameters and optimizer state by the FSDP rule)."""
+  param_shardings = parallel.tree_shardings(params, mesh, min_fsdp_size)
+  opt_shardings = parallel.tree_shardings(jax.eval_shape(tx.init, params), mesh, min_fsdp_size)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  shardings = TrainState(parallel.replicated(mesh), param_shardings, opt_shardings)
+  # Every input committed to its sharding up front, so the first step compiles the same program as the rest.
+  return jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, opt_state), shardings), shardings
+
+
 def split_model(model: nnx.Module, use_lora: bool):
   """(graphdef, trained parameters, everything else)."""
   return nnx.split(model, nnx.LoRAParam if use_lora else nnx.Param, ...)

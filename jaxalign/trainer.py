@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from jaxalign import (checkpoint, config_lib, curves, hub_push, parallel, reference as reference_lib, runguard,
@@ -112,11 +111,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Stage:
   check_vocabulary(tokenizer, model.config.vocab_size)
   # Before the source: precomputed reference log-probs travel with the batches.
   reference = reference_lib.prepare(task, model, data, config, mesh, tokenizer.pad_token_id)
-  source = sources.build(config, data, mesh, tokenizer.pad_token_id, reference)
   graphdef, params, rest = step_lib.split_model(model, config.lora.enabled)
-  tx = step_lib.make_optimizer(config.optimizer, source.total_steps)
-  state, shardings = _initial_state(params, tx, mesh, config.mesh.min_fsdp_size)
   rest = parallel.shard_tree(rest, mesh, config.mesh.min_fsdp_size)
+  source = sources.build(config, data, mesh, tokenizer.pad_token_id, reference)
+  tx = step_lib.make_optimizer(config.optimizer, source.total_steps)
+  state, shardings = step_lib.initial_state(params, tx, mesh, config.mesh.min_fsdp_size)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
@@ -130,16 +129,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Stage:
   if config.training.precompile:
     _precompile(stage)
   return stage
-
-
-def _initial_state(params, tx, mesh, min_fsdp_size: int) -> tuple[step_lib.TrainState, step_lib.TrainState]:
-  """The train state at step 0 and its shardings (parameters and optimizer state by the FSDP rule)."""
-  param_shardings = parallel.tree_shardings(params, mesh, min_fsdp_size)
-  opt_shardings = parallel.tree_shardings(jax.eval_shape(tx.init, params), mesh, min_fsdp_size)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  shardings = step_lib.TrainState(parallel.replicated(mesh), param_shardings, opt_shardings)
-  # Every input committed to its sharding up front, so the first step compiles the same program as the rest.
-  return jax.device_put(step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt_state), shardings), shardings
 
 
 def _restore(config, workdir: str, checkpointer: checkpoint.Checkpointer, state: step_lib.TrainState, shardings,
