@@ -164,9 +164,11 @@ class Checkpointer:
                        f"dtype, sharding=...)); {len(unsharded)} have none, e.g. {', '.join(unsharded[:3])}")
     self._manager.wait_until_finished()
     failures: list[str] = []
+    damaged = 0  # failures that are damaged files, not a config that differs from the saving run's
     steps = sorted(self._manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
+        self._check_files(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(abstract_state), EXTRA_ITEM: ocp.args.JsonRestore()}))
         extra = verify(step, restored[STATE_ITEM], dict(restored[EXTRA_ITEM]))
@@ -184,12 +186,21 @@ class Checkpointer:
       log.warning("checkpoint step %d in %s could not be restored (%s); %s", step, self.directory, reason,
                   f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left")
       failures.append(f"step {step}: {reason}")
+      damaged += isinstance(error, CheckpointIntegrityError)
       self._unrestorable.add(step)
     if failures:
       raise CheckpointRestoreError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(failures)
-                                   + "\nCheck that the config (model, optimizer, mesh) matches the run that saved "
-                                   "them, or move the folder away to start afresh.")
+                                   + "\n" + _restore_advice(damaged, len(failures)))
     return None
+
+  def _check_files(self, step: int) -> None:
+    """Raises CheckpointIntegrityError naming the first index file a committed step lacks (Orbax would report the
+    missing array index as a pytree structure mismatch, blaming the config)."""
+    for item, index in ((STATE_ITEM, "_METADATA"), (EXTRA_ITEM, "metadata")):
+      path = self.directory / str(step) / item / index
+      if not path.exists():
+        raise CheckpointIntegrityError(f"{path} is missing (the index of the {item} item): the step's files were "
+                                       "damaged or partly deleted after it was saved")
 
   def wait(self) -> None:
     """Blocks until background saves are committed (raises if one failed)."""
@@ -321,6 +332,15 @@ def verify(step: int, state: Any, extra: dict) -> dict:
   if problems:
     raise CheckpointIntegrityError("; ".join(problems))
   return extra
+
+
+def _restore_advice(damaged: int, failed: int) -> str:
+  """What to do when no step restores: a damaged folder is not cured by changing the config."""
+  if damaged == failed:
+    return ("Every step failed its integrity check (files damaged or changed since they were saved; the config is "
+            "not the cause): restore the folder from a copy, or move it away to start afresh.")
+  return ("Check that the config (model, optimizer, mesh) matches the run that saved them, or move the folder away "
+          "to start afresh." + (f" ({damaged} of the {failed} steps are damaged files.)" if damaged else ""))
 
 
 def _agree_across_processes(error: Exception | None) -> Exception | None:

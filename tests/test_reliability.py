@@ -250,3 +250,12 @@ def test_repeated_model_names_are_rejected():
   with pytest.raises(ValueError, match=r"config.models: the name 'sft' is given twice \('runs/a' and 'runs/b'\)"):
     evaluator.parse_named("base=facebook/opt-350m,sft=runs/a, sft=runs/b", "models")
   assert evaluator.parse_named("a=x,b=y", "models") == {"a": "x", "b": "y"}
+
+
+def test_a_truncated_safetensors_file_is_named(tiny_lm, tmp_path):
+  hub.save_pretrained(tiny_lm, str(tmp_path))
+  path = tmp_path / hub.SAFETENSORS_FILE
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file \(Error while deserializing header: "
+                                       r"incomplete metadata, file not fully covered\): it is truncated or damaged"):
+    hub.from_pretrained(str(tmp_path))
