@@ -287,6 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   config_lib.validate(config)
   export_dir = os.path.join(workdir, EXPORT_DIR)
   if os.path.exists(os.path.join(workdir, DONE_FILE)):
+    config_lib.check_unchanged(config, _finished_config(workdir), f"the finished stage in {workdir} ({DONE_FILE})")
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
@@ -332,6 +333,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     raise ValueError(f"{workdir} already has checkpoints {checkpointer.steps()} and resume=False: "
                      "use another --workdir, or drop --config.resume=False to continue that run")
   if restored is not None:
+    config_lib.check_unchanged(config, restored.extra.get("config"),
+                               f"checkpoint step {restored.step} in {checkpointer.directory}")
     state = restored.state
     data.train.restore(restored.extra["data"])
     log.info("resumed from step %d", restored.step)
@@ -389,7 +392,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     metric_logger.close()
 
   summary = {"task": config.task, "init_from": config.init_from, "steps": step, "compilations": steps.compilations,
-             **final_eval, "train_shapes": sorted(metric_logger.shapes)}
+             **final_eval, "train_shapes": sorted(metric_logger.shapes), "config": config.to_dict()}
   log.info("compiled the train step %d time(s) for %d batch shape(s)", steps.compilations["train"],
            len(metric_logger.shapes))
   if config.export.enabled:
@@ -407,6 +410,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     if metric_logger.tracker is not None:
       metric_logger.tracker.finish(summary, [os.path.join(workdir, DONE_FILE), curves_path or ""])
   return export_dir
+
+
+def _finished_config(workdir: str) -> dict | None:
+  """The config a finished stage recorded in its done.json (None if written before done.json carried it)."""
+  with open(os.path.join(workdir, DONE_FILE)) as f:
+    return json.load(f).get("config")
 
 
 def _training_flops(model, reference: reference_lib.Reference):

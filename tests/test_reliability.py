@@ -259,3 +259,39 @@ def test_a_truncated_safetensors_file_is_named(tiny_lm, tmp_path):
   with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file \(Error while deserializing header: "
                                        r"incomplete metadata, file not fully covered\): it is truncated or damaged"):
     hub.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------- resume keeps the math (issue 25)
+
+
+def test_fields_that_change_the_math_are_listed_and_the_others_are_free():
+  saved = tiny_config("c", "dpo").to_dict()
+  changed = tiny_config("c", "dpo", **{"dpo.loss_type": "ipo", "optimizer.lr": 5e-3, "lora.enabled": True,
+                                       "training.max_steps": 9, "training.log_every": 3, "data.eval_pairs": 4,
+                                       "checkpoint.every_steps": 5, "logging.tensorboard": True})
+  assert config_lib.changed_fields(changed, saved) == ["dpo.loss_type: 'sigmoid' -> 'ipo'", "lora.enabled: False -> True",
+                                                      "optimizer.lr: 0.001 -> 0.005"]
+  changed.resume_allow_changes = "optimizer.lr, lora"
+  assert config_lib.changed_fields(changed, saved) == ["dpo.loss_type: 'sigmoid' -> 'ipo'"]
+  with pytest.raises(config_lib.ConfigError, match=r"the config differs from the one checkpoint step 14 in /w was made "
+                                                   r"with, in fields that change the math of training: dpo.loss_type: "
+                                                   r"'sigmoid' -> 'ipo'\. .* --config.resume_allow_changes=dpo.loss_type"):
+    config_lib.check_unchanged(changed, saved, "checkpoint step 14 in /w")
+
+
+def test_a_resumed_or_finished_stage_refuses_a_config_that_changes_the_math(cache_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.run(tiny_config(cache_dir, "sft", **{"training.max_steps": 2}), workdir)
+  faster = {"training.max_steps": 2, "optimizer.lr": 5e-3}
+  with pytest.raises(config_lib.ConfigError, match=rf"one the finished stage in {workdir} \(done.json\) was made with, "
+                                                   r"in fields that change the math of training: optimizer.lr: 0.001 -> "
+                                                   r"0.005\."):
+    trainer.run(tiny_config(cache_dir, "sft", **faster), workdir)
+  os.remove(os.path.join(workdir, trainer.DONE_FILE))  # its checkpoint of step 2 remains: a run to resume
+  longer = tiny_config(cache_dir, "sft", **{**faster, "training.max_steps": 4})
+  with pytest.raises(config_lib.ConfigError, match=r"one checkpoint step 2 in .*checkpoints was made with, in fields "
+                                                   r"that change the math of training: optimizer.lr: 0.001 -> 0.005\."):
+    trainer.run(longer, workdir)
+  longer.resume_allow_changes = "optimizer.lr"
+  trainer.run(longer, workdir)  # allowed; and the step count is free
+  assert json.load(open(os.path.join(workdir, trainer.DONE_FILE)))["steps"] == 4
