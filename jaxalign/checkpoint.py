@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +42,10 @@ STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 # The key of the extra item under which `save` records checksums (removed again by `restore_latest`).
 INTEGRITY_KEY = "_integrity"
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written: the folder (`check_writable`) or a save, maybe one in the background."""
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -63,6 +68,23 @@ def _absolute(directory: str | os.PathLike) -> epath.Path:
   # Orbax refuses relative local paths (its TensorStore specs need absolute ones); gs:// and friends pass through.
   path = epath.Path(directory)
   return path if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+  """Creates the checkpoint folder if needed and writes and removes a file in it, so a folder that cannot be written
+  fails before training (not at the first save, minutes or hours in); raises CheckpointSaveError naming the folder and
+  the cause. Object-store folders (gs://, ...) are left to Orbax."""
+  if "://" in str(directory):
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointSaveError(f"the checkpoint folder {os.path.abspath(directory)} cannot be written "
+                              f"({type(e).__name__}: {e}); make it a writable folder, free space, or use another "
+                              "--workdir") from e
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
@@ -102,6 +124,11 @@ class Checkpointer:
     self._unrestorable: set[int] = set()
     # The newest step known good: restored and verified, or saved with checksums from a finite state.
     self.last_verified_step: int | None = None
+    # The newest step whose save is committed, and the step of a save still running in the background.
+    self.last_saved_step: int | None = max(self._manager.all_steps(), default=None)
+    self._in_flight: int | None = None
+    self._async = async_save
+    self._failed = False
 
   def steps(self) -> list[int]:
     """Saved steps, oldest first; a step still being written in the background is listed too."""
@@ -118,6 +145,7 @@ class Checkpointer:
     """
     if not self.should_save(step, force):
       return False
+    self.check_saves()
     if not isinstance(extra, dict):
       raise TypeError(f"checkpoint extra must be a dict, got {type(extra).__name__}")
     try:
@@ -140,12 +168,45 @@ class Checkpointer:
       raise FloatingPointError(f"not saving checkpoint step {step} in {self.directory}: non-finite values in "
                                f"{_some(nonfinite)}; {kept}")
     extra = {**extra, INTEGRITY_KEY: {"arrays": checksums, "extra": _extra_digest(extra)}}
-    # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
-    saved = self._manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+    try:
+      # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
+      saved = self._manager.save(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+    except Exception as e:  # whatever the cause (a folder gone, a full disk), the step is not saved
+      raise self._save_error(self._in_flight or step, e) from e
     if saved:
       self.last_verified_step = step
+      self._committed()  # Orbax finished the previous save before starting this one
+      self._in_flight = step
+      if not self._async:
+        self._committed()
     return saved
+
+  def check_saves(self) -> None:
+    """Raises CheckpointSaveError if a background save has failed (without waiting for one still running): cheap
+    enough to call after every step, so a failure is reported at once, not at the next save."""
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until background saves are committed; raises CheckpointSaveError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self._in_flight, e) from e
+    self._committed()
+
+  def _committed(self) -> None:
+    if self._in_flight is not None:
+      self.last_saved_step, self._in_flight = self._in_flight, None
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    """The one-line report of a failed save: the step, the folder, the cause, and the last step that is saved."""
+    self._failed = True
+    kept = (f"the last saved step is {self.last_saved_step}" if self.last_saved_step is not None
+            else "no step of this run is saved")
+    return CheckpointSaveError(f"checkpoint step {step} could not be saved in {self.directory} ({_describe(error)}); "
+                               f"{kept}. Make the folder writable (space, permissions, mount) and rerun to resume")
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
     """Restores the newest step that loads, or returns None when the folder has no checkpoint.
@@ -202,13 +263,11 @@ class Checkpointer:
         raise CheckpointIntegrityError(f"{path} is missing (the index of the {item} item): the step's files were "
                                        "damaged or partly deleted after it was saved")
 
-  def wait(self) -> None:
-    """Blocks until background saves are committed (raises if one failed)."""
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
-    """Finishes background saves and releases Orbax's threads."""
-    self._manager.close()
+    """Finishes background saves and releases Orbax's threads (after a failed save there is nothing to finish: the
+    failure was reported, and Orbax's threads of that save never end, see `runguard.exit_now`)."""
+    if not self._failed:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

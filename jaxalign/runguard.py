@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 
 import jax
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 # EX_TEMPFAIL from sysexits.h: a temporary failure, to be retried (a resumable stop), unlike a crash or a kill.
 PREEMPTED_EXIT_CODE = 75
+# EX_IOERR from sysexits.h: a checkpoint could not be written; the run resumes from its last saved step once the
+# folder can be written again.
+SAVE_FAILED_EXIT_CODE = 74
 
 
 class WorkdirBusyError(RuntimeError):
@@ -105,6 +109,23 @@ def lock_workdir(workdir: str) -> WorkdirLock:
                            "wait for it to finish, stop it, or use another --workdir: two runs in one workdir would "
                            "mix their checkpoints, metrics and exported model")
   return WorkdirLock(fd)
+
+
+def exit_now(message: str, code: int) -> None:
+  """Logs `message` as an error, flushes the logs and standard streams, and ends the process with `code` at once.
+
+  For a checkpoint save that failed in Orbax's background threads: Orbax leaves a non-daemon thread waiting for a
+  signal from the failed save that never comes, and Python's normal exit (SystemExit, or returning from main) joins
+  every non-daemon thread, so the process would wait for ever (a scheduler then waits out its wall-time limit). A
+  thread cannot be cancelled from Python, hence `os._exit`, which skips the join (and `atexit` handlers and
+  `finally` blocks: the caller closes its own files first). The workdir lock goes with the process.
+  """
+  log.error("%s", message)
+  for handler in logging.getLogger().handlers + log.handlers:
+    handler.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 class StopSignals:

@@ -296,6 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
+  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))  # before minutes of data and model loading
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   check_inputs(config, tokenizer)
   stage_start = time.perf_counter()
@@ -359,6 +360,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
       while step < total_steps:
         batch = data.train.next_global()
         state, metrics = steps.train(state, rest, reference_state, batch)
+        checkpointer.check_saves()  # a background save that failed is reported now, not at the next save
         step += 1
         if pending is not None:
           metric_logger.train_step(*pending)
@@ -387,6 +389,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     final_eval = evaluate(steps, state.params, rest, reference_state, data.eval_batches)
     metric_logger.write(step, final_eval)
     checkpointer.wait()
+  except checkpoint.CheckpointSaveError as error:  # Orbax's threads of the failed save never end: see exit_now
+    metric_logger.close()
+    runguard.exit_now(str(error), runguard.SAVE_FAILED_EXIT_CODE)
   finally:
     checkpointer.close()
     metric_logger.close()

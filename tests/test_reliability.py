@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,11 +20,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import cache, config_lib, evaluator, judges, logger, reference, runguard, trainer
+from jaxalign import cache, checkpoint, config_lib, evaluator, judges, logger, reference, runguard, trainer
 from jaxalign.data import hh, layouts, pipeline, tokenize
 from jaxalign.data.synthetic import write_jsonl
 from jaxalign.models import hub, opt
-from helpers import REPO, tiny_config
+from helpers import REPO, config_file, tiny_config, train_cli
 
 P = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 GOOD = {"chosen": P + " Mix flour and water.", "rejected": P + " No idea."}
@@ -295,3 +296,44 @@ def test_a_resumed_or_finished_stage_refuses_a_config_that_changes_the_math(cach
   longer.resume_allow_changes = "optimizer.lr"
   trainer.run(longer, workdir)  # allowed; and the step count is free
   assert json.load(open(os.path.join(workdir, trainer.DONE_FILE)))["steps"] == 4
+
+
+# ------------------------------------------------------------------------- a save that fails never hangs (issue 25)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(cache_dir, tmp_path):
+  # As root permissions do not stop a write, so the folder is made unusable another way: a file where it should be.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a folder")
+  start = time.perf_counter()
+  proc = train_cli(config_file(tmp_path, tiny_config(cache_dir, "sft")), str(workdir))
+  output, _ = proc.communicate(timeout=60)  # within a minute, whatever happens
+  assert proc.returncode not in (0, None), output
+  assert re.search(rf"the checkpoint folder {workdir}/checkpoints cannot be written \((FileExistsError|"
+                   r"NotADirectoryError): \[Errno \d+\] .*\); make it a writable folder", output), output
+  assert time.perf_counter() - start < 60 and not (workdir / "metrics.jsonl").exists()  # before any training
+
+
+def test_a_save_that_fails_in_the_background_is_reported_at_once_and_the_process_exits(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 5000, "checkpoint.async_save": True,
+                                             "data.eval_pairs": 0, "training.log_every": 50})
+  workdir = tmp_path / "run"
+  proc = train_cli(config_file(tmp_path, config), str(workdir))
+  folder = workdir / "checkpoints"
+  try:
+    while not (folder / "2").is_dir():  # a committed step: training and saving are under way
+      assert proc.poll() is None, proc.stdout.read()
+      time.sleep(0.05)
+    os.rename(folder, tmp_path / "gone")  # the disk went away mid-run: every later save fails
+    folder.write_text("not a folder")
+    output, _ = proc.communicate(timeout=60)  # on main: never exits (Orbax's threads wait for ever)
+  finally:
+    proc.kill()
+  assert proc.returncode == runguard.SAVE_FAILED_EXIT_CODE, output
+  report = re.search(rf"checkpoint step (\d+) could not be saved in {folder} \((\w+Error): [^\n]*\); the last saved "
+                     r"step is (\d+)\. Make the folder writable", output)
+  assert report, output
+  failed, saved = int(report.group(1)), int(report.group(3))
+  assert saved >= 2 and failed > saved and failed % 2 == 0
+  assert not (workdir / trainer.DONE_FILE).exists()
