@@ -97,6 +97,18 @@ def latest_step(directory: str | os.PathLike) -> int | None:
   return None if newest is None else newest.step
 
 
+def describe_saved(directory: str | os.PathLike) -> str:
+  """What a run stopped now keeps, read from the folder itself (so it is true whatever is still being written): the
+  newest committed step, or that none is."""
+  try:
+    step = latest_step(directory)
+  except (OSError, ValueError):  # no folder yet, or not a folder
+    step = None
+  where = _absolute(directory)
+  return (f"checkpoint step {step} is committed in {where}" if step is not None
+          else f"no checkpoint is committed in {where}")
+
+
 class Checkpointer:
   """Saves every `save_every_steps` steps (0: only forced saves), keeps the newest `keep` (None: all).
 

@@ -281,8 +281,9 @@ def evaluate(steps: StepFunctions, params, rest, reference_state, batches) -> di
 def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains one stage in `workdir` (resuming if it has checkpoints) and returns its exported model folder.
 
-  Holds the workdir's run lock throughout (a second run there fails at once). SIGTERM / SIGINT save a checkpoint
-  after the current step and raise `runguard.Preempted` (exit status 75); rerunning resumes.
+  Holds the workdir's run lock throughout (a second run there fails at once). SIGTERM / SIGINT, from the start of the
+  stage to its end, raise `runguard.Preempted` (exit status 75): in the loop after saving a checkpoint of the
+  current step, elsewhere at once; rerunning resumes.
   """
   config_lib.validate(config)
   export_dir = os.path.join(workdir, EXPORT_DIR)
@@ -291,12 +292,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
-  with runguard.lock_workdir(workdir):
-    return _train_locked(config, workdir, export_dir)
+  kept = lambda: checkpoint.describe_saved(os.path.join(workdir, "checkpoints"))
+  with runguard.lock_workdir(workdir), runguard.StopSignals(config.training.log_every, kept) as stop_signals:
+    return _train_locked(config, workdir, export_dir, stop_signals)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str,
+                  stop_signals: runguard.StopSignals) -> str:
   checkpoint.check_writable(os.path.join(workdir, "checkpoints"))  # before minutes of data and model loading
+  stop_signals.phase = "loading the tokenizer and checking the inputs"
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   check_inputs(config, tokenizer)
   stage_start = time.perf_counter()
@@ -304,11 +308,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
+  stop_signals.phase = "loading and tokenizing the data"
   stage_data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
 
+  stop_signals.phase = "loading the model"
   model = build_model(config, mesh, embedding_rows(tokenizer))
   check_vocabulary(tokenizer, model.config.vocab_size)
   # Before the streams: precomputed reference log-probs travel with the batches.
+  stop_signals.phase = "preparing the reference model"
   reference = reference_lib.prepare(task, model, stage_data, config, mesh, tokenizer.pad_token_id)
   reference_state = reference.state
   data = pipeline.streams(config, stage_data, mesh, tokenizer.pad_token_id, reference.per_pair())
@@ -329,6 +336,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
                                          save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+  stop_signals.phase = "restoring the checkpoint"
   restored = checkpointer.restore_latest(abstract) if config.resume else None
   if not config.resume and checkpointer.steps():
     raise ValueError(f"{workdir} already has checkpoints {checkpointer.steps()} and resume=False: "
@@ -346,6 +354,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
                                num_devices=mesh.size)
   seconds["setup"] = time.perf_counter() - stage_start  # data, model, reference pass, restore
   if config.training.precompile:
+    stop_signals.phase = "compiling the train step"
     start = time.perf_counter()
     train_examples = data.train.shape_examples(total_steps - int(state.step))
     eval_examples = data.eval_batches[:1]  # held-out batches share one shape
@@ -356,7 +365,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   start = time.perf_counter()
   step, pending = int(state.step), None  # pending: the previous step's metrics, read one step late (no host stall)
   try:
-    with runguard.StopSignals(check_every=config.training.log_every) as stop_signals:
+    with stop_signals.polling("training"):
       while step < total_steps:
         batch = data.train.next_global()
         state, metrics = steps.train(state, rest, reference_state, batch)
@@ -372,6 +381,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
         if save:  # every record up to a checkpoint is written before it, so a resumed run logs each step once
           metric_logger.train_step(*pending)
           pending = None
+          if stopping:  # the stop step's record too, so the first record after the resume covers only later steps
+            metric_logger.flush(step)
         if config.training.eval_every and step % config.training.eval_every == 0 and step < total_steps:
           metric_logger.write(step, evaluate(steps, state.params, rest, reference_state, data.eval_batches))
         if save:
@@ -386,6 +397,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     if pending is not None:
       metric_logger.train_step(*pending)
     seconds["loop"] = time.perf_counter() - start  # the steps and their checkpoints
+    stop_signals.phase = "the final evaluation"
     final_eval = evaluate(steps, state.params, rest, reference_state, data.eval_batches)
     metric_logger.write(step, final_eval)
     checkpointer.wait()
@@ -400,6 +412,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
              **final_eval, "train_shapes": sorted(metric_logger.shapes), "config": config.to_dict()}
   log.info("compiled the train step %d time(s) for %d batch shape(s)", steps.compilations["train"],
            len(metric_logger.shapes))
+  stop_signals.phase = "exporting the model"
   if config.export.enabled:
     export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype, tokenizer.pad_token_id)
   seconds["stage"] = time.perf_counter() - stage_start

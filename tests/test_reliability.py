@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import cache, checkpoint, config_lib, evaluator, judges, logger, reference, runguard, trainer
+from jaxalign import cache, config_lib, evaluator, judges, logger, reference, runguard, trainer
 from jaxalign.data import hh, layouts, pipeline, tokenize
 from jaxalign.data.synthetic import write_jsonl
 from jaxalign.models import hub, opt
@@ -80,14 +80,90 @@ def test_second_run_in_a_workdir_fails_at_once_naming_the_holder_and_a_dead_hold
 
 def test_first_signal_requests_a_stop_and_a_second_exits_at_once():
   before = signal.getsignal(signal.SIGINT)
-  with runguard.StopSignals() as stop:
-    assert not stop.should_stop(1)
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.received == "SIGINT" and stop.should_stop(2)
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGTERM)
-      time.sleep(1)  # the handler runs at the next bytecode; never reached
+  with runguard.StopSignals(kept=lambda: "checkpoint step 7 is committed in /w") as stop:
+    with stop.polling("training"):
+      assert not stop.should_stop(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.received == "SIGINT" and stop.should_stop(2)
+      with pytest.raises(runguard.Preempted, match=r"^stopped by second signal \(SIGTERM\) while training: checkpoint "
+                                                   r"step 7 is committed in /w; rerun the same command to resume$"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
   assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_outside_the_loop_a_signal_stops_at_once():
+  with runguard.StopSignals() as stop:
+    stop.phase = "loading the model"
+    with pytest.raises(runguard.Preempted) as stopped:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert stopped.value.code == runguard.PREEMPTED_EXIT_CODE
+  assert str(stopped.value) == "stopped by SIGINT while loading the model: nothing was saved; rerun the same command " \
+                               "to resume"
+
+
+# Runs a stage whose function argv[1].argv[2] first sends itself the signal argv[3] (a signal arriving then).
+_SIGNAL_DURING = textwrap.dedent("""
+  import os, runpy, signal, sys
+  from jaxalign import trainer
+  from jaxalign.data import pipeline
+  module = {"pipeline": pipeline, "trainer": trainer}[sys.argv[1]]
+  original, signum = getattr(module, sys.argv[2]), getattr(signal, sys.argv[3])
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+  setattr(module, sys.argv[2], interrupted)
+  trainer.run(runpy.run_path(sys.argv[4])["get_config"](), sys.argv[5])
+""")
+
+
+@pytest.mark.parametrize("where, signum, message", [
+    ("pipeline.load", "SIGTERM", "stopped by SIGTERM while loading and tokenizing the data: no checkpoint is committed "
+                                 "in {checkpoints}; rerun the same command to resume"),
+    ("trainer.build_model", "SIGINT", "stopped by SIGINT while loading the model: no checkpoint is committed in "
+                                      "{checkpoints}; rerun the same command to resume"),
+    ("trainer.export_model", "SIGTERM", "stopped by SIGTERM while exporting the model: checkpoint step 4 is committed "
+                                        "in {checkpoints}; rerun the same command to resume"),
+], ids=["data", "model", "export"])
+def test_a_signal_at_any_moment_of_the_stage_exits_75_saying_what_was_kept(cache_dir, tmp_path, where, signum,
+                                                                            message):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+  proc = subprocess.run([sys.executable, "-c", _SIGNAL_DURING, *where.split("."), signum,
+                         config_file(tmp_path, tiny_config(cache_dir, "sft")), str(workdir)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == runguard.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+  assert message.format(checkpoints=workdir / "checkpoints") in proc.stderr
+  assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+  if where == "trainer.export_model":  # the rerun resumes at the last step and exports
+    trainer.run(tiny_config(cache_dir, "sft"), str(workdir))
+    assert json.load(open(workdir / trainer.DONE_FILE))["steps"] == 4
+
+
+def test_the_stop_step_has_its_metrics_record_and_a_second_signal_names_the_committed_checkpoint(cache_dir, tmp_path,
+                                                                                               monkeypatch):
+  signals = {2: [signal.SIGTERM]}  # when step 2's record is written: the loop stops after step 3
+  original = logger.MetricLogger.train_step
+
+  def train_step(self, step, *args):
+    for signum in signals.get(step, []):
+      os.kill(os.getpid(), signum)
+    return original(self, step, *args)
+
+  monkeypatch.setattr(logger.MetricLogger, "train_step", train_step)
+  workdir = tmp_path / "run"
+  config = tiny_config(cache_dir, "sft", **{"training.log_every": 2})
+  with pytest.raises(runguard.Preempted, match=r"stopped by SIGTERM after step 3 of 4: checkpoint step 3 saved"):
+    trainer.run(config, str(workdir))
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 3]  # the stop step's record, written before it
+  signals.clear()
+  signals[4] = [signal.SIGTERM, signal.SIGINT]  # before step 4's checkpoint
+  config.training.max_steps = 6
+  with pytest.raises(runguard.Preempted, match=rf"^stopped by second signal \(SIGINT\) while training: checkpoint step "
+                                               rf"3 is committed in {workdir}/checkpoints; rerun"):
+    trainer.run(config, str(workdir))
 
 
 def test_a_resumed_run_keeps_the_records_through_its_checkpoint_only(tmp_path):
