@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "Anthropic/hh-rlhf"  # Hub id, local folder/file, or "synthetic"
   c.data.subsets = ""  # comma-separated HH subsets; "" = all four (the paper's 160,800-pair train split)
-  # Record format (jaxalign/data/formats.py): auto (told apart per file by its fields) | hh ({chosen, rejected}
+  # Record format (jaxalign/data/formats.py): auto (told apart per record by its fields) | hh ({chosen, rejected}
   # conversations) | preference (TRL: {prompt, chosen, rejected} strings) | conversational (the same as lists of
   # {"role", "content"} messages, prompt explicit or implicit) | messages ({messages}: SFT on assistant turns).
   c.data.format = "auto"
