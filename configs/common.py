@@ -8,6 +8,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "sft"  # sft | dpo | cpo (CPO, SimPO) | orpo | kto | reward
   c.seed = 0
   c.resume = True  # continue from the workdir's checkpoints; False refuses a workdir that has some
+  # A resumed stage (or a rerun of a finished one) refuses a config whose fields that change the math (optimizer,
+  # schedule, loss and its hyperparameters, model, LoRA, data, seed, ...) differ from the saved one, listing them;
+  # logging, evaluation, checkpointing, export, mesh and the step count may change (config_lib.RESUME_FREE_FIELDS).
+  # Comma-separated dotted fields (or sections, e.g. "optimizer") allowed to change anyway; "all" allows any.
+  c.resume_allow_changes = ""
   # Where the weights start: a Hub id, a Hugging Face folder, a training workdir, "stage:<name>" (an earlier stage
   # of the same study), or "" for a random init of `model.preset` + `model.arch`.
   c.init_from = "facebook/opt-350m"
@@ -26,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "Anthropic/hh-rlhf"  # Hub id, local folder/file, or "synthetic"
   c.data.subsets = ""  # comma-separated HH subsets; "" = all four (the paper's 160,800-pair train split)
-  # Record format (jaxalign/data/formats.py): auto (told apart per file by its fields) | hh ({chosen, rejected}
+  # Record format (jaxalign/data/formats.py): auto (told apart per record by its fields) | hh ({chosen, rejected}
   # conversations) | preference (TRL: {prompt, chosen, rejected} strings) | conversational (the same as lists of
   # {"role", "content"} messages, prompt explicit or implicit) | messages ({messages}: SFT on assistant turns).
   c.data.format = "auto"

@@ -224,3 +224,54 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
   if config.mesh.num_devices > devices:
     raise ConfigError(f"config.mesh.num_devices = {config.mesh.num_devices} but only {devices} device(s) are "
                       "present: lower it, or -1 for all of them")
+
+
+# Fields a resumed (or rerun finished) stage may change freely: they change what is logged, evaluated, stored or how
+# the work is laid out and compiled, or how many steps run (a new step count stretches or shortens the learning-rate
+# schedule from the resumed step on). Every other field changes the math of training and is compared (see
+# `check_unchanged`); a field added later is compared too, so this list names what is safe, not what is risky.
+RESUME_FREE_FIELDS = ("resume", "resume_allow_changes", "training.num_epochs", "training.max_steps",
+                      "training.log_every", "training.eval_every", "training.progress_bar", "training.precompile",
+                      "data.eval_split", "data.eval_pairs", "data.cache_dir", "data.warn_skipped_share", "model.remat",
+                      "model.attention_impl", "checkpoint", "logging", "export", "mesh", "compilation_cache",
+                      "stages", "stage_configs")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{dotted field: value} of a nested config dict (tuples as lists, as JSON stores them)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def _covered(field: str, names) -> bool:
+  return any(field == name or field.startswith(name + ".") for name in names)
+
+
+def changed_fields(config: ml_collections.ConfigDict, saved: dict) -> list[str]:
+  """"field: saved -> now" for each field that changes the math and differs from `saved` (a config dict as stored
+  with a checkpoint or in done.json), except those `config.resume_allow_changes` allows. A field the saved config
+  lacks (written by an older jaxalign) cannot be compared and is left out."""
+  allowed = [name.strip() for name in config.get("resume_allow_changes", "").split(",") if name.strip()]
+  if "all" in allowed:
+    return []
+  now, before = _flat(config.to_dict()), _flat(saved)
+  return [f"{field}: {before[field]!r} -> {now[field]!r}" for field in sorted(now)
+          if field in before and now[field] != before[field]
+          and not _covered(field, RESUME_FREE_FIELDS) and not _covered(field, allowed)]
+
+
+def check_unchanged(config: ml_collections.ConfigDict, saved: dict | None, what: str) -> None:
+  """Raises ConfigError listing the fields that change the math where `config` differs from the config `what`
+  (a checkpoint, a finished stage) was made with; nothing to compare (`saved` None: an older jaxalign) passes."""
+  changes = changed_fields(config, saved) if saved is not None else []
+  if changes:
+    names = ",".join(change.split(":")[0] for change in changes)
+    raise ConfigError(f"the config differs from the one {what} was made with, in fields that change the math of "
+                      f"training: {'; '.join(changes)}. Continuing would mix two trainings in one model: rerun with "
+                      f"the saved values, use another --workdir, or allow it with "
+                      f"--config.resume_allow_changes={names}")

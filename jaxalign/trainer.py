@@ -281,20 +281,26 @@ def evaluate(steps: StepFunctions, params, rest, reference_state, batches) -> di
 def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains one stage in `workdir` (resuming if it has checkpoints) and returns its exported model folder.
 
-  Holds the workdir's run lock throughout (a second run there fails at once). SIGTERM / SIGINT save a checkpoint
-  after the current step and raise `runguard.Preempted` (exit status 75); rerunning resumes.
+  Holds the workdir's run lock throughout (a second run there fails at once). SIGTERM / SIGINT, from the start of the
+  stage to its end, raise `runguard.Preempted` (exit status 75): in the loop after saving a checkpoint of the
+  current step, elsewhere at once; rerunning resumes.
   """
   config_lib.validate(config)
   export_dir = os.path.join(workdir, EXPORT_DIR)
   if os.path.exists(os.path.join(workdir, DONE_FILE)):
+    config_lib.check_unchanged(config, _finished_config(workdir), f"the finished stage in {workdir} ({DONE_FILE})")
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
-  with runguard.lock_workdir(workdir):
-    return _train_locked(config, workdir, export_dir)
+  kept = lambda: checkpoint.describe_saved(os.path.join(workdir, "checkpoints"))
+  with runguard.lock_workdir(workdir), runguard.StopSignals(config.training.log_every, kept) as stop_signals:
+    return _train_locked(config, workdir, export_dir, stop_signals)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: str,
+                  stop_signals: runguard.StopSignals) -> str:
+  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))  # before minutes of data and model loading
+  stop_signals.phase = "loading the tokenizer and checking the inputs"
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   check_inputs(config, tokenizer)
   stage_start = time.perf_counter()
@@ -302,11 +308,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   task = tasks.make_task(config)
+  stop_signals.phase = "loading and tokenizing the data"
   stage_data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
 
+  stop_signals.phase = "loading the model"
   model = build_model(config, mesh, embedding_rows(tokenizer))
   check_vocabulary(tokenizer, model.config.vocab_size)
   # Before the streams: precomputed reference log-probs travel with the batches.
+  stop_signals.phase = "preparing the reference model"
   reference = reference_lib.prepare(task, model, stage_data, config, mesh, tokenizer.pad_token_id)
   reference_state = reference.state
   data = pipeline.streams(config, stage_data, mesh, tokenizer.pad_token_id, reference.per_pair())
@@ -327,11 +336,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
                                          save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+  stop_signals.phase = "restoring the checkpoint"
   restored = checkpointer.restore_latest(abstract) if config.resume else None
   if not config.resume and checkpointer.steps():
     raise ValueError(f"{workdir} already has checkpoints {checkpointer.steps()} and resume=False: "
                      "use another --workdir, or drop --config.resume=False to continue that run")
   if restored is not None:
+    config_lib.check_unchanged(config, restored.extra.get("config"),
+                               f"checkpoint step {restored.step} in {checkpointer.directory}")
     state = restored.state
     data.train.restore(restored.extra["data"])
     log.info("resumed from step %d", restored.step)
@@ -342,6 +354,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
                                num_devices=mesh.size)
   seconds["setup"] = time.perf_counter() - stage_start  # data, model, reference pass, restore
   if config.training.precompile:
+    stop_signals.phase = "compiling the train step"
     start = time.perf_counter()
     train_examples = data.train.shape_examples(total_steps - int(state.step))
     eval_examples = data.eval_batches[:1]  # held-out batches share one shape
@@ -352,10 +365,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   start = time.perf_counter()
   step, pending = int(state.step), None  # pending: the previous step's metrics, read one step late (no host stall)
   try:
-    with runguard.StopSignals(check_every=config.training.log_every) as stop_signals:
+    with stop_signals.polling("training"):
       while step < total_steps:
         batch = data.train.next_global()
         state, metrics = steps.train(state, rest, reference_state, batch)
+        checkpointer.check_saves()  # a background save that failed is reported now, not at the next save
         step += 1
         if pending is not None:
           metric_logger.train_step(*pending)
@@ -367,6 +381,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
         if save:  # every record up to a checkpoint is written before it, so a resumed run logs each step once
           metric_logger.train_step(*pending)
           pending = None
+          if stopping:  # the stop step's record too, so the first record after the resume covers only later steps
+            metric_logger.flush(step)
         if config.training.eval_every and step % config.training.eval_every == 0 and step < total_steps:
           metric_logger.write(step, evaluate(steps, state.params, rest, reference_state, data.eval_batches))
         if save:
@@ -381,17 +397,22 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     if pending is not None:
       metric_logger.train_step(*pending)
     seconds["loop"] = time.perf_counter() - start  # the steps and their checkpoints
+    stop_signals.phase = "the final evaluation"
     final_eval = evaluate(steps, state.params, rest, reference_state, data.eval_batches)
     metric_logger.write(step, final_eval)
     checkpointer.wait()
+  except checkpoint.CheckpointSaveError as error:  # Orbax's threads of the failed save never end: see exit_now
+    metric_logger.close()
+    runguard.exit_now(str(error), runguard.SAVE_FAILED_EXIT_CODE)
   finally:
     checkpointer.close()
     metric_logger.close()
 
   summary = {"task": config.task, "init_from": config.init_from, "steps": step, "compilations": steps.compilations,
-             **final_eval, "train_shapes": sorted(metric_logger.shapes)}
+             **final_eval, "train_shapes": sorted(metric_logger.shapes), "config": config.to_dict()}
   log.info("compiled the train step %d time(s) for %d batch shape(s)", steps.compilations["train"],
            len(metric_logger.shapes))
+  stop_signals.phase = "exporting the model"
   if config.export.enabled:
     export_model(nnx.merge(graphdef, state.params, rest), export_dir, config.export.dtype, tokenizer.pad_token_id)
   seconds["stage"] = time.perf_counter() - stage_start
@@ -407,6 +428,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     if metric_logger.tracker is not None:
       metric_logger.tracker.finish(summary, [os.path.join(workdir, DONE_FILE), curves_path or ""])
   return export_dir
+
+
+def _finished_config(workdir: str) -> dict | None:
+  """The config a finished stage recorded in its done.json (None if written before done.json carried it)."""
+  with open(os.path.join(workdir, DONE_FILE)) as f:
+    return json.load(f).get("config")
 
 
 def _training_flops(model, reference: reference_lib.Reference):

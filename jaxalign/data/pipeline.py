@@ -167,7 +167,8 @@ def _load(config, tokenizer, split: str, batch_kind: str):
   chat = bool(config.data.chat_template)
   if batch_kind == "unpaired":
     # KTO: its examples, each travelling as (prompt, completion, mismatched completion) in the pair layouts.
-    records, _ = unpaired.load_examples(data_source(config), split=split, subsets=subsets)
+    records, _ = unpaired.load_examples(data_source(config), split=split, subsets=subsets,
+                                        warn_skipped_share=config.data.warn_skipped_share)
     pairs = unpaired.as_pairs(records, seed=config.seed)
   else:
     pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,

@@ -83,9 +83,7 @@ class CheckpointReader:
 
   def _names_in(self, path: str) -> Iterable[str]:
     if path.endswith(".safetensors"):
-      from safetensors import safe_open
-
-      with safe_open(path, framework="numpy") as f:
+      with _open_safetensors(path) as f:
         return list(f.keys())
     return list(self._torch_tensors(path))
 
@@ -107,11 +105,21 @@ class CheckpointReader:
   def get(self, name: str) -> np.ndarray:
     path = self._file_of[name]
     if path.endswith(".safetensors"):
-      from safetensors import safe_open
-
-      with safe_open(path, framework="numpy") as f:
+      with _open_safetensors(path) as f:
         return f.get_tensor(name)
     return self._torch_tensors(path)[name]
+
+
+def _open_safetensors(path: str):
+  """safetensors' reader of `path`; a truncated or damaged file is a ValueError naming it (the library's own error
+  names no file)."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    return safe_open(path, framework="numpy")
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e}): it is truncated or damaged (a download or copy "
+                     "cut short?); download or copy it again") from e
 
 
 def _path_str(path: tuple) -> str:
