@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import sampling, shapes
+from jaxalign import cli, sampling, shapes
 from jaxalign.sampling import SamplingOptions
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -341,6 +341,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if bool(args.model) == bool(args.compare):
     parser.error("give one model, or --compare A B")
+  try:  # bad settings fail here, with the sampler's message
+    SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p)
+  except ValueError as e:
+    parser.error(str(e))
   return args
 
 
@@ -353,11 +358,10 @@ def main(argv: list[str] | None = None) -> None:
   if len(set(names)) < len(names):
     names = [f"{n} ({label})" for n, label in zip(names, "AB")]
   print(f"loading {', '.join(paths)} ...", file=sys.stderr, flush=True)
-  models = [load_chat_model(p, args.dtype, n) for p, n in zip(paths, names)]
+  with cli.input_errors():  # a mistyped path or Hub id: one line, exit status 2
+    models = [load_chat_model(p, args.dtype, n) for p, n in zip(paths, names)]
   settings = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length, seed=args.seed)
-  SamplingOptions(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                  top_p=settings.top_p)  # bad settings fail here, with the sampler's message
   session = Session(models, settings, system=args.system)
   _enable_readline()
   print(f"chatting with {' and '.join(names)}; /help lists the commands, Ctrl-C stops an answer, Ctrl-D leaves.",

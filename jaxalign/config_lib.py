@@ -12,6 +12,7 @@ import ml_collections
 from jaxalign import losses
 from jaxalign.data.formats import FORMATS
 from jaxalign.data.tokenize import LOSS_ON
+from jaxalign.errors import ConfigError
 from jaxalign.models import registry
 
 PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
@@ -22,8 +23,6 @@ PAIR_TASKS = ("dpo", "cpo", "orpo", "kto", "reward")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-  pass
 
 
 def _one_of(config, path: str, allowed) -> None:
@@ -185,9 +184,9 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
   for item in filter(None, (part.strip() for part in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or not name.strip() or not value.strip():
-      raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+      raise ConfigError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
     if name.strip() in named:  # the later one would silently replace the earlier one's results
-      raise ValueError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
+      raise ConfigError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
                        f"{value.strip()!r}); give each a distinct name")
     named[name.strip()] = value.strip()
   return named

@@ -22,6 +22,7 @@ import logging
 import re
 
 from jaxalign.data import hh
+from jaxalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def detect_format(records: list[dict], source: str) -> str:
   columns = {key for record in records if isinstance(record, dict) for key in record}  # hh.BadLine: no fields
   if "messages" in columns:
     if columns & {"chosen", "rejected"}:
-      raise ValueError(f"{source}: records have both 'messages' and 'chosen'/'rejected' fields; set data.format to "
+      raise DataError(f"{source}: records have both 'messages' and 'chosen'/'rejected' fields; set data.format to "
                        "'messages' (SFT on the conversations) or 'conversational' (the preference pairs)")
     return "messages"
   if not {"chosen", "rejected"} <= columns:
-    raise ValueError(f"{source}: records have fields {sorted(columns)}; expected {{chosen, rejected}} (HH), {{prompt, "
+    raise DataError(f"{source}: records have fields {sorted(columns)}; expected {{chosen, rejected}} (HH), {{prompt, "
                      "chosen, rejected}} (TRL preference, strings or lists of messages) or {messages} (SFT)")
   first = next((r["chosen"] for r in records if isinstance(r, dict) and r.get("chosen") is not None), None)
   if isinstance(first, list):
@@ -187,7 +188,7 @@ def conversations_from_records(records: list[dict], source: str, record_format: 
     out.append(Conversation(prompt, chosen, rejected, source, index))
   report.used = len(out)
   if not out:
-    raise ValueError(f"{source}: no usable {record_format} record among its {len(records)} records "
+    raise DataError(f"{source}: no usable {record_format} record among its {len(records)} records "
                      f"({report.summary()})")
   return out, report
 
@@ -201,14 +202,14 @@ def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: 
   order, SkipReport over every record read), logging the summary per file and in total.
   """
   if data_format not in FORMATS:
-    raise ValueError(f"data format must be one of {FORMATS}, got {data_format!r}")
+    raise DataError(f"data format must be one of {FORMATS}, got {data_format!r}")
   examples, report = [], hh.SkipReport()
   for label, records in hh.load_records(source, split=split, subsets=subsets):
     record_format = detect_format(records, label) if data_format == "auto" else data_format
     if chat:
       file_examples, file_report = conversations_from_records(records, label, record_format)
     elif record_format in ("conversational", "messages"):
-      raise ValueError(f"{label}: {record_format} records are lists of messages and need a chat template; set "
+      raise DataError(f"{label}: {record_format} records are lists of messages and need a chat template; set "
                        "data.chat_template ('tokenizer' or a .jinja file)")
     else:
       file_examples, file_report = hh.pairs_from_records(records, label, _TEXT_SPLITTERS[record_format])

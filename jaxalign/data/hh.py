@@ -41,6 +41,8 @@ from pathlib import Path
 
 import datasets
 
+from jaxalign.errors import DataError, MissingInput
+
 log = logging.getLogger(__name__)
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
@@ -190,7 +192,7 @@ def _splitter(columns: list[str], source: str):
     return split_generic_record
   if all(field in columns for field in _HH_FIELDS):
     return split_hh_record
-  raise ValueError(f"{source}: records have fields {sorted(columns)}; expected {list(_HH_FIELDS)} (HH format) or "
+  raise DataError(f"{source}: records have fields {sorted(columns)}; expected {list(_HH_FIELDS)} (HH format) or "
                    f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
@@ -224,7 +226,7 @@ def pairs_from_records(records: list[dict | BadLine], source: str,
     pairs.append(PreferencePair(prompt, chosen, rejected, source, index))
   report.used = len(pairs)
   if not pairs:
-    raise ValueError(f"{source}: no usable preference pair among its {len(records)} records ({report.summary()}); "
+    raise DataError(f"{source}: no usable preference pair among its {len(records)} records ({report.summary()}); "
                      "check that it is HH or {prompt, chosen, rejected} JSON lines")
   return pairs, report
 
@@ -248,14 +250,14 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
   if subsets is not None:
     missing = [_expected(root / s, split) for s in subsets if _split_file(root / s, split) is None]
     if missing:
-      raise FileNotFoundError(f"{root}: missing {'; '.join(missing)}")
+      raise MissingInput(f"{root}: missing {'; '.join(missing)}")
     return [_split_file(root / s, split) for s in subsets]
   direct = _split_file(root, split)
   if direct is not None:
     return [direct]
   found = [s for s in HH_SUBSETS if _split_file(root / s, split) is not None]
   if not found:
-    raise FileNotFoundError(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
+    raise MissingInput(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
                             f"the subsets {list(HH_SUBSETS)}")
   if len(found) < len(HH_SUBSETS):
     log.warning("%s: using the %s split of %s only; missing %s (the paper's data uses all four)", root, split, found,
@@ -287,10 +289,10 @@ def _read_json_lines(path: Path) -> list[dict | BadLine]:
         if raw.strip():
           records.append(_parse_line(raw, number))
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise ValueError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
+    raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
                      " expected a complete .gz file: download or copy it again") from e
   if not records:
-    raise ValueError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
+    raise DataError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
                      "{prompt, chosen, rejected} object per line")
   bad = [r for r in records if isinstance(r, BadLine)]
   for r in bad[:_EXAMPLES_KEPT]:
@@ -304,7 +306,7 @@ def _read_parquet(path: Path) -> list[dict]:
   try:
     return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
   except datasets.exceptions.DatasetGenerationError as e:
-    raise ValueError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
+    raise DataError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
 
 
 def _read_hub(hub_id: str, subset: str | None, split: str) -> list[dict]:
@@ -323,7 +325,7 @@ def load_records(source: str, *, split: str = "train",
     return [(str(path), _read_parquet(path) if path.suffix == ".parquet" else _read_json_lines(path))
             for path in local_files(root, split, subsets)]
   if source.count("/") != 1:
-    raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
+    raise MissingInput(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
   if subsets is None and source == HH_HUB_ID:
     subsets = list(HH_SUBSETS)
   return [(f"{source}:{subset or ''}/{split}", _read_hub(source, subset, split)) for subset in (subsets or [None])]

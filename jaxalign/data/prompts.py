@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jaxalign import jsonl
 from jaxalign.data import hh
+from jaxalign.errors import DataError
 
 PAPER_KEYWORDS = ("kill", "murder", "rape")
 PAPER_SEED = 100
@@ -41,7 +42,7 @@ def prompt_without_final_turn(conversation: str, style: str = "turn") -> str:
     if parts[-1].startswith("Assistant:"):
       parts = parts[:-1]
     return "\n\n".join(parts)
-  raise ValueError(f"style must be one of {FINAL_TURN_STYLES}, got {style!r}")
+  raise DataError(f"style must be one of {FINAL_TURN_STYLES}, got {style!r}")
 
 
 def _split_rows(source: str, subset: str, split: str) -> list[tuple[str, dict]]:
@@ -49,7 +50,7 @@ def _split_rows(source: str, subset: str, split: str) -> list[tuple[str, dict]]:
   (label, records), = hh.load_records(source, split=split, subsets=[subset])
   bad = next((r for r in records if isinstance(r, hh.BadLine)), None)
   if bad is not None:  # the paper's selection samples rows by position: a skipped row would shift every prompt
-    raise ValueError(f"{label}:{bad.line}: {bad.message}; prompt sets need every row of the file")
+    raise DataError(f"{label}:{bad.line}: {bad.message}; prompt sets need every row of the file")
   return [(f"{label}#{i}", record) for i, record in enumerate(records)]
 
 
@@ -58,7 +59,7 @@ def _sample(rng: random.Random, rows: list, n: int, what: str) -> list:
   if n == ALL:
     return list(rows)
   if not 0 <= n <= len(rows):
-    raise ValueError(f"cannot sample {n} {what} prompts from {len(rows)} candidate rows; give a count from 0 to "
+    raise DataError(f"cannot sample {n} {what} prompts from {len(rows)} candidate rows; give a count from 0 to "
                      f"{len(rows)}, or {ALL} for all of them")
   return rng.sample(rows, n)
 
@@ -67,7 +68,7 @@ def _prompts(rows: list[tuple[str, dict]], style: str) -> list[str]:
   prompts = []
   for where, record in rows:
     if not isinstance(record.get("chosen"), str):
-      raise ValueError(f"{where}: field 'chosen' should be the conversation text, got {record.get('chosen')!r}")
+      raise DataError(f"{where}: field 'chosen' should be the conversation text, got {record.get('chosen')!r}")
     prompts.append(prompt_without_final_turn(record["chosen"], style))
   return prompts
 
@@ -125,13 +126,13 @@ def load_prompt_file(path: str | Path) -> list[str]:
     try:
       items = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}); a .jsonl file holds one prompt a line") from e
+      raise DataError(f"{path}: not valid JSON ({e}); a .jsonl file holds one prompt a line") from e
     if not isinstance(items, list):
-      raise ValueError(f"{path}: expected a JSON list of prompt strings, got a {type(items).__name__}")
+      raise DataError(f"{path}: expected a JSON list of prompt strings, got a {type(items).__name__}")
     where = [f"{path}: item {i}" for i in range(len(items))]
   if not items:
-    raise ValueError(f"{path}: no prompts")
+    raise DataError(f"{path}: no prompts")
   for at, prompt in zip(where, items):
     if not isinstance(prompt, str) or not prompt.strip():
-      raise ValueError(f"{at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
+      raise DataError(f"{at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
   return items

@@ -24,6 +24,7 @@ import logging
 import numpy as np
 
 from jaxalign.data import hh
+from jaxalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def load_examples(source: str, *, split: str = "train",
     if is_unpaired(records):
       found, found_report = examples_from_records(records, label)
       if not found:
-        raise ValueError(f"{label}: no usable unpaired example among its {len(records)} records "
+        raise DataError(f"{label}: no usable unpaired example among its {len(records)} records "
                          f"({found_report.summary()}); expected JSON lines with {list(UNPAIRED_FIELDS)} (label a "
                          "boolean: true = desirable)")
     else:
