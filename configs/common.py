@@ -11,7 +11,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the weights start: a Hub id, a Hugging Face folder, a training workdir, "stage:<name>" (an earlier stage
   # of the same study), or "" for a random init of `model.preset` + `model.arch`.
   c.init_from = "facebook/opt-350m"
-  c.tokenizer = "facebook/opt-350m"  # Hub id or local folder; "synthetic" trains a tiny BPE on the synthetic data
+  # "" = the starting model's own tokenizer (init_from's folder, a workdir's exported folder, or the Hub id's); or a
+  # Hub id or folder of another; "synthetic" trains a tiny BPE on the synthetic data. A random init (init_from = "")
+  # has no model to take it from: name one.
+  c.tokenizer = ""
 
   c.model = ml_collections.ConfigDict()
   # Architecture for random init: opt-125m … opt-66b, smollm2-360m, llama-3.2-1b, qwen2.5-0.5b, qwen2.5-1.5b,

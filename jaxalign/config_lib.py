@@ -67,7 +67,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _validate_study(config)
     return
   _one_of(config, "task", TASKS)
-  _check(config, "tokenizer", bool(config.tokenizer), "a Hub id, a tokenizer folder, or 'synthetic'")
+  _check(config, "tokenizer", bool(config.tokenizer or config.init_from),
+         "a Hub id, a tokenizer folder or 'synthetic' for a random init (init_from = ''): there is no starting model "
+         "whose own tokenizer to use")
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
   if not config.init_from:
@@ -213,7 +215,9 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
   model = f"the model ({'config.init_from = ' + repr(config.init_from) if config.init_from else 'model.preset/arch'})"
   vocab = model_config.get("vocab_size")
   if vocab is not None and tokenizer_size > vocab:
-    raise ConfigError(f"config.tokenizer = {config.tokenizer!r} has {tokenizer_size} token ids but {model} has "
+    tokenizer = (f"config.tokenizer = {config.tokenizer!r}" if config.tokenizer else
+                 f"the model's own tokenizer (config.init_from = {config.init_from!r})")
+    raise ConfigError(f"{tokenizer} has {tokenizer_size} token ids but {model} has "
                       f"vocab_size {vocab}: ids {vocab}..{tokenizer_size - 1} have no embedding. Use the model's own "
                       "tokenizer, or (random init) set model.arch.vocab_size >= the tokenizer's size")
   positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")  # GPT-2: n_positions

@@ -33,7 +33,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None):
                                              for name in _TOKENIZER_FILES):
     # transformers would build an empty tokenizer from a folder with a config.json only.
     raise MissingInput(f"{name_or_path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}); set config.tokenizer "
-                  "to the folder or Hub id of the model's tokenizer")
+                       "to the folder or Hub id of the model's tokenizer")
   try:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
   except OSError as e:

@@ -17,6 +17,7 @@ import numpy as np
 from jaxalign import pair_scores, parallel
 from jaxalign.data import batches as batches_lib, formats, hh, layouts, synthetic, tokenize, unpaired
 from jaxalign.tokenizer import train_bpe_tokenizer
+from jaxalign.workdirs import resolve_init_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,12 @@ def data_source(config) -> str:
 
 
 def tokenizer_path(config, workdir: str) -> str:
-  """`config.tokenizer`, or for "synthetic" a tiny byte-level BPE trained (once) on the synthetic corpus."""
+  """`config.tokenizer`; "" = the starting model's own (the folder or Hub id `init_from` stands for: a workdir's
+  exported folder holds its tokenizer); "synthetic" = a tiny byte-level BPE trained (once) on the synthetic corpus."""
+  if not config.tokenizer:
+    path = resolve_init_path(config.init_from)
+    log.info("tokenizer: the starting model's own, from %s (config.tokenizer names another)", path)
+    return path
   if config.tokenizer != SYNTHETIC:
     return config.tokenizer
   out = os.path.join(cache_dir(config), f"synthetic-tokenizer-{SYNTHETIC_VOCAB_SIZE}")
