@@ -40,6 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.eval_pairs = 512  # held-out pairs for evaluation during training (0 = none)
+  # The held-out records: "" = data.source's eval_split; a single data file has none, so eval_share of its records
+  # (chosen by a permutation seeded with `seed`, logged) are held out and never trained on. Or a separate file,
+  # folder or Hub id whose eval_split (a file: all of it) is held out.
+  c.data.eval_source = ""
+  c.data.eval_share = 0.1
   c.data.max_length = 512
   c.data.max_prompt_length = 256
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)

@@ -97,6 +97,11 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
+  _check(config, "data.eval_share", 0 < config.data.eval_share < 1,
+         "a share in (0, 1) of a single data file's records to hold out")
+  _check(config, "data.eval_source", os.path.normpath(config.data.eval_source) != os.path.normpath(config.data.source),
+         "another file, folder or Hub id than data.source ('' = data.source's eval_split, or a seeded share of a "
+         "single file): held-out records are never training records")
   _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
   _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
          f"prefix sharing only for the pair tasks {list(PAIR_TASKS)}")
