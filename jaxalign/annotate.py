@@ -17,6 +17,7 @@ import hashlib
 import html
 import itertools
 import json
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 
 from jaxalign import stats
 from jaxalign.errors import DataError, MissingInput
+
+log = logging.getLogger(__name__)
 
 PAGE_FILE = "annotate.html"
 KEY_FILE = "annotate-key.json"
@@ -89,17 +92,33 @@ def render_page(items: Sequence[Mapping[str, str]], page_id: str, title: str = "
 
 
 def write_annotation_files(records_by_model: Mapping[str, Mapping[str, Sequence[Mapping]]], out_dir: str | Path, *,
-                           pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0) -> dict[str, Path]:
+                           pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0,
+                           keep_existing: bool = False) -> dict[str, Path]:
   """Writes annotate.html and annotate-key.json into `out_dir` (see `build_items`); returns their paths. With a
-  single model there is nothing to compare: nothing is written and {} returned."""
+  single model there is nothing to compare: nothing is written and {} returned. `keep_existing`: a page or key already
+  there stays as it is (annotators may hold that page; their answers need its key) and nothing is written."""
+  out = Path(out_dir)
+  paths = {"page": out / PAGE_FILE, "key": out / KEY_FILE}
+  if keep_existing and any(path.exists() for path in paths.values()):
+    log.info("kept %s and %s as they are in %s (the page annotators may hold); delete them to write a new page",
+             PAGE_FILE, KEY_FILE, out)
+    return {name: path for name, path in paths.items() if path.exists()}
   if len(records_by_model) < 2:
     return {}
   items, key = build_items(records_by_model, pairs, seed=seed)
-  out = Path(out_dir)
-  paths = {"page": out / PAGE_FILE, "key": out / KEY_FILE}
   paths["page"].write_text(render_page(items, key["page_id"]), encoding="utf-8")
   paths["key"].write_text(json.dumps(key, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
   return paths
+
+
+def key_path(rated_responses: str, workdir: str) -> Path:
+  """Where the key of the answers being read back is: beside the responses the page was made from (the folder
+  `rated_responses`, or the folder of that file), else in `workdir`."""
+  if rated_responses:
+    folder = Path(rated_responses) if Path(rated_responses).is_dir() else Path(rated_responses).parent
+    if (folder / KEY_FILE).is_file():
+      return folder / KEY_FILE
+  return Path(workdir) / KEY_FILE
 
 
 def _load_json(path: Path, what: str) -> Any:

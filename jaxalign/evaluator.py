@@ -217,13 +217,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if preference:
     results["preference"] = preference
   os.makedirs(workdir, exist_ok=True)
-  key_path = config.annotation_key or os.path.join(workdir, annotate.KEY_FILE)
-  if config.human_annotations:  # read before the page and key below are (re)written
+  if config.human_annotations:
     files = [f.strip() for f in config.human_annotations.split(",") if f.strip()]
+    key_path = config.annotation_key or annotate.key_path(config.rated_responses, workdir)
     results["human"] = annotate.human_report(annotate.read_annotations(files, key_path),
                                              n_bootstrap=config.metrics.n_bootstrap, seed=config.seed)
   pairs = list(parse_named(config.annotation_pairs, "annotation_pairs").items()) or None
-  annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed)
+  # From rated responses (reading answers back, or reporting again) a page and key already there are kept.
+  annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed,
+                                  keep_existing=bool(config.rated_responses))
   reports.write_reports(results, workdir)
   reports.print_table(results)
   curves.refresh_study_summary(workdir)

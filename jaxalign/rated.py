@@ -26,6 +26,7 @@ from jaxalign.metrics import PROMPT_SETS, check_record
 PAPER_MODEL_NAMES = {"sftdpo": "sft+dpo"}
 _PAPER_FILE = re.compile(r"^(?:(?P<order>\d+)_)?(?P<model>.+)_(?P<set>harmful|helpful)\.json$")
 _OUR_FILE = re.compile(r"^responses-(?P<model>.+)\.jsonl$")
+RESULTS_FILE = "results.json"  # written by `reports.write_reports` beside the responses
 _EXPECTED_NAMES = "<order>_<model>_<harmful|helpful>.json (the paper's) or responses-<model>.jsonl (ours)"
 
 Records = list[dict[str, Any]]
@@ -96,7 +97,7 @@ def load_rated_responses(path_or_folder: str | os.PathLike) -> dict[str, dict[st
   """Rated responses by model and prompt set: {model: {"harmful": records, "helpful": records}}.
 
   `path_or_folder`: a folder holding rated-response files (the paper's or ours, see the module doc) or one such
-  file. Raises ValueError naming the file, record and field for a malformed record, and naming both files when
+  file. Models come in the order of the evaluation that wrote them (`evaluation_order`), else in file order. Raises ValueError naming the file, record and field for a malformed record, and naming both files when
   two hold the same model's answers to the same set.
   """
   sources: dict[tuple[str, str], Path] = {}
@@ -109,4 +110,18 @@ def load_rated_responses(path_or_folder: str | os.PathLike) -> dict[str, dict[st
                          "keep one of the two files")
       sources[model, set_name] = path
       by_model.setdefault(model, {})[set_name] = records
-  return by_model
+  order = evaluation_order(Path(path_or_folder))
+  return dict(sorted(by_model.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def evaluation_order(folder: Path) -> list[str]:
+  """The order of the models in the evaluation that wrote `folder` (its results.json), or [] when there is none:
+  our response files are read back in that order, so tables, comparisons and the annotation key keep it."""
+  results = folder / RESULTS_FILE
+  if not folder.is_dir() or not results.is_file():
+    return []
+  try:
+    models = json.loads(results.read_text(encoding="utf-8")).get("models", {})
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise DataError(f"{results}: not the results.json of an evaluation ({e})") from e
+  return list(models)
