@@ -199,6 +199,14 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
   return named
 
 
+def stage_header(config: ml_collections.ConfigDict, name: str, stage: ml_collections.ConfigDict) -> str:
+  """The log line opening a study's stage: its place in the study, its name, task and starting model (`stage` as
+  `resolve_stage` returns it)."""
+  start = stage.init_from or f"a random init of {stage.model.preset}"
+  return f"=== stage {list(config.stages).index(name) + 1} of {len(config.stages)}: {name} (task {stage.task}, from " \
+         f"{start}) ==="
+
+
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:
   """The stage's config with "stage:<earlier>" references replaced by that stage's exported model folder."""
   stage = ml_collections.ConfigDict(config.stage_configs[name].to_dict())

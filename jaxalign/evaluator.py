@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, rated,
+from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, progress, rated,
                       reference as reference_lib, reports, sampling)
 from jaxalign.config_lib import parse_named
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
@@ -80,7 +80,9 @@ def generate(config, models: dict[str, str], prompts: dict[str, list[str]]) -> d
     chat = config.generation.chat_template
     if chat:
       tokenize.set_chat_template(tokenizer, chat)
+    bar = progress.Progress("generating", name, sum(len(prompts[s]) for s in SETS))
     for set_name in SETS:
+      bar.start(set_name)
       texts, stops = [p + suffix for p in prompts[set_name]], tuple(config.generation.stop_strings)
       if chat:  # the turns rendered by the template; answers end at its end-of-turn token
         texts, end_of_turn = tokenize.render_prompts(tokenizer, prompts[set_name])
@@ -92,6 +94,8 @@ def generate(config, models: dict[str, str], prompts: dict[str, list[str]]) -> d
           seed=config.seed, max_prompt_length=config.generation.max_prompt_length,
           sharding=parallel.batch_sharding(mesh), add_special_tokens=not chat)
       answers[name][set_name] = [{"prompt": p, "response": r} for p, r in zip(prompts[set_name], generations.texts)]
+      bar.done(set_name, len(prompts[set_name]))
+    bar.close()
     del model
   return answers
 
@@ -105,12 +109,16 @@ def score_answers(answers: dict[str, dict[str, list[dict]]], prompts: dict[str, 
   records: dict[str, dict[str, list[dict]]] = {}
   for name, sets in answers.items():
     records[name] = {}
+    bar = progress.Progress("judging", name, sum(len(items) for items in sets.values()))
     for set_name, items in sets.items():
+      bar.start(set_name)
       scores = judge_of[set_name].score([a["prompt"] for a in items], [a["response"] for a in items])
+      bar.done(set_name, len(items))
       records[name][set_name] = [{**a, "score": float(s)} for a, s in zip(items, scores)]
       for record, reference in zip(records[name][set_name], reference_scores.get(set_name, ())):
         record["reference_score"] = float(reference)
       log.info("%s / %s: mean score %.3f", name, set_name, float(np.mean(scores)))
+    bar.close()
   return records
 
 
@@ -224,11 +232,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                              n_bootstrap=config.metrics.n_bootstrap, seed=config.seed)
   pairs = list(parse_named(config.annotation_pairs, "annotation_pairs").items()) or None
   # From rated responses (reading answers back, or reporting again) a page and key already there are kept.
-  annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed,
-                                  keep_existing=bool(config.rated_responses))
-  reports.write_reports(results, workdir)
+  written = annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed,
+                                           keep_existing=bool(config.rated_responses))
+  written.update(reports.write_reports(results, workdir))
+  written["study"] = curves.refresh_study_summary(workdir)
+  reports.print_locations(written)
   reports.print_table(results)
-  curves.refresh_study_summary(workdir)
   if config.push_to_hub:
     hub_push.push_results(workdir, config.push_to_hub, private=config.hub_private)
   return results

@@ -57,10 +57,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> str:
   exports: dict[str, str] = {}
   for name in config.stages:
     stage = config_lib.resolve_stage(config, name, exports)
+    log.info(config_lib.stage_header(config, name, stage))
     trackers.apply_study_settings(config, stage, name, workdir)
     exports[name] = train(stage, os.path.join(workdir, name))
   if jax.process_index() == 0:
-    curves.write_study_summary(workdir, list(config.stages))
+    log.info("study summary: %s", curves.write_study_summary(workdir, list(config.stages)))
   return exports[config.stages[-1]]
 
 
