@@ -10,6 +10,7 @@ import pytest
 
 from configs import common
 from jaxalign import cli
+from jaxalign.data import hh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +42,14 @@ def test_a_bad_value_and_a_bad_path_are_one_message(tmp_path):
   assert_one_message(run(["evaluate.py", "--config=configs/eval.py", f"--workdir={tmp_path / 'eval'}",
                           f"--config.rated_responses={tmp_path / 'missing'}"], tmp_path), "missing")
   assert_one_message(run(["-m", "jaxalign.chat", str(tmp_path / "no-such-model")], tmp_path), "no-such-model")
+
+
+def test_a_hub_id_out_of_reach_is_one_message(tmp_path):
+  # Offline, the default starting model's tokenizer (a Hub id) cannot be fetched: said in one line, before any data.
+  assert_one_message(run(["train.py", "--config=configs/sft.py", f"--workdir={tmp_path / 'run'}"], tmp_path),
+                     "facebook/opt-350m")
+  with pytest.raises(cli.InputError, match="the Hub dataset 'nobody/nothing'"):
+    hh.load_records("nobody/nothing")
 
 
 def test_closest_field_names_in_a_study():

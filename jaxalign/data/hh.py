@@ -310,7 +310,12 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _read_hub(hub_id: str, subset: str | None, split: str) -> list[dict]:
-  return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+  try:
+    return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+  except (OSError, ValueError) as e:  # not on the Hub, offline, gated, no such split: the user's to fix
+    raise MissingInput(f"could not read the {split!r} split{f' of {subset!r}' if subset else ''} of the Hub dataset "
+                       f"{hub_id!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}; check the id, the "
+                       "split and network access, or give a local file or folder") from e
 
 
 def load_records(source: str, *, split: str = "train",
