@@ -20,6 +20,7 @@ import numpy as np
 from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, progress, rated,
                       reference as reference_lib, reports, sampling)
 from jaxalign.config_lib import parse_named
+from jaxalign.errors import ConfigError
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
@@ -36,7 +37,7 @@ def prompt_sets(config) -> dict[str, list[str]]:
   p = config.prompts
   if p.harmful_file or p.helpful_file:
     if not (p.harmful_file and p.helpful_file):
-      raise ValueError("config.prompts: give both harmful_file and helpful_file, or neither")
+      raise ConfigError("config.prompts: give both harmful_file and helpful_file, or neither")
     return {"harmful": prompts_lib.load_prompt_file(p.harmful_file),
             "helpful": prompts_lib.load_prompt_file(p.helpful_file)}
   return prompts_lib.paper_prompt_sets(p.source, n_harmful=p.n_harmful, n_helpful=p.n_helpful,
@@ -63,7 +64,7 @@ def judge_thresholds(config, names: list[str]) -> dict[str, dict[str, float]]:
     except ValueError:
       harmless = helpful = None
     if harmless is None or name not in names:
-      raise ValueError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
+      raise ConfigError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
                        f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
     out[name] = {"harmless_threshold": harmless, "helpful_threshold": helpful}
   return out
@@ -161,7 +162,7 @@ def preference_report(config, models: dict[str, str], judge_of: dict[str, judges
   out: dict[str, Any] = {"pairs": len(pairs), **judge_preference_accuracy(judge_of, pairs)}
   for name, reference_name in parse_named(pref.references, "preference.references").items():
     if name not in models or reference_name not in models:
-      raise ValueError(f"config.preference.references: {name!r} and {reference_name!r} must both be in config.models")
+      raise ConfigError(f"config.preference.references: {name!r} and {reference_name!r} must both be in config.models")
     policy, tokenizer = load_policy(models[name], "float32")
     reference, _ = load_policy(models[reference_name], "float32")
     out[f"implicit_reward_accuracy/{name}"] = implicit_reward_accuracy(policy, reference, tokenizer, pairs, config)
@@ -184,7 +185,7 @@ def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
   parallel.enable_compilation_cache(config.compilation_cache, pipeline.default_cache_dir())
   models = parse_named(config.models, "models")
   if not models:
-    raise ValueError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")
+    raise ConfigError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")
   prompts = prompt_sets(config)
   answers = generate(config, models, prompts)
   set_heads = parse_named(config.judge_heads, "judge_heads")
