@@ -65,7 +65,7 @@ def judge_thresholds(config, names: list[str]) -> dict[str, dict[str, float]]:
       harmless = helpful = None
     if harmless is None or name not in names:
       raise ConfigError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
-                       f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
+                        f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
     out[name] = {"harmless_threshold": harmless, "helpful_threshold": helpful}
   return out
 

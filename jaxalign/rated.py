@@ -97,7 +97,8 @@ def load_rated_responses(path_or_folder: str | os.PathLike) -> dict[str, dict[st
   """Rated responses by model and prompt set: {model: {"harmful": records, "helpful": records}}.
 
   `path_or_folder`: a folder holding rated-response files (the paper's or ours, see the module doc) or one such
-  file. Models come in the order of the evaluation that wrote them (`evaluation_order`), else in file order. Raises ValueError naming the file, record and field for a malformed record, and naming both files when
+  file. Models come in the order of the evaluation that wrote them (`evaluation_order`), else in file order.
+  Raises ValueError naming the file, record and field for a malformed record, and naming both files when
   two hold the same model's answers to the same set.
   """
   sources: dict[tuple[str, str], Path] = {}

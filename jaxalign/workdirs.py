@@ -19,5 +19,6 @@ def resolve_init_path(init_from: str) -> str:
       return export
     if os.path.isdir(os.path.join(init_from, "checkpoints")):
       raise ConfigError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
-                       f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and exports")
+                        f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and "
+                        "exports")
   return init_from
