@@ -63,7 +63,7 @@ def build_items(records_by_model: Mapping[str, Mapping[str, Sequence[Mapping]]],
       a_records, b_records = records_by_model[a][set_name], records_by_model[b][set_name]
       if [r["prompt"] for r in a_records] != [r["prompt"] for r in b_records]:
         raise DataError(f"models {a!r} and {b!r} answered different {set_name} prompts; a pairwise comparison "
-                         "needs both models' answers to the same prompts")
+                        "needs both models' answers to the same prompts")
       for i, (ra, rb) in enumerate(zip(a_records, b_records)):
         drafts.append({"pair": p, "set": set_name, "prompt_index": i, "prompt": ra["prompt"],
                        "answers": {a: ra["response"], b: rb["response"]}})
@@ -149,7 +149,7 @@ def read_annotations(files: Sequence[str | Path], key_path: str | Path) -> dict[
       raise DataError(f"{file}: not a file downloaded from annotate.html (expected format {ANSWERS_FORMAT!r})")
     if data.get("page_id") != key["page_id"]:
       raise DataError(f"{file}: answers page {data.get('page_id')!r}, but the key {key_path} is for page "
-                       f"{key['page_id']!r}; give the annotate-key.json written with that page")
+                      f"{key['page_id']!r}; give the annotate-key.json written with that page")
     name = str(data.get("annotator") or "").strip() or file.stem
     if name in annotators:
       raise DataError(f"{file}: annotator {name!r} has another file too; give each annotator's answers once")

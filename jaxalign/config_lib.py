@@ -194,7 +194,7 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
       raise ConfigError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
     if name.strip() in named:  # the later one would silently replace the earlier one's results
       raise ConfigError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
-                       f"{value.strip()!r}); give each a distinct name")
+                        f"{value.strip()!r}); give each a distinct name")
     named[name.strip()] = value.strip()
   return named
 

@@ -89,7 +89,7 @@ def _rated_files(path: Path) -> list[Path]:
   files = [f for f in path.iterdir() if f.is_file() and (_PAPER_FILE.match(f.name) or _OUR_FILE.match(f.name))]
   if not files:
     raise MissingInput(f"{path}: no rated-response files; expected names like {_EXPECTED_NAMES} "
-                            "(for the paper's data, point at its data/responses folder)")
+                       "(for the paper's data, point at its data/responses folder)")
   return sorted(files, key=_file_order)
 
 
@@ -108,7 +108,7 @@ def load_rated_responses(path_or_folder: str | os.PathLike) -> dict[str, dict[st
     for model, set_name, records in reader(path):
       if (model, set_name) in sources:
         raise DataError(f"{path}: model {model!r} set {set_name!r} is also in {sources[model, set_name]}; "
-                         "keep one of the two files")
+                        "keep one of the two files")
       sources[model, set_name] = path
       by_model.setdefault(model, {})[set_name] = records
   order = evaluation_order(Path(path_or_folder))

@@ -65,11 +65,11 @@ def detect_format(records: list[dict], source: str) -> str:
   if "messages" in columns:
     if columns & {"chosen", "rejected"}:
       raise DataError(f"{source}: records have both 'messages' and 'chosen'/'rejected' fields; set data.format to "
-                       "'messages' (SFT on the conversations) or 'conversational' (the preference pairs)")
+                      "'messages' (SFT on the conversations) or 'conversational' (the preference pairs)")
     return "messages"
   if not {"chosen", "rejected"} <= columns:
     raise DataError(f"{source}: records have fields {sorted(columns)}; expected {{chosen, rejected}} (HH), {{prompt, "
-                     "chosen, rejected}} (TRL preference, strings or lists of messages) or {messages} (SFT)")
+                    "chosen, rejected}} (TRL preference, strings or lists of messages) or {messages} (SFT)")
   first = next((r["chosen"] for r in records if isinstance(r, dict) and r.get("chosen") is not None), None)
   if isinstance(first, list):
     return "conversational"
@@ -189,7 +189,7 @@ def conversations_from_records(records: list[dict], source: str, record_format: 
   report.used = len(out)
   if not out:
     raise DataError(f"{source}: no usable {record_format} record among its {len(records)} records "
-                     f"({report.summary()})")
+                    f"({report.summary()})")
   return out, report
 
 
@@ -210,7 +210,7 @@ def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: 
       file_examples, file_report = conversations_from_records(records, label, record_format)
     elif record_format in ("conversational", "messages"):
       raise DataError(f"{label}: {record_format} records are lists of messages and need a chat template; set "
-                       "data.chat_template ('tokenizer' or a .jinja file)")
+                      "data.chat_template ('tokenizer' or a .jinja file)")
     else:
       file_examples, file_report = hh.pairs_from_records(records, label, _TEXT_SPLITTERS[record_format])
     log.info("%s (%s): %s", label, record_format, file_report.summary())

@@ -193,7 +193,7 @@ def _splitter(columns: list[str], source: str):
   if all(field in columns for field in _HH_FIELDS):
     return split_hh_record
   raise DataError(f"{source}: records have fields {sorted(columns)}; expected {list(_HH_FIELDS)} (HH format) or "
-                   f"{list(_GENERIC_FIELDS)} (generic preference format)")
+                  f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +227,7 @@ def pairs_from_records(records: list[dict | BadLine], source: str,
   report.used = len(pairs)
   if not pairs:
     raise DataError(f"{source}: no usable preference pair among its {len(records)} records ({report.summary()}); "
-                     "check that it is HH or {prompt, chosen, rejected} JSON lines")
+                    "check that it is HH or {prompt, chosen, rejected} JSON lines")
   return pairs, report
 
 
@@ -258,7 +258,7 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
   found = [s for s in HH_SUBSETS if _split_file(root / s, split) is not None]
   if not found:
     raise MissingInput(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
-                            f"the subsets {list(HH_SUBSETS)}")
+                       f"the subsets {list(HH_SUBSETS)}")
   if len(found) < len(HH_SUBSETS):
     log.warning("%s: using the %s split of %s only; missing %s (the paper's data uses all four)", root, split, found,
                 [s for s in HH_SUBSETS if s not in found])
@@ -290,10 +290,10 @@ def _read_json_lines(path: Path) -> list[dict | BadLine]:
           records.append(_parse_line(raw, number))
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
-                     " expected a complete .gz file: download or copy it again") from e
+                    " expected a complete .gz file: download or copy it again") from e
   if not records:
     raise DataError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
-                     "{prompt, chosen, rejected} object per line")
+                    "{prompt, chosen, rejected} object per line")
   bad = [r for r in records if isinstance(r, BadLine)]
   for r in bad[:_EXAMPLES_KEPT]:
     log.warning("%s:%d: skipped, %s", path, r.line, r.message)

@@ -60,7 +60,7 @@ def _sample(rng: random.Random, rows: list, n: int, what: str) -> list:
     return list(rows)
   if not 0 <= n <= len(rows):
     raise DataError(f"cannot sample {n} {what} prompts from {len(rows)} candidate rows; give a count from 0 to "
-                     f"{len(rows)}, or {ALL} for all of them")
+                    f"{len(rows)}, or {ALL} for all of them")
   return rng.sample(rows, n)
 
 

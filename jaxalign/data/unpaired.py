@@ -94,8 +94,8 @@ def load_examples(source: str, *, split: str = "train",
       found, found_report = examples_from_records(records, label)
       if not found:
         raise DataError(f"{label}: no usable unpaired example among its {len(records)} records "
-                         f"({found_report.summary()}); expected JSON lines with {list(UNPAIRED_FIELDS)} (label a "
-                         "boolean: true = desirable)")
+                        f"({found_report.summary()}); expected JSON lines with {list(UNPAIRED_FIELDS)} (label a "
+                        "boolean: true = desirable)")
     else:
       pairs, found_report = hh.pairs_from_records(records, label)
       found = examples_from_pairs(pairs)
