@@ -148,6 +148,8 @@ def test_each_stage_has_curves_and_the_study_a_summary(study):
   assert headers == ["=== stage 1 of 2: sft (task sft, from a random init of opt-125m) ===",
                      f"=== stage 2 of 2: dpo (task dpo, from {os.path.join(root, 'sft', 'model')}) ==="]
   assert f"study summary: {os.path.join(root, curves.STUDY_FILE)}" in study["log"]
+  assert (f"stage done: done.json, metrics.jsonl, model/ (the model), curves.png in {os.path.join(root, 'sft')}"
+          in study["log"])
 
 
 def test_curve_panels_follow_the_task(study):
