@@ -16,7 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the weights start: a Hub id, a Hugging Face folder, a training workdir, "stage:<name>" (an earlier stage
   # of the same study), or "" for a random init of `model.preset` + `model.arch`.
   c.init_from = "facebook/opt-350m"
-  c.tokenizer = "facebook/opt-350m"  # Hub id or local folder; "synthetic" trains a tiny BPE on the synthetic data
+  # "" = the starting model's own tokenizer (init_from's folder, a workdir's exported folder, or the Hub id's); or a
+  # Hub id or folder of another; "synthetic" trains a tiny BPE on the synthetic data. A random init (init_from = "")
+  # has no model to take it from: name one.
+  c.tokenizer = ""
 
   c.model = ml_collections.ConfigDict()
   # Architecture for random init: opt-125m … opt-66b, smollm2-360m, llama-3.2-1b, qwen2.5-0.5b, qwen2.5-1.5b,
@@ -42,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.eval_pairs = 512  # held-out pairs for evaluation during training (0 = none)
+  # The held-out records: "" = data.source's eval_split; a single data file has none, so eval_share of its records
+  # (chosen by a permutation seeded with `seed`, logged) are held out and never trained on. Or a separate file,
+  # folder or Hub id whose eval_split (a file: all of it) is held out.
+  c.data.eval_source = ""
+  c.data.eval_share = 0.1
   c.data.max_length = 512
   c.data.max_prompt_length = 256
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)

@@ -12,6 +12,7 @@ import ml_collections
 from jaxalign import losses
 from jaxalign.data.formats import FORMATS
 from jaxalign.data.tokenize import LOSS_ON
+from jaxalign.errors import ConfigError
 from jaxalign.models import registry
 
 PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
@@ -22,8 +23,6 @@ PAIR_TASKS = ("dpo", "cpo", "orpo", "kto", "reward")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-  pass
 
 
 def _one_of(config, path: str, allowed) -> None:
@@ -68,7 +67,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _validate_study(config)
     return
   _one_of(config, "task", TASKS)
-  _check(config, "tokenizer", bool(config.tokenizer), "a Hub id, a tokenizer folder, or 'synthetic'")
+  _check(config, "tokenizer", bool(config.tokenizer or config.init_from),
+         "a Hub id, a tokenizer folder or 'synthetic' for a random init (init_from = ''): there is no starting model "
+         "whose own tokenizer to use")
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
   if not config.init_from:
@@ -96,6 +97,11 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
+  _check(config, "data.eval_share", 0 < config.data.eval_share < 1,
+         "a share in (0, 1) of a single data file's records to hold out")
+  _check(config, "data.eval_source", os.path.normpath(config.data.eval_source) != os.path.normpath(config.data.source),
+         "another file, folder or Hub id than data.source ('' = data.source's eval_split, or a seeded share of a "
+         "single file): held-out records are never training records")
   _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
   _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
          f"prefix sharing only for the pair tasks {list(PAIR_TASKS)}")
@@ -185,12 +191,20 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
   for item in filter(None, (part.strip() for part in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or not name.strip() or not value.strip():
-      raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+      raise ConfigError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
     if name.strip() in named:  # the later one would silently replace the earlier one's results
-      raise ValueError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
-                       f"{value.strip()!r}); give each a distinct name")
+      raise ConfigError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
+                        f"{value.strip()!r}); give each a distinct name")
     named[name.strip()] = value.strip()
   return named
+
+
+def stage_header(config: ml_collections.ConfigDict, name: str, stage: ml_collections.ConfigDict) -> str:
+  """The log line opening a study's stage: its place in the study, its name, task and starting model (`stage` as
+  `resolve_stage` returns it)."""
+  start = stage.init_from or f"a random init of {stage.model.preset}"
+  return f"=== stage {list(config.stages).index(name) + 1} of {len(config.stages)}: {name} (task {stage.task}, from " \
+         f"{start}) ==="
 
 
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:
@@ -214,7 +228,9 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
   model = f"the model ({'config.init_from = ' + repr(config.init_from) if config.init_from else 'model.preset/arch'})"
   vocab = model_config.get("vocab_size")
   if vocab is not None and tokenizer_size > vocab:
-    raise ConfigError(f"config.tokenizer = {config.tokenizer!r} has {tokenizer_size} token ids but {model} has "
+    tokenizer = (f"config.tokenizer = {config.tokenizer!r}" if config.tokenizer else
+                 f"the model's own tokenizer (config.init_from = {config.init_from!r})")
+    raise ConfigError(f"{tokenizer} has {tokenizer_size} token ids but {model} has "
                       f"vocab_size {vocab}: ids {vocab}..{tokenizer_size - 1} have no embedding. Use the model's own "
                       "tokenizer, or (random init) set model.arch.vocab_size >= the tokenizer's size")
   positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")  # GPT-2: n_positions

@@ -57,10 +57,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> str:
   exports: dict[str, str] = {}
   for name in config.stages:
     stage = config_lib.resolve_stage(config, name, exports)
+    log.info(config_lib.stage_header(config, name, stage))
     trackers.apply_study_settings(config, stage, name, workdir)
     exports[name] = train(stage, os.path.join(workdir, name))
   if jax.process_index() == 0:
-    curves.write_study_summary(workdir, list(config.stages))
+    log.info("study summary: %s", curves.write_study_summary(workdir, list(config.stages)))
   return exports[config.stages[-1]]
 
 
@@ -423,6 +424,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, export_dir: s
     with open(os.path.join(workdir, DONE_FILE), "w") as f:
       json.dump(summary, f, indent=2)
     curves_path = curves.write_stage_curves(workdir, config.task)
+    written = [DONE_FILE, "metrics.jsonl"]
+    written += [f"{EXPORT_DIR}/ (the model)"] if config.export.enabled else []
+    written += [os.path.basename(curves_path)] if curves_path else []
+    log.info("stage done: %s in %s", ", ".join(written), workdir)
     if config.export.push_to_hub:
       hub_push.push_stage(config, workdir, export_dir, summary)
     if metric_logger.tracker is not None:

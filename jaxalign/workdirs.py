@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from jaxalign.errors import ConfigError
 from jaxalign.models import hub
 
 EXPORT_DIR = "model"  # <workdir>/model: the run's exported Hugging Face folder
@@ -17,6 +18,7 @@ def resolve_init_path(init_from: str) -> str:
     if os.path.exists(os.path.join(export, hub.CONFIG_FILE)):
       return export
     if os.path.isdir(os.path.join(init_from, "checkpoints")):
-      raise ValueError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
-                       f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and exports")
+      raise ConfigError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
+                        f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and "
+                        "exports")
   return init_from

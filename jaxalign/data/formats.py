@@ -28,6 +28,7 @@ import logging
 import re
 
 from jaxalign.data import hh
+from jaxalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +87,17 @@ def detect_formats(records: list, source: str) -> collections.Counter:
   both = next((i for i, r in enumerate(records) if isinstance(r, dict) and r.keys() & set(MESSAGES_FIELDS)
                and r.keys() & {"chosen", "rejected"}), None)
   if both is not None:
-    raise ValueError(f"{source}: record {both} has both 'messages' and 'chosen'/'rejected' fields; set data.format to "
+    raise DataError(f"{source}: record {both} has both 'messages' and 'chosen'/'rejected' fields; set data.format to "
                      "'messages' (SFT on the conversations) or 'conversational' (the preference pairs)")
   found = collections.Counter(record_format(r) for r in records)
   if not found.keys() - {None}:
     columns = sorted({key for record in records if isinstance(record, dict) for key in record})
-    raise ValueError(f"{source}: records have fields {columns}; expected {{chosen, rejected}} (HH), {{prompt, chosen, "
+    raise DataError(f"{source}: records have fields {columns}; expected {{chosen, rejected}} (HH), {{prompt, chosen, "
                      "rejected}} (TRL preference, strings or lists of messages) or {messages} (SFT)")
   if found["messages"] and found.keys() - {"messages", None}:
     first = lambda kinds: next(i for i, r in enumerate(records) if record_format(r) in kinds)
     pairs = sum(n for kind, n in found.items() if kind not in ("messages", None))
-    raise ValueError(f"{source}: mixes {found['messages']} SFT conversations ('messages' records, e.g. record "
+    raise DataError(f"{source}: mixes {found['messages']} SFT conversations ('messages' records, e.g. record "
                      f"{first({'messages'})}) with {pairs} preference pairs ('chosen'/'rejected' records, e.g. record "
                      f"{first({'hh', 'preference', 'conversational'})}); set data.format to 'messages' (SFT on the "
                      "conversations) or to the pairs' format, or split the file")
@@ -250,7 +251,7 @@ def conversations_from_records(records: list[dict], source: str, data_format: st
     out.append(Conversation(prompt, chosen, rejected, source, index))
   report.used = len(out)
   if not out:
-    raise ValueError(f"{source}: no usable {data_format} record among its {len(records)} records "
+    raise DataError(f"{source}: no usable {data_format} record among its {len(records)} records "
                      f"({report.explained()})")
   return out, report
 
@@ -264,14 +265,14 @@ def load_examples(source: str, *, data_format: str = "auto", chat: bool, split: 
   order, SkipReport over every record read), logging the summary per file and in total.
   """
   if data_format not in FORMATS:
-    raise ValueError(f"data format must be one of {FORMATS}, got {data_format!r}")
+    raise DataError(f"data format must be one of {FORMATS}, got {data_format!r}")
   examples, report = [], hh.SkipReport()
   for label, records in hh.load_records(source, split=split, subsets=subsets):
     found = detect_formats(records, label) if data_format == "auto" else collections.Counter({data_format: 1})
     if chat:
       file_examples, file_report = conversations_from_records(records, label, data_format)
     elif found.keys() & {"conversational", "messages"}:
-      raise ValueError(f"{label}: {_describe_formats(found)} records are lists of messages and need a chat template; set "
+      raise DataError(f"{label}: {_describe_formats(found)} records are lists of messages and need a chat template; set "
                        "data.chat_template ('tokenizer' or a .jinja file)")
     else:
       splitter = _per_record(_TEXT_SPLITTERS, None if data_format == "auto" else data_format)

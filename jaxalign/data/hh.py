@@ -41,6 +41,8 @@ from pathlib import Path
 
 import datasets
 
+from jaxalign.errors import DataError, MissingInput
+
 log = logging.getLogger(__name__)
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
@@ -209,7 +211,7 @@ def check_columns(records: list, source: str) -> None:
   """Raises ValueError naming the source when no record has the fields of a preference pair."""
   columns = sorted({key for record in records if isinstance(record, dict) for key in record})
   if records and not any(isinstance(r, dict) and set(_HH_FIELDS) & set(r) for r in records):
-    raise ValueError(f"{source}: records have fields {columns}; expected {list(_HH_FIELDS)} (HH format) or "
+    raise DataError(f"{source}: records have fields {columns}; expected {list(_HH_FIELDS)} (HH format) or "
                      f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
@@ -243,7 +245,7 @@ def pairs_from_records(records: list[dict | BadLine], source: str,
     pairs.append(PreferencePair(prompt, chosen, rejected, source, index))
   report.used = len(pairs)
   if not pairs:
-    raise ValueError(f"{source}: no usable preference pair among its {len(records)} records ({report.explained()}); "
+    raise DataError(f"{source}: no usable preference pair among its {len(records)} records ({report.explained()}); "
                      "check that it is HH or {prompt, chosen, rejected} JSON lines")
   return pairs, report
 
@@ -267,15 +269,15 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
   if subsets is not None:
     missing = [_expected(root / s, split) for s in subsets if _split_file(root / s, split) is None]
     if missing:
-      raise FileNotFoundError(f"{root}: missing {'; '.join(missing)}")
+      raise MissingInput(f"{root}: missing {'; '.join(missing)}")
     return [_split_file(root / s, split) for s in subsets]
   direct = _split_file(root, split)
   if direct is not None:
     return [direct]
   found = [s for s in HH_SUBSETS if _split_file(root / s, split) is not None]
   if not found:
-    raise FileNotFoundError(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
-                            f"the subsets {list(HH_SUBSETS)}")
+    raise MissingInput(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
+                       f"the subsets {list(HH_SUBSETS)}")
   if len(found) < len(HH_SUBSETS):
     log.warning("%s: using the %s split of %s only; missing %s (the paper's data uses all four)", root, split, found,
                 [s for s in HH_SUBSETS if s not in found])
@@ -306,11 +308,11 @@ def _read_json_lines(path: Path) -> list[dict | BadLine]:
         if raw.strip():
           records.append(_parse_line(raw, number))
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise ValueError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
-                     " expected a complete .gz file: download or copy it again") from e
+    raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
+                    " expected a complete .gz file: download or copy it again") from e
   if not records:
-    raise ValueError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
-                     "{prompt, chosen, rejected} object per line")
+    raise DataError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
+                    "{prompt, chosen, rejected} object per line")
   bad = [r for r in records if isinstance(r, BadLine)]
   for r in bad[:_EXAMPLES_KEPT]:
     log.warning("%s:%d: skipped, %s", path, r.line, r.message)
@@ -323,11 +325,16 @@ def _read_parquet(path: Path) -> list[dict]:
   try:
     return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
   except datasets.exceptions.DatasetGenerationError as e:
-    raise ValueError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
+    raise DataError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
 
 
 def _read_hub(hub_id: str, subset: str | None, split: str) -> list[dict]:
-  return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+  try:
+    return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+  except (OSError, ValueError) as e:  # not on the Hub, offline, gated, no such split: the user's to fix
+    raise MissingInput(f"could not read the {split!r} split{f' of {subset!r}' if subset else ''} of the Hub dataset "
+                       f"{hub_id!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}; check the id, the "
+                       "split and network access, or give a local file or folder") from e
 
 
 def load_records(source: str, *, split: str = "train",
@@ -342,7 +349,7 @@ def load_records(source: str, *, split: str = "train",
     return [(str(path), _read_parquet(path) if path.suffix == ".parquet" else _read_json_lines(path))
             for path in local_files(root, split, subsets)]
   if source.count("/") != 1:
-    raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
+    raise MissingInput(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
   if subsets is None and source == HH_HUB_ID:
     subsets = list(HH_SUBSETS)
   return [(f"{source}:{subset or ''}/{split}", _read_hub(source, subset, split)) for subset in (subsets or [None])]

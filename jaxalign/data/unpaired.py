@@ -27,6 +27,7 @@ import logging
 import numpy as np
 
 from jaxalign.data import hh
+from jaxalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def check_classes(examples: list[UnpairedExample], source: str, split: str) -> N
   desirable = sum(e.desirable for e in examples)
   if desirable == 0 or desirable == len(examples):
     missing, label = ("desirable", "true") if desirable == 0 else ("undesirable", "false")
-    raise ValueError(f"{source} ({split}): all {len(examples)} usable KTO examples are "
+    raise DataError(f"{source} ({split}): all {len(examples)} usable KTO examples are "
                      f"{'undesirable' if desirable == 0 else 'desirable'}, none is {missing}: KTO needs both classes. "
                      f"Add examples with label {label}, or use preference pairs (each gives one of each)")
 
@@ -122,7 +123,7 @@ def load_examples(source: str, *, split: str = "train", subsets: list[str] | Non
       hh.check_columns(records, label)
     found, found_report = examples_from_records(records, label)
     if not found:
-      raise ValueError(f"{label}: no usable unpaired example among its {len(records)} records "
+      raise DataError(f"{label}: no usable unpaired example among its {len(records)} records "
                        f"({found_report.explained()}); expected JSON lines with {list(UNPAIRED_FIELDS)} (label a "
                        "boolean: true = desirable), or preference pairs")
     log.info("%s: %s -> %d KTO examples", label, found_report.summary(), len(found))
