@@ -10,7 +10,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxalign import evaluator, pair_scores
+from jaxalign import cli, evaluator, pair_scores
 
 config_flags.DEFINE_config_file("config", None, "Path to an evaluation config (configs/eval.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for the reports.")
@@ -23,8 +23,9 @@ def main(argv):
   logging.getLogger("jaxalign").setLevel(logging.INFO)
   config = flags.FLAGS.config
   run = pair_scores.run if config.get("task") == "score_pairs" else evaluator.run
-  run(config, flags.FLAGS.workdir)
+  with cli.input_errors():
+    run(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -8,7 +8,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxalign import trainer
+from jaxalign import cli, trainer
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and the exported model.")
@@ -19,8 +19,9 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)  # quiet libraries (Orbax logs every save at INFO)
   logging.getLogger("jaxalign").setLevel(logging.INFO)
-  trainer.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with cli.input_errors():
+    trainer.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -8,10 +8,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "sft"  # sft | dpo | cpo (CPO, SimPO) | orpo | kto | reward
   c.seed = 0
   c.resume = True  # continue from the workdir's checkpoints; False refuses a workdir that has some
+  # A resumed stage (or a rerun of a finished one) refuses a config whose fields that change the math (optimizer,
+  # schedule, loss and its hyperparameters, model, LoRA, data, seed, ...) differ from the saved one, listing them;
+  # logging, evaluation, checkpointing, export, mesh and the step count may change (config_lib.RESUME_FREE_FIELDS).
+  # Comma-separated dotted fields (or sections, e.g. "optimizer") allowed to change anyway; "all" allows any.
+  c.resume_allow_changes = ""
   # Where the weights start: a Hub id, a Hugging Face folder, a training workdir, "stage:<name>" (an earlier stage
   # of the same study), or "" for a random init of `model.preset` + `model.arch`.
   c.init_from = "facebook/opt-350m"
-  c.tokenizer = "facebook/opt-350m"  # Hub id or local folder; "synthetic" trains a tiny BPE on the synthetic data
+  # "" = the starting model's own tokenizer (init_from's folder, a workdir's exported folder, or the Hub id's); or a
+  # Hub id or folder of another; "synthetic" trains a tiny BPE on the synthetic data. A random init (init_from = "")
+  # has no model to take it from: name one.
+  c.tokenizer = ""
 
   c.model = ml_collections.ConfigDict()
   # Architecture for random init: opt-125m … opt-66b, smollm2-360m, llama-3.2-1b, qwen2.5-0.5b, qwen2.5-1.5b,
@@ -26,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "Anthropic/hh-rlhf"  # Hub id, local folder/file, or "synthetic"
   c.data.subsets = ""  # comma-separated HH subsets; "" = all four (the paper's 160,800-pair train split)
-  # Record format (jaxalign/data/formats.py): auto (told apart per file by its fields) | hh ({chosen, rejected}
+  # Record format (jaxalign/data/formats.py): auto (told apart per record by its fields) | hh ({chosen, rejected}
   # conversations) | preference (TRL: {prompt, chosen, rejected} strings) | conversational (the same as lists of
   # {"role", "content"} messages, prompt explicit or implicit) | messages ({messages}: SFT on assistant turns).
   c.data.format = "auto"
@@ -37,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.eval_pairs = 512  # held-out pairs for evaluation during training (0 = none)
+  # The held-out records: "" = data.source's eval_split; a single data file has none, so eval_share of its records
+  # (chosen by a permutation seeded with `seed`, logged) are held out and never trained on. Or a separate file,
+  # folder or Hub id whose eval_split (a file: all of it) is held out.
+  c.data.eval_source = ""
+  c.data.eval_share = 0.1
   c.data.max_length = 512
   c.data.max_prompt_length = 256
   c.data.truncation_mode = "keep_end"  # keep_end | keep_start (which end of a long prompt survives)

@@ -24,7 +24,7 @@ def get_config():
   # Human evaluation: every run writes annotate.html (blind pairwise comparisons) and annotate-key.json (which model
   # is on which side); annotators' downloaded files, comma-separated, are read back into win rates and agreement.
   c.human_annotations = ""
-  c.annotation_key = ""  # the annotate-key.json the files answer; "" = <workdir>/annotate-key.json
+  c.annotation_key = ""  # the annotate-key.json the files answer; "" = the one beside rated_responses, else <workdir>'s
   c.annotation_pairs = ""  # model pairs to annotate, "a=b,c=d" (e.g. "sft+dpo=sft"); "" = every pair
   # A Hub dataset repo id ("user/name"): push the results folder (reports, responses, plots) with a generated card
   # holding Table 1 and Table 2 (token from HF_TOKEN or `hf auth login`).

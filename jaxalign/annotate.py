@@ -17,6 +17,7 @@ import hashlib
 import html
 import itertools
 import json
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any
 import numpy as np
 
 from jaxalign import stats
+from jaxalign.errors import DataError, MissingInput
+
+log = logging.getLogger(__name__)
 
 PAGE_FILE = "annotate.html"
 KEY_FILE = "annotate-key.json"
@@ -51,20 +55,20 @@ def build_items(records_by_model: Mapping[str, Mapping[str, Sequence[Mapping]]],
   for a, b in pairs:
     missing = [m for m in (a, b) if m not in records_by_model]
     if missing or a == b:
-      raise ValueError(f"annotation pair {a}={b}: name two different models among {names}")
+      raise DataError(f"annotation pair {a}={b}: name two different models among {names}")
   rng = random.Random(seed)
   drafts = []
   for p, (a, b) in enumerate(pairs):
     for set_name in records_by_model[a]:
       a_records, b_records = records_by_model[a][set_name], records_by_model[b][set_name]
       if [r["prompt"] for r in a_records] != [r["prompt"] for r in b_records]:
-        raise ValueError(f"models {a!r} and {b!r} answered different {set_name} prompts; a pairwise comparison "
-                         "needs both models' answers to the same prompts")
+        raise DataError(f"models {a!r} and {b!r} answered different {set_name} prompts; a pairwise comparison "
+                        "needs both models' answers to the same prompts")
       for i, (ra, rb) in enumerate(zip(a_records, b_records)):
         drafts.append({"pair": p, "set": set_name, "prompt_index": i, "prompt": ra["prompt"],
                        "answers": {a: ra["response"], b: rb["response"]}})
   if not drafts:
-    raise ValueError("nothing to annotate: give at least two models with answers")
+    raise DataError("nothing to annotate: give at least two models with answers")
   rng.shuffle(drafts)
   items, key_items = [], []
   for n, draft in enumerate(drafts, start=1):
@@ -88,26 +92,42 @@ def render_page(items: Sequence[Mapping[str, str]], page_id: str, title: str = "
 
 
 def write_annotation_files(records_by_model: Mapping[str, Mapping[str, Sequence[Mapping]]], out_dir: str | Path, *,
-                           pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0) -> dict[str, Path]:
+                           pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0,
+                           keep_existing: bool = False) -> dict[str, Path]:
   """Writes annotate.html and annotate-key.json into `out_dir` (see `build_items`); returns their paths. With a
-  single model there is nothing to compare: nothing is written and {} returned."""
+  single model there is nothing to compare: nothing is written and {} returned. `keep_existing`: a page or key already
+  there stays as it is (annotators may hold that page; their answers need its key) and nothing is written."""
+  out = Path(out_dir)
+  paths = {"page": out / PAGE_FILE, "key": out / KEY_FILE}
+  if keep_existing and any(path.exists() for path in paths.values()):
+    log.info("kept %s and %s as they are in %s (the page annotators may hold); delete them to write a new page",
+             PAGE_FILE, KEY_FILE, out)
+    return {name: path for name, path in paths.items() if path.exists()}
   if len(records_by_model) < 2:
     return {}
   items, key = build_items(records_by_model, pairs, seed=seed)
-  out = Path(out_dir)
-  paths = {"page": out / PAGE_FILE, "key": out / KEY_FILE}
   paths["page"].write_text(render_page(items, key["page_id"]), encoding="utf-8")
   paths["key"].write_text(json.dumps(key, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
   return paths
 
 
+def key_path(rated_responses: str, workdir: str) -> Path:
+  """Where the key of the answers being read back is: beside the responses the page was made from (the folder
+  `rated_responses`, or the folder of that file), else in `workdir`."""
+  if rated_responses:
+    folder = Path(rated_responses) if Path(rated_responses).is_dir() else Path(rated_responses).parent
+    if (folder / KEY_FILE).is_file():
+      return folder / KEY_FILE
+  return Path(workdir) / KEY_FILE
+
+
 def _load_json(path: Path, what: str) -> Any:
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such {what} file")
+    raise MissingInput(f"{path}: no such {what} file")
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
+    raise DataError(f"{path}: not valid JSON ({e})") from e
 
 
 def read_annotations(files: Sequence[str | Path], key_path: str | Path) -> dict[str, Any]:
@@ -120,30 +140,30 @@ def read_annotations(files: Sequence[str | Path], key_path: str | Path) -> dict[
   key_path = Path(key_path)
   key = _load_json(key_path, "annotation key")
   if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
-    raise ValueError(f"{key_path}: not an annotation key (expected format {KEY_FORMAT!r})")
+    raise DataError(f"{key_path}: not an annotation key (expected format {KEY_FORMAT!r})")
   known = {item["id"] for item in key["items"]}
   annotators: dict[str, dict[str, str]] = {}
   for file in map(Path, files):
     data = _load_json(file, "annotations")
     if not isinstance(data, dict) or data.get("format") != ANSWERS_FORMAT:
-      raise ValueError(f"{file}: not a file downloaded from annotate.html (expected format {ANSWERS_FORMAT!r})")
+      raise DataError(f"{file}: not a file downloaded from annotate.html (expected format {ANSWERS_FORMAT!r})")
     if data.get("page_id") != key["page_id"]:
-      raise ValueError(f"{file}: answers page {data.get('page_id')!r}, but the key {key_path} is for page "
-                       f"{key['page_id']!r}; give the annotate-key.json written with that page")
+      raise DataError(f"{file}: answers page {data.get('page_id')!r}, but the key {key_path} is for page "
+                      f"{key['page_id']!r}; give the annotate-key.json written with that page")
     name = str(data.get("annotator") or "").strip() or file.stem
     if name in annotators:
-      raise ValueError(f"{file}: annotator {name!r} has another file too; give each annotator's answers once")
+      raise DataError(f"{file}: annotator {name!r} has another file too; give each annotator's answers once")
     answers = {}
     for i, answer in enumerate(data.get("answers", [])):
       where = f"{file} answer {i}"
       if not isinstance(answer, dict) or answer.get("id") not in known:
-        raise ValueError(f"{where}: expected {{id, choice}} with an id of the page, got {answer!r}")
+        raise DataError(f"{where}: expected {{id, choice}} with an id of the page, got {answer!r}")
       if answer.get("choice") not in CHOICES:
-        raise ValueError(f"{where}: choice must be one of {list(CHOICES)}, got {answer.get('choice')!r}")
+        raise DataError(f"{where}: choice must be one of {list(CHOICES)}, got {answer.get('choice')!r}")
       answers[answer["id"]] = answer["choice"]
     annotators[name] = answers
   if not annotators:
-    raise ValueError("no annotation files given")
+    raise DataError("no annotation files given")
   return {"key": key, "annotators": annotators}
 
 

@@ -9,7 +9,8 @@ prompt, settings and seed (each saved answer records them).
 The conversation is kept: HH text ("\\n\\nHuman: ...\\n\\nAssistant: ...", the system text first) for OPT's
 tokenizer, or the tokenizer's chat template where it has one. `--compare A B` answers each message with both models,
 one after the other, each keeping its own side of the conversation. Commands: /reset, /system <text>,
-/temperature <t>, /top_p <p>, /max_new_tokens <n>, /save <file.json>, /help, /quit. Ctrl-C stops the answer being
+/temperature <t>, /top_p <p>, /max_new_tokens <n>, /settings, /save <file.json>, /help, /quit. A pasted message of
+several lines is one message (bracketed paste). Ctrl-C stops the answer being
 generated (what it had said stays in the conversation) and the session goes on; Ctrl-D or /quit leaves. Line
 editing and history come from readline (history in <cache>/chat_history).
 """
@@ -29,17 +30,20 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import sampling, shapes
+from jaxalign import cli, sampling, shapes
 from jaxalign.sampling import SamplingOptions
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
+# A terminal in bracketed-paste mode wraps pasted text in these, so a pasted message with newlines stays one message.
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 HISTORY_FILE = "chat_history"
 HELP = """commands:
   /reset                 forget the conversation (the system text stays)
   /system <text>         set the system text (empty: none) and start over
   /temperature <t>       0 = greedy
   /top_p <p>             nucleus sampling, 1 = off
-  /max_new_tokens <n>    longest answer, in tokens
+  /max_new_tokens <n>    longest answer, in tokens (less than the model's positions)
+  /settings              show the settings, the system text and the models
   /save <file.json>      write the conversation (prompts, answers, token ids, settings)
   /quit                  leave (or Ctrl-D); Ctrl-C stops an answer"""
 
@@ -165,6 +169,26 @@ class Session:
         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
         stop_sequences=tuple(tuple(tok.encode(x, add_special_tokens=False)) for x in stop_strings_for(tok)))
 
+  def max_new_tokens_error(self, value: int) -> str | None:
+    """Why `value` cannot be max_new_tokens for every model of the session (the answer and at least one prompt token
+    must fit the model's positions), or None."""
+    for m in self.models:
+      positions = m.model.config.max_position_embeddings
+      if value >= positions:
+        return (f"max_new_tokens {value} leaves no room for a prompt in {m.name}'s {positions} positions: give at "
+                f"most {positions - 1}")
+    return None
+
+  def describe(self) -> str:
+    """The session's settings, system text and models, for /settings."""
+    s = self.settings
+    lines = [f"temperature {s.temperature:g}{' (greedy)' if s.temperature == 0 else ''}, top_p {s.top_p:g}, "
+             f"top_k {s.top_k or 'off'}, max_new_tokens {s.max_new_tokens}, max_prompt_length {s.max_prompt_length}, "
+             f"seed {s.seed}", f"system text: {self.system!r}" if self.system else "system text: none"]
+    lines += [f"{m.name}: {m.path} ({m.model.config.max_position_embeddings} positions, "
+              f"{'its chat template' if uses_chat_template(m.tokenizer) else 'HH text'})" for m in self.models]
+    return "\n".join(lines)
+
   def max_prompt_length(self, chat_model: ChatModel) -> int:
     """The prompt tokens kept: the setting, less what the answer needs of the model's position table."""
     room = chat_model.model.config.max_position_embeddings - self.settings.max_new_tokens
@@ -244,6 +268,9 @@ class Session:
       try:
         value = convert(arg)
         SamplingOptions(**{field: value})  # the sampler's own checks
+        problem = self.max_new_tokens_error(value) if field == "max_new_tokens" else None
+        if problem:
+          raise ValueError(problem)
       except ValueError as e:
         self._print(f"[/{name} {arg!r}: {e}]")
         return True
@@ -255,6 +282,8 @@ class Session:
         return True
       self.save(arg)
       self._print(f"[saved to {arg}]")
+    elif name == "settings":
+      self._print(self.describe())
     elif name == "help":
       self._print(HELP)
     else:
@@ -276,14 +305,31 @@ def load_chat_model(path: str, dtype: str, name: str) -> ChatModel:
   return ChatModel(name=name, path=path, model=model, tokenizer=tokenizer, sampler=StreamingSampler(model))
 
 
+def read_message(read=input) -> str:
+  """One message from the user: a line, or a whole bracketed paste (lines between PASTE_START and PASTE_END, from a
+  terminal in paste mode that readline does not handle), newlines kept. Readline, with bracketed paste on, hands a
+  paste over as one line with its newlines already."""
+  text = read("you> ")
+  if PASTE_START in text:
+    while PASTE_END not in text:
+      text += "\n" + read("")
+  return text.replace(PASTE_START, "").replace(PASTE_END, "").strip()
+
+
 def _enable_readline() -> None:
-  """Line editing and a persistent history, where readline exists and stdin is a terminal."""
+  """Line editing, a persistent history and bracketed paste, where stdin is a terminal (without readline, the
+  terminal's paste mode is turned on for `read_message`)."""
   if not sys.stdin.isatty():
     return
   try:
     import readline
   except ImportError:
+    import atexit
+
+    sys.stdout.write("\x1b[?2004h")  # bracketed paste on, off again at exit
+    atexit.register(lambda: sys.stdout.write("\x1b[?2004l"))
     return
+  readline.parse_and_bind("set enable-bracketed-paste on")  # Python turns it off; a paste is then one line
   from jaxalign.data.pipeline import default_cache_dir
 
   path = os.path.join(default_cache_dir(), HISTORY_FILE)
@@ -313,6 +359,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if bool(args.model) == bool(args.compare):
     parser.error("give one model, or --compare A B")
+  try:  # bad settings fail here, with the sampler's message
+    SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p)
+  except ValueError as e:
+    parser.error(str(e))
   return args
 
 
@@ -325,18 +376,20 @@ def main(argv: list[str] | None = None) -> None:
   if len(set(names)) < len(names):
     names = [f"{n} ({label})" for n, label in zip(names, "AB")]
   print(f"loading {', '.join(paths)} ...", file=sys.stderr, flush=True)
-  models = [load_chat_model(p, args.dtype, n) for p, n in zip(paths, names)]
+  with cli.input_errors():  # a mistyped path or Hub id: one line, exit status 2
+    models = [load_chat_model(p, args.dtype, n) for p, n in zip(paths, names)]
   settings = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length, seed=args.seed)
-  SamplingOptions(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                  top_p=settings.top_p)  # bad settings fail here, with the sampler's message
   session = Session(models, settings, system=args.system)
+  problem = session.max_new_tokens_error(settings.max_new_tokens)
+  if problem:
+    cli.fail(f"--{problem}")
   _enable_readline()
   print(f"chatting with {' and '.join(names)}; /help lists the commands, Ctrl-C stops an answer, Ctrl-D leaves.",
         flush=True)
   while True:
     try:
-      line = input("you> ").strip()
+      line = read_message()
     except EOFError:
       print()
       return
@@ -351,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
       continue
     try:
       session.send(line)
-    except ValueError as e:  # e.g. max_new_tokens too large for the model: say so, keep the session
+    except ValueError as e:  # a message the model cannot take: say so, keep the session
       print(f"[{e}]", flush=True)
 
 

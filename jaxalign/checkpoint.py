@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +42,10 @@ STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 # The key of the extra item under which `save` records checksums (removed again by `restore_latest`).
 INTEGRITY_KEY = "_integrity"
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written: the folder (`check_writable`) or a save, maybe one in the background."""
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -65,6 +70,23 @@ def _absolute(directory: str | os.PathLike) -> epath.Path:
   return path if "://" in str(directory) else epath.Path(os.path.abspath(directory))
 
 
+def check_writable(directory: str | os.PathLike) -> None:
+  """Creates the checkpoint folder if needed and writes and removes a file in it, so a folder that cannot be written
+  fails before training (not at the first save, minutes or hours in); raises CheckpointSaveError naming the folder and
+  the cause. Object-store folders (gs://, ...) are left to Orbax."""
+  if "://" in str(directory):
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointSaveError(f"the checkpoint folder {os.path.abspath(directory)} cannot be written "
+                              f"({type(e).__name__}: {e}); make it a writable folder, free space, or use another "
+                              "--workdir") from e
+
+
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest committed step in a checkpoint folder (unfinished temporary folders ignored), or None.
 
@@ -73,6 +95,18 @@ def latest_step(directory: str | os.PathLike) -> int | None:
   # The step naming `Checkpointer` writes (Orbax's default); the lookup skips uncommitted folders as Orbax does.
   newest = ocp.path.step.latest_step_metadata(_absolute(directory), ocp.path.step.standard_name_format())
   return None if newest is None else newest.step
+
+
+def describe_saved(directory: str | os.PathLike) -> str:
+  """What a run stopped now keeps, read from the folder itself (so it is true whatever is still being written): the
+  newest committed step, or that none is."""
+  try:
+    step = latest_step(directory)
+  except (OSError, ValueError):  # no folder yet, or not a folder
+    step = None
+  where = _absolute(directory)
+  return (f"checkpoint step {step} is committed in {where}" if step is not None
+          else f"no checkpoint is committed in {where}")
 
 
 class Checkpointer:
@@ -102,6 +136,11 @@ class Checkpointer:
     self._unrestorable: set[int] = set()
     # The newest step known good: restored and verified, or saved with checksums from a finite state.
     self.last_verified_step: int | None = None
+    # The newest step whose save is committed, and the step of a save still running in the background.
+    self.last_saved_step: int | None = max(self._manager.all_steps(), default=None)
+    self._in_flight: int | None = None
+    self._async = async_save
+    self._failed = False
 
   def steps(self) -> list[int]:
     """Saved steps, oldest first; a step still being written in the background is listed too."""
@@ -118,6 +157,7 @@ class Checkpointer:
     """
     if not self.should_save(step, force):
       return False
+    self.check_saves()
     if not isinstance(extra, dict):
       raise TypeError(f"checkpoint extra must be a dict, got {type(extra).__name__}")
     try:
@@ -140,12 +180,45 @@ class Checkpointer:
       raise FloatingPointError(f"not saving checkpoint step {step} in {self.directory}: non-finite values in "
                                f"{_some(nonfinite)}; {kept}")
     extra = {**extra, INTEGRITY_KEY: {"arrays": checksums, "extra": _extra_digest(extra)}}
-    # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
-    saved = self._manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+    try:
+      # Orbax's own save policy is bypassed (force=True): it would also save the first step of every run.
+      saved = self._manager.save(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}), force=True)
+    except Exception as e:  # whatever the cause (a folder gone, a full disk), the step is not saved
+      raise self._save_error(self._in_flight or step, e) from e
     if saved:
       self.last_verified_step = step
+      self._committed()  # Orbax finished the previous save before starting this one
+      self._in_flight = step
+      if not self._async:
+        self._committed()
     return saved
+
+  def check_saves(self) -> None:
+    """Raises CheckpointSaveError if a background save has failed (without waiting for one still running): cheap
+    enough to call after every step, so a failure is reported at once, not at the next save."""
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until background saves are committed; raises CheckpointSaveError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self._in_flight, e) from e
+    self._committed()
+
+  def _committed(self) -> None:
+    if self._in_flight is not None:
+      self.last_saved_step, self._in_flight = self._in_flight, None
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    """The one-line report of a failed save: the step, the folder, the cause, and the last step that is saved."""
+    self._failed = True
+    kept = (f"the last saved step is {self.last_saved_step}" if self.last_saved_step is not None
+            else "no step of this run is saved")
+    return CheckpointSaveError(f"checkpoint step {step} could not be saved in {self.directory} ({_describe(error)}); "
+                               f"{kept}. Make the folder writable (space, permissions, mount) and rerun to resume")
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
     """Restores the newest step that loads, or returns None when the folder has no checkpoint.
@@ -164,9 +237,11 @@ class Checkpointer:
                        f"dtype, sharding=...)); {len(unsharded)} have none, e.g. {', '.join(unsharded[:3])}")
     self._manager.wait_until_finished()
     failures: list[str] = []
+    damaged = 0  # failures that are damaged files, not a config that differs from the saving run's
     steps = sorted(self._manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
+        self._check_files(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(abstract_state), EXTRA_ITEM: ocp.args.JsonRestore()}))
         extra = verify(step, restored[STATE_ITEM], dict(restored[EXTRA_ITEM]))
@@ -184,20 +259,27 @@ class Checkpointer:
       log.warning("checkpoint step %d in %s could not be restored (%s); %s", step, self.directory, reason,
                   f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left")
       failures.append(f"step {step}: {reason}")
+      damaged += isinstance(error, CheckpointIntegrityError)
       self._unrestorable.add(step)
     if failures:
       raise CheckpointRestoreError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(failures)
-                                   + "\nCheck that the config (model, optimizer, mesh) matches the run that saved "
-                                   "them, or move the folder away to start afresh.")
+                                   + "\n" + _restore_advice(damaged, len(failures)))
     return None
 
-  def wait(self) -> None:
-    """Blocks until background saves are committed (raises if one failed)."""
-    self._manager.wait_until_finished()
+  def _check_files(self, step: int) -> None:
+    """Raises CheckpointIntegrityError naming the first index file a committed step lacks (Orbax would report the
+    missing array index as a pytree structure mismatch, blaming the config)."""
+    for item, index in ((STATE_ITEM, "_METADATA"), (EXTRA_ITEM, "metadata")):
+      path = self.directory / str(step) / item / index
+      if not path.exists():
+        raise CheckpointIntegrityError(f"{path} is missing (the index of the {item} item): the step's files were "
+                                       "damaged or partly deleted after it was saved")
 
   def close(self) -> None:
-    """Finishes background saves and releases Orbax's threads."""
-    self._manager.close()
+    """Finishes background saves and releases Orbax's threads (after a failed save there is nothing to finish: the
+    failure was reported, and Orbax's threads of that save never end, see `runguard.exit_now`)."""
+    if not self._failed:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -321,6 +403,15 @@ def verify(step: int, state: Any, extra: dict) -> dict:
   if problems:
     raise CheckpointIntegrityError("; ".join(problems))
   return extra
+
+
+def _restore_advice(damaged: int, failed: int) -> str:
+  """What to do when no step restores: a damaged folder is not cured by changing the config."""
+  if damaged == failed:
+    return ("Every step failed its integrity check (files damaged or changed since they were saved; the config is "
+            "not the cause): restore the folder from a copy, or move it away to start afresh.")
+  return ("Check that the config (model, optimizer, mesh) matches the run that saved them, or move the folder away "
+          "to start afresh." + (f" ({damaged} of the {failed} steps are damaged files.)" if damaged else ""))
 
 
 def _agree_across_processes(error: Exception | None) -> Exception | None:

@@ -13,14 +13,13 @@ from jaxalign import losses, tasks
 from jaxalign.data.formats import FORMATS
 from jaxalign.data.pair_filter import PAIR_FILTERS
 from jaxalign.data.tokenize import LOSS_ON
+from jaxalign.errors import ConfigError
 from jaxalign.models import registry
 
 STAGE_PREFIX = "stage:"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-  pass
 
 
 def _one_of(config, path: str, allowed) -> None:
@@ -57,7 +56,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _validate_study(config)
     return
   _one_of(config, "task", tuple(tasks.TASKS))
-  _check(config, "tokenizer", bool(config.tokenizer), "a Hub id, a tokenizer folder, or 'synthetic'")
+  _check(config, "tokenizer", bool(config.tokenizer or config.init_from),
+         "a Hub id, a tokenizer folder or 'synthetic' for a random init (init_from = ''): there is no starting model "
+         "whose own tokenizer to use")
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
   if not config.init_from:
@@ -97,6 +98,11 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   _check(config, "data.buckets", bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(buckets),
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
+  _check(config, "data.eval_share", 0 < config.data.eval_share < 1,
+         "a share in (0, 1) of a single data file's records to hold out")
+  _check(config, "data.eval_source", os.path.normpath(config.data.eval_source) != os.path.normpath(config.data.source),
+         "another file, folder or Hub id than data.source ('' = data.source's eval_split, or a seeded share of a "
+         "single file): held-out records are never training records")
   _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
   _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and batch_kind == "sft"),
          f"prefix sharing only for the pair tasks {[t.name for t in tasks.TASKS.values() if t.batch_kind != 'sft']}")
@@ -186,12 +192,20 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
   for item in filter(None, (part.strip() for part in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or not name.strip() or not value.strip():
-      raise ValueError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
+      raise ConfigError(f"config.{what}: expected name=value items separated by commas, got {item!r}")
     if name.strip() in named:  # the later one would silently replace the earlier one's results
-      raise ValueError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
-                       f"{value.strip()!r}); give each a distinct name")
+      raise ConfigError(f"config.{what}: the name {name.strip()!r} is given twice ({named[name.strip()]!r} and "
+                        f"{value.strip()!r}); give each a distinct name")
     named[name.strip()] = value.strip()
   return named
+
+
+def stage_header(config: ml_collections.ConfigDict, name: str, stage: ml_collections.ConfigDict) -> str:
+  """The log line opening a study's stage: its place in the study, its name, task and starting model (`stage` as
+  `resolve_stage` returns it)."""
+  start = stage.init_from or f"a random init of {stage.model.preset}"
+  return f"=== stage {list(config.stages).index(name) + 1} of {len(config.stages)}: {name} (task {stage.task}, from " \
+         f"{start}) ==="
 
 
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:
@@ -215,7 +229,9 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
   model = f"the model ({'config.init_from = ' + repr(config.init_from) if config.init_from else 'model.preset/arch'})"
   vocab = model_config.get("vocab_size")
   if vocab is not None and tokenizer_size > vocab:
-    raise ConfigError(f"config.tokenizer = {config.tokenizer!r} has {tokenizer_size} token ids but {model} has "
+    tokenizer = (f"config.tokenizer = {config.tokenizer!r}" if config.tokenizer else
+                 f"the model's own tokenizer (config.init_from = {config.init_from!r})")
+    raise ConfigError(f"{tokenizer} has {tokenizer_size} token ids but {model} has "
                       f"vocab_size {vocab}: ids {vocab}..{tokenizer_size - 1} have no embedding. Use the model's own "
                       "tokenizer, or (random init) set model.arch.vocab_size >= the tokenizer's size")
   positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")  # GPT-2: n_positions
@@ -225,3 +241,54 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
   if config.mesh.num_devices > devices:
     raise ConfigError(f"config.mesh.num_devices = {config.mesh.num_devices} but only {devices} device(s) are "
                       "present: lower it, or -1 for all of them")
+
+
+# Fields a resumed (or rerun finished) stage may change freely: they change what is logged, evaluated, stored or how
+# the work is laid out and compiled, or how many steps run (a new step count stretches or shortens the learning-rate
+# schedule from the resumed step on). Every other field changes the math of training and is compared (see
+# `check_unchanged`); a field added later is compared too, so this list names what is safe, not what is risky.
+RESUME_FREE_FIELDS = ("resume", "resume_allow_changes", "training.num_epochs", "training.max_steps",
+                      "training.log_every", "training.eval_every", "training.progress_bar", "training.precompile",
+                      "data.eval_split", "data.eval_pairs", "data.cache_dir", "data.warn_skipped_share", "model.remat",
+                      "model.attention_impl", "checkpoint", "logging", "export", "mesh", "compilation_cache",
+                      "stages", "stage_configs")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{dotted field: value} of a nested config dict (tuples as lists, as JSON stores them)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def _covered(field: str, names) -> bool:
+  return any(field == name or field.startswith(name + ".") for name in names)
+
+
+def changed_fields(config: ml_collections.ConfigDict, saved: dict) -> list[str]:
+  """"field: saved -> now" for each field that changes the math and differs from `saved` (a config dict as stored
+  with a checkpoint or in done.json), except those `config.resume_allow_changes` allows. A field the saved config
+  lacks (written by an older jaxalign) cannot be compared and is left out."""
+  allowed = [name.strip() for name in config.get("resume_allow_changes", "").split(",") if name.strip()]
+  if "all" in allowed:
+    return []
+  now, before = _flat(config.to_dict()), _flat(saved)
+  return [f"{field}: {before[field]!r} -> {now[field]!r}" for field in sorted(now)
+          if field in before and now[field] != before[field]
+          and not _covered(field, RESUME_FREE_FIELDS) and not _covered(field, allowed)]
+
+
+def check_unchanged(config: ml_collections.ConfigDict, saved: dict | None, what: str) -> None:
+  """Raises ConfigError listing the fields that change the math where `config` differs from the config `what`
+  (a checkpoint, a finished stage) was made with; nothing to compare (`saved` None: an older jaxalign) passes."""
+  changes = changed_fields(config, saved) if saved is not None else []
+  if changes:
+    names = ",".join(change.split(":")[0] for change in changes)
+    raise ConfigError(f"the config differs from the one {what} was made with, in fields that change the math of "
+                      f"training: {'; '.join(changes)}. Continuing would mix two trainings in one model: rerun with "
+                      f"the saved values, use another --workdir, or allow it with "
+                      f"--config.resume_allow_changes={names}")

@@ -23,11 +23,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxalign import reports, tasks
+from jaxalign.workdirs import DONE_FILE
 
 CURVES_FILE = "curves.png"
 STUDY_FILE = "study.md"
 METRICS_FILE = "metrics.jsonl"
-DONE_FILE = "done.json"  # trainer.DONE_FILE (the trainer imports this module, not the other way round)
 RESULTS_FILE = "results.json"  # evaluate.py's
 
 # (panel title, metric names without their train/ or eval/ prefix, log-scale y); a panel is drawn when the stage

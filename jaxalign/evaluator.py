@@ -17,9 +17,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, rated,
+from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, progress, rated,
                       reference as reference_lib, reports, sampling)
 from jaxalign.config_lib import parse_named
+from jaxalign.errors import ConfigError
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
@@ -36,7 +37,7 @@ def prompt_sets(config) -> dict[str, list[str]]:
   p = config.prompts
   if p.harmful_file or p.helpful_file:
     if not (p.harmful_file and p.helpful_file):
-      raise ValueError("config.prompts: give both harmful_file and helpful_file, or neither")
+      raise ConfigError("config.prompts: give both harmful_file and helpful_file, or neither")
     return {"harmful": prompts_lib.load_prompt_file(p.harmful_file),
             "helpful": prompts_lib.load_prompt_file(p.helpful_file)}
   return prompts_lib.paper_prompt_sets(p.source, n_harmful=p.n_harmful, n_helpful=p.n_helpful,
@@ -63,8 +64,8 @@ def judge_thresholds(config, names: list[str]) -> dict[str, dict[str, float]]:
     except ValueError:
       harmless = helpful = None
     if harmless is None or name not in names:
-      raise ValueError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
-                       f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
+      raise ConfigError(f"config.metrics.judge_thresholds: expected name=harmless:helpful for one of the judges "
+                        f"{names}, e.g. {names[-1]}=0:0; got {name}={value}")
     out[name] = {"harmless_threshold": harmless, "helpful_threshold": helpful}
   return out
 
@@ -80,7 +81,9 @@ def generate(config, models: dict[str, str], prompts: dict[str, list[str]]) -> d
     chat = config.generation.chat_template
     if chat:
       tokenize.set_chat_template(tokenizer, chat)
+    bar = progress.Progress("generating", name, sum(len(prompts[s]) for s in SETS))
     for set_name in SETS:
+      bar.start(set_name)
       texts, stops = [p + suffix for p in prompts[set_name]], tuple(config.generation.stop_strings)
       if chat:  # the turns rendered by the template; answers end at its end-of-turn token
         texts, end_of_turn = tokenize.render_prompts(tokenizer, prompts[set_name])
@@ -92,6 +95,8 @@ def generate(config, models: dict[str, str], prompts: dict[str, list[str]]) -> d
           seed=config.seed, max_prompt_length=config.generation.max_prompt_length,
           sharding=parallel.batch_sharding(mesh), add_special_tokens=not chat)
       answers[name][set_name] = [{"prompt": p, "response": r} for p, r in zip(prompts[set_name], generations.texts)]
+      bar.done(set_name, len(prompts[set_name]))
+    bar.close()
     del model
   return answers
 
@@ -105,12 +110,16 @@ def score_answers(answers: dict[str, dict[str, list[dict]]], prompts: dict[str, 
   records: dict[str, dict[str, list[dict]]] = {}
   for name, sets in answers.items():
     records[name] = {}
+    bar = progress.Progress("judging", name, sum(len(items) for items in sets.values()))
     for set_name, items in sets.items():
+      bar.start(set_name)
       scores = judge_of[set_name].score([a["prompt"] for a in items], [a["response"] for a in items])
+      bar.done(set_name, len(items))
       records[name][set_name] = [{**a, "score": float(s)} for a, s in zip(items, scores)]
       for record, reference in zip(records[name][set_name], reference_scores.get(set_name, ())):
         record["reference_score"] = float(reference)
       log.info("%s / %s: mean score %.3f", name, set_name, float(np.mean(scores)))
+    bar.close()
   return records
 
 
@@ -153,7 +162,7 @@ def preference_report(config, models: dict[str, str], judge_of: dict[str, judges
   out: dict[str, Any] = {"pairs": len(pairs), **judge_preference_accuracy(judge_of, pairs)}
   for name, reference_name in parse_named(pref.references, "preference.references").items():
     if name not in models or reference_name not in models:
-      raise ValueError(f"config.preference.references: {name!r} and {reference_name!r} must both be in config.models")
+      raise ConfigError(f"config.preference.references: {name!r} and {reference_name!r} must both be in config.models")
     policy, tokenizer = load_policy(models[name], "float32")
     reference, _ = load_policy(models[reference_name], "float32")
     out[f"implicit_reward_accuracy/{name}"] = implicit_reward_accuracy(policy, reference, tokenizer, pairs, config)
@@ -176,7 +185,7 @@ def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
   parallel.enable_compilation_cache(config.compilation_cache, pipeline.default_cache_dir())
   models = parse_named(config.models, "models")
   if not models:
-    raise ValueError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")
+    raise ConfigError("config.models is empty: give name=path items, e.g. base=facebook/opt-350m,sft=runs/sft")
   prompts = prompt_sets(config)
   answers = generate(config, models, prompts)
   set_heads = parse_named(config.judge_heads, "judge_heads")
@@ -217,16 +226,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if preference:
     results["preference"] = preference
   os.makedirs(workdir, exist_ok=True)
-  key_path = config.annotation_key or os.path.join(workdir, annotate.KEY_FILE)
-  if config.human_annotations:  # read before the page and key below are (re)written
+  if config.human_annotations:
     files = [f.strip() for f in config.human_annotations.split(",") if f.strip()]
+    key_path = config.annotation_key or annotate.key_path(config.rated_responses, workdir)
     results["human"] = annotate.human_report(annotate.read_annotations(files, key_path),
                                              n_bootstrap=config.metrics.n_bootstrap, seed=config.seed)
   pairs = list(parse_named(config.annotation_pairs, "annotation_pairs").items()) or None
-  annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed)
-  reports.write_reports(results, workdir)
+  # From rated responses (reading answers back, or reporting again) a page and key already there are kept.
+  written = annotate.write_annotation_files(by_judge[primary], workdir, pairs=pairs, seed=config.seed,
+                                           keep_existing=bool(config.rated_responses))
+  written.update(reports.write_reports(results, workdir))
+  written["study"] = curves.refresh_study_summary(workdir)
+  reports.print_locations(written)
   reports.print_table(results)
-  curves.refresh_study_summary(workdir)
   if config.push_to_hub:
     hub_push.push_results(workdir, config.push_to_hub, private=config.hub_private)
   return results

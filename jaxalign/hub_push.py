@@ -29,6 +29,11 @@ RESULTS_FILE = "results.json"  # evaluate.py's
 PROJECT_URL = "https://arxiv.org/abs/2509.09055"
 
 
+def _sentence_start(text: str) -> str:
+  """`text` with its first letter upper case and the rest as written (str.capitalize would lower "DPO")."""
+  return text[:1].upper() + text[1:]
+
+
 def check_repo_id(repo_id: str, field: str) -> None:
   """Fails before any training when `field` (a dotted config name) holds no valid Hub repo id."""
   try:
@@ -141,7 +146,7 @@ def stage_card(config, workdir: str, repo_id: str, done: dict[str, Any]) -> Mode
       f"a random initialisation of `{config.model.preset}`"
   held_out = {k: v for k, v in done.items() if k.startswith("eval/")}
   lines = [f"# {repo_id.split('/')[-1]}",
-           f"{spec.description[0].upper()}{spec.description[1:]} of a model of the `{family.model_type}` family "
+           f"{_sentence_start(spec.description)} of a model of the `{family.model_type}` family "
            f"with [jaxalign]({PROJECT_URL}) (JAX/Flax), exported in Hugging Face format.",
            "## Training",
            f"- **Starts from:** {starts}",

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxalign.errors import DataError
+
 
 def read(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
   """("<path> line <n>", value) for every non-blank line; raises ValueError naming the line that is not JSON."""
@@ -19,7 +21,7 @@ def read(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
       try:
         yield where, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
+        raise DataError(f"{where}: not valid JSON ({e})") from e
 
 
 def write(records: Iterable[Mapping], path: str | os.PathLike) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import config_lib, shapes, workdirs
+from jaxalign.errors import ConfigError
 from jaxalign.models import deberta, hub, registry, reward
 
 DEFAULT_JUDGE = "OpenAssistant/reward-model-deberta-v3-large-v2"
@@ -217,10 +218,10 @@ def _check_scoring_head(name_or_path: str, model_dir: str, hf_config: dict) -> N
     return
   backbone = ("model.", "decoder.", "deberta.")
   others = sorted(n for n in names if not n.startswith(backbone)) or ["only backbone tensors"]
-  raise ValueError(f"{name_or_path!r} cannot be a judge: it has no trained scoring head (no {head!r} tensor). Found "
-                   f"architectures {hf_config.get('architectures')} with {len(names)} tensors, outside the backbone "
-                   f"{others[:5]}. Give a reward model: a sequence classifier such as {DEFAULT_JUDGE!r}, or one "
-                   "trained with configs/reward.py")
+  raise ConfigError(f"{name_or_path!r} cannot be a judge: it has no trained scoring head (no {head!r} tensor). Found "
+                    f"architectures {hf_config.get('architectures')} with {len(names)} tensors, outside the backbone "
+                    f"{others[:5]}. Give a reward model: a sequence classifier such as {DEFAULT_JUDGE!r}, or one "
+                    "trained with configs/reward.py")
 
 
 def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None, **kwargs) -> Judge:
@@ -234,8 +235,8 @@ def load_judge(name_or_path: str = DEFAULT_JUDGE, *, revision: str | None = None
     return DebertaJudge.from_pretrained(model_dir, **kwargs)
   if model_type in registry.FAMILIES:
     return RewardModelJudge.from_pretrained(model_dir, **kwargs)
-  raise ValueError(f"No judge for model_type {model_type!r} in {model_dir!r}; supported: 'deberta-v2', "
-                   f"{', '.join(repr(t) for t in sorted(registry.FAMILIES))} (our reward models)")
+  raise ConfigError(f"No judge for model_type {model_type!r} in {model_dir!r}; supported: 'deberta-v2', "
+                    f"{', '.join(repr(t) for t in sorted(registry.FAMILIES))} (our reward models)")
 
 
 # --------------------------------------------------------------------------------- several judges, per prompt set
@@ -258,7 +259,7 @@ def load_set_judges(name_or_path: str, sets: Sequence[str], set_heads: dict[str,
   if isinstance(judge, RewardModelJudge) and len(judge.heads) > 1:
     missing = [s for s in sets if s not in set_heads]
     if missing:
-      raise ValueError(f"{name_or_path}: a reward model with heads {judge.heads} needs a head for the prompt sets "
-                       f"{missing} (config judge_heads, e.g. harmful=harmless,helpful=helpful)")
+      raise ConfigError(f"{name_or_path}: a reward model with heads {judge.heads} needs a head for the prompt sets "
+                        f"{missing} (config judge_heads, e.g. harmful=harmless,helpful=helpful)")
     return {s: judge.for_head(set_heads[s]) for s in sets}
   return dict.fromkeys(sets, judge)

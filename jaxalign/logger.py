@@ -87,6 +87,11 @@ class MetricLogger:
     if step % self.log_every == 0 or step == self.total_steps:
       self._flush(step)
 
+  def flush(self, step: int) -> None:
+    """Writes the record of the steps accounted since the last record, if any (a stop between logging steps)."""
+    if self._window["steps"]:
+      self._flush(step)
+
   def _flush(self, step: int) -> None:
     window = self._window
     elapsed = max(time.perf_counter() - self._window_start, 1e-9)

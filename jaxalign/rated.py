@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from jaxalign import jsonl
+from jaxalign.errors import DataError, MissingInput
 from jaxalign.metrics import PROMPT_SETS, check_record
 
 # The paper's file-name stems for its models, where ours differ.
 PAPER_MODEL_NAMES = {"sftdpo": "sft+dpo"}
 _PAPER_FILE = re.compile(r"^(?:(?P<order>\d+)_)?(?P<model>.+)_(?P<set>harmful|helpful)\.json$")
 _OUR_FILE = re.compile(r"^responses-(?P<model>.+)\.jsonl$")
+RESULTS_FILE = "results.json"  # written by `reports.write_reports` beside the responses
 _EXPECTED_NAMES = "<order>_<model>_<harmful|helpful>.json (the paper's) or responses-<model>.jsonl (ours)"
 
 Records = list[dict[str, Any]]
@@ -46,10 +48,10 @@ def _read_paper_file(path: Path) -> list[tuple[str, str, Records]]:
   try:
     items = json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
+    raise DataError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(items, list) or not items:
     got = "an empty list" if items == [] else f"a JSON {type(items).__name__}"
-    raise ValueError(f"{path}: expected a non-empty JSON list of {{prompt, response, rating}} objects, got {got}")
+    raise DataError(f"{path}: expected a non-empty JSON list of {{prompt, response, rating}} objects, got {got}")
   return [(model, name["set"], [_record(item, f"{path} record {i}", "rating") for i, item in enumerate(items)])]
 
 
@@ -58,14 +60,14 @@ def _read_our_file(path: Path) -> list[tuple[str, str, Records]]:
   groups: dict[tuple[str, str], Records] = {}
   for where, item in jsonl.read(path):
     if not isinstance(item, dict):
-      raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+      raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if not isinstance(item.get("model"), str) or not item["model"]:
-      raise ValueError(f"{where}: field 'model' must be a non-empty string, got {item.get('model')!r}")
+      raise DataError(f"{where}: field 'model' must be a non-empty string, got {item.get('model')!r}")
     if item.get("set") not in PROMPT_SETS:
-      raise ValueError(f"{where}: field 'set' must be one of {list(PROMPT_SETS)}, got {item.get('set')!r}")
+      raise DataError(f"{where}: field 'set' must be one of {list(PROMPT_SETS)}, got {item.get('set')!r}")
     groups.setdefault((item["model"], item["set"]), []).append(_record(item, where, "score"))
   if not groups:
-    raise ValueError(f"{path}: no records")
+    raise DataError(f"{path}: no records")
   return [(model, set_name, records) for (model, set_name), records in groups.items()]
 
 
@@ -80,14 +82,14 @@ def _rated_files(path: Path) -> list[Path]:
   """The rated-response files at `path` (a folder or one file), in model order."""
   if path.is_file():
     if not (_PAPER_FILE.match(path.name) or _OUR_FILE.match(path.name)):
-      raise ValueError(f"{path}: not a rated-responses file; expected a name like {_EXPECTED_NAMES}")
+      raise DataError(f"{path}: not a rated-responses file; expected a name like {_EXPECTED_NAMES}")
     return [path]
   if not path.is_dir():
-    raise FileNotFoundError(f"{path}: no such file or folder")
+    raise MissingInput(f"{path}: no such file or folder")
   files = [f for f in path.iterdir() if f.is_file() and (_PAPER_FILE.match(f.name) or _OUR_FILE.match(f.name))]
   if not files:
-    raise FileNotFoundError(f"{path}: no rated-response files; expected names like {_EXPECTED_NAMES} "
-                            "(for the paper's data, point at its data/responses folder)")
+    raise MissingInput(f"{path}: no rated-response files; expected names like {_EXPECTED_NAMES} "
+                       "(for the paper's data, point at its data/responses folder)")
   return sorted(files, key=_file_order)
 
 
@@ -95,7 +97,8 @@ def load_rated_responses(path_or_folder: str | os.PathLike) -> dict[str, dict[st
   """Rated responses by model and prompt set: {model: {"harmful": records, "helpful": records}}.
 
   `path_or_folder`: a folder holding rated-response files (the paper's or ours, see the module doc) or one such
-  file. Raises ValueError naming the file, record and field for a malformed record, and naming both files when
+  file. Models come in the order of the evaluation that wrote them (`evaluation_order`), else in file order.
+  Raises ValueError naming the file, record and field for a malformed record, and naming both files when
   two hold the same model's answers to the same set.
   """
   sources: dict[tuple[str, str], Path] = {}
@@ -104,8 +107,22 @@ def load_rated_responses(path_or_folder: str | os.PathLike) -> dict[str, dict[st
     reader = _read_paper_file if _PAPER_FILE.match(path.name) else _read_our_file
     for model, set_name, records in reader(path):
       if (model, set_name) in sources:
-        raise ValueError(f"{path}: model {model!r} set {set_name!r} is also in {sources[model, set_name]}; "
-                         "keep one of the two files")
+        raise DataError(f"{path}: model {model!r} set {set_name!r} is also in {sources[model, set_name]}; "
+                        "keep one of the two files")
       sources[model, set_name] = path
       by_model.setdefault(model, {})[set_name] = records
-  return by_model
+  order = evaluation_order(Path(path_or_folder))
+  return dict(sorted(by_model.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def evaluation_order(folder: Path) -> list[str]:
+  """The order of the models in the evaluation that wrote `folder` (its results.json), or [] when there is none:
+  our response files are read back in that order, so tables, comparisons and the annotation key keep it."""
+  results = folder / RESULTS_FILE
+  if not folder.is_dir() or not results.is_file():
+    return []
+  try:
+    models = json.loads(results.read_text(encoding="utf-8")).get("models", {})
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise DataError(f"{results}: not the results.json of an evaluation ({e})") from e
+  return list(models)

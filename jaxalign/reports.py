@@ -75,6 +75,17 @@ def table1(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
   return header, rows
 
 
+def table1_notes(results: dict[str, Any]) -> str:
+  """What Table 1's columns beyond the rates mean."""
+  notes = ("Mean score: the judge's mean score of the responses to each prompt set. Empty %: % of responses that are "
+           "empty or whitespace only (the model ended at once, or wrote only text the stop strings cut); the judge "
+           "still scores them.")
+  if any(f"win_rate_{s}" in m["metrics"] for m in results["models"].values() for s in PROMPT_SETS):
+    notes += (" Win % vs reference: % of prompts whose response the judge scores above the dataset's own chosen "
+              "answer to that prompt (ties count half); 50 = as good as the data set's answers.")
+  return notes
+
+
 def table2(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
   """Table 2 as (header, rows): each non-baseline model's gain over the baseline, e.g. "+200.00%"."""
   header = ["Model", *(f"{METRIC_NAMES[k]} gain" for k in GAIN_METRICS)]
@@ -105,6 +116,33 @@ def print_table(results: dict[str, Any], file: TextIO | None = None) -> None:
   print(format_table(results), file=file or sys.stdout)
 
 
+# The kinds of files an evaluation writes, as `format_locations` lists them: (label, keys of the paths, what for).
+LOCATIONS = (("report", ("markdown", "json"), "the tables, explained; the numbers"),
+             ("plots", ("metrics_plot", "scores_plot", "comparisons_plot"), ""),
+             ("responses", ("responses",), "every answer with its scores"),
+             ("human evaluation", ("page", "key"), "the page for annotators; its key reads their answers back"),
+             ("study", ("study",), "the study's summary, with this Table 1"))
+
+
+def format_locations(paths: dict[str, Any]) -> str:
+  """Where an evaluation's files are, a line per kind (see LOCATIONS): `paths` holds `write_reports`' paths, the
+  annotation page's ("page", "key") and a refreshed study summary ("study"); missing or None ones are left out."""
+  lines = []
+  for label, keys, purpose in LOCATIONS:
+    found = [Path(p) for key in keys for p in (paths.get(key) if isinstance(paths.get(key), list)
+                                               else [paths.get(key)]) if p]
+    if found:
+      folder = found[0].parent
+      names = ", ".join(p.name if p.parent == folder else str(p) for p in found)
+      lines.append(f"{label}: {names} in {folder}" + (f" ({purpose})" if purpose else ""))
+  return "\n".join(lines)
+
+
+def print_locations(paths: dict[str, Any], file: TextIO | None = None) -> None:
+  """Prints `format_locations(paths)` (to stdout unless `file` is given)."""
+  print(format_locations(paths), file=file or sys.stdout)
+
+
 def render_markdown(results: dict[str, Any]) -> str:
   """results.md: settings, Table 1, Table 2 (when there is a baseline) and the plots."""
   config = results["config"]
@@ -117,6 +155,7 @@ def render_markdown(results: dict[str, Any]) -> str:
       "CAS resampled jointly with HmR and HpR).",
       "## Table 1: metrics per model",
       markdown_table(*table1(results)),
+      table1_notes(results),
   ]
   if config["baseline"] is not None:
     parts += [f"## Table 2: relative gain over {config['baseline']!r}",
@@ -124,11 +163,12 @@ def render_markdown(results: dict[str, Any]) -> str:
               markdown_table(*table2(results))]
   parts += _comparison_sections(results)
   if results.get("preference"):
+    preference = results["preference"]
     parts += ["## Held-out preference accuracy",
-              "% of held-out preference pairs ranked as the dataset does: by the judge (chosen scored above "
-              "rejected), and by each DPO model's implicit reward against its reference.",
-              markdown_table(["Measure", "Value"], [[k, f"{v:.1f}" if k != "pairs" else str(v)]
-                                                     for k, v in results["preference"].items()])]
+              f"% of {preference['pairs']} held-out preference pairs ranked as the dataset does: by the judge "
+              "(chosen scored above rejected), and by each DPO model's implicit reward against its reference.",
+              markdown_table(["Measure", "Pairs ranked as the dataset does %"],
+                             [[k, f"{v:.1f}"] for k, v in preference.items() if k != "pairs"])]
   parts += _judge_sections(results) + _human_sections(results)
   parts += ["## Plots", "![HmR, HpR and CAS per model](metrics.png)",
             "![Judge scores per model](scores.png)"]

@@ -8,15 +8,18 @@ the outcome, so either every host starts or every host fails. Across machines th
 `flock` (local disks; NFSv4 and Lustre mounted with flock support); where it is not enforced across machines, the
 holder line still says who else wrote there.
 
-Preemption: `StopSignals` turns the first SIGTERM (what cloud schedulers and SLURM send before killing) or SIGINT
-(Ctrl-C) into a request the training loop polls with `should_stop`: it finishes the current step, saves a
-checkpoint and raises `Preempted`, whose exit status (`PREEMPTED_EXIT_CODE`) tells a scheduler "resume me". A second
-signal exits at once. In a multi-host run every process polls at the same steps (every `check_every`) and the
-processes exchange their flags there, so all stop after the same step.
+Preemption: `StopSignals` holds SIGTERM (what cloud schedulers and SLURM send before killing) and SIGINT (Ctrl-C)
+for the whole stage. In the training loop the first one is a request the loop polls with `should_stop`: it finishes
+the current step, saves a checkpoint and raises `Preempted`, whose exit status (`PREEMPTED_EXIT_CODE`) tells a
+scheduler "resume me". Outside the loop (data, model, reference pass, compilation, export), and for a second signal,
+`Preempted` is raised at once, with a line saying what was stopped and which checkpoint is committed. In a
+multi-host run every process polls at the same steps (every `check_every`) and the processes exchange their flags
+there, so all stop after the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -24,7 +27,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 # EX_TEMPFAIL from sysexits.h: a temporary failure, to be retried (a resumable stop), unlike a crash or a kill.
 PREEMPTED_EXIT_CODE = 75
+# EX_IOERR from sysexits.h: a checkpoint could not be written; the run resumes from its last saved step once the
+# folder can be written again.
+SAVE_FAILED_EXIT_CODE = 74
 
 
 class WorkdirBusyError(RuntimeError):
@@ -107,29 +115,67 @@ def lock_workdir(workdir: str) -> WorkdirLock:
   return WorkdirLock(fd)
 
 
-class StopSignals:
-  """While entered, the first SIGTERM or SIGINT requests a stop (see `should_stop`); a second one exits at once.
+def exit_now(message: str, code: int) -> None:
+  """Logs `message` as an error, flushes the logs and standard streams, and ends the process with `code` at once.
 
-  Handlers can only be installed from the main thread; elsewhere (a training run started from a worker thread) the
-  signals keep their previous behaviour and a warning says so.
+  For a checkpoint save that failed in Orbax's background threads: Orbax leaves a non-daemon thread waiting for a
+  signal from the failed save that never comes, and Python's normal exit (SystemExit, or returning from main) joins
+  every non-daemon thread, so the process would wait for ever (a scheduler then waits out its wall-time limit). A
+  thread cannot be cancelled from Python, hence `os._exit`, which skips the join (and `atexit` handlers and
+  `finally` blocks: the caller closes its own files first). The workdir lock goes with the process.
+  """
+  log.error("%s", message)
+  for handler in logging.getLogger().handlers + log.handlers:
+    handler.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+class StopSignals:
+  """While entered (a whole stage: data, model, reference pass, compilation, training, export), SIGTERM and SIGINT
+  stop the stage with `Preempted` (exit status 75, no traceback), saying what was stopped and what was kept.
+
+  Inside `polling()` (the training loop) the first signal is a request the loop polls with `should_stop`: it
+  finishes the current step, saves a checkpoint and stops. Anywhere else, and for a second signal, the handler raises
+  `Preempted` at once. `phase` names what the stage is doing (set by the trainer); `kept()` says what a rerun
+  resumes from (the newest committed checkpoint), read when the signal comes. Handlers can only be installed from the
+  main thread; elsewhere (a training run started from a worker thread) the signals keep their previous behaviour and
+  a warning says so. In a multi-host run a signal outside the loop stops only the processes it reaches (schedulers
+  signal every host).
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self, check_every: int = 1):
+  def __init__(self, check_every: int = 1, kept: Callable[[], str] = lambda: "nothing was saved"):
     self.check_every = max(1, check_every)
+    self.kept = kept
+    self.phase = "starting the stage"
     self.received: str | None = None
+    self._polling = False
     self._previous: dict[int, object] = {}
 
   def _handle(self, signum, frame) -> None:
     name = signal.Signals(signum).name
-    if self.received is not None:
-      log.warning("second signal (%s): exiting now, without a checkpoint", name)
-      self._restore()
-      raise KeyboardInterrupt(f"{name} received twice")
-    self.received = name
-    log.warning("%s received: finishing the current step, then saving a checkpoint and stopping (send it again to "
-                "exit at once)", name)
+    if self.received is None and self._polling:
+      self.received = name
+      log.warning("%s received: finishing the current step, then saving a checkpoint and stopping (send it again to "
+                  "exit at once)", name)
+      return
+    what = f"second signal ({name})" if self.received is not None else name
+    message = f"stopped by {what} while {self.phase}: {self.kept()}; rerun the same command to resume"
+    log.warning(message)
+    self._restore()
+    raise Preempted(message)
+
+  @contextlib.contextmanager
+  def polling(self, phase: str):
+    """Within: the first signal is a request polled by `should_stop` (the training loop's steps end cleanly)."""
+    self.phase, self._polling = phase, True
+    try:
+      yield self
+    finally:
+      self._polling = False
 
   def __enter__(self) -> StopSignals:
     if threading.current_thread() is not threading.main_thread():

@@ -10,6 +10,7 @@ none or its log-probs travel with the batch), and applies the averaged gradients
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -179,3 +180,13 @@ def training_flops(model: nnx.Module, reference):
   arch = model.config
   extra = 1 if reference.runs_forward else 0
   return lambda seq_len, tokens, scored: flops.training_flops(arch, seq_len, tokens, scored, extra_forwards=extra)
+
+
+def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
+  """Raises FloatingPointError, saying what the last verified checkpoint holds, when the step's loss is not finite."""
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    kept = (f"the last checkpoint, step {last_checkpoint}, was verified (checksums recorded, all values finite)"
+            if last_checkpoint is not None else "no verified checkpoint exists")
+    raise FloatingPointError(f"non-finite loss ({loss}) at step {step}; stopping. {kept}. Lower optimizer.lr, "
+                             "check the data, or use model.dtype=float32.")

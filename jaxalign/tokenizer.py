@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from jaxalign.errors import MissingInput
+
 log = logging.getLogger(__name__)
 
 # OPT's special tokens and their ids, shared by the real tokenizer and the tiny one we train.
@@ -30,14 +32,14 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None):
   if os.path.isdir(name_or_path) and not any(os.path.exists(os.path.join(name_or_path, name))
                                              for name in _TOKENIZER_FILES):
     # transformers would build an empty tokenizer from a folder with a config.json only.
-    raise OSError(f"{name_or_path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}); set config.tokenizer "
-                  "to the folder or Hub id of the model's tokenizer")
+    raise MissingInput(f"{name_or_path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}); set config.tokenizer "
+                       "to the folder or Hub id of the model's tokenizer")
   try:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
   except OSError as e:
-    raise OSError(
+    raise MissingInput(
         f"Could not load a tokenizer from {name_or_path!r}: expected a Hugging Face Hub id (needs network access) "
-        f"or a folder holding tokenizer.json / tokenizer_config.json. ({e})"
+        f"or a folder holding tokenizer.json / tokenizer_config.json. ({(str(e).splitlines() or [''])[0]})"
     ) from e
   if tokenizer.eos_token_id is None:
     raise ValueError(f"Tokenizer {name_or_path!r} has no eos_token; responses need one to end.")

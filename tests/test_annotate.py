@@ -4,12 +4,11 @@
 import json
 import os
 import shutil
-import time
 
 import pytest
 
 from configs import eval as eval_config
-from jaxalign import annotate, evaluator
+from jaxalign import annotate, evaluator, metrics, rated, reports
 
 MODELS = ("model-alpha-7q", "model-beta-3z")  # names that cannot occur in the texts by chance
 N_PROMPTS = 3  # per prompt set: 6 items for the one pair
@@ -97,6 +96,36 @@ def test_reader_win_rates_and_agreement_by_hand(tmp_path):
     annotate.read_annotations([wrong], paths["key"])
 
 
+def an_evaluation(folder, order):
+  """What evaluate.py leaves in its workdir, with the models in `order` (its config.models): results, responses in
+  files named after the models, the page and its key."""
+  records = {m: rated_records()[m] for m in order}
+  reports.write_reports(metrics.metrics_from_rated(records, baseline=None, n_bootstrap=50), folder)
+  annotate.write_annotation_files(records, folder)
+  return folder
+
+
+def test_reading_answers_back_keeps_the_page_the_key_and_the_models_order(tmp_path):
+  order = MODELS[::-1]  # not the order of the response files' names
+  workdir = an_evaluation(tmp_path / "eval", order)
+  assert list(rated.load_rated_responses(workdir)) == list(order)
+  page, key = (workdir / annotate.PAGE_FILE).read_bytes(), (workdir / annotate.KEY_FILE).read_bytes()
+  key_data = json.loads(key)
+  answers = tmp_path / "ada.json"
+  answers.write_text(json.dumps({"format": annotate.ANSWERS_FORMAT, "page_id": key_data["page_id"],
+                                 "annotator": "Ada", "answers": [{"id": "item-0001", "choice": "A"}]}))
+  c = eval_config.get_config()
+  c.rated_responses, c.human_annotations, c.metrics.n_bootstrap, c.metrics.baseline = str(workdir), str(answers), 50, ""
+  for _ in range(2):  # the same command twice: the page annotators hold stays readable
+    results = evaluator.run(c, str(workdir))
+    assert (workdir / annotate.PAGE_FILE).read_bytes() == page and (workdir / annotate.KEY_FILE).read_bytes() == key
+    assert list(results["models"]) == list(order) and results["human"]["page_id"] == key_data["page_id"]
+  assert list(json.loads((workdir / "results.json").read_text())["models"]) == list(order)
+  # Read back into another folder: the key is found beside the responses it was made from.
+  results = evaluator.run(c, str(tmp_path / "elsewhere"))
+  assert results["human"]["page_id"] == key_data["page_id"]
+
+
 # ------------------------------------------------------------------------------------------------ in a browser
 
 def _browser(download_dir):
@@ -122,6 +151,8 @@ def _browser(download_dir):
 def test_annotating_in_a_browser_feeds_the_evaluator(tmp_path):
   from selenium.webdriver.common.by import By
   from selenium.webdriver.common.keys import Keys
+  from selenium.webdriver.support import expected_conditions
+  from selenium.webdriver.support.ui import WebDriverWait
 
   rated = write_rated(tmp_path / "rated")
   workdir = tmp_path / "eval"
@@ -136,6 +167,12 @@ def test_annotating_in_a_browser_feeds_the_evaluator(tmp_path):
   try:
     driver.get((workdir / annotate.PAGE_FILE).as_uri())
     text = lambda element_id: driver.find_element(By.ID, element_id).text
+    # The page answers events in its own time: every check waits for the state it expects (Selenium's explicit
+    # waits poll until it shows, up to a generous limit), never for a fixed time.
+    wait = WebDriverWait(driver, 60)
+
+    def wait_for_progress(expected):
+      wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "progress-text"), expected))
     # The model each item should win (a / b / tie / both bad), answered in page order: 3 by clicks, a reload,
     # then the rest by keys.
     plan = ["a", "b", "tie", "a", "both_bad", "a"]
@@ -149,7 +186,7 @@ def test_annotating_in_a_browser_feeds_the_evaluator(tmp_path):
 
     def check_shows(item_index):
       entry = key["items"][item_index]
-      assert f"Item {item_index + 1} of 6" in text("progress-text")
+      wait_for_progress(f"Item {item_index + 1} of 6")
       assert text("left").endswith(f"by {MODELS.index(entry['left'])}")
       assert text("right").endswith(f"by {MODELS.index(entry['right'])}")
       assert text("prompt") == f"Human: {entry['set']} question {entry['prompt_index']} <b>&amp;</script>?"
@@ -158,28 +195,29 @@ def test_annotating_in_a_browser_feeds_the_evaluator(tmp_path):
       check_shows(i)
       side = choice(plan[i], key["items"][i])
       driver.find_element(By.CSS_SELECTOR, f"button.choice[data-choice='{buttons[side]}']").click()
-    assert "3 answered" in text("progress-text")
+      wait_for_progress(f"{i + 1} answered")
     driver.refresh()  # closed and reopened: the answers and the position survive
-    assert "Item 4 of 6 · 3 answered" in text("progress-text")
+    wait_for_progress("Item 4 of 6 · 3 answered")
     body = driver.find_element(By.TAG_NAME, "body")
     body.send_keys(Keys.ARROW_LEFT)  # back to item 3: its answer is highlighted
-    selected = driver.find_element(By.CSS_SELECTOR, "button.choice.selected").get_attribute("data-choice")
-    assert selected == choice(plan[2], key["items"][2])
+    wait_for_progress("Item 3 of 6")
+    selected = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "button.choice.selected")))
+    assert selected.get_attribute("data-choice") == choice(plan[2], key["items"][2])
     body.send_keys(Keys.ARROW_RIGHT)
     for i in range(3, 6):
       check_shows(i)
       body.send_keys(keys[choice(plan[i], key["items"][i])])
-    assert "6 answered" in text("progress-text") and driver.find_element(By.ID, "done").is_displayed()
+      wait_for_progress(f"{i + 1} answered")
+    wait.until(expected_conditions.visibility_of_element_located((By.ID, "done")))
     name = driver.find_element(By.ID, "annotator")
     name.send_keys("Ada")
     driver.save_screenshot(str(tmp_path / "annotate.png"))
     if os.environ.get("JAXALIGN_SCREENSHOT"):
       shutil.copyfile(tmp_path / "annotate.png", os.environ["JAXALIGN_SCREENSHOT"])
+    wait.until(lambda _: name.get_attribute("value") == "Ada")
     driver.find_element(By.ID, "download").click()
-    deadline = time.time() + 20
-    while not list(downloads.glob("annotations-*.json")) and time.time() < deadline:
-      time.sleep(0.2)
-    (downloaded,) = downloads.glob("annotations-*.json")
+    # Chromium writes a download under a temporary name and renames it when complete.
+    (downloaded,) = wait.until(lambda _: list(downloads.glob("annotations-*.json")))
   finally:
     driver.quit()
 

@@ -146,6 +146,36 @@ def test_chat_compare_shows_two_answers(model_dirs, tmp_path):
     check_against_generate(model_dir, answers[name])
 
 
+def test_a_pasted_message_is_one_message_and_settings_are_checked_when_set(model_dirs, tmp_path):
+  transcript = tmp_path / "paste.json"
+  positions = hub.from_pretrained(model_dirs[0]).config.max_position_embeddings
+  child = spawn([model_dirs[0], "--temperature", "0", "--max_new_tokens", str(SHORT)], tmp_path)
+  say(child, f"/max_new_tokens {positions}")  # refused when set, naming the limit
+  child.expect_exact(f"give at most {positions - 1}")
+  say(child, "/settings")
+  child.expect_exact(f"max_new_tokens {SHORT},")  # unchanged
+  child.expect_exact("alpha: ")
+  # A paste of two lines, as a terminal in bracketed-paste mode sends it, then Enter: one message.
+  child.expect_exact("you> ")
+  child.send(chat.PASTE_START + "First line.\nSecond line." + chat.PASTE_END)
+  child.send("\r")
+  child.expect_exact("alpha: ")
+  say(child, f"/save {transcript}")
+  child.expect_exact("[saved to")
+  say(child, "/quit")
+  child.expect(pexpect.EOF)
+  messages = json.loads(transcript.read_text())["models"]["alpha"]["messages"]
+  assert [m["role"] for m in messages] == ["user", "assistant"]
+  assert messages[0]["content"] == "First line.\nSecond line."
+  assert messages[1]["prompt"] == "\n\nHuman: First line.\nSecond line.\n\nAssistant:"
+
+
+def test_read_message_joins_a_bracketed_paste():
+  lines = iter([chat.PASTE_START + "one", "two", "three" + chat.PASTE_END, "next"])
+  assert chat.read_message(lambda prompt: next(lines)) == "one\ntwo\nthree"
+  assert chat.read_message(lambda prompt: next(lines)) == "next"
+
+
 def test_visible_text_holds_back_a_possible_stop_string():
   stops = ("\n\nHuman:",)
   assert chat.visible_text("Sure, here", stops) == "Sure, here"

@@ -289,3 +289,41 @@ def test_checksums_see_every_bit_and_ignore_the_sharding():
   checksums, _ = checkpoint.state_checksums(bf16)
   assert set(checksums) == {"['b']", "['i']", "['k']", "['m']"}
   assert checkpoint.state_checksums({"b": jnp.full(4, jnp.nan, jnp.bfloat16), "i": jnp.arange(3)})[1] == ["['b']"]
+
+
+# --------------------------------------------------------------------------------------- error texts (issue 25)
+
+
+def dataclass_state(step: int) -> TrainState:
+  """A state whose structure Orbax cannot guess without the step's metadata (a registered dataclass, as training's)."""
+  return TrainState(jnp.asarray(step, jnp.int32), {"w": jnp.asarray(random_state(step)["w"])}, (), jax.random.key(step))
+
+
+def test_a_step_without_its_array_index_is_reported_as_missing_not_as_a_structure_mismatch(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, state=dataclass_state(step), extra={"position": step})
+  os.remove(tmp_path / "2" / "state" / "_METADATA")
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="jaxalign.checkpoint"):
+      step, _, _ = ckpt.restore_latest(abstract_of(dataclass_state(0)))
+  assert step == 1
+  assert f"checkpoint step 2 in {tmp_path} could not be restored (CheckpointIntegrityError: {tmp_path}/2/state/" \
+         "_METADATA is missing (the index of the state item): the step's files were damaged or partly deleted " \
+         "after it was saved)" in caplog.text
+  assert "pytree structure" not in caplog.text
+
+
+def test_when_every_step_is_damaged_the_message_says_so_and_does_not_blame_the_config(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, state=random_state(step), extra={"position": step})
+  for step in (1, 2):
+    _flip_a_bit_in_the_arrays(str(tmp_path / str(step)))
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=None) as ckpt:
+    with pytest.raises(checkpoint.CheckpointRestoreError) as error:
+      ckpt.restore_latest(abstract_of(random_state(0)))
+  assert str(error.value).endswith("Every step failed its integrity check (files damaged or changed since they were "
+                                   "saved; the config is not the cause): restore the folder from a copy, or move it "
+                                   "away to start afresh.")
+  assert "checksum mismatch" in str(error.value) and "config (model, optimizer" not in str(error.value)

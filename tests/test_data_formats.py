@@ -27,14 +27,19 @@ HH_RECORD = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bake bread?
     ({"messages": [msg(USER, "Hi"), msg(ASSISTANT, "Hello")]}, "messages"),
 ])
 def test_format_is_detected_from_fields_and_types(record, expected):
-  assert formats.detect_format([record], "f.jsonl") == expected
+  assert formats.record_format(record) == expected
+  assert formats.detect_formats([record], "f.jsonl") == {expected: 1}
 
 
 def test_ambiguous_or_unknown_fields_name_the_file():
-  with pytest.raises(ValueError, match=r"f\.jsonl: records have both 'messages' and 'chosen'"):
-    formats.detect_format([{"messages": [], "chosen": []}], "f.jsonl")
+  with pytest.raises(ValueError, match=r"f\.jsonl: record 0 has both 'messages' and 'chosen'"):
+    formats.detect_formats([{"messages": [], "chosen": []}], "f.jsonl")
   with pytest.raises(ValueError, match=r"f\.jsonl: records have fields \['answer', 'question'\]"):
-    formats.detect_format([{"question": "q", "answer": "a"}], "f.jsonl")
+    formats.detect_formats([{"question": "q", "answer": "a"}], "f.jsonl")
+  sft = {"messages": [msg(USER, "Hi"), msg(ASSISTANT, "Hello")]}
+  with pytest.raises(ValueError, match=r"f\.jsonl: mixes 2 SFT conversations \('messages' records, e.g. record 1\) "
+                                       r"with 1 preference pairs \('chosen'/'rejected' records, e.g. record 0\)"):
+    formats.detect_formats([HH_RECORD, sft, sft], "f.jsonl")
 
 
 def test_hh_text_becomes_messages_with_the_shared_turns_as_prompt():
@@ -160,3 +165,37 @@ def test_study_smollm2_renders_with_the_chat_template_for_training_and_evaluatio
   evaluation = study_smollm2.get_config("eval")
   assert evaluation.generation.chat_template == "tokenizer" and evaluation.models.startswith(
       f"base={study_smollm2.MODEL},")
+
+
+def test_a_file_mixing_formats_is_read_per_record(tmp_path, caplog):
+  """Issue 25: HH records and {prompt, chosen, rejected} records in one file are all used (text and chat)."""
+  generic = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello", "rejected": " Go away"}
+  path = write_jsonl(str(tmp_path / "train.jsonl"), [HH_RECORD] * 64 + [generic] * 8)
+  with caplog.at_level("INFO", logger="jaxalign"):
+    pairs, report = formats.load_examples(path, chat=False)
+  assert (report.total, report.used, sum(report.skipped.values())) == (72, 72, 0)
+  assert pairs[0].chosen == " Mix flour." and pairs[-1].chosen == " Hello"
+  assert "train.jsonl (hh 64, preference 8): 72 records: 72 used" in caplog.text
+  pairs, report = hh.load_preference_pairs(path)  # the evaluator's and pair scoring's loader
+  assert report.used == 72
+  conversations, report = formats.load_examples(path, chat=True)
+  assert report.used == 72 and conversations[-1].chosen == (msg(ASSISTANT, " Hello"),)
+
+
+def test_sharegpt_messages_are_read_and_other_messages_say_what_a_message_is(tmp_path, caplog):
+  sharegpt = {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
+                                {"from": "gpt", "value": "Hello"}]}
+  (conversation,), _ = formats.conversations_from_records([sharegpt], "f")
+  assert conversation.prompt == (msg("system", "Be kind."), msg(USER, "Hi"))
+  assert conversation.chosen == (msg(ASSISTANT, "Hello"),)
+  bad = {"messages": [{"speaker": "human", "text": "Hi"}]}
+  path = write_jsonl(str(tmp_path / "train.jsonl"), [{"messages": sharegpt["conversations"]}, bad])
+  with caplog.at_level("WARNING", logger="jaxalign"):
+    _, report = formats.load_examples(path, chat=True)
+  assert report.skipped == {formats.NOT_MESSAGES: 1}
+  assert ("records skipped as not_messages, e.g. " + path + "#1: found the message {'speaker': 'human', 'text': "
+          "'Hi'}; a message must be {\"role\": one of ['system', 'user', 'assistant', 'tool'], \"content\": text} "
+          "(or ShareGPT's {\"from\": \"human\" / \"gpt\" / \"system\", \"value\": text})") in caplog.text
+  with pytest.raises(ValueError, match=r"no usable auto record among its 1 records \(.*; not_messages at f#0: found "
+                                       r"str 'hi'; expected a list of messages"):
+    formats.conversations_from_records([{"messages": "hi"}], "f")

@@ -1,6 +1,7 @@
 """evaluate.py's pipeline end to end on tiny random models: generation, judging, metrics, reports; and the judge."""
 
 import json
+import logging
 import os
 
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ def test_opt_reward_judge_scores_the_hh_text_with_the_named_head(setup, tiny_tok
   assert got == pytest.approx(float(want), abs=1e-5)
 
 
-def test_evaluate_writes_every_report(setup):
+def test_evaluate_writes_every_report(setup, caplog, capsys):
   root, data, paths = setup
   c = eval_config.get_config()
   c.models = f"base={paths['base']},tuned={paths['tuned']}"
@@ -76,7 +77,25 @@ def test_evaluate_writes_every_report(setup):
   c.metrics.n_bootstrap = 50
   c.preference.source, c.preference.pairs, c.preference.references = data, 8, "tuned=base"
   out = root / "report"
-  results = evaluator.run(c, str(out))
+  with caplog.at_level(logging.INFO, logger="jaxalign"):
+    results = evaluator.run(c, str(out))
+
+  # Progress: each model's generation and judging, per prompt set (a bar on a terminal, a log line always); then
+  # where every file went, and Table 1 last.
+  for action in ("generating", "judging"):
+    for model in ("base", "tuned"):
+      for set_name, count in (("harmful", 4), ("helpful", 6)):
+        assert f"{action} {model} / {set_name}: {count} prompts in" in caplog.text
+  printed = capsys.readouterr().out
+  assert f"report: results.md, results.json in {out}" in printed
+  assert f"plots: metrics.png, scores.png, comparisons.png in {out}" in printed
+  assert f"human evaluation: annotate.html, annotate-key.json in {out}" in printed
+  assert "responses: responses-base.jsonl, responses-tuned.jsonl" in printed
+  assert printed.rstrip().splitlines()[-1].startswith("tuned")  # the table still ends the output
+  markdown = (out / "results.md").read_text()
+  assert "Empty %: % of responses that are empty" in markdown and "Win % vs reference: % of prompts" in markdown
+  # The held-out preference table holds percentages only; the pair count is in its text.
+  assert "% of 8 held-out preference pairs" in markdown and "| pairs |" not in markdown
 
   for name in ("results.json", "results.md", "responses-base.jsonl", "responses-tuned.jsonl", "annotate.html",
                "annotate-key.json", "comparisons.png"):

@@ -141,3 +141,31 @@ def test_kto_trains_from_unpaired_jsonl(cache_dir, tmp_path):
 def records_of(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
+
+
+def test_unpaired_files_keep_the_data_guarantees(tmp_path, caplog):
+  """Issue 25: a bad JSON line is a counted skip (not an AttributeError), a mostly-skipped file warns loudly, and a
+  source without undesirable (or desirable) examples is refused."""
+  good = [{"prompt": f"Q{i}", "completion": f" a{i}", "label": i % 2 == 0} for i in range(32)]
+  odd = [{"prompt": f"Q{i}", "completion": f" b{i}", "label": "yes"} for i in range(96)]
+  path = tmp_path / "train.jsonl"
+  path.write_text("{not json\n" + "".join(json.dumps(r) + "\n" for r in good + odd))
+  with caplog.at_level("WARNING", logger="jaxalign"):
+    examples, report = unpaired.load_examples(str(path))
+  assert len(examples) == report.used == 32 and report.total == 129
+  assert dict(report.skipped) == {hh.MALFORMED_LINE: 1, unpaired.NOT_A_BOOLEAN: 96}
+  assert "97 of its 129 records (75%, more than data.warn_skipped_share = 50%) were SKIPPED" in caplog.text
+  write_jsonl(path, [r for r in good if r["label"]])
+  with pytest.raises(ValueError, match=r"train.jsonl \(train\): all 16 usable KTO examples are desirable, none is "
+                                       r"undesirable: KTO needs both classes. Add examples with label false"):
+    unpaired.load_examples(str(path))
+
+
+def test_a_file_may_mix_unpaired_records_and_preference_pairs(tmp_path):
+  records = [{"prompt": "Q", "completion": " yes", "label": True},
+             {"chosen": P + " Mix flour.", "rejected": P + " No idea."},
+             {"prompt": "Q2", "chosen": " Knead.", "rejected": " Buy."}]
+  examples, report = unpaired.load_examples(str(write_jsonl(tmp_path / "train.jsonl", records)))
+  assert [(e.completion, e.desirable, e.index) for e in examples] == [
+      (" yes", True, 0), (" Mix flour.", True, 1), (" No idea.", False, 1), (" Knead.", True, 2), (" Buy.", False, 2)]
+  assert (report.total, report.used) == (3, 3)

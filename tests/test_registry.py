@@ -112,7 +112,7 @@ def test_config_validation_knows_every_family():
   from configs import common
 
   c = common.get_config()
-  c.init_from = ""
+  c.init_from, c.tokenizer = "", "Qwen/Qwen3-0.6B"
   c.model.preset = "qwen3-0.6b"
   config_lib.validate(c)
   c.model.preset = "qwen-9"

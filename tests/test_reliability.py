@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from jaxalign import cache, config_lib, evaluator, judges, logger, reference, ru
 from jaxalign.data import hh, layouts, pipeline, tokenize
 from jaxalign.data.synthetic import write_jsonl
 from jaxalign.models import hub, opt
-from helpers import REPO, tiny_config
+from helpers import REPO, config_file, tiny_config, train_cli
 
 P = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 GOOD = {"chosen": P + " Mix flour and water.", "rejected": P + " No idea."}
@@ -79,14 +80,90 @@ def test_second_run_in_a_workdir_fails_at_once_naming_the_holder_and_a_dead_hold
 
 def test_first_signal_requests_a_stop_and_a_second_exits_at_once():
   before = signal.getsignal(signal.SIGINT)
-  with runguard.StopSignals() as stop:
-    assert not stop.should_stop(1)
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.received == "SIGINT" and stop.should_stop(2)
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGTERM)
-      time.sleep(1)  # the handler runs at the next bytecode; never reached
+  with runguard.StopSignals(kept=lambda: "checkpoint step 7 is committed in /w") as stop:
+    with stop.polling("training"):
+      assert not stop.should_stop(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.received == "SIGINT" and stop.should_stop(2)
+      with pytest.raises(runguard.Preempted, match=r"^stopped by second signal \(SIGTERM\) while training: checkpoint "
+                                                   r"step 7 is committed in /w; rerun the same command to resume$"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
   assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_outside_the_loop_a_signal_stops_at_once():
+  with runguard.StopSignals() as stop:
+    stop.phase = "loading the model"
+    with pytest.raises(runguard.Preempted) as stopped:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert stopped.value.code == runguard.PREEMPTED_EXIT_CODE
+  assert str(stopped.value) == "stopped by SIGINT while loading the model: nothing was saved; rerun the same command " \
+                               "to resume"
+
+
+# Runs a stage whose function argv[1].argv[2] first sends itself the signal argv[3] (a signal arriving then).
+_SIGNAL_DURING = textwrap.dedent("""
+  import os, runpy, signal, sys
+  from jaxalign import trainer
+  from jaxalign.data import pipeline
+  module = {"pipeline": pipeline, "trainer": trainer}[sys.argv[1]]
+  original, signum = getattr(module, sys.argv[2]), getattr(signal, sys.argv[3])
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+  setattr(module, sys.argv[2], interrupted)
+  trainer.run(runpy.run_path(sys.argv[4])["get_config"](), sys.argv[5])
+""")
+
+
+@pytest.mark.parametrize("where, signum, message", [
+    ("pipeline.load", "SIGTERM", "stopped by SIGTERM while loading and tokenizing the data: no checkpoint is committed "
+                                 "in {checkpoints}; rerun the same command to resume"),
+    ("trainer.build_model", "SIGINT", "stopped by SIGINT while loading the model: no checkpoint is committed in "
+                                      "{checkpoints}; rerun the same command to resume"),
+    ("trainer.export_model", "SIGTERM", "stopped by SIGTERM while exporting the model: checkpoint step 4 is committed "
+                                        "in {checkpoints}; rerun the same command to resume"),
+], ids=["data", "model", "export"])
+def test_a_signal_at_any_moment_of_the_stage_exits_75_saying_what_was_kept(cache_dir, tmp_path, where, signum,
+                                                                            message):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+  proc = subprocess.run([sys.executable, "-c", _SIGNAL_DURING, *where.split("."), signum,
+                         config_file(tmp_path, tiny_config(cache_dir, "sft")), str(workdir)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == runguard.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+  assert message.format(checkpoints=workdir / "checkpoints") in proc.stderr
+  assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+  if where == "trainer.export_model":  # the rerun resumes at the last step and exports
+    trainer.run(tiny_config(cache_dir, "sft"), str(workdir))
+    assert json.load(open(workdir / trainer.DONE_FILE))["steps"] == 4
+
+
+def test_the_stop_step_has_its_metrics_record_and_a_second_signal_names_the_committed_checkpoint(cache_dir, tmp_path,
+                                                                                               monkeypatch):
+  signals = {2: [signal.SIGTERM]}  # when step 2's record is written: the loop stops after step 3
+  original = logger.MetricLogger.train_step
+
+  def train_step(self, step, *args):
+    for signum in signals.get(step, []):
+      os.kill(os.getpid(), signum)
+    return original(self, step, *args)
+
+  monkeypatch.setattr(logger.MetricLogger, "train_step", train_step)
+  workdir = tmp_path / "run"
+  config = tiny_config(cache_dir, "sft", **{"training.log_every": 2})
+  with pytest.raises(runguard.Preempted, match=r"stopped by SIGTERM after step 3 of 4: checkpoint step 3 saved"):
+    trainer.run(config, str(workdir))
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 3]  # the stop step's record, written before it
+  signals.clear()
+  signals[4] = [signal.SIGTERM, signal.SIGINT]  # before step 4's checkpoint
+  config.training.max_steps = 6
+  with pytest.raises(runguard.Preempted, match=rf"^stopped by second signal \(SIGINT\) while training: checkpoint step "
+                                               rf"3 is committed in {workdir}/checkpoints; rerun"):
+    trainer.run(config, str(workdir))
 
 
 def test_a_resumed_run_keeps_the_records_through_its_checkpoint_only(tmp_path):
@@ -250,3 +327,89 @@ def test_repeated_model_names_are_rejected():
   with pytest.raises(ValueError, match=r"config.models: the name 'sft' is given twice \('runs/a' and 'runs/b'\)"):
     evaluator.parse_named("base=facebook/opt-350m,sft=runs/a, sft=runs/b", "models")
   assert evaluator.parse_named("a=x,b=y", "models") == {"a": "x", "b": "y"}
+
+
+def test_a_truncated_safetensors_file_is_named(tiny_lm, tmp_path):
+  hub.save_pretrained(tiny_lm, str(tmp_path))
+  path = tmp_path / hub.SAFETENSORS_FILE
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file \(Error while deserializing header: "
+                                       r"incomplete metadata, file not fully covered\): it is truncated or damaged"):
+    hub.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------- resume keeps the math (issue 25)
+
+
+def test_fields_that_change_the_math_are_listed_and_the_others_are_free():
+  saved = tiny_config("c", "dpo").to_dict()
+  changed = tiny_config("c", "dpo", **{"dpo.loss_type": "ipo", "optimizer.lr": 5e-3, "lora.enabled": True,
+                                       "training.max_steps": 9, "training.log_every": 3, "data.eval_pairs": 4,
+                                       "checkpoint.every_steps": 5, "logging.tensorboard": True})
+  assert config_lib.changed_fields(changed, saved) == ["dpo.loss_type: 'sigmoid' -> 'ipo'", "lora.enabled: False -> True",
+                                                      "optimizer.lr: 0.001 -> 0.005"]
+  changed.resume_allow_changes = "optimizer.lr, lora"
+  assert config_lib.changed_fields(changed, saved) == ["dpo.loss_type: 'sigmoid' -> 'ipo'"]
+  with pytest.raises(config_lib.ConfigError, match=r"the config differs from the one checkpoint step 14 in /w was made "
+                                                   r"with, in fields that change the math of training: dpo.loss_type: "
+                                                   r"'sigmoid' -> 'ipo'\. .* --config.resume_allow_changes=dpo.loss_type"):
+    config_lib.check_unchanged(changed, saved, "checkpoint step 14 in /w")
+
+
+def test_a_resumed_or_finished_stage_refuses_a_config_that_changes_the_math(cache_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.run(tiny_config(cache_dir, "sft", **{"training.max_steps": 2}), workdir)
+  faster = {"training.max_steps": 2, "optimizer.lr": 5e-3}
+  with pytest.raises(config_lib.ConfigError, match=rf"one the finished stage in {workdir} \(done.json\) was made with, "
+                                                   r"in fields that change the math of training: optimizer.lr: 0.001 -> "
+                                                   r"0.005\."):
+    trainer.run(tiny_config(cache_dir, "sft", **faster), workdir)
+  os.remove(os.path.join(workdir, trainer.DONE_FILE))  # its checkpoint of step 2 remains: a run to resume
+  longer = tiny_config(cache_dir, "sft", **{**faster, "training.max_steps": 4})
+  with pytest.raises(config_lib.ConfigError, match=r"one checkpoint step 2 in .*checkpoints was made with, in fields "
+                                                   r"that change the math of training: optimizer.lr: 0.001 -> 0.005\."):
+    trainer.run(longer, workdir)
+  longer.resume_allow_changes = "optimizer.lr"
+  trainer.run(longer, workdir)  # allowed; and the step count is free
+  assert json.load(open(os.path.join(workdir, trainer.DONE_FILE)))["steps"] == 4
+
+
+# ------------------------------------------------------------------------- a save that fails never hangs (issue 25)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(cache_dir, tmp_path):
+  # As root permissions do not stop a write, so the folder is made unusable another way: a file where it should be.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a folder")
+  start = time.perf_counter()
+  proc = train_cli(config_file(tmp_path, tiny_config(cache_dir, "sft")), str(workdir))
+  output, _ = proc.communicate(timeout=60)  # within a minute, whatever happens
+  assert proc.returncode not in (0, None), output
+  assert re.search(rf"the checkpoint folder {workdir}/checkpoints cannot be written \((FileExistsError|"
+                   r"NotADirectoryError): \[Errno \d+\] .*\); make it a writable folder", output), output
+  assert time.perf_counter() - start < 60 and not (workdir / "metrics.jsonl").exists()  # before any training
+
+
+def test_a_save_that_fails_in_the_background_is_reported_at_once_and_the_process_exits(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, "sft", **{"training.max_steps": 5000, "checkpoint.async_save": True,
+                                             "data.eval_pairs": 0, "training.log_every": 50})
+  workdir = tmp_path / "run"
+  proc = train_cli(config_file(tmp_path, config), str(workdir))
+  folder = workdir / "checkpoints"
+  try:
+    while not (folder / "2").is_dir():  # a committed step: training and saving are under way
+      assert proc.poll() is None, proc.stdout.read()
+      time.sleep(0.05)
+    os.rename(folder, tmp_path / "gone")  # the disk went away mid-run: every later save fails
+    folder.write_text("not a folder")
+    output, _ = proc.communicate(timeout=60)  # on main: never exits (Orbax's threads wait for ever)
+  finally:
+    proc.kill()
+  assert proc.returncode == runguard.SAVE_FAILED_EXIT_CODE, output
+  report = re.search(rf"checkpoint step (\d+) could not be saved in {folder} \((\w+Error): [^\n]*\); the last saved "
+                     r"step is (\d+)\. Make the folder writable", output)
+  assert report, output
+  failed, saved = int(report.group(1)), int(report.group(3))
+  assert saved >= 2 and failed > saved and failed % 2 == 0
+  assert not (workdir / trainer.DONE_FILE).exists()

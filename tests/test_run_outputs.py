@@ -5,6 +5,7 @@ One tiny two-stage study (SFT, then DPO) feeds every test."""
 import glob
 import importlib.util
 import json
+import logging
 import os
 import struct
 
@@ -39,8 +40,27 @@ def study(tmp_path_factory):
     mp.setenv("HF_TOKEN", SECRET)
     from jaxalign import trainer
 
-    trainer.run(c, str(root))
-  return {"root": str(root), "config": c, "hub": fake}
+    log, logger = CapturedLog(), logging.getLogger("jaxalign")
+    level = logger.level
+    logger.addHandler(log)
+    logger.setLevel(logging.INFO)
+    try:
+      trainer.run(c, str(root))
+    finally:
+      logger.removeHandler(log)
+      logger.setLevel(level)
+  return {"root": str(root), "config": c, "hub": fake, "log": log.messages}
+
+
+class CapturedLog(logging.Handler):
+  """The messages of the records it handles (caplog is per test; the study runs once per module)."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
 
 
 def jsonl_by_step(path):
@@ -98,6 +118,13 @@ def test_each_stage_has_curves_and_the_study_a_summary(study):
   assert cells[8] == f"{done['sft']['eval/loss']:.4f}"
   dpo_row = next(line for line in text.splitlines() if line.startswith("| [dpo]"))
   assert "[sft/model](sft/model)" in dpo_row  # started from the study's SFT stage
+  # The log opened each stage with a header and ended saying where study.md is.
+  headers = [m for m in study["log"] if m.startswith("=== stage")]
+  assert headers == ["=== stage 1 of 2: sft (task sft, from a random init of opt-125m) ===",
+                     f"=== stage 2 of 2: dpo (task dpo, from {os.path.join(root, 'sft', 'model')}) ==="]
+  assert f"study summary: {os.path.join(root, curves.STUDY_FILE)}" in study["log"]
+  assert (f"stage done: done.json, metrics.jsonl, model/ (the model), curves.png in {os.path.join(root, 'sft')}"
+          in study["log"])
 
 
 @pytest.mark.slow
@@ -169,6 +196,7 @@ def test_push_sends_the_export_with_its_model_card(study):
   card = upload["card"]
   assert card.startswith("---\n") and "library_name: transformers" in card and "- dpo" in card
   assert "Direct Preference Optimization (DPO)" in card and "(a local model)" in card  # began from the SFT stage
+  assert "Direct Preference Optimization (DPO) of" in card  # the opening sentence keeps the method's capitals
   assert "| `dpo.beta` | 0.1 |" in card and "| `training.max_steps` | 4 |" in card
   assert "| `optimizer.lr` | 0.001 |" in card and "`synthetic`" in card
   done = json.load(open(os.path.join(study["root"], "dpo", "done.json")))

@@ -14,7 +14,7 @@ and what is skipped, by format:
   * a `.gz` file whose stream is truncated or corrupt: the whole file is refused (the records after the damage are
     lost, and a partial file would be trained on silently), naming the file and the last complete line;
   * a file with no record at all (empty, or only blank lines): refused.
-Each file is in one of two formats, told apart by its fields:
+Each record is in one of two formats, told apart by its fields (per record: a file may mix them):
   * HH: `{"chosen": text, "rejected": text}`, two whole conversations ("\\n\\nHuman: … \\n\\nAssistant: …")
     that share everything up to the final "\\n\\nAssistant:";
   * generic: `{"prompt": text, "chosen": response, "rejected": response}` (TRL's convention: responses only).
@@ -40,6 +40,8 @@ import zlib
 from pathlib import Path
 
 import datasets
+
+from jaxalign.errors import DataError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ class SkipReport:
   """Counts what happened to every record read: `total == used + sum(skipped.values())`.
 
   skipped: count per skip reason (the module's constants); fallback: pairs split with the turn-boundary fallback
-  (they are used); examples: the first few "source#index" locations per reason (and for FALLBACK).
+  (they are used); examples: the first few "source#index" locations per reason (and for FALLBACK); details: for a
+  reason whose records say more (what was found, what was expected), the first record's "source#index: detail".
   """
 
   total: int = 0
@@ -97,9 +100,12 @@ class SkipReport:
   fallback: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  details: dict[str, str] = dataclasses.field(default_factory=dict)
 
-  def note(self, reason: str, source: str, index: int) -> None:
+  def note(self, reason: str, source: str, index: int, detail: str = "") -> None:
     """Records one skipped record (or, with FALLBACK, one used pair that needed the fallback)."""
+    if detail and reason not in self.details:
+      self.details[reason] = f"{source}#{index}: {detail}"
     if reason == FALLBACK:
       self.fallback += 1
     else:
@@ -117,6 +123,8 @@ class SkipReport:
     for reason, kept in other.examples.items():
       mine = self.examples.setdefault(reason, [])
       mine.extend(kept[: _EXAMPLES_KEPT - len(mine)])
+    for reason, detail in other.details.items():
+      self.details.setdefault(reason, detail)
 
   def summary(self) -> str:
     """One line: records read, used (with the fallback) and skipped by reason."""
@@ -124,9 +132,18 @@ class SkipReport:
     return (f"{self.total} records: {self.used} used ({self.fallback} with the turn-boundary prompt fallback), "
             f"{sum(self.skipped.values())} skipped ({skipped})")
 
+  def explained(self) -> str:
+    """The summary, then what the first record of each reason that says more was found to be."""
+    return self.summary() + "".join(f"; {reason} at {detail}" for reason, detail in sorted(self.details.items()))
+
 
 class UnusableRecord(Exception):
-  """Raised by the split functions for a record that cannot be used; `args[0]` is the skip reason."""
+  """Raised by the split functions for a record that cannot be used; `args[0]` is the skip reason, `args[1]` (if
+  given) what was found and what was expected."""
+
+  @property
+  def detail(self) -> str:
+    return self.args[1] if len(self.args) > 1 else ""
 
 
 def _check_strings(record: dict, fields: tuple[str, ...]) -> None:
@@ -184,14 +201,18 @@ def split_generic_record(record: dict) -> tuple[str, str, str, bool]:
   return record["prompt"], record["chosen"], record["rejected"], False
 
 
-def _splitter(columns: list[str], source: str):
-  """The split function for a file, chosen by its fields."""
-  if "prompt" in columns:
-    return split_generic_record
-  if all(field in columns for field in _HH_FIELDS):
-    return split_hh_record
-  raise ValueError(f"{source}: records have fields {sorted(columns)}; expected {list(_HH_FIELDS)} (HH format) or "
-                   f"{list(_GENERIC_FIELDS)} (generic preference format)")
+def split_record(record: dict) -> tuple[str, str, str, bool]:
+  """(prompt, chosen, rejected, used the fallback) of a record in either text format, decided per record by its
+  fields (a file may mix HH and generic records): a "prompt" field makes it generic, otherwise it is HH."""
+  return split_generic_record(record) if "prompt" in record else split_hh_record(record)
+
+
+def check_columns(records: list, source: str) -> None:
+  """Raises ValueError naming the source when no record has the fields of a preference pair."""
+  columns = sorted({key for record in records if isinstance(record, dict) for key in record})
+  if records and not any(isinstance(r, dict) and set(_HH_FIELDS) & set(r) for r in records):
+    raise DataError(f"{source}: records have fields {columns}; expected {list(_HH_FIELDS)} (HH format) or "
+                     f"{list(_GENERIC_FIELDS)} (generic preference format)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +226,11 @@ class BadLine:
 
 def pairs_from_records(records: list[dict | BadLine], source: str,
                        split=None) -> tuple[list[PreferencePair], SkipReport]:
-  """Splits one source's records into pairs (with `split`, else the split function its fields call for); raises
-  ValueError naming the source when none is usable."""
-  columns = sorted({key for record in records if isinstance(record, dict) for key in record})
-  if split is None and any(isinstance(r, dict) for r in records):
-    split = _splitter(columns, source)
+  """Splits one source's records into pairs (with `split`, else `split_record`: the format of each record decided by
+  its fields); raises ValueError naming the source when none is usable."""
+  if split is None:
+    check_columns(records, source)
+    split = split_record
   pairs, report = [], SkipReport(total=len(records))
   for index, record in enumerate(records):
     try:
@@ -217,14 +238,14 @@ def pairs_from_records(records: list[dict | BadLine], source: str,
         raise UnusableRecord(record.reason)
       prompt, chosen, rejected, fallback = split(record)
     except UnusableRecord as e:
-      report.note(e.args[0], source, index)
+      report.note(e.args[0], source, index, e.detail)
       continue
     if fallback:
       report.note(FALLBACK, source, index)
     pairs.append(PreferencePair(prompt, chosen, rejected, source, index))
   report.used = len(pairs)
   if not pairs:
-    raise ValueError(f"{source}: no usable preference pair among its {len(records)} records ({report.summary()}); "
+    raise DataError(f"{source}: no usable preference pair among its {len(records)} records ({report.explained()}); "
                      "check that it is HH or {prompt, chosen, rejected} JSON lines")
   return pairs, report
 
@@ -248,15 +269,15 @@ def local_files(root: Path, split: str, subsets: list[str] | None) -> list[Path]
   if subsets is not None:
     missing = [_expected(root / s, split) for s in subsets if _split_file(root / s, split) is None]
     if missing:
-      raise FileNotFoundError(f"{root}: missing {'; '.join(missing)}")
+      raise MissingInput(f"{root}: missing {'; '.join(missing)}")
     return [_split_file(root / s, split) for s in subsets]
   direct = _split_file(root, split)
   if direct is not None:
     return [direct]
   found = [s for s in HH_SUBSETS if _split_file(root / s, split) is not None]
   if not found:
-    raise FileNotFoundError(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
-                            f"the subsets {list(HH_SUBSETS)}")
+    raise MissingInput(f"{root}: found neither {_expected(root, split)} nor any <subset>/{split}.jsonl[.gz] for "
+                       f"the subsets {list(HH_SUBSETS)}")
   if len(found) < len(HH_SUBSETS):
     log.warning("%s: using the %s split of %s only; missing %s (the paper's data uses all four)", root, split, found,
                 [s for s in HH_SUBSETS if s not in found])
@@ -287,11 +308,11 @@ def _read_json_lines(path: Path) -> list[dict | BadLine]:
         if raw.strip():
           records.append(_parse_line(raw, number))
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise ValueError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
-                     " expected a complete .gz file: download or copy it again") from e
+    raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({type(e).__name__}: {e});"
+                    " expected a complete .gz file: download or copy it again") from e
   if not records:
-    raise ValueError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
-                     "{prompt, chosen, rejected} object per line")
+    raise DataError(f"{path}: no records (the file is empty); expected JSON lines, one {{chosen, rejected}} or "
+                    "{prompt, chosen, rejected} object per line")
   bad = [r for r in records if isinstance(r, BadLine)]
   for r in bad[:_EXAMPLES_KEPT]:
     log.warning("%s:%d: skipped, %s", path, r.line, r.message)
@@ -304,11 +325,16 @@ def _read_parquet(path: Path) -> list[dict]:
   try:
     return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
   except datasets.exceptions.DatasetGenerationError as e:
-    raise ValueError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
+    raise DataError(f"{path}: not a readable Parquet file ({e.__cause__ or e})") from e
 
 
 def _read_hub(hub_id: str, subset: str | None, split: str) -> list[dict]:
-  return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+  try:
+    return datasets.load_dataset(hub_id, data_dir=subset, split=split).to_list()
+  except (OSError, ValueError) as e:  # not on the Hub, offline, gated, no such split: the user's to fix
+    raise MissingInput(f"could not read the {split!r} split{f' of {subset!r}' if subset else ''} of the Hub dataset "
+                       f"{hub_id!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}; check the id, the "
+                       "split and network access, or give a local file or folder") from e
 
 
 def load_records(source: str, *, split: str = "train",
@@ -323,7 +349,7 @@ def load_records(source: str, *, split: str = "train",
     return [(str(path), _read_parquet(path) if path.suffix == ".parquet" else _read_json_lines(path))
             for path in local_files(root, split, subsets)]
   if source.count("/") != 1:
-    raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
+    raise MissingInput(f"{source!r} is neither an existing file or folder nor a Hub dataset id (owner/name)")
   if subsets is None and source == HH_HUB_ID:
     subsets = list(HH_SUBSETS)
   return [(f"{source}:{subset or ''}/{split}", _read_hub(source, subset, split)) for subset in (subsets or [None])]
@@ -355,7 +381,7 @@ def warn_if_mostly_skipped(label: str, report: SkipReport, share: float) -> None
   if skipped > share * report.total:
     log.warning("!!! %s: %d of its %d records (%.0f%%, more than data.warn_skipped_share = %.0f%%) were SKIPPED, "
                 "so the run trains on a small part of it: %s. Check the file and its format.", label, skipped,
-                report.total, 100 * skipped / report.total, 100 * share, report.summary())
+                report.total, 100 * skipped / report.total, 100 * share, report.explained())
 
 
 def log_report(report: SkipReport, source: str, split: str) -> None:
@@ -363,3 +389,5 @@ def log_report(report: SkipReport, source: str, split: str) -> None:
   log.info("%s (%s): %s", source, split, report.summary())
   for reason, where in report.examples.items():
     log.info("  %s, e.g. %s", reason, ", ".join(where))
+  for reason, detail in report.details.items():
+    log.warning("%s (%s): records skipped as %s, e.g. %s", source, split, reason, detail)

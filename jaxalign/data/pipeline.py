@@ -16,14 +16,17 @@ import numpy as np
 
 from jaxalign import parallel, tasks
 from jaxalign.data import (batches as batches_lib, formats, hh, layouts, pair_filter, synthetic, tokenize,
-                            unpaired)
+                           unpaired)
+from jaxalign.errors import DataError
 from jaxalign.tokenizer import train_bpe_tokenizer
+from jaxalign.workdirs import resolve_init_path
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 SYNTHETIC_TEST_FRACTION = 0.1
 SYNTHETIC_VOCAB_SIZE = 1024
+HELD_OUT_STREAM = 1  # the seed's stream that picks a single file's held-out records
 
 
 def cache_dir(config) -> str:
@@ -54,7 +57,12 @@ def data_source(config) -> str:
 
 
 def tokenizer_path(config, workdir: str) -> str:
-  """`config.tokenizer`, or for "synthetic" a tiny byte-level BPE trained (once) on the synthetic corpus."""
+  """`config.tokenizer`; "" = the starting model's own (the folder or Hub id `init_from` stands for: a workdir's
+  exported folder holds its tokenizer); "synthetic" = a tiny byte-level BPE trained (once) on the synthetic corpus."""
+  if not config.tokenizer:
+    path = resolve_init_path(config.init_from)
+    log.info("tokenizer: the starting model's own, from %s (config.tokenizer names another)", path)
+    return path
   if config.tokenizer != SYNTHETIC:
     return config.tokenizer
   out = os.path.join(cache_dir(config), f"synthetic-tokenizer-{SYNTHETIC_VOCAB_SIZE}")
@@ -160,22 +168,57 @@ def _sft_examples(config, pairs: tokenize.TokenizedPairs) -> tokenize.SFTExample
                               [mask for part in parts for mask in part.loss_mask])
 
 
-def _load(config, tokenizer, split: str, batch_kind: str):
+def held_out_indices(count: int, share: float, seed: int) -> np.ndarray:
+  """Which of a single file's `count` records are held out: `share` of them (at least one, never all), chosen by a
+  permutation seeded with `seed` (its own stream), in file order. The same for every run with that seed."""
+  held = min(max(1, round(count * share)), count - 1)
+  if held < 1:
+    raise DataError("one record cannot be split into training and held-out records; set data.eval_pairs = 0 or "
+                    "give data.eval_source")
+  return np.sort(np.random.default_rng((seed, HELD_OUT_STREAM)).permutation(count)[:held])
+
+
+def one_file_split(config, records: list, held_out: bool) -> list:
+  """A single data file's training or held-out records (`held_out_indices`), logged with how they were chosen."""
+  indices = held_out_indices(len(records), config.data.eval_share, config.seed)
+  chosen = np.zeros(len(records), bool)
+  chosen[indices] = True
+  if held_out:
+    log.info("%s is one file: its held-out records are %d of its %d usable records (data.eval_share %g), chosen by "
+             "a permutation seeded with seed %d, the same for every run with that seed; the other %d train. "
+             "data.eval_source names a separate held-out file", config.data.source, len(indices), len(records),
+             config.data.eval_share, config.seed, len(records) - len(indices))
+  return [record for record, held in zip(records, chosen) if held == held_out]
+
+
+def _records(config, held_out: bool, batch_kind: str, chat: bool):
+  """A split's records: pairs, or KTO's unpaired examples with the pairs they travel as. The held-out split comes from
+  `data.eval_source` when given; a single file (without it) is split by `one_file_split`, so no record is both."""
+  source, split = data_source(config), config.data.eval_split if held_out else config.data.train_split
+  own_file = os.path.isfile(source) and not config.data.eval_source and config.data.eval_pairs > 0
+  if held_out and config.data.eval_source:
+    source = config.data.eval_source
+  subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
+  if batch_kind == "unpaired":
+    # KTO: its examples, each travelling as (prompt, completion, mismatched completion) in the pair layouts.
+    records, _ = unpaired.load_examples(source, split=split, subsets=subsets,
+                                        warn_skipped_share=config.data.warn_skipped_share)
+    records = one_file_split(config, records, held_out) if own_file else records
+    return records, unpaired.as_pairs(records, seed=config.seed)
+  pairs, skips = formats.load_examples(source, data_format=config.data.format, chat=chat, split=split,
+                                       subsets=subsets, warn_skipped_share=config.data.warn_skipped_share)
+  pairs = one_file_split(config, pairs, held_out) if own_file else pairs
+  if not held_out and not chat:  # held-out pairs stay as they are
+    pairs = pair_filter.filter_pairs(config, pairs, skips)
+  return pairs, pairs
+
+
+def _load(config, tokenizer, held_out: bool, batch_kind: str):
   """The split's records (pairs, or KTO's unpaired examples) and their tokens. SFT rows are cut later, keeping their
   start (as TRL's SFTTrainer does); pairs are cut here the reference-DPO way (the prompt keeps its end, then the
   responses are shortened)."""
-  subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
   chat = bool(config.data.chat_template)
-  if batch_kind == "unpaired":
-    # KTO: its examples, each travelling as (prompt, completion, mismatched completion) in the pair layouts.
-    records, _ = unpaired.load_examples(data_source(config), split=split, subsets=subsets)
-    pairs = unpaired.as_pairs(records, seed=config.seed)
-  else:
-    pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
-                                         subsets=subsets, warn_skipped_share=config.data.warn_skipped_share)
-    if split == config.data.train_split and not chat:  # held-out pairs stay as they are
-      pairs = pair_filter.filter_pairs(config, pairs, skips)
-    records = pairs
+  records, pairs = _records(config, held_out, batch_kind, chat)
   pair_task = batch_kind != "sft"
   if chat and not pair_task:
     return pairs, tokenize.conversation_sft_examples(pairs, tokenizer, loss_on=config.data.loss_on,
@@ -209,11 +252,11 @@ def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
   _check_divisible(config, mesh)
   if config.data.chat_template:
     tokenize.set_chat_template(tokenizer, config.data.chat_template)  # saved with the tokenizer on export
-  records, tokenized = _load(config, tokenizer, config.data.train_split, batch_kind)
+  records, tokenized = _load(config, tokenizer, False, batch_kind)
   train = _split(config, layout_for(config, batch_kind), records, tokenized, batch_kind)
   held_out = None
   if config.data.eval_pairs:
-    records, tokenized = _load(config, tokenizer, config.data.eval_split, batch_kind)
+    records, tokenized = _load(config, tokenizer, True, batch_kind)
     keep = np.sort(np.random.default_rng(config.seed).permutation(len(tokenized))[:config.data.eval_pairs])
     kept_records = [records[i] for i in keep] if batch_kind != "sft" else records  # records: for per-pair arrays
     held_out = _split(config, layout_for(config, batch_kind, held_out=True), kept_records, tokenized.subset(keep),

@@ -24,6 +24,7 @@ from typing import Any
 
 from jaxalign import jsonl
 from jaxalign.data import arithmetic, formats, hh
+from jaxalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def prompt_without_final_turn(conversation: str, style: str = "turn") -> str:
     if parts[-1].startswith("Assistant:"):
       parts = parts[:-1]
     return "\n\n".join(parts)
-  raise ValueError(f"style must be one of {FINAL_TURN_STYLES}, got {style!r}")
+  raise DataError(f"style must be one of {FINAL_TURN_STYLES}, got {style!r}")
 
 
 def _split_rows(source: str, subset: str, split: str) -> list[tuple[str, dict]]:
@@ -56,7 +57,7 @@ def _split_rows(source: str, subset: str, split: str) -> list[tuple[str, dict]]:
   (label, records), = hh.load_records(source, split=split, subsets=[subset])
   bad = next((r for r in records if isinstance(r, hh.BadLine)), None)
   if bad is not None:  # the paper's selection samples rows by position: a skipped row would shift every prompt
-    raise ValueError(f"{label}:{bad.line}: {bad.message}; prompt sets need every row of the file")
+    raise DataError(f"{label}:{bad.line}: {bad.message}; prompt sets need every row of the file")
   return [(f"{label}#{i}", record) for i, record in enumerate(records)]
 
 
@@ -65,8 +66,8 @@ def _sample(rng: random.Random, rows: list, n: int, what: str) -> list:
   if n == ALL:
     return list(rows)
   if not 0 <= n <= len(rows):
-    raise ValueError(f"cannot sample {n} {what} prompts from {len(rows)} candidate rows; give a count from 0 to "
-                     f"{len(rows)}, or {ALL} for all of them")
+    raise DataError(f"cannot sample {n} {what} prompts from {len(rows)} candidate rows; give a count from 0 to "
+                    f"{len(rows)}, or {ALL} for all of them")
   return rng.sample(rows, n)
 
 
@@ -74,7 +75,7 @@ def _prompts(rows: list[tuple[str, dict]], style: str) -> list[str]:
   prompts = []
   for where, record in rows:
     if not isinstance(record.get("chosen"), str):
-      raise ValueError(f"{where}: field 'chosen' should be the conversation text, got {record.get('chosen')!r}")
+      raise DataError(f"{where}: field 'chosen' should be the conversation text, got {record.get('chosen')!r}")
     prompts.append(prompt_without_final_turn(record["chosen"], style))
   return prompts
 
@@ -132,15 +133,15 @@ def load_prompt_file(path: str | Path) -> list[str]:
     try:
       items = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}); a .jsonl file holds one prompt a line") from e
+      raise DataError(f"{path}: not valid JSON ({e}); a .jsonl file holds one prompt a line") from e
     if not isinstance(items, list):
-      raise ValueError(f"{path}: expected a JSON list of prompt strings, got a {type(items).__name__}")
+      raise DataError(f"{path}: expected a JSON list of prompt strings, got a {type(items).__name__}")
     where = [f"{path}: item {i}" for i in range(len(items))]
   if not items:
-    raise ValueError(f"{path}: no prompts")
+    raise DataError(f"{path}: no prompts")
   for at, prompt in zip(where, items):
     if not isinstance(prompt, str) or not prompt.strip():
-      raise ValueError(f"{at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
+      raise DataError(f"{at} should be a non-empty prompt string (or {{\"prompt\": string}}), got {prompt!r}")
   return items
 
 
@@ -212,7 +213,7 @@ def prompts_from_records(records: list, source: str, *, exclude: frozenset[str] 
   columns = {key for record in records if isinstance(record, dict) for key in record}
   kind = "prompt" if "prompt" in columns else "hh" if "chosen" in columns else None
   if kind is None:
-    raise ValueError(f"{source}: records have fields {sorted(columns)}; expected TRL's prompt-only format "
+    raise DataError(f"{source}: records have fields {sorted(columns)}; expected TRL's prompt-only format "
                      "({\"prompt\": text or messages, ...}) or HH ({\"chosen\", \"rejected\"})")
   seen = set() if seen is None else seen
   out, report = [], hh.SkipReport(total=len(records))
@@ -235,7 +236,7 @@ def prompts_from_records(records: list, source: str, *, exclude: frozenset[str] 
     out.append(PromptRecord(prompt, extra, source, index))
   report.used = len(out)
   if not out:
-    raise ValueError(f"{source}: no usable prompt among its {len(records)} records ({report.summary()})")
+    raise DataError(f"{source}: no usable prompt among its {len(records)} records ({report.summary()})")
   return out, report
 
 

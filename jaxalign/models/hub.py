@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import parallel
+from jaxalign.errors import MissingInput
 from jaxalign.models import registry
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,22 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> str:
   try:
     files = list_repo_files(name_or_path, revision=revision)
   except Exception as e:  # offline, unknown repo, gated repo: all end here with the cause attached
-    raise OSError(f"{name_or_path!r} is not a local folder and could not be listed on the Hugging Face Hub: {e}") from e
+    raise MissingInput(f"{name_or_path!r} is not a local folder and could not be listed on the Hugging Face Hub: "
+                       f"{_first_line(e)}") from e
   has_safetensors = any(f.endswith(".safetensors") for f in files)
   patterns = ["*.json", "*.txt", "*.model"] + (["*.safetensors"] if has_safetensors else ["*.bin"])
   return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
 
 
+def _first_line(error: Exception) -> str:
+  """An exception as one line: its type and the first line of its message (the Hub's errors run to many)."""
+  return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def load_config(model_dir: str) -> dict[str, Any]:
   path = os.path.join(model_dir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in {model_dir!r}: expected a Hugging Face model folder")
+    raise MissingInput(f"No {CONFIG_FILE} in {model_dir!r}: expected a Hugging Face model folder")
   with open(path) as f:
     return json.load(f)
 
@@ -78,14 +85,12 @@ class CheckpointReader:
         self._file_of = {name: single_path for name in self._names_in(single_path)}
       if self._file_of:
         return
-    raise FileNotFoundError(
+    raise MissingInput(
         f"No weights in {model_dir!r}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}")
 
   def _names_in(self, path: str) -> Iterable[str]:
     if path.endswith(".safetensors"):
-      from safetensors import safe_open
-
-      with safe_open(path, framework="numpy") as f:
+      with _open_safetensors(path) as f:
         return list(f.keys())
     return list(self._torch_tensors(path))
 
@@ -107,11 +112,21 @@ class CheckpointReader:
   def get(self, name: str) -> np.ndarray:
     path = self._file_of[name]
     if path.endswith(".safetensors"):
-      from safetensors import safe_open
-
-      with safe_open(path, framework="numpy") as f:
+      with _open_safetensors(path) as f:
         return f.get_tensor(name)
     return self._torch_tensors(path)[name]
+
+
+def _open_safetensors(path: str):
+  """safetensors' reader of `path`; a truncated or damaged file is a ValueError naming it (the library's own error
+  names no file)."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    return safe_open(path, framework="numpy")
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e}): it is truncated or damaged (a download or copy "
+                     "cut short?); download or copy it again") from e
 
 
 def _path_str(path: tuple) -> str:
