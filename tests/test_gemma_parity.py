@@ -244,3 +244,30 @@ def test_flops_count_sliding_layers_over_their_window():
   width = 4 * 256
   assert flops.body_flops_per_token(config, 2048) - flops.body_flops_per_token(config, 512) == 4 * 4 * 1536 * width
   assert flops.layer_windows(config).count(None) == 4 and set(flops.layer_windows(config)) == {None, 512}
+
+
+@pytest.mark.slow
+def test_trainer_runs_sft_then_dpo_from_a_gemma_folder(cache_dir, tmp_path):
+  """SFT lowers the loss and DPO starts at ln 2 on a Gemma 3 whose window (8) is shorter than the rows; the export
+  loads in transformers with our logits."""
+  from helpers import losses_by_step, tiny_config
+  from jaxalign import trainer
+  from jaxalign.data import pipeline
+
+  config = gemma.GemmaConfig(**{**_tiny(), "vocab_size": pipeline.SYNTHETIC_VOCAB_SIZE, "sliding_window": 8,
+                                "max_position_embeddings": 160})
+  folder = str(tmp_path / "gemma")
+  hub.save_pretrained(gemma.GemmaForCausalLM(config, rngs=nnx.Rngs(0)), folder)
+  run = lambda init, task, **f: tiny_config(cache_dir, task, **{"init_from": init, "data.eval_pairs": 0,
+                                                                  "training.max_steps": 2, **f})
+  sft = trainer.run(run(folder, "sft", **{"training.max_steps": 5, "optimizer.lr": 3e-3}), str(tmp_path / "sft"))
+  losses = losses_by_step(str(tmp_path / "sft"))
+  assert losses[5] < losses[1]
+  dpo = trainer.run(run(sft, "dpo"), str(tmp_path / "dpo"))
+  assert losses_by_step(str(tmp_path / "dpo"))[1] == pytest.approx(np.log(2), abs=1e-6)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(dpo, attn_implementation="eager").eval()
+  assert type(theirs).__name__ == "Gemma3ForCausalLM"
+  ids = np.array([[5, 17, 40, 99, 6, 300, 7, 8, 9, 10, 11, 12]])
+  with torch.no_grad():
+    expected = theirs(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(fp.forward(hub.from_pretrained(dpo), jnp.asarray(ids))), expected, atol=1e-4)
