@@ -22,7 +22,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models import layers
@@ -200,9 +199,8 @@ class LlamaMLP(nnx.Module):
     self.down_proj = layers.linear(c, rngs, c.intermediate_size, c.hidden_size, c.mlp_bias)
 
   def __call__(self, x, dropout_key=None):
-    keys = layers.split_key(dropout_key, 3)
-    gate = layers.ACTIVATIONS[self.config.hidden_act](project(self.gate_proj, x, keys[0]))
-    return project(self.down_proj, gate * project(self.up_proj, x, keys[1]), keys[2])
+    return layers.gated_feed_forward(self.gate_proj, self.up_proj, self.down_proj, self.config.hidden_act, x,
+                                     dropout_key)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -224,7 +222,7 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(layers.CausalLM):
-  """The decoder with its LM head (tied to the embeddings, or its own `lm_head`); the decoder protocol of opt.py.
+  """The decoder with its LM head (tied to the embeddings, or its own `lm_head`); the template of layers.CausalLM.
 
   `lm_head=False` leaves an untied head out (a reward model's backbone needs only the hidden states). The KV cache
   holds num_key_value_heads per slot: grouped-query attention caches less.
@@ -243,23 +241,15 @@ class LlamaForCausalLM(layers.CausalLM):
     self.lm_head = layers.linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
 
 
-  def hidden_states(
-      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
-      dropout_key: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict | None]:
-    """Final hidden states [B, T, hidden_size] and the updated cache; arguments as in `OPTForCausalLM`."""
+  def embed(self, input_ids: jax.Array, positions: jax.Array, dropout_key=None) -> jax.Array:
+    return self.embed_tokens(input_ids)
+
+  def attention_kinds(self) -> dict[str, layers.AttentionKind]:
     cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
-                                     cache=cache, window=cfg.sliding_window)
-    rope = layers.rope_tables(inputs.positions, _inverse_frequencies(cfg))
-    x = self.embed_tokens(input_ids)
-    x, layer_caches = layers.run_stack(self.layers, x, inputs, rope, cache, dropout_key, remat=cfg.remat)
-    x = self.norm(x)
-    new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
-    return x, new_cache
+    return {"global": layers.AttentionKind(window=cfg.sliding_window, inv_freq=_inverse_frequencies(cfg))}
+
+  def final_norm(self, x: jax.Array) -> jax.Array:
+    return self.norm(x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied)."""
