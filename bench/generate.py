@@ -31,7 +31,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxalign import sampling  # noqa: E402
-from jaxalign.models import hub, opt  # noqa: E402
+from jaxalign.models import hub, layers, opt  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SHARED = os.path.join(REPO, "..", "shared", "data")
@@ -133,7 +133,7 @@ def main():
         model, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size)
   timings = time_interleaved(fns, args.reps)
 
-  header = (f"generation, {args.preset} ({opt.count_params(model) / 1e6:.1f}M params), {args.prompts} prompts x "
+  header = (f"generation, {args.preset} ({layers.count_params(model) / 1e6:.1f}M params), {args.prompts} prompts x "
             f"{args.new_tokens} new tokens, random prompts {args.prompt_length // 2}-{args.prompt_length} tokens, "
             f"greedy, {args.reps} timed runs after a first (compiling) one; {device}")
   lines = [f"**{header}**", "", "| implementation | dtype | first call (s) | best (s) | median (s) | tokens/s (best) |",

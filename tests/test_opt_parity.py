@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.models import hub, opt, registry
+from jaxalign.models import hub, layers, opt, registry
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -125,7 +125,7 @@ def test_explicit_mask_restricts_attention(tmp_path):
 
 def test_opt_350m_preset_has_the_real_parameter_count():
   model = registry.abstract_causal_lm(opt.preset("opt-350m"))
-  assert opt.count_params(model) == 331_196_416
+  assert layers.count_params(model) == 331_196_416
 
 
 def test_presets_match_shared_config_if_present():

@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from jaxalign.models import layers
-from jaxalign.models.layers import count_params, dropout, project  # noqa: F401 (count_params: callers use opt.*)
+from jaxalign.models.layers import dropout, project
 
 # OPT's learned position table is indexed by position + 2: fairseq reserved the first two rows (padding_idx + 1).
 POSITION_OFFSET = 2
