@@ -23,13 +23,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxalign.models import layers
 from jaxalign.models.layers import dropout, project
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "granite", "olmo2", "olmo3")
+ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
+                 "smollm3": "SmolLM3", "granite": "Granite", "olmo2": "Olmo2", "olmo3": "Olmo3"}
 
 # Fields read from and written back to a transformers config.json as they are.
 _HF_FIELDS = (
@@ -53,6 +55,38 @@ _HF_DEFAULTS = {
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
                     rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4096,
                     bos_token_id=1, eos_token_id=2),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 rope_theta=10000.0, bos_token_id=1, eos_token_id=32000),
+    "smollm3": dict(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    tie_word_embeddings=True, rope_theta=2000000.0, bos_token_id=128000, eos_token_id=128001,
+                    no_rope_layer_interval=4),
+    "granite": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                    embedding_multiplier=1.0, attention_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0),
+    "olmo2": dict(vocab_size=50304, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_theta=10000.0, pad_token_id=1, bos_token_id=None, eos_token_id=50279),
+    "olmo3": dict(vocab_size=50304, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_theta=500000.0, sliding_window=4096, pad_token_id=1, bos_token_id=None, eos_token_id=50279),
+}
+# Fields only some families' config.json files have.
+_EXTRA_HF_FIELDS = {
+    "smollm3": ("no_rope_layers", "layer_types"),
+    "olmo3": ("layer_types",),
+    "granite": ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"),
+}
+# What each family's architecture fixes (its config.json has no field for it, or transformers ignores the field).
+_FIXED = {
+    "qwen2": dict(attention_bias=False, mlp_bias=False, qkv_bias=True),
+    "qwen3": dict(qk_norm="head", mlp_bias=False),
+    "mistral": dict(attention_bias=False, mlp_bias=False),
+    "phi3": dict(attention_bias=False, mlp_bias=False),
+    "olmo2": dict(qk_norm="projection", mlp_bias=False),
+    "olmo3": dict(qk_norm="projection", mlp_bias=False),
 }
 
 
@@ -71,14 +105,30 @@ class LlamaConfig:
   max_position_embeddings: int = 2048
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
-  rope_type: str = "default"  # default | linear | llama3
+  rope_type: str = "default"  # default | linear | llama3 | yarn
   rope_scaling: tuple = ()  # the rope type's parameters as sorted (name, value) pairs, e.g. (("factor", 8.0), …)
   tie_word_embeddings: bool = False
   attention_bias: bool = False  # biases on q, k, v and o (Llama, Qwen3)
   qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
   mlp_bias: bool = False
-  qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
-  sliding_window: int | None = None  # Mistral: attend only to this many most recent slots
+  # RMSNorm of q and k before RoPE: "head" over each head (Qwen3), "projection" over all heads at once (OLMo).
+  qk_norm: str = "none"
+  sliding_window: int | None = None  # Mistral, Phi-3: attend only to this many most recent slots
+  # Per layer, "full_attention" or "sliding_attention" (only those use `sliding_window`); None: all alike.
+  layer_types: tuple[str, ...] | None = None
+  # RoPE of the sliding layers where it differs from the others' (OLMo 3: plain RoPE there, YaRN on full layers).
+  sliding_rope_theta: float | None = None
+  sliding_rope_type: str = "default"
+  sliding_rope_scaling: tuple = ()
+  partial_rotary_factor: float = 1.0  # rotary embedding on this fraction of each head (Phi-4-mini: 0.75)
+  no_rope_layers: tuple[int, ...] | None = None  # SmolLM3: per layer, 1 with rotary embedding, 0 without (NoPE)
+  # Granite's scalars (the defaults are Llama's function): the embeddings times `embedding_multiplier`, attention
+  # scores times `attention_multiplier` (None: 1/sqrt(head_dim)), each block's output times `residual_multiplier`
+  # before it joins the residual stream, logits divided by `logits_scaling`.
+  embedding_multiplier: float = 1.0
+  attention_multiplier: float | None = None
+  residual_multiplier: float = 1.0
+  logits_scaling: float = 1.0
   hidden_act: str = "silu"
   attention_dropout: float = 0.0
   initializer_range: float = 0.02
@@ -97,7 +147,9 @@ class LlamaConfig:
     layers.check_choice("model_type", self.model_type, MODEL_TYPES)
     layers.check_choice("hidden_act", self.hidden_act, layers.ACTIVATIONS)
     layers.check_choice("attention_impl", self.attention_impl, layers.ATTENTION_IMPLS)
-    layers.check_choice("rope_type", self.rope_type, ("default", "linear", "llama3"))
+    layers.check_choice("rope_type", self.rope_type, layers.ROPE_TYPES)
+    layers.check_choice("sliding_rope_type", self.sliding_rope_type, layers.ROPE_TYPES)
+    layers.check_choice("qk_norm", self.qk_norm, ("none", "head", "projection"))
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -108,6 +160,12 @@ class LlamaConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                        f"num_key_value_heads ({self.num_key_value_heads})")
+    for field in ("layer_types", "no_rope_layers"):
+      value = getattr(self, field)
+      if value is not None and len(value) != self.num_hidden_layers:
+        raise ValueError(f"{field} has {len(value)} entries; expected one per layer ({self.num_hidden_layers})")
+    for kind in self.layer_types or ():
+      layers.check_choice("layer_types entry", kind, ("full_attention", "sliding_attention"))
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> LlamaConfig:
@@ -121,17 +179,19 @@ class LlamaConfig:
     if hf.get("use_sliding_window") and model_type in ("qwen2", "qwen3"):
       raise ValueError(f"{model_type} configs with use_sliding_window=True (sliding attention in some layers) are "
                        "not supported")
-    fields = layers.fields_from_hf(hf, _HF_FIELDS)
-    if model_type != "mistral":
+    fields = layers.fields_from_hf(hf, _HF_FIELDS + _EXTRA_HF_FIELDS.get(model_type, ()))
+    if model_type not in ("mistral", "phi3", "smollm3", "olmo3"):
       fields.pop("sliding_window", None)  # Qwen configs carry it unused (use_sliding_window is False)
-    if model_type == "qwen2":
-      fields.update(attention_bias=False, mlp_bias=False, qkv_bias=True)
-    if model_type == "qwen3":
-      fields.update(qk_norm=True, mlp_bias=False)
-    if model_type == "mistral":
-      fields.update(attention_bias=False, mlp_bias=False)
-    rope = layers.rope_from_hf(hf, default_theta=hf["rope_theta"])
-    if rope.pop("partial_rotary_factor") != 1.0:
+    if model_type == "smollm3":
+      fields.update(_smollm3_layers(hf))
+    if model_type == "olmo3":
+      fields.update(_olmo3_layers(hf))
+    fields.update(_FIXED.get(model_type, {}))
+    rope = layers.rope_from_hf(_full_layers_rope(hf), default_theta=hf["rope_theta"])
+    if model_type == "phi3" and rope["rope_type"] != "default":
+      raise ValueError(f"phi3: rope type {rope['rope_type']!r} (longrope; 'su' and 'yarn' in older configs, the "
+                       "128k-context checkpoints) is not supported; the 4k-context checkpoints use plain RoPE")
+    if rope["partial_rotary_factor"] != 1.0 and model_type != "phi3":
       raise ValueError(f"{model_type}: partial_rotary_factor other than 1 is not supported")
     fields.update(model_type=model_type, **rope)
     fields.update(overrides)
@@ -140,18 +200,63 @@ class LlamaConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers `config.json` contents, with RoPE in both forms (transformers 5 reads `rope_parameters`,
     transformers 4 `rope_theta` / `rope_scaling`)."""
-    hf = layers.hf_fields(self, _HF_FIELDS)
+    hf = layers.hf_fields(self, _HF_FIELDS + _EXTRA_HF_FIELDS.get(self.model_type, ()))
+    extra = dict(partial_rotary_factor=self.partial_rotary_factor) if self.model_type == "phi3" else {}
     hf.update(model_type=self.model_type, architectures=[f"{ARCHITECTURES[self.model_type]}ForCausalLM"],
-              rope_theta=self.rope_theta, **layers.rope_to_hf(self.rope_theta, self.rope_type, self.rope_scaling))
-    if self.model_type == "qwen2":
-      del hf["attention_bias"], hf["mlp_bias"]  # Qwen2's biases are fixed by the architecture
+              rope_theta=self.rope_theta,
+              **layers.rope_to_hf(self.rope_theta, self.rope_type, self.rope_scaling, **extra))
+    if self.model_type == "olmo3":  # transformers 5 reads each kind's RoPE; 4's rope_scaling is the full layers'
+      sliding = layers.rope_to_hf(*self.rope_of("sliding_attention"))["rope_parameters"]
+      hf["rope_parameters"] = {"full_attention": hf["rope_parameters"], "sliding_attention": sliding}
+    if self.model_type in ("qwen2", "phi3"):
+      del hf["attention_bias"], hf["mlp_bias"]  # fixed by the architecture
     if self.model_type in ("qwen2", "qwen3"):
       hf.update(use_sliding_window=False, sliding_window=None)
+    if self.model_type == "smollm3":
+      hf.update(use_sliding_window=self.sliding_window is not None,
+                layer_types=list(self.layer_types or ["full_attention"] * self.num_hidden_layers))
     return hf
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
 
+  def rope_of(self, layer_type: str) -> tuple[float, str, tuple]:
+    """(theta, type, scaling) of the RoPE of a kind of layer."""
+    if layer_type == "sliding_attention" and self.sliding_rope_theta is not None:
+      return self.sliding_rope_theta, self.sliding_rope_type, self.sliding_rope_scaling
+    return self.rope_theta, self.rope_type, self.rope_scaling
+
+
+
+def _smollm3_layers(hf: dict[str, Any]) -> dict[str, Any]:
+  """SmolLM3's per-layer settings as transformers derives them: without `no_rope_layers`, every
+  `no_rope_layer_interval`-th layer has no rotary embedding; with `use_sliding_window`, the layers `layer_types`
+  names (by default those without rotary embedding) slide, and no window applies otherwise."""
+  count = hf["num_hidden_layers"]
+  no_rope = hf.get("no_rope_layers") or [int((i + 1) % hf["no_rope_layer_interval"] != 0) for i in range(count)]
+  if not (hf.get("use_sliding_window") and hf.get("sliding_window")):
+    return dict(no_rope_layers=tuple(no_rope), sliding_window=None, layer_types=None)
+  kinds = hf.get("layer_types") or ["full_attention" if rope else "sliding_attention" for rope in no_rope]
+  return dict(no_rope_layers=tuple(no_rope), layer_types=tuple(kinds))
+
+
+def _full_layers_rope(hf: dict[str, Any]) -> dict[str, Any]:
+  """The config.json with the RoPE of the full-attention layers where OLMo 3 gives one per kind of layer."""
+  nested = hf.get("rope_parameters") or {}
+  return {**hf, "rope_parameters": nested["full_attention"]} if "full_attention" in nested else hf
+
+
+def _olmo3_layers(hf: dict[str, Any]) -> dict[str, Any]:
+  """OLMo 3's kinds of layer (by default three sliding, then one full) and the sliding layers' RoPE: their own
+  `rope_parameters` entry, or in transformers 4's form plain RoPE of `rope_theta` (`rope_scaling` is the full
+  layers')."""
+  count = hf["num_hidden_layers"]
+  kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(count)]
+  nested = hf.get("rope_parameters") or {}
+  sliding = {"rope_parameters": nested["sliding_attention"]} if "sliding_attention" in nested else {}
+  rope = layers.rope_from_hf(sliding, default_theta=hf["rope_theta"])
+  return dict(layer_types=tuple(kinds), sliding_rope_theta=rope["rope_theta"], sliding_rope_type=rope["rope_type"],
+              sliding_rope_scaling=rope["rope_scaling"])
 
 
 def _rms_norm(config: LlamaConfig, size: int) -> layers.RMSNorm:
@@ -159,33 +264,39 @@ def _rms_norm(config: LlamaConfig, size: int) -> layers.RMSNorm:
 
 
 class LlamaAttention(nnx.Module):
-  """Grouped-query attention: num_attention_heads query heads share num_key_value_heads K/V heads; RoPE on q, k."""
+  """Grouped-query attention: num_attention_heads query heads share num_key_value_heads K/V heads; RoPE on q, k
+  (but in SmolLM3's NoPE layers), after q/k RMSNorm where the family has one."""
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
     self.config = config
     c, qkv_bias = config, config.attention_bias or config.qkv_bias
-    self.q_proj = layers.linear(c, rngs, c.hidden_size, c.num_attention_heads * c.head_dim, qkv_bias)
-    self.k_proj = layers.linear(c, rngs, c.hidden_size, c.num_key_value_heads * c.head_dim, qkv_bias)
-    self.v_proj = layers.linear(c, rngs, c.hidden_size, c.num_key_value_heads * c.head_dim, qkv_bias)
-    self.o_proj = layers.linear(c, rngs, c.num_attention_heads * c.head_dim, c.hidden_size, c.attention_bias)
-    if config.qk_norm:
-      self.q_norm, self.k_norm = _rms_norm(c, c.head_dim), _rms_norm(c, c.head_dim)
-    else:
-      self.q_norm = self.k_norm = None
+    q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    self.q_proj = layers.linear(c, rngs, c.hidden_size, q_width, qkv_bias)
+    self.k_proj = layers.linear(c, rngs, c.hidden_size, kv_width, qkv_bias)
+    self.v_proj = layers.linear(c, rngs, c.hidden_size, kv_width, qkv_bias)
+    self.o_proj = layers.linear(c, rngs, q_width, c.hidden_size, c.attention_bias)
+    widths = {"head": (c.head_dim, c.head_dim), "projection": (q_width, kv_width)}.get(c.qk_norm)
+    self.q_norm = _rms_norm(c, widths[0]) if widths else None
+    self.k_norm = _rms_norm(c, widths[1]) if widths else None
+    self.use_rope = c.no_rope_layers is None or bool(c.no_rope_layers[layer_index])
 
   def __call__(self, x, mask, rope, layer_cache=None, cache_index=None, dropout_key=None):
     cfg = self.config
     batch, length, _ = x.shape
     keys = layers.split_key(dropout_key, 5)
-    q = project(self.q_proj, x, keys[0]).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
-    k = project(self.k_proj, x, keys[1]).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    v = project(self.v_proj, x, keys[2]).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    if self.q_norm is not None:
+    q, k = project(self.q_proj, x, keys[0]), project(self.k_proj, x, keys[1])
+    if cfg.qk_norm == "projection":
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
+    q = q.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+    k = k.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    v = project(self.v_proj, x, keys[2]).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
+      q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
     out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
                                              attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
-                                             dropout_key=keys[3])
+                                             dropout_key=keys[3], scale=cfg.attention_multiplier)
     return project(self.o_proj, out, keys[4]), new_cache
 
 
@@ -206,21 +317,28 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x))."""
+  """x + attn(norm(x)), then x + mlp(norm(x)); each branch times `residual_multiplier` (Granite) first."""
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
     self.config = config
+    self.layer_type = config.layer_types[layer_index] if config.layer_types else "full_attention"
     self.input_layernorm = _rms_norm(config, config.hidden_size)
-    self.self_attn = LlamaAttention(config, rngs=rngs)
+    self.self_attn = LlamaAttention(config, layer_index, rngs=rngs)
     self.post_attention_layernorm = _rms_norm(config, config.hidden_size)
     self.mlp = LlamaMLP(config, rngs=rngs)
 
-  def __call__(self, x, mask, rope, layer_cache=None, cache_index=None, dropout_key=None):
+  def __call__(self, x, mask, context, layer_cache=None, cache_index=None, dropout_key=None):
     keys = layers.split_key(dropout_key, 4)
+    mask, rope = context[self.layer_type]
     h, new_cache = self.self_attn(self.input_layernorm(x), mask, rope, layer_cache, cache_index, keys[0])
-    x = x + dropout(h, self.config.dropout, keys[1])
-    x = x + dropout(self.mlp(self.post_attention_layernorm(x), keys[2]), self.config.dropout, keys[3])
+    x = x + dropout(_scaled(h, self.config.residual_multiplier), self.config.dropout, keys[1])
+    h = self.mlp(self.post_attention_layernorm(x), keys[2])
+    x = x + dropout(_scaled(h, self.config.residual_multiplier), self.config.dropout, keys[3])
     return x, new_cache
+
+
+def _scaled(x: jax.Array, multiplier: float) -> jax.Array:
+  return x if multiplier == 1.0 else x * multiplier
 
 
 class LlamaForCausalLM(layers.CausalLM):
@@ -231,17 +349,17 @@ class LlamaForCausalLM(layers.CausalLM):
   """
 
   kv_heads_field = "num_key_value_heads"
+  decoder_layer = LlamaDecoderLayer
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.config = config
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
                                   param_dtype=config.param_dtype,
                                   embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-    self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+    self.layers = nnx.List([self.decoder_layer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
     self.norm = _rms_norm(config, config.hidden_size)
     untied = lm_head and not config.tie_word_embeddings
     self.lm_head = layers.linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
-
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -252,22 +370,29 @@ class LlamaForCausalLM(layers.CausalLM):
     cfg = self.config
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
-                                     cache=cache, window=cfg.sliding_window)
-    rope = layers.rope_tables(inputs.positions, _inverse_frequencies(cfg))
-    x = self.embed_tokens(input_ids)
-    x, layer_caches = layers.run_stack(self.layers, x, inputs, rope, cache, dropout_key, remat=cfg.remat)
+    context = {}
+    for kind in set(cfg.layer_types or ("full_attention",)):
+      window = cfg.sliding_window if kind == "sliding_attention" or not cfg.layer_types else None
+      inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
+                                       cache=cache, window=window)
+      context[kind] = (inputs.mask, layers.rope_tables(inputs.positions, *_rope(cfg, kind)))
+    x = _scaled(self.embed_tokens(input_ids), cfg.embedding_multiplier)
+    x, layer_caches = layers.run_stack(self.layers, x, inputs, context, cache, dropout_key, remat=cfg.remat)
     x = self.norm(x)
     new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """fp32 logits from the compute-dtype product with the head (the embedding table when tied)."""
-    return layers.head_logits(hidden, self.lm_head, self.embed_tokens, self.config)
-
+    """fp32 logits from the compute-dtype product with the head (the embedding table when tied), divided by
+    `logits_scaling` (Granite)."""
+    logits = layers.head_logits(hidden, self.lm_head, self.embed_tokens, self.config)
+    return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
 
 
 @functools.lru_cache(maxsize=None)
-def _inverse_frequencies(config: LlamaConfig):
-  return layers.rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_type,
-                                         dict(config.rope_scaling))
+def _rope(config: LlamaConfig, layer_type: str) -> tuple[np.ndarray, float]:
+  """Inverse frequencies (of the rotated part of each head) and attention factor of a kind of layer's RoPE."""
+  theta, rope_type, scaling = config.rope_of(layer_type)
+  rotary_dim = int(config.head_dim * config.partial_rotary_factor)
+  return (layers.rope_inverse_frequencies(rotary_dim, theta, rope_type, dict(scaling)),
+          layers.rope_attention_factor(rope_type, dict(scaling)))
