@@ -117,7 +117,7 @@ def test_granite_scales_embeddings_residuals_attention_and_logits(tmp_path):
                        ("residual_multiplier", 1.0), ("logits_scaling", 1.0)):
     changed = nnx.merge(nnx.split(registry.build_causal_lm(model.config.replace(**{field: value}),
                                                            rngs=nnx.Rngs(0)))[0], nnx.state(model))
-    assert not np.allclose(np.asarray(fp.forward(changed, ids, mask)), base, atol=1e-3), field
+    assert np.abs(np.asarray(fp.forward(changed, ids, mask)) - base).max() > 1e-5, field
 
 
 def test_smollm3_layers_without_rope_ignore_positions(tmp_path):
