@@ -5,6 +5,7 @@ export as `<Family>ForSequenceClassification`; presets have the real sizes (the 
 here as fixtures, give transformers' parameter counts); LoRA wraps q and v; FLOPs count every matmul weight."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,11 @@ import pytest
 from flax import nnx
 
 import family_parity as fp
-from jaxalign import flops
+from chat_data import OLMO2_CHAT_TEMPLATE, chat_stage, conversational_records, tiny_olmo2_chat_folder, write_jsonl
+from helpers import losses_by_step
+from jaxalign import flops, trainer
 from jaxalign.models import hub, layers, lora, registry, reward
+from jaxalign.tokenizer import load_tokenizer
 
 torch, transformers = fp.torch, fp.transformers
 
@@ -276,68 +280,20 @@ def test_presets_have_the_parameter_counts_transformers_builds_from_the_publishe
 
 # ------------------------------------------------------------------ training an OLMo 2 folder on its chat template
 
-# OLMo 2 Instruct's template (Tülu 3's): role tags on their own lines, each assistant turn ended by EOS.
-OLMO2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{ '<|system|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'user' %}"
-    "{{ '<|user|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}"
-    "{% if not loop.last %}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
-    "{% else %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{% endif %}{% endif %}"
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}")
-
-
-def olmo2_chat_folder(out_dir: str) -> str:
-  """A random 2-layer OLMo 2 saved as a Hugging Face folder beside a tiny tokenizer carrying OLMo 2's template."""
-  from conftest import TINY_CORPUS
-  from jaxalign.tokenizer import train_bpe_tokenizer
-
-  tokenizer = train_bpe_tokenizer(TINY_CORPUS, out_dir, vocab_size=384)
-  tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]})
-  tokenizer.chat_template = OLMO2_CHAT_TEMPLATE
-  tokenizer.save_pretrained(out_dir)
-  config = registry.preset("olmo-2-0425-1b", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-  hub.save_pretrained(registry.build_causal_lm(config, rngs=nnx.Rngs(0)), out_dir)
-  return out_dir
-
-
-def chat_stage(task: str, init_from: str, cache: str, data: str, **fields):
-  from configs import common
-
-  c = common.get_config()
-  c.task, c.init_from, c.tokenizer = task, init_from, init_from
-  c.data.update(source=data, format="conversational", chat_template="tokenizer", cache_dir=cache, eval_pairs=0,
-                max_length=128, max_prompt_length=96, buckets=(128,))
-  c.model.dropout = 0.0
-  c.training.update(batch_size=8, max_steps=3, log_every=1, progress_bar=False)
-  c.checkpoint.update(every_steps=0, async_save=False)
-  c.logging.tensorboard = False
-  for name, value in fields.items():
-    section, leaf = name.split(".")
-    c[section][leaf] = value
-  return c
-
 
 @pytest.mark.slow
 def test_trainer_runs_sft_and_dpo_on_an_olmo2_folder_with_its_chat_template(tmp_path):
-  import math
-
-  from chat_data import conversational_records, write_jsonl
-  from helpers import losses_by_step
-  from jaxalign import trainer
-  from jaxalign.tokenizer import load_tokenizer
-
-  folder = olmo2_chat_folder(str(tmp_path / "olmo2"))
+  folder = tiny_olmo2_chat_folder(str(tmp_path / "olmo2"))
   write_jsonl(str(tmp_path / "data" / "train.jsonl"), conversational_records(32))
   write_jsonl(str(tmp_path / "data" / "test.jsonl"), conversational_records(8))
   data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
-  sft = trainer.run(chat_stage("sft", folder, cache, data, **{"data.loss_on": "assistant", "training.max_steps": 5,
-                                                               "optimizer.lr": 3e-3}), str(tmp_path / "sft"))
+  sft = trainer.run(chat_stage("sft", folder, cache, data, **{"data.loss_on": "assistant", "data.eval_pairs": 0,
+                                                               "training.max_steps": 5, "optimizer.lr": 3e-3}),
+                    str(tmp_path / "sft"))
   losses = losses_by_step(str(tmp_path / "sft"))
   assert losses[5] < losses[1], losses
-  dpo = trainer.run(chat_stage("dpo", sft, cache, data, **{"optimizer.lr": 1e-3}), str(tmp_path / "dpo"))
+  dpo = trainer.run(chat_stage("dpo", sft, cache, data, **{"data.eval_pairs": 0, "optimizer.lr": 1e-3}),
+                    str(tmp_path / "dpo"))
   assert losses_by_step(str(tmp_path / "dpo"))[1] == pytest.approx(math.log(2), abs=1e-5)
 
   exported = load_tokenizer(dpo)
