@@ -1,18 +1,25 @@
-"""The RoPE decoder of Llama (Touvron et al., 2023) and its descendants Qwen2, Qwen3 and Mistral, as one Flax NNX
-module: token embeddings, pre-RMSNorm blocks of grouped-query attention with rotary position embeddings and a
-SwiGLU feed-forward network, a final RMSNorm and a tied or untied LM head.
+"""The RoPE decoder of Llama (Touvron et al., 2023) and its descendants Qwen2, Qwen3, Mistral, Phi-3, SmolLM3 and
+Granite, as one Flax NNX module: token embeddings, pre-RMSNorm blocks of grouped-query attention with rotary position
+embeddings and a SwiGLU feed-forward network, a final RMSNorm and a tied or untied LM head.
 
 The families differ only in options of `LlamaConfig`, read from their transformers `config.json`:
 - `llama` (SmolLM2, TinyLlama, Llama 3.x): `attention_bias` (q, k, v and o), `mlp_bias`, `rope_scaling`
-  (linear, llama3), explicit `head_dim`;
+  (linear, llama3, yarn), explicit `head_dim`;
 - `qwen2` (Qwen2 / Qwen2.5): biases on q, k and v only;
 - `qwen3`: RMSNorm over each head of q and k before RoPE, explicit `head_dim` (≠ hidden / heads);
-- `mistral`: sliding-window attention (a query sees the `sliding_window` most recent slots, itself included).
+- `mistral`: sliding-window attention (a query sees the `sliding_window` most recent slots, itself included);
+- `phi3` (Phi-3 mini, Phi-4-mini): a sliding window, RoPE over part of each head (`partial_rotary_factor`); its
+  checkpoints fuse q, k, v (`qkv_proj`) and gate, up (`gate_up_proj`), split here on import (registry `fused`);
+- `smollm3`: no RoPE in the layers `no_rope_layers` marks 0 (every fourth), a window only on `layer_types`' sliding
+  layers;
+- `granite`: `embedding_multiplier`, `attention_multiplier` (the attention scale), `residual_multiplier`,
+  `logits_scaling`.
+OLMo 2 / 3 (olmo.py) use this config and these attention and MLP modules in blocks of their own.
 
-Computes the same function as transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` and
-`MistralForCausalLM` (tests/test_llama_parity.py). RoPE angles come from the positions input, so packed and
-prefix-shared rows restart them per segment. Parameters in `param_dtype`, matmuls in `dtype`, RoPE, norms and logits
-in fp32.
+Computes the same function as transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+`MistralForCausalLM` (tests/test_llama_parity.py), `Phi3ForCausalLM`, `SmolLM3ForCausalLM` and `GraniteForCausalLM`
+(tests/test_olmo_phi3_smollm3_granite.py). RoPE angles come from the positions input, so packed and prefix-shared rows
+restart them per segment. Parameters in `param_dtype`, matmuls in `dtype`, RoPE, norms and logits in fp32.
 """
 
 from __future__ import annotations
