@@ -93,6 +93,13 @@ def test_export_loads_in_transformers_bit_exact_with_equal_logits(name, tmp_path
   fp.assert_logits_match(reloaded, model, "left")
 
 
+@fp.needs_8
+@pytest.mark.parametrize("name", ["olmo3_sliding_and_full", "phi3_fused_partial_rotary_window"])
+def test_sharded_forward_and_grad_equal_single_device(name, tmp_path):
+  _, model = pair(name, tmp_path)
+  fp.assert_sharded_matches_single_device(model, fp.VOCAB)
+
+
 def test_phi3_keeps_separate_projections_inside_and_fuses_them_on_export(tmp_path):
   torch_model, model = pair("phi3_fused_partial_rotary_window", tmp_path)
   attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
