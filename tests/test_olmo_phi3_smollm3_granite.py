@@ -134,7 +134,8 @@ def test_granite_scales_embeddings_residuals_attention_and_logits(tmp_path):
 def test_smollm3_layers_without_rope_ignore_positions(tmp_path):
   """A NoPE layer sees positions only through the causal mask: shifting every position changes nothing there."""
   _, model = pair("smollm3_no_rope_every_4th", tmp_path)
-  assert [layer.self_attn.use_rope for layer in model.layers] == [True, True, True, False]
+  assert model.layer_kinds() == ("full_attention",) * 3 + ("full_attention_no_rope",)
+  assert model.attention_kinds()["full_attention_no_rope"].inv_freq is None
   ids = jnp.asarray(fp.padded_batch("right")[0][:1])
   nope = model.config.replace(no_rope_layers=(0, 0, 0, 0))
   nope_model = nnx.merge(nnx.split(registry.build_causal_lm(nope, rngs=nnx.Rngs(0)))[0], nnx.state(model))

@@ -153,10 +153,12 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2LMHeadModel(layers.CausalLM):
-  """Embeddings (`wte`, `wpe`), blocks, `ln_f` and the tied head; the decoder protocol of opt.py.
+  """Embeddings (`wte`, `wpe`), blocks, `ln_f` and the tied head; the template of layers.CausalLM.
 
   `lm_head=False` leaves an untied head out (a reward model's backbone); GPT-2's own head is tied.
   """
+
+  embedding_dropout = True
 
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.config = config
@@ -170,25 +172,13 @@ class GPT2LMHeadModel(layers.CausalLM):
     self.lm_head = layers.linear(config, rngs, config.n_embd, config.vocab_size, False) if untied else None
 
 
-  def hidden_states(
-      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
-      dropout_key: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict | None]:
-    """Final hidden states [B, T, n_embd] and the updated cache; arguments as in `OPTForCausalLM`."""
-    cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
-                                     cache=cache)
-    embed_key, stack_key = layers.split_key(dropout_key, 2)
+  def embed(self, input_ids: jax.Array, positions: jax.Array, dropout_key=None) -> jax.Array:
     # Padding (position -1) reads row 0 of the position table; it is masked out anyway.
-    x = self.wte(input_ids) + self.wpe(jnp.maximum(inputs.positions, 0))
-    x = dropout(x, cfg.dropout, embed_key)
-    x, layer_caches = layers.run_stack(self.layers, x, inputs, None, cache, stack_key, remat=cfg.remat)
-    x = self.ln_f(x)
-    new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
-    return x, new_cache
+    x = self.wte(input_ids) + self.wpe(jnp.maximum(positions, 0))
+    return dropout(x, self.config.dropout, dropout_key)
+
+  def final_norm(self, x: jax.Array) -> jax.Array:
+    return self.ln_f(x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     return layers.head_logits(hidden, self.lm_head, self.wte, self.config)

@@ -167,10 +167,12 @@ class GPTNeoXLayer(nnx.Module):
 
 
 class GPTNeoXForCausalLM(layers.CausalLM):
-  """The decoder (`embed_in`, layers, `final_layer_norm`) and its head `embed_out`; the decoder protocol of opt.py.
+  """The decoder (`embed_in`, layers, `final_layer_norm`) and its head `embed_out`; the template of layers.CausalLM.
 
   `lm_head=False` leaves the untied head out (a reward model's backbone).
   """
+
+  embedding_dropout = True
 
   def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.config = config
@@ -183,24 +185,14 @@ class GPTNeoXForCausalLM(layers.CausalLM):
     self.embed_out = layers.linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
 
 
-  def hidden_states(
-      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
-      dropout_key: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict | None]:
-    """Final hidden states [B, T, hidden_size] and the updated cache; arguments as in `OPTForCausalLM`."""
-    cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
-                                     cache=cache)
-    rope = layers.rope_tables(inputs.positions, _inverse_frequencies(cfg))
-    embed_key, stack_key = layers.split_key(dropout_key, 2)
-    x = dropout(self.embed_in(input_ids), cfg.dropout, embed_key)
-    x, layer_caches = layers.run_stack(self.layers, x, inputs, rope, cache, stack_key, remat=cfg.remat)
-    x = self.final_layer_norm(x)
-    new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
-    return x, new_cache
+  def embed(self, input_ids: jax.Array, positions: jax.Array, dropout_key=None) -> jax.Array:
+    return dropout(self.embed_in(input_ids), self.config.dropout, dropout_key)
+
+  def attention_kinds(self) -> dict[str, layers.AttentionKind]:
+    return {"global": layers.AttentionKind(inv_freq=_inverse_frequencies(self.config))}
+
+  def final_norm(self, x: jax.Array) -> jax.Array:
+    return self.final_layer_norm(x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied)."""

@@ -1,9 +1,9 @@
 """Pieces every decoder family shares: the attention mask, attention itself (grouped-query without repeating K/V),
 the KV cache, RMSNorm, rotary position embeddings, dropout, activations and the LM head.
 
-Each family file (opt.py, llama.py, gpt_neox.py, gpt2.py) builds its blocks from these and keeps the same decoder
-protocol: `hidden_states(input_ids, attention_mask, *, positions, segment_ids, mask, cache, dropout_key)`,
-`logits(hidden)`, `init_cache(batch_size, max_length, dtype)`.
+Each family file (opt.py, llama.py, gpt_neox.py, gpt2.py, …) builds its blocks from these and plugs them into
+`CausalLM`, the forward template every family shares: `hidden_states(input_ids, attention_mask, *, positions,
+segment_ids, mask, cache, dropout_key)`, `logits(hidden)`, `init_cache(batch_size, max_length, dtype)`.
 """
 
 from __future__ import annotations
@@ -92,17 +92,24 @@ def attention_mask_4d(
 
 @dataclasses.dataclass(frozen=True)
 class AttentionInputs:
-  """What every block of one forward pass shares: positions, the 4-D mask, and where the cache is written."""
+  """What every block of one forward pass shares: positions, which key slots hold real tokens, where the cache is
+  written, and what builds the masks (one per attention kind: `mask(window)`)."""
 
   positions: jax.Array  # [B, T], -1 on padding
-  mask: jax.Array  # [B, 1, T, S]
+  query_slots: jax.Array  # [B, T]: the key slot of each query (offset by the cache index with a cache)
   key_valid: jax.Array  # [B, S]
   cache_index: jax.Array | None
+  segment_ids: jax.Array | None = None  # [B, T]
+  explicit: jax.Array | None = None  # [B, T, S]: an extra boolean mask ANDed in
+
+  def mask(self, window: int | None = None) -> jax.Array:
+    """The 4-D boolean mask [B, 1, T, S], sliding over `window` slots when given."""
+    return attention_mask_4d(self.query_slots, self.key_valid, self.segment_ids, self.segment_ids, self.explicit,
+                             window=window)
 
 
-def attention_inputs(attention_mask, *, positions=None, segment_ids=None, mask=None, cache=None,
-                     window: int | None = None) -> AttentionInputs:
-  """Positions (default: counted over real tokens, continuing from the cache) and the attention mask of a call."""
+def attention_inputs(attention_mask, *, positions=None, segment_ids=None, mask=None, cache=None) -> AttentionInputs:
+  """Positions (default: counted over real tokens, continuing from the cache) and the mask inputs of a call."""
   batch, length = attention_mask.shape
   real = attention_mask.astype(bool)
   if cache is None:
@@ -116,8 +123,7 @@ def attention_inputs(attention_mask, *, positions=None, segment_ids=None, mask=N
       positions = cache["next_position"][:, None] + default_positions(attention_mask)
     slots = cache_index + jnp.broadcast_to(jnp.arange(length), (batch, length))
     key_valid = jax.lax.dynamic_update_slice_in_dim(cache["key_valid"], real, cache_index, axis=1)
-  mask4 = attention_mask_4d(slots, key_valid, segment_ids, segment_ids, mask, window=window)
-  return AttentionInputs(positions, mask4, key_valid, cache_index)
+  return AttentionInputs(positions, slots, key_valid, cache_index, segment_ids, mask)
 
 
 def init_cache(batch_size: int, max_length: int, *, num_layers: int, kv_heads: int, head_dim: int,
@@ -150,7 +156,7 @@ def write_cache(layer_cache, k, v, cache_index):
 
 
 def cached_attention(q, k, v, mask, layer_cache, cache_index, *, attention_impl: str, dropout_rate: float,
-                     dropout_key, scale: float | None = None):
+                     dropout_key, scale: float | None = None, softcap: float | None = None):
   """This call's K/V written into the layer cache (when there is one), then attention over all the cache's slots.
   Returns the heads' outputs flattened to [B, T, N * H] and the new layer cache (None without a cache)."""
   new_cache = None
@@ -158,7 +164,7 @@ def cached_attention(q, k, v, mask, layer_cache, cache_index, *, attention_impl:
     k, v, new_cache = write_cache(layer_cache, k, v, cache_index)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
   out = attend(q, k, v, mask, attention_impl=attention_impl, dropout_rate=dropout_rate, dropout_key=dropout_key,
-               scale=scale)
+               scale=scale, softcap=softcap)
   return out.reshape(*q.shape[:2], -1), new_cache
 
 
@@ -166,6 +172,14 @@ def feed_forward(up: nnx.Module, down: nnx.Module, activation: str, x: jax.Array
   """down(activation(up(x))): the two-matrix MLP of OPT, GPT-2 and GPT-NeoX."""
   keys = split_key(dropout_key, 2)
   return project(down, ACTIVATIONS[activation](project(up, x, keys[0])), keys[1])
+
+
+def gated_feed_forward(gate: nnx.Module, up: nnx.Module, down: nnx.Module, activation: str, x: jax.Array,
+                       dropout_key) -> jax.Array:
+  """down(activation(gate(x)) · up(x)): the gated MLP of Llama (SwiGLU) and Gemma (GeGLU)."""
+  keys = split_key(dropout_key, 3)
+  gated = ACTIVATIONS[activation](project(gate, x, keys[0])) * project(up, x, keys[1])
+  return project(down, gated, keys[2])
 
 
 def attention_implementation(attention_impl: str, dtype) -> str:
@@ -179,23 +193,26 @@ def attention_implementation(attention_impl: str, dtype) -> str:
 
 
 def attend(q, k, v, mask, *, attention_impl: str, dropout_rate: float = 0.0, dropout_key=None,
-           scale: float | None = None):
+           scale: float | None = None, softcap: float | None = None):
   """Scaled dot-product attention, q [B, T, N, H], k / v [B, S, K, H] with K dividing N (grouped-query attention:
   `jax.nn.dot_product_attention` shares each K/V head over N/K query heads without copying it). `scale` defaults
-  to 1/sqrt(H)."""
+  to 1/sqrt(H); `softcap` (Gemma 2) bounds the scores to (-softcap, softcap) by softcap · tanh(score / softcap)."""
   scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-  if dropout_rate > 0.0 and dropout_key is not None:
-    return _attention_with_dropout(q, k, v, mask, dropout_rate, dropout_key, scale)
+  if softcap is not None or (dropout_rate > 0.0 and dropout_key is not None):
+    return _explicit_attention(q, k, v, mask, scale, softcap, dropout_rate, dropout_key)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation=attention_implementation(attention_impl, q.dtype))
 
 
-def _attention_with_dropout(q, k, v, mask, rate, key, scale):
-  """Explicit softmax attention, used only when attention-probability dropout is on (off by default everywhere)."""
+def _explicit_attention(q, k, v, mask, scale, softcap, rate, key):
+  """Softmax attention written out, for what `jax.nn.dot_product_attention` does not offer: a soft-cap on the
+  scores and dropout on the attention probabilities (off by default everywhere)."""
   batch, length, heads, head_dim = q.shape
   groups = heads // k.shape[2]
   q = q.reshape(batch, length, k.shape[2], groups, head_dim)
   scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
   return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(batch, length, heads, head_dim)
@@ -359,19 +376,39 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 # --------------------------------------------------------------------------------------------- stack and head
 
 
-def run_stack(layers, x, inputs: AttentionInputs, context, cache: dict | None, dropout_key, *, remat: bool):
-  """Runs the blocks in order; each is called `layer(x, mask, context, layer_cache, cache_index, dropout_key)` and
-  returns (x, new layer cache). With `remat` (and no cache) each block is recomputed in the backward pass."""
+@dataclasses.dataclass(frozen=True)
+class AttentionKind:
+  """Attention settings shared by the layers of one kind, turned into tensors once per forward pass: the mask
+  (sliding over `window` slots, or full causal) and the rotary table (from `inv_freq`). Settings that need no
+  per-call tensor (a logit soft-cap, a score scale) live in the blocks themselves, which are built per layer."""
+
+  window: int | None = None
+  inv_freq: np.ndarray | None = None  # RoPE inverse frequencies; None: the layers get no rotary table (None)
+  rope_attention_factor: float = 1.0  # what cos and sin are multiplied by (YaRN's temperature)
+
+
+def layer_call(inputs: AttentionInputs, kind: AttentionKind) -> tuple[jax.Array, Any, Any]:
+  """What a layer of `kind` is called with: its mask, its context (the rotary table, or None) and where its cache
+  is written."""
+  rope = (rope_tables(inputs.positions, kind.inv_freq, kind.rope_attention_factor) if kind.inv_freq is not None
+          else None)
+  return inputs.mask(kind.window), rope, inputs.cache_index
+
+
+def run_stack(layers, x, calls, cache: dict | None, dropout_key, *, remat: bool):
+  """Runs the blocks in order; block i is called `layer(x, mask, context, layer_cache, cache_index, dropout_key)`
+  with (mask, context, cache_index) = `calls[i]` (see `layer_call`) and returns (x, new layer cache). With `remat`
+  (and no cache) each block is recomputed in the backward pass."""
   layer_caches = []
-  for i, layer in enumerate(layers):
+  for i, (layer, (mask, context, cache_index)) in enumerate(zip(layers, calls, strict=True)):
     key = layer_key(dropout_key, i)
     if cache is not None:
-      x, layer_cache = layer(x, inputs.mask, context, cache["layers"][i], inputs.cache_index, key)
+      x, layer_cache = layer(x, mask, context, cache["layers"][i], cache_index, key)
       layer_caches.append(layer_cache)
     elif remat:
-      x = _run_layer_remat(layer, x, inputs.mask, context, key)
+      x = _run_layer_remat(layer, x, mask, context, key)
     else:
-      x = _run_layer(layer, x, inputs.mask, context, key)
+      x = _run_layer(layer, x, mask, context, key)
   return x, layer_caches
 
 
@@ -401,16 +438,55 @@ def head_logits(hidden: jax.Array, lm_head: nnx.Linear | None, embed: nnx.Embed,
 
 
 class CausalLM(nnx.Module):
-  """What every family's causal LM shares: `model(ids, mask, **kw)` gives fp32 logits, and an empty KV cache of
-  `kv_heads` heads per slot. Subclasses define `hidden_states` and `logits`."""
+  """The forward template of every family's causal LM: embeddings, the blocks (`self.layers`), a final norm and
+  the head; the KV cache of `kv_heads` heads per slot.
+
+  A family defines `embed(input_ids, positions, dropout_key)`, `final_norm(x)` and `logits(hidden)`; its blocks are
+  called `block(x, mask, context, layer_cache, cache_index, dropout_key) -> (x, new layer cache)`. Attention
+  settings come by kind: `attention_kinds()` names each kind's settings (default: one kind, full causal, no rotary
+  table) and `layer_kinds()` gives each layer's kind (default: all the one kind), so layers may differ (Gemma's
+  sliding and global layers, each with its own rotary base) and each kind's mask and table are built once per call.
+  """
 
   kv_heads_field = "num_attention_heads"  # the config field with the number of K/V heads
+  embedding_dropout = False  # True: `embed` gets a key of its own, split from the call's dropout key
+
+  def attention_kinds(self) -> dict[str, AttentionKind]:
+    return {"global": AttentionKind()}
+
+  def layer_kinds(self) -> tuple[str, ...]:
+    (kind,) = self.attention_kinds()
+    return (kind,) * len(self.layers)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
     """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
     cfg = self.config
     return init_cache(batch_size, max_length, num_layers=cfg.num_hidden_layers,
                       kv_heads=getattr(cfg, self.kv_heads_field), head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
+
+  def hidden_states(
+      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
+      dropout_key: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict | None]:
+    """Final hidden states [B, T, width] and the updated cache (None without a cache).
+
+    input_ids [B, T]; attention_mask [B, T] (1 = real token; default all ones); positions [B, T] 0-based
+      (default: counted over real tokens, continuing from the cache); segment_ids [B, T] for packed rows
+      (attention only within equal ids; pass positions restarting per segment); mask [B, T, S] an extra boolean
+      attention mask ANDed with the causal/padding/segment mask (S = T without a cache); dropout_key enables dropout.
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    inputs = attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask, cache=cache)
+    embed_key, stack_key = split_key(dropout_key, 2) if self.embedding_dropout else (None, dropout_key)
+    x = self.embed(input_ids, inputs.positions, embed_key)
+    by_kind = {name: layer_call(inputs, kind) for name, kind in self.attention_kinds().items()}
+    calls = [by_kind[kind] for kind in self.layer_kinds()]
+    x, layer_caches = run_stack(self.layers, x, calls, cache, stack_key, remat=self.config.remat)
+    x = self.final_norm(x)
+    new_cache = updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
+    return x, new_cache
 
   def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
     """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""

@@ -29,8 +29,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxalign.models import layers
@@ -274,7 +272,7 @@ class LlamaAttention(nnx.Module):
   """Grouped-query attention: num_attention_heads query heads share num_key_value_heads K/V heads; RoPE on q, k
   (but in SmolLM3's NoPE layers), after q/k RMSNorm where the family has one."""
 
-  def __init__(self, config: LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
     c, qkv_bias = config, config.attention_bias or config.qkv_bias
     q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -285,7 +283,6 @@ class LlamaAttention(nnx.Module):
     widths = {"head": (c.head_dim, c.head_dim), "projection": (q_width, kv_width)}.get(c.qk_norm)
     self.q_norm = _rms_norm(c, widths[0]) if widths else None
     self.k_norm = _rms_norm(c, widths[1]) if widths else None
-    self.use_rope = c.no_rope_layers is None or bool(c.no_rope_layers[layer_index])
 
   def __call__(self, x, mask, rope, layer_cache=None, cache_index=None, dropout_key=None):
     cfg = self.config
@@ -299,7 +296,7 @@ class LlamaAttention(nnx.Module):
     v = project(self.v_proj, x, keys[2]).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
     if cfg.qk_norm == "head":
       q, k = self.q_norm(q), self.k_norm(k)
-    if self.use_rope:
+    if rope is not None:  # None in SmolLM3's NoPE layers
       q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
     out, new_cache = layers.cached_attention(q, k, v, mask, layer_cache, cache_index,
                                              attention_impl=cfg.attention_impl, dropout_rate=cfg.attention_dropout,
@@ -318,25 +315,22 @@ class LlamaMLP(nnx.Module):
     self.down_proj = layers.linear(c, rngs, c.intermediate_size, c.hidden_size, c.mlp_bias)
 
   def __call__(self, x, dropout_key=None):
-    keys = layers.split_key(dropout_key, 3)
-    gate = layers.ACTIVATIONS[self.config.hidden_act](project(self.gate_proj, x, keys[0]))
-    return project(self.down_proj, gate * project(self.up_proj, x, keys[1]), keys[2])
+    return layers.gated_feed_forward(self.gate_proj, self.up_proj, self.down_proj, self.config.hidden_act, x,
+                                     dropout_key)
 
 
 class LlamaDecoderLayer(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); each branch times `residual_multiplier` (Granite) first."""
 
-  def __init__(self, config: LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.layer_type = config.layer_types[layer_index] if config.layer_types else "full_attention"
     self.input_layernorm = _rms_norm(config, config.hidden_size)
-    self.self_attn = LlamaAttention(config, layer_index, rngs=rngs)
+    self.self_attn = LlamaAttention(config, rngs=rngs)
     self.post_attention_layernorm = _rms_norm(config, config.hidden_size)
     self.mlp = LlamaMLP(config, rngs=rngs)
 
-  def __call__(self, x, mask, context, layer_cache=None, cache_index=None, dropout_key=None):
+  def __call__(self, x, mask, rope, layer_cache=None, cache_index=None, dropout_key=None):
     keys = layers.split_key(dropout_key, 4)
-    mask, rope = context[self.layer_type]
     h, new_cache = self.self_attn(self.input_layernorm(x), mask, rope, layer_cache, cache_index, keys[0])
     x = x + dropout(_scaled(h, self.config.residual_multiplier), self.config.dropout, keys[1])
     h = self.mlp(self.post_attention_layernorm(x), keys[2])
@@ -349,7 +343,7 @@ def _scaled(x: jax.Array, multiplier: float) -> jax.Array:
 
 
 class LlamaForCausalLM(layers.CausalLM):
-  """The decoder with its LM head (tied to the embeddings, or its own `lm_head`); the decoder protocol of opt.py.
+  """The decoder with its LM head (tied to the embeddings, or its own `lm_head`); the template of layers.CausalLM.
 
   `lm_head=False` leaves an untied head out (a reward model's backbone needs only the hidden states). The KV cache
   holds num_key_value_heads per slot: grouped-query attention caches less.
@@ -363,31 +357,27 @@ class LlamaForCausalLM(layers.CausalLM):
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
                                   param_dtype=config.param_dtype,
                                   embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-    self.layers = nnx.List([self.decoder_layer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
+    self.layers = nnx.List([self.decoder_layer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
     self.norm = _rms_norm(config, config.hidden_size)
     untied = lm_head and not config.tie_word_embeddings
     self.lm_head = layers.linear(config, rngs, config.hidden_size, config.vocab_size, False) if untied else None
 
-  def hidden_states(
-      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
-      dropout_key: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict | None]:
-    """Final hidden states [B, T, hidden_size] and the updated cache; arguments as in `OPTForCausalLM`."""
+  def embed(self, input_ids: jax.Array, positions: jax.Array, dropout_key=None) -> jax.Array:
+    return _scaled(self.embed_tokens(input_ids), self.config.embedding_multiplier)
+
+  def layer_kinds(self) -> tuple[str, ...]:
+    """Each layer's `layer_types` entry ("full_attention" by default), "_no_rope" appended for SmolLM3's NoPE
+    layers."""
     cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    context = {}
-    for kind in set(cfg.layer_types or ("full_attention",)):
-      window = cfg.sliding_window if kind == "sliding_attention" or not cfg.layer_types else None
-      inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
-                                       cache=cache, window=window)
-      context[kind] = (inputs.mask, layers.rope_tables(inputs.positions, *_rope(cfg, kind)))
-    x = _scaled(self.embed_tokens(input_ids), cfg.embedding_multiplier)
-    x, layer_caches = layers.run_stack(self.layers, x, inputs, context, cache, dropout_key, remat=cfg.remat)
-    x = self.norm(x)
-    new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
-    return x, new_cache
+    types = cfg.layer_types or ("full_attention",) * cfg.num_hidden_layers
+    rope = cfg.no_rope_layers or (1,) * cfg.num_hidden_layers
+    return tuple(kind if uses_rope else f"{kind}_no_rope" for kind, uses_rope in zip(types, rope, strict=True))
+
+  def attention_kinds(self) -> dict[str, layers.AttentionKind]:
+    return {name: _attention_kind(self.config, name) for name in dict.fromkeys(self.layer_kinds())}
+
+  def final_norm(self, x: jax.Array) -> jax.Array:
+    return self.norm(x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied), divided by
@@ -397,9 +387,16 @@ class LlamaForCausalLM(layers.CausalLM):
 
 
 @functools.lru_cache(maxsize=None)
-def _rope(config: LlamaConfig, layer_type: str) -> tuple[np.ndarray, float]:
-  """Inverse frequencies (of the rotated part of each head) and attention factor of a kind of layer's RoPE."""
+def _attention_kind(config: LlamaConfig, name: str) -> layers.AttentionKind:
+  """The window and RoPE of a kind of layer (see `LlamaForCausalLM.layer_kinds`): without `layer_types` the window
+  (Mistral, Phi-3) is every layer's, with them only the sliding layers'; RoPE over the first
+  `partial_rotary_factor` of each head, none in "_no_rope" layers."""
+  layer_type = name.removesuffix("_no_rope")
+  window = config.sliding_window if layer_type == "sliding_attention" or not config.layer_types else None
+  if name.endswith("_no_rope"):
+    return layers.AttentionKind(window=window)
   theta, rope_type, scaling = config.rope_of(layer_type)
   rotary_dim = int(config.head_dim * config.partial_rotary_factor)
-  return (layers.rope_inverse_frequencies(rotary_dim, theta, rope_type, dict(scaling)),
-          layers.rope_attention_factor(rope_type, dict(scaling)))
+  return layers.AttentionKind(window=window,
+                              inv_freq=layers.rope_inverse_frequencies(rotary_dim, theta, rope_type, dict(scaling)),
+                              rope_attention_factor=layers.rope_attention_factor(rope_type, dict(scaling)))

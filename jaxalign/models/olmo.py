@@ -21,17 +21,15 @@ from jaxalign.models.layers import dropout
 class OlmoDecoderLayer(nnx.Module):
   """x + norm(attn(x)), then x + norm(mlp(x))."""
 
-  def __init__(self, config: llama.LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: llama.LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.layer_type = config.layer_types[layer_index] if config.layer_types else "full_attention"
-    self.self_attn = llama.LlamaAttention(config, layer_index, rngs=rngs)
+    self.self_attn = llama.LlamaAttention(config, rngs=rngs)
     self.post_attention_layernorm = llama._rms_norm(config, config.hidden_size)
     self.mlp = llama.LlamaMLP(config, rngs=rngs)
     self.post_feedforward_layernorm = llama._rms_norm(config, config.hidden_size)
 
-  def __call__(self, x, mask, context, layer_cache=None, cache_index=None, dropout_key=None):
+  def __call__(self, x, mask, rope, layer_cache=None, cache_index=None, dropout_key=None):
     keys = layers.split_key(dropout_key, 4)
-    mask, rope = context[self.layer_type]
     h, new_cache = self.self_attn(x, mask, rope, layer_cache, cache_index, keys[0])
     x = x + dropout(self.post_attention_layernorm(h), self.config.dropout, keys[1])
     x = x + dropout(self.post_feedforward_layernorm(self.mlp(x, keys[2])), self.config.dropout, keys[3])

@@ -15,7 +15,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models import layers
@@ -204,8 +203,8 @@ class OPTDecoderLayer(nnx.Module):
 class OPTForCausalLM(layers.CausalLM):
   """The OPT decoder with its tied language-model head.
 
-  Call `model(input_ids, attention_mask)` for fp32 logits; `model.hidden_states(...)` for the final hidden states
-  (what reward heads and chunked log-prob computations use) and, with a cache, incremental decoding.
+  Call `model(input_ids, attention_mask)` for fp32 logits; `model.hidden_states(...)` (layers.CausalLM) for the final
+  hidden states (what reward heads and chunked log-prob computations use) and, with a cache, incremental decoding.
   `lm_head=False` (a reward model's backbone) changes nothing: the head is the tied embedding table.
   """
 
@@ -230,34 +229,17 @@ class OPTForCausalLM(layers.CausalLM):
     self.final_layer_norm = _layer_norm(config, rngs) if config.do_layer_norm_before else None
 
 
-  def hidden_states(
-      self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-      segment_ids: jax.Array | None = None, mask: jax.Array | None = None, cache: dict | None = None,
-      dropout_key: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict | None]:
-    """Final hidden states [B, T, word_embed_proj_dim] and the updated cache (None without a cache).
-
-    input_ids [B, T]; attention_mask [B, T] (1 = real token; default all ones); positions [B, T] 0-based
-      (default: counted over real tokens, continuing from the cache); segment_ids [B, T] for packed rows
-      (attention only within equal ids; pass positions restarting per segment); mask [B, T, S] an extra boolean
-      attention mask ANDed with the causal/padding/segment mask (S = T without a cache); dropout_key enables dropout.
-    """
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    inputs = layers.attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask,
-                                     cache=cache)
+  def embed(self, input_ids: jax.Array, positions: jax.Array, dropout_key=None) -> jax.Array:
     x = self.embed_tokens(input_ids)
     if self.project_in is not None:
       x = self.project_in(x)
     # Padding gets position -1, i.e. row 1 of the table, as in transformers.
-    x = x + self.embed_positions(inputs.positions + POSITION_OFFSET)
-    x, layer_caches = layers.run_stack(self.layers, x, inputs, None, cache, dropout_key, remat=self.config.remat)
+    return x + self.embed_positions(positions + POSITION_OFFSET)
+
+  def final_norm(self, x: jax.Array) -> jax.Array:
     if self.final_layer_norm is not None:
       x = self.final_layer_norm(x)
-    if self.project_out is not None:
-      x = self.project_out(x)
-    new_cache = layers.updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
-    return x, new_cache
+    return self.project_out(x) if self.project_out is not None else x
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """The tied LM head: hidden @ embed_tokens.T, multiplied in the compute dtype and accumulated/returned in fp32."""

@@ -1,7 +1,7 @@
 """Model families by Hugging Face `model_type`: the one place that names them.
 
 A `Family` says which config class reads a transformers `config.json`, which Flax NNX module computes the causal LM
-(every one the decoder protocol of opt.py: `hidden_states`, `logits`, `init_cache`), how its parameters are named in
+(every one the template of layers.CausalLM: `hidden_states`, `logits`, `init_cache`), how its parameters are named in
 transformers' checkpoints (`param_map`), its presets of real sizes, the projections LoRA may wrap (and wraps by
 default), and the transformers classes its exports load in (`AutoModelForCausalLM`, and reward models in
 `<Family>ForSequenceClassification`). `hub`, `reward`, `lora`, `flops`, `config_lib`, `judges` and the trainer
