@@ -201,6 +201,13 @@ def test_flops_count_every_matmul_weight_of_transformers_model(name):
   assert flops.matmul_weights(config) == linear
 
 
+def test_flops_count_sliding_layers_over_their_window_only():
+  config = registry.config_from_hf({"model_type": "olmo3", **CONFIGS["olmo3_sliding_and_full"][1], "vocab_size": 99})
+  assert flops.attention_windows(config) == (4, 4, 4, None)
+  width = config.num_attention_heads * config.head_dim
+  assert flops.body_flops_per_token(config, 10) == 2.0 * flops.matmul_weights(config) + 4 * (3 * 4 + 10) * width
+
+
 # ------------------------------------------------------------------ the real architectures (config.json fixtures)
 
 # The published config.json files (the fields that define the architecture, as on the Hub).
