@@ -293,6 +293,14 @@ def test_presets_have_the_parameter_counts_transformers_builds_from_the_publishe
   assert again.num_parameters() == PARAMETER_COUNTS[name]
 
 
+def test_a_preset_of_fewer_layers_keeps_the_per_layer_patterns():
+  assert registry.preset("smollm3-3b", num_hidden_layers=6).no_rope_layers == (1, 1, 1, 0, 1, 1)
+  olmo3 = registry.preset("olmo-3-1025-7b", num_hidden_layers=4)
+  assert olmo3.layer_types == ("sliding_attention",) * 3 + ("full_attention",)
+  with pytest.raises(ValueError, match="no_rope_layers has 2 entries; expected one per layer"):
+    registry.preset("smollm3-3b", num_hidden_layers=3, no_rope_layers=(1, 0))
+
+
 # ------------------------------------------------------------------ training an OLMo 2 folder on its chat template
 
 
@@ -319,3 +327,4 @@ def test_trainer_runs_sft_and_dpo_on_an_olmo2_folder_with_its_chat_template(tmp_
   with torch.no_grad():
     expected = theirs(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(hub.from_pretrained(dpo)(ids)), expected, atol=1e-4)
+

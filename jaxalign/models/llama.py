@@ -223,6 +223,13 @@ class LlamaConfig:
     return hf
 
   def replace(self, **changes) -> LlamaConfig:
+    """A copy with `changes`; a new `num_hidden_layers` repeats the per-layer patterns (`layer_types`,
+    `no_rope_layers`) to the new depth unless they are changed too (a 4-layer SmolLM3 keeps its NoPE 4th layer)."""
+    count = changes.get("num_hidden_layers", self.num_hidden_layers)
+    for field in ("layer_types", "no_rope_layers"):
+      pattern = getattr(self, field)
+      if field not in changes and pattern is not None and len(pattern) != count:
+        changes[field] = tuple(pattern[i % len(pattern)] for i in range(count))
     return dataclasses.replace(self, **changes)
 
   def rope_of(self, layer_type: str) -> tuple[float, str, tuple]:
