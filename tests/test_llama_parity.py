@@ -29,6 +29,10 @@ CONFIGS = {
                                                   rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                    "rope_theta": 1000.0})),
     "qwen2_qkv_bias": ("qwen2", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
+    # YaRN (Qwen2.5's long-context setting): interpolated low frequencies, attention temperature 0.1 ln(4) + 1.
+    "qwen2_yarn": ("qwen2", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=True,
+                                 rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0,
+                                                  "original_max_position_embeddings": 16})),
     # q/k RMSNorm per head, head_dim 32 != 64 / 4.
     "qwen3_qk_norm_head_dim": ("qwen3", dict(SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
     # Sliding window of 4 slots, shorter than the 11-token rows.
