@@ -250,7 +250,7 @@ def load_model(abstract: nnx.Module, reader: CheckpointReader, fam: registry.Fam
   maps parameters outside the decoder (a reward head); `vocab_rows` as in `load_into`. An unused LM head and known
   buffers are ignored."""
   unprefixed = registry.param_map(abstract, fam, "", under=under)
-  first_body_name = next(name for path, (name, _) in unprefixed.items()
+  first_body_name = next(tensor_part(name)[0] for path, (name, _) in unprefixed.items()
                          if path[len(under)] not in fam.head_attributes)
   mapping = registry.param_map(abstract, fam, checkpoint_prefix(reader, fam, first_body_name), under=under)
   mapping.update(extra or {})
