@@ -7,7 +7,7 @@ counts where it runs (the trainer runs it only at scored positions).
 
 Any registered family: the matmul weights are the kernels of its decoder (found in the abstract model, so fused
 projections, grouped-query K/V, SwiGLU's three matrices and OPT's project_in/out count as they are), attention's
-width is query heads × head_dim, over each layer's keys (at most its window in sliding-window layers).
+width is query heads × head_dim, over the keys each layer sees (sliding-window layers: their window).
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ def matmul_weights(config) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def attention_windows(config) -> tuple[int | None, ...]:
-  """Each layer's attention window (None: every earlier slot), from the family's attention kinds."""
+def layer_windows(config) -> tuple[int | None, ...]:
+  """Each layer's sliding window (None: global attention)."""
   body = registry.abstract_causal_lm(config, lm_head=False)
   kinds = body.attention_kinds()
   return tuple(kinds[kind].window for kind in body.layer_kinds())
 
 
 def body_flops_per_token(config, seq_len: int) -> float:
-  """Forward FLOPs per token of everything but the LM head, for rows of `seq_len` tokens (a sliding layer's queries
-  see at most its window of keys)."""
+  """Forward FLOPs per token of everything but the LM head, for rows of `seq_len` tokens (a sliding-window layer's
+  queries see at most its window)."""
   attention_width = config.num_attention_heads * config.head_dim
-  keys = sum(min(seq_len, window or seq_len) for window in attention_windows(config))
-  return 2.0 * matmul_weights(config) + 4 * keys * attention_width
+  spans = sum(min(seq_len, window or seq_len) for window in layer_windows(config))
+  return 2.0 * matmul_weights(config) + 4 * spans * attention_width
 
 
 def head_flops_per_token(config) -> float:

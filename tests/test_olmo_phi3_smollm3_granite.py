@@ -78,6 +78,13 @@ def test_cached_decoding_equals_full_forward(name, tmp_path):
   fp.assert_cached_decoding_matches(model)
 
 
+def test_sliding_layers_cache_only_their_window():
+  """OLMo 3's sliding layers keep a rolling buffer of their 4 slots; its full layer keeps all 11."""
+  config = registry.config_from_hf({"model_type": "olmo3", **CONFIGS["olmo3_sliding_and_full"][1], "vocab_size": 99})
+  cache = registry.abstract_causal_lm(config).init_cache(2, 11)
+  assert [layer["k"].shape[1] for layer in cache["layers"]] == [4, 4, 4, 11]
+
+
 def test_olmo2_greedy_generation_equals_transformers_generate(tmp_path):
   torch_model, model = pair("olmo2_post_norm_qk_norm", tmp_path, seed=2)
   fp.assert_greedy_matches_generate(torch_model, model)
@@ -203,7 +210,7 @@ def test_flops_count_every_matmul_weight_of_transformers_model(name):
 
 def test_flops_count_sliding_layers_over_their_window_only():
   config = registry.config_from_hf({"model_type": "olmo3", **CONFIGS["olmo3_sliding_and_full"][1], "vocab_size": 99})
-  assert flops.attention_windows(config) == (4, 4, 4, None)
+  assert flops.layer_windows(config) == (4, 4, 4, None)
   width = config.num_attention_heads * config.head_dim
   assert flops.body_flops_per_token(config, 10) == 2.0 * flops.matmul_weights(config) + 4 * (3 * 4 + 10) * width
 

@@ -107,6 +107,16 @@ class AttentionInputs:
     return attention_mask_4d(self.query_slots, self.key_valid, self.segment_ids, self.segment_ids, self.explicit,
                              window=window)
 
+  def rolling_mask(self, window: int) -> jax.Array:
+    """The mask [B, 1, T, window + T] of a sliding layer whose cache is a rolling buffer (`write_cache`): its keys
+    are the buffer's slots (the `window` before the cache index) then this call's."""
+    if self.segment_ids is not None or self.explicit is not None:
+      raise ValueError("segment_ids and explicit masks are not supported with a rolling (sliding-window) KV cache")
+    length = self.query_slots.shape[1]
+    before = jnp.pad(self.key_valid, ((0, 0), (window, 0)))  # slots -window … S - 1; the negative ones empty
+    key_valid = jax.lax.dynamic_slice_in_dim(before, self.cache_index, window + length, axis=1)
+    return attention_mask_4d(self.query_slots - self.cache_index + window, key_valid, window=window)
+
 
 def attention_inputs(attention_mask, *, positions=None, segment_ids=None, mask=None, cache=None) -> AttentionInputs:
   """Positions (default: counted over real tokens, continuing from the cache) and the mask inputs of a call."""
@@ -126,16 +136,22 @@ def attention_inputs(attention_mask, *, positions=None, segment_ids=None, mask=N
   return AttentionInputs(positions, slots, key_valid, cache_index, segment_ids, mask)
 
 
-def init_cache(batch_size: int, max_length: int, *, num_layers: int, kv_heads: int, head_dim: int,
+def init_cache(batch_size: int, max_length: int, *, layer_lengths: list[int], kv_heads: int, head_dim: int,
                dtype) -> dict[str, Any]:
-  """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
-  shape = (batch_size, max_length, kv_heads, head_dim)
+  """An empty KV cache for `max_length` slots, layer i keeping `layer_lengths[i]` of them (fewer: a rolling buffer
+  of the most recent slots). Slots fill left to right; `key_valid` marks non-padding slots."""
+  shapes = [(batch_size, n, kv_heads, head_dim) for n in layer_lengths]
   return {
-      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers)],
+      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for shape in shapes],
       "index": jnp.zeros((), jnp.int32),
       "key_valid": jnp.zeros((batch_size, max_length), bool),
       "next_position": jnp.zeros((batch_size,), jnp.int32),
   }
+
+
+def cache_length(window: int | None, max_length: int) -> int:
+  """Slots a layer's cache keeps: a sliding layer only its window (a rolling buffer), when that is shorter."""
+  return window if window is not None and window < max_length else max_length
 
 
 def updated_cache(cache: dict, layer_caches: list, inputs: AttentionInputs, attention_mask: jax.Array) -> dict:
@@ -147,11 +163,25 @@ def updated_cache(cache: dict, layer_caches: list, inputs: AttentionInputs, atte
   }
 
 
+class RollingBuffer:
+  """The `cache_index` of a layer whose cache is a rolling buffer: this call's K/V go after the slots it holds and
+  the oldest fall out, so it keeps only the most recent ones (a sliding layer never looks further back)."""
+
+
+ROLLING = RollingBuffer()
+
+
 def write_cache(layer_cache, k, v, cache_index):
-  """Writes this call's K/V [B, T, KV, H] into the layer's cache; returns the cache's K/V (all slots) and the new
-  layer cache."""
-  k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-  v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+  """Writes this call's K/V [B, T, KV, H] into the layer's cache at `cache_index` (or rolls them into a rolling
+  buffer: `ROLLING`); returns the K/V to attend over (all the cache's slots; the buffer's and this call's) and the
+  new layer cache."""
+  k, v = k.astype(layer_cache["k"].dtype), v.astype(layer_cache["v"].dtype)
+  if isinstance(cache_index, RollingBuffer):
+    keep = layer_cache["k"].shape[1]
+    k, v = jnp.concatenate([layer_cache["k"], k], axis=1), jnp.concatenate([layer_cache["v"], v], axis=1)
+    return k, v, {"k": k[:, -keep:], "v": v[:, -keep:]}
+  k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k, cache_index, axis=1)
+  v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v, cache_index, axis=1)
   return k, v, {"k": k, "v": v}
 
 
@@ -230,16 +260,22 @@ def layer_norm(size: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> 
 
 class RMSNorm(nnx.Module):
   """x / sqrt(mean(x²) + eps) · weight, normalised in fp32 and cast back before the weight (as transformers'
-  LlamaRMSNorm). Over the last axis, so it also serves Qwen3's per-head q/k norms."""
+  LlamaRMSNorm). Over the last axis, so it also serves Qwen3's per-head q/k norms.
 
-  def __init__(self, size: int, *, eps: float, dtype, param_dtype):
-    self.scale = nnx.Param(jnp.ones((size,), param_dtype))
+  `plus_one` (Gemma): the weight is stored as its offset from 1 (starting at 0) and scales by (1 + weight) in fp32,
+  cast back after it (transformers' Gemma2RMSNorm)."""
+
+  def __init__(self, size: int, *, eps: float, dtype, param_dtype, plus_one: bool = False):
+    self.scale = nnx.Param((jnp.zeros if plus_one else jnp.ones)((size,), param_dtype))
     self.eps = eps
     self.dtype = dtype
+    self.plus_one = plus_one
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
     return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
@@ -379,19 +415,22 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class AttentionKind:
   """Attention settings shared by the layers of one kind, turned into tensors once per forward pass: the mask
-  (sliding over `window` slots, or full causal) and the rotary table (from `inv_freq`). Settings that need no
-  per-call tensor (a logit soft-cap, a score scale) live in the blocks themselves, which are built per layer."""
+  (sliding over `window` slots, or full causal) and the rotary table (from `inv_freq`); a sliding kind's KV cache
+  keeps only its window (a rolling buffer). Settings that need no per-call tensor (a logit soft-cap, a score
+  scale) live in the blocks themselves, which are built per layer."""
 
   window: int | None = None
   inv_freq: np.ndarray | None = None  # RoPE inverse frequencies; None: the layers get no rotary table (None)
   rope_attention_factor: float = 1.0  # what cos and sin are multiplied by (YaRN's temperature)
 
 
-def layer_call(inputs: AttentionInputs, kind: AttentionKind) -> tuple[jax.Array, Any, Any]:
+def layer_call(inputs: AttentionInputs, kind: AttentionKind, cache: dict | None) -> tuple[jax.Array, Any, Any]:
   """What a layer of `kind` is called with: its mask, its context (the rotary table, or None) and where its cache
-  is written."""
+  is written (a sliding layer's cache is a rolling buffer when its window is shorter than the cache)."""
   rope = (rope_tables(inputs.positions, kind.inv_freq, kind.rope_attention_factor) if kind.inv_freq is not None
           else None)
+  if cache is not None and cache_length(kind.window, inputs.key_valid.shape[1]) < inputs.key_valid.shape[1]:
+    return inputs.rolling_mask(kind.window), rope, ROLLING
   return inputs.mask(kind.window), rope, inputs.cache_index
 
 
@@ -459,10 +498,12 @@ class CausalLM(nnx.Module):
     return (kind,) * len(self.layers)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
-    """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots."""
-    cfg = self.config
-    return init_cache(batch_size, max_length, num_layers=cfg.num_hidden_layers,
-                      kv_heads=getattr(cfg, self.kv_heads_field), head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
+    """An empty KV cache for `max_length` slots. Slots fill left to right; `key_valid` marks non-padding slots.
+    A sliding layer whose window is shorter keeps only its window (a rolling buffer)."""
+    cfg, kinds = self.config, self.attention_kinds()
+    lengths = [cache_length(kinds[kind].window, max_length) for kind in self.layer_kinds()]
+    return init_cache(batch_size, max_length, layer_lengths=lengths, kv_heads=getattr(cfg, self.kv_heads_field),
+                      head_dim=cfg.head_dim, dtype=dtype or cfg.dtype)
 
   def hidden_states(
       self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -481,7 +522,7 @@ class CausalLM(nnx.Module):
     inputs = attention_inputs(attention_mask, positions=positions, segment_ids=segment_ids, mask=mask, cache=cache)
     embed_key, stack_key = split_key(dropout_key, 2) if self.embedding_dropout else (None, dropout_key)
     x = self.embed(input_ids, inputs.positions, embed_key)
-    by_kind = {name: layer_call(inputs, kind) for name, kind in self.attention_kinds().items()}
+    by_kind = {name: layer_call(inputs, kind, cache) for name, kind in self.attention_kinds().items()}
     calls = [by_kind[kind] for kind in self.layer_kinds()]
     x, layer_caches = run_stack(self.layers, x, calls, cache, stack_key, remat=self.config.remat)
     x = self.final_norm(x)

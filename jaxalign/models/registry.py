@@ -16,7 +16,7 @@ from typing import Any
 
 from flax import nnx
 
-from jaxalign.models import gpt2, gpt_neox, llama, olmo, opt
+from jaxalign.models import gemma, gpt2, gpt_neox, llama, olmo, opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +149,23 @@ _SMALL_PRESETS = {
                                             ("pythia-1b", 2048, 16, 8), ("pythia-1.4b", 2048, 24, 16),
                                             ("pythia-2.8b", 2560, 32, 32))
     },
+    "gemma3_text": {
+        "gemma-3-270m": gemma.GemmaConfig(
+            "gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+            sliding_window=512, eos_token_id=1),
+        "gemma-3-1b": gemma.GemmaConfig(
+            "gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+            sliding_window=512, eos_token_id=1),
+    },
+    "gemma2": {
+        "gemma-2-2b": gemma.GemmaConfig(
+            "gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+            rope_theta=10000.0, sliding_window=4096, final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0, eos_token_id=1),
+    },
     "gpt2": {
         name: gpt2.GPT2Config(n_embd=width, n_layer=layers, n_head=heads)
         for name, width, layers, heads in (("gpt2", 768, 12, 12), ("gpt2-medium", 1024, 24, 16),
@@ -167,6 +184,12 @@ FAMILIES: dict[str, Family] = {
                  hf_sequence_classification=f"{llama.ARCHITECTURES[t]}ForSequenceClassification",
                  presets=_SMALL_PRESETS[t], **{**_LLAMA_LIKE, **_LLAMA_VARIANTS.get(t, {})})
        for t in llama.MODEL_TYPES},
+    **{t: Family(model_type=t, config_class=gemma.GemmaConfig, causal_lm=gemma.GemmaForCausalLM,
+                 hf_causal_lm=gemma.ARCHITECTURES[t],
+                 hf_sequence_classification=gemma.SEQUENCE_CLASSIFIERS[t],
+                 prefixes=("model.",), presets=_SMALL_PRESETS[t], lora_targets=_LLAMA_LIKE["lora_targets"],
+                 default_lora_targets=("q_proj", "v_proj"), head_attributes=("lm_head",))
+       for t in gemma.MODEL_TYPES},
     "gpt_neox": Family(
         model_type="gpt_neox", config_class=gpt_neox.GPTNeoXConfig, causal_lm=gpt_neox.GPTNeoXForCausalLM,
         hf_causal_lm="GPTNeoXForCausalLM", hf_sequence_classification="GPTNeoXForSequenceClassification",
