@@ -109,5 +109,52 @@ def tiny_llama_folder(out_dir: str, tokenizer_dir: str) -> str:
   return out_dir
 
 
+# OLMo 2 Instruct's template (Tülu 3's): role tags on their own lines, each assistant turn ended by EOS.
+OLMO2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<|system|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '<|user|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% else %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}")
+
+
+def tiny_olmo2_chat_folder(out_dir: str) -> str:
+  """A random 2-layer OLMo 2 saved as a Hugging Face folder beside a tiny tokenizer carrying OLMo 2's template."""
+  from flax import nnx
+
+  from jaxalign.models import hub, registry
+
+  tokenizer = train_bpe_tokenizer(TINY_CORPUS, out_dir, vocab_size=384)
+  tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]})
+  tokenizer.chat_template = OLMO2_CHAT_TEMPLATE
+  tokenizer.save_pretrained(out_dir)
+  config = registry.preset("olmo-2-0425-1b", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+  hub.save_pretrained(registry.build_causal_lm(config, rngs=nnx.Rngs(0)), out_dir)
+  return out_dir
+
+
+def chat_stage(task: str, init_from: str, cache: str, data: str, **fields):
+  """A stage config training on the conversational data in folder `data` with the model folder's chat template;
+  `fields` are "section.leaf" overrides."""
+  from configs import common
+
+  c = common.get_config()
+  c.task, c.init_from, c.tokenizer = task, init_from, init_from
+  c.data.update(source=data, format="conversational", chat_template="tokenizer", cache_dir=cache, eval_pairs=8,
+                max_length=128, max_prompt_length=96, buckets=(128,))
+  c.model.dropout = 0.0
+  c.training.update(batch_size=8, max_steps=3, log_every=1, progress_bar=False)
+  c.checkpoint.update(every_steps=0, async_save=False)
+  c.logging.tensorboard = False
+  for name, value in fields.items():
+    section, leaf = name.split(".")
+    c[section][leaf] = value
+  return c
+
+
 # Model builders for the end-to-end test, by family: (out_dir, tokenizer_dir) -> a Hugging Face folder.
 MODEL_FOLDERS = {"opt": tiny_opt_folder, "llama": tiny_llama_folder}

@@ -1,14 +1,16 @@
 """Shared checks of a model family against transformers' PyTorch model (random weights, fp32): logits over padded
-batches, cached decoding, greedy generation, and import -> export -> transformers bit-exact."""
+batches, cached decoding, greedy generation, import -> export -> transformers bit-exact, and a data 4 x fsdp 2 mesh
+giving the single-device forward and gradient."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import sampling
+from jaxalign import parallel, sampling
 from jaxalign.models import hub
 
 torch = pytest.importorskip("torch")
@@ -113,3 +115,36 @@ def assert_export_is_bit_exact(torch_model, model, out_dir):
   for name, tensor in again.items():
     assert torch.equal(tensor, original[name]), name
   return json.load(open(out_dir / "config.json"))
+
+
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+
+
+def _loss(model, ids, mask):
+  logp = jax.nn.log_softmax(model(ids, mask)[:, :-1])
+  target = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  return -(target * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+
+@nnx.jit
+def _forward_and_grad(model, ids, mask):
+  return model(ids, mask), nnx.grad(_loss)(model, ids, mask)
+
+
+def assert_sharded_matches_single_device(model, vocab_size: int, length: int = 12):
+  """On a data 4 x fsdp 2 mesh (parameters split over fsdp, rows over data) the model gives the single-device
+  logits and gradient of a next-token loss over right-padded rows."""
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(3, vocab_size, (8, length)), jnp.int32)
+  mask = jnp.asarray(np.arange(length)[None] < rng.integers(4, length + 1, (8, 1)), jnp.int32)
+  ref_logits, ref_grads = _forward_and_grad(model, ids, mask)
+  mesh = parallel.make_mesh(data=4, fsdp=2)
+  graphdef, state = nnx.split(model)
+  sharded = nnx.merge(graphdef, parallel.shard_tree(state, mesh, min_size=0))
+  batch = parallel.batch_sharding(mesh)
+  logits, grads = _forward_and_grad(sharded, jax.device_put(ids, batch), jax.device_put(mask, batch))
+  gate = sharded.layers[0].mlp.gate_proj.kernel[...]
+  assert "fsdp" in gate.sharding.spec  # parameters really are split over the fsdp axis
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from chat_data import (BAD_COUNTS, BAD_RECORDS, IM_END, MODEL_FOLDERS, conversational_records, write_chat_tokenizer,
-                       write_jsonl)
+from chat_data import (BAD_COUNTS, BAD_RECORDS, IM_END, MODEL_FOLDERS, chat_stage as stage, conversational_records,
+                       write_chat_tokenizer, write_jsonl)
 from configs import common
 from jaxalign import trainer
 from jaxalign.data import formats, tokenize
@@ -27,21 +27,6 @@ def chat_data_dir(tmp_path_factory):
   write_jsonl(str(folder / "train.jsonl"), conversational_records(N_TRAIN) + BAD_RECORDS)
   write_jsonl(str(folder / "test.jsonl"), conversational_records(N_TEST))
   return str(folder)
-
-
-def stage(task: str, init_from: str, cache: str, data: str, **fields):
-  c = common.get_config()
-  c.task, c.init_from, c.tokenizer = task, init_from, init_from
-  c.data.update(source=data, format="conversational", chat_template="tokenizer", cache_dir=cache, eval_pairs=8,
-                max_length=128, max_prompt_length=96, buckets=(128,))
-  c.model.dropout = 0.0
-  c.training.update(batch_size=8, max_steps=3, log_every=1, progress_bar=False)
-  c.checkpoint.update(every_steps=0, async_save=False)
-  c.logging.tensorboard = False
-  for name, value in fields.items():
-    section, leaf = name.split(".")
-    c[section][leaf] = value
-  return c
 
 
 def test_rendered_pairs_keep_exact_boundaries_on_the_written_data(chat_data_dir, tmp_path):

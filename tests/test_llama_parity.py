@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 import family_parity as fp
-from jaxalign import parallel
 from jaxalign.models import hub, llama, registry, reward
 
 torch, transformers = fp.torch, fp.transformers
@@ -30,6 +29,10 @@ CONFIGS = {
                                                   rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                    "rope_theta": 1000.0})),
     "qwen2_qkv_bias": ("qwen2", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
+    # YaRN (Qwen2.5's long-context setting): interpolated low frequencies, attention temperature 0.1 ln(4) + 1.
+    "qwen2_yarn": ("qwen2", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=True,
+                                 rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0,
+                                                  "original_max_position_embeddings": 16})),
     # q/k RMSNorm per head, head_dim 32 != 64 / 4.
     "qwen3_qk_norm_head_dim": ("qwen3", dict(SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
     # Sliding window of 4 slots, shorter than the 11-token rows.
@@ -155,36 +158,9 @@ def test_prefix_shared_row_gives_the_separate_rows_logprobs():
   np.testing.assert_allclose(shared_r, separate_r[p - 1:], atol=1e-5)
 
 
-needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 CPU devices)")
-
-
-@needs_8
+@fp.needs_8
 def test_sharded_forward_and_grad_equal_single_device():
-  model = llama.LlamaForCausalLM(TINY, rngs=nnx.Rngs(2))
-  rng = np.random.default_rng(0)
-  ids = jnp.asarray(rng.integers(3, 64, (8, 12)), jnp.int32)
-  mask = jnp.asarray(np.arange(12)[None] < rng.integers(4, 13, (8, 1)), jnp.int32)
-
-  def loss_fn(model, ids, mask):
-    logp = jax.nn.log_softmax(model(ids, mask)[:, :-1])
-    target = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return -(target * mask[:, 1:]).sum() / mask[:, 1:].sum()
-
-  @nnx.jit
-  def forward_and_grad(model, ids, mask):
-    return model(ids, mask), nnx.grad(loss_fn)(model, ids, mask)
-
-  ref_logits, ref_grads = forward_and_grad(model, ids, mask)
-  mesh = parallel.make_mesh(data=4, fsdp=2)
-  graphdef, state = nnx.split(model)
-  sharded = nnx.merge(graphdef, parallel.shard_tree(state, mesh, min_size=0))
-  batch = parallel.batch_sharding(mesh)
-  logits, grads = forward_and_grad(sharded, jax.device_put(ids, batch), jax.device_put(mask, batch))
-  gate = sharded.layers[0].mlp.gate_proj.kernel[...]
-  assert "fsdp" in gate.sharding.spec  # parameters really are split over the fsdp axis
-  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(got, want, atol=1e-5)
+  fp.assert_sharded_matches_single_device(llama.LlamaForCausalLM(TINY, rngs=nnx.Rngs(2)), TINY.vocab_size)
 
 
 def test_remat_and_bf16_keep_the_function():

@@ -140,6 +140,22 @@ def grow_rows(array: np.ndarray, axis: int, rows: int) -> np.ndarray:
   return np.concatenate([array, np.repeat(mean, rows - array.shape[axis], axis=axis)], axis=axis)
 
 
+_PART = re.compile(r"^(.*)\[(\d+):(\d+)\]$")
+
+
+def tensor_part(name: str) -> tuple[str, slice | None]:
+  """The checkpoint tensor and rows of a mapped name: "w[64:96]" is rows 64..95 (output features, before any
+  transpose) of the fused tensor "w", as Phi-3's `qkv_proj` holds q, k and v one after another."""
+  match = _PART.match(name)
+  return (match[1], slice(int(match[2]), int(match[3]))) if match else (name, None)
+
+
+def read_tensor(reader: CheckpointReader, name: str) -> np.ndarray:
+  base, rows = tensor_part(name)
+  array = reader.get(base)
+  return array if rows is None else array[rows]
+
+
 def load_into(abstract_model: nnx.Module, reader: CheckpointReader, param_map: ParamMap,
               shardings: Any = None, *, ignore: Iterable[str] = (), vocab_rows: tuple[int, int] | None = None
               ) -> nnx.Module:
@@ -155,19 +171,20 @@ def load_into(abstract_model: nnx.Module, reader: CheckpointReader, param_map: P
   flat = dict(nnx.to_flat_state(abstract_state))
   flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
   available = reader.names()
-  missing = sorted({hf for path, (hf, _) in param_map.items() if path in flat and hf not in available})
+  used = {path: tensor_part(hf)[0] for path, (hf, _) in param_map.items()}
+  missing = sorted({hf for path, hf in used.items() if path in flat and hf not in available})
   if missing:
     raise KeyError(f"Checkpoint {reader.model_dir!r} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
   unmapped = sorted(set(flat) - set(param_map))
   if unmapped:
     raise KeyError(f"No checkpoint tensor is mapped to parameters {[_path_str(p) for p in unmapped[:5]]}")
-  unused = sorted(available - {hf for hf, _ in param_map.values()} - set(ignore))
+  unused = sorted(available - set(used.values()) - set(ignore))
   if unused:
     log.warning("Ignoring %d checkpoint tensors not used by the model, e.g. %s", len(unused), unused[:5])
 
   for path, variable in flat.items():
     hf_name, transform = param_map[path]
-    array = _TRANSFORMS[transform](reader.get(hf_name))
+    array = _TRANSFORMS[transform](read_tensor(reader, hf_name))
     if vocab_rows and array.shape != variable.shape:
       grown = [axis for axis, (have, want) in enumerate(zip(array.shape, variable.shape)) if have != want]
       if len(grown) == 1 and (array.shape[grown[0]], variable.shape[grown[0]]) == vocab_rows:
@@ -213,10 +230,16 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, *, max_shard
 
 
 def export_tensors(model: nnx.Module, param_map: ParamMap) -> dict[str, np.ndarray]:
-  """Our parameters under their HF names and layouts (inverse of `load_into`), gathered on this host."""
+  """Our parameters under their HF names and layouts (inverse of `load_into`), gathered on this host; the parts of a
+  fused tensor are concatenated in row order."""
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  return {hf: _TRANSFORMS[transform](parallel.host_numpy(flat[path].get_value()))
-          for path, (hf, transform) in param_map.items()}
+  parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+  for path, (hf, transform) in param_map.items():
+    base, rows = tensor_part(hf)
+    array = _TRANSFORMS[transform](parallel.host_numpy(flat[path].get_value()))
+    parts.setdefault(base, []).append((rows.start if rows else 0, array))
+  return {base: np.concatenate([a for _, a in sorted(pieces, key=lambda piece: piece[0])], axis=0)
+          if len(pieces) > 1 else pieces[0][1] for base, pieces in parts.items()}
 
 
 # ------------------------------------------------------------------------------------------- every family
@@ -242,7 +265,7 @@ def load_model(abstract: nnx.Module, reader: CheckpointReader, fam: registry.Fam
   maps parameters outside the decoder (a reward head); `vocab_rows` as in `load_into`. An unused LM head and known
   buffers are ignored."""
   unprefixed = registry.param_map(abstract, fam, "", under=under)
-  first_body_name = next(name for path, (name, _) in unprefixed.items()
+  first_body_name = next(tensor_part(name)[0] for path, (name, _) in unprefixed.items()
                          if path[len(under)] not in fam.head_attributes)
   mapping = registry.param_map(abstract, fam, checkpoint_prefix(reader, fam, first_body_name), under=under)
   mapping.update(extra or {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -300,7 +301,48 @@ def rope_inverse_frequencies(rotary_dim: int, theta: float, rope_type: str = "de
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
-  raise ValueError(f"rope_type {rope_type!r} not supported; one of 'default', 'linear', 'llama3'")
+  if rope_type == "yarn":
+    return _yarn_inverse_frequencies(rotary_dim, theta, scaling)
+  raise ValueError(f"rope_type {rope_type!r} not supported; one of {list(ROPE_TYPES)}")
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _yarn_inverse_frequencies(rotary_dim: int, theta: float, scaling: dict) -> np.ndarray:
+  """YaRN (Peng et al., 2023): frequencies that turn fewer than `beta_slow` times over the original context are
+  slowed by `factor` (interpolated), those turning more than `beta_fast` times are kept (extrapolated), a linear ramp
+  over the dimensions between."""
+  factor, old_context = scaling["factor"], scaling["original_max_position_embeddings"]
+  beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+  def dimension_of(rotations):  # the dimension whose frequency turns `rotations` times over the old context
+    return rotary_dim * np.log(old_context / (rotations * 2 * np.pi)) / (2 * np.log(theta))
+
+  low, high = float(dimension_of(beta_fast)), float(dimension_of(beta_slow))
+  if scaling.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
+  high = high + 0.001 if low == high else high  # no zero-width ramp
+  ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+  keep = 1 - ramp  # 1: extrapolated (the frequency as trained), 0: interpolated
+  wavelengths = theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim)
+  return (1.0 / (factor * wavelengths) * (1 - keep) + 1.0 / wavelengths * keep).astype(np.float32)
+
+
+def rope_attention_factor(rope_type: str, scaling: dict | None = None) -> float:
+  """What cos and sin are multiplied by (YaRN's attention temperature: `attention_factor`, or 0.1 ln(factor) + 1
+  (`mscale`, `mscale_all_dim` adjusting it as DeepSeek's configs do)); 1 for the other rope types."""
+  if rope_type != "yarn":
+    return 1.0
+  if scaling.get("attention_factor") is not None:
+    return float(scaling["attention_factor"])
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * np.log(scale) + 1.0
+
+  factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+  return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else float(mscale(factor))
 
 
 def rope_from_hf(hf: dict[str, Any], *, default_theta: float, theta_key: str = "rope_theta",
@@ -345,11 +387,14 @@ def frozen(value):
   return tuple(value) if isinstance(value, list) else value
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  """cos and sin [B, T, 1, rotary_dim] (fp32) for integer positions [B, T]."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float = 1.0
+                ) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, T, 1, rotary_dim] (fp32) for integer positions [B, T], times `attention_factor` (YaRN)."""
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  return jnp.cos(angles), jnp.sin(angles)
+  if attention_factor == 1.0:
+    return jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
 def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -376,12 +421,14 @@ class AttentionKind:
 
   window: int | None = None
   inv_freq: np.ndarray | None = None  # RoPE inverse frequencies; None: the layers get no rotary table (None)
+  rope_attention_factor: float = 1.0  # what cos and sin are multiplied by (YaRN's temperature)
 
 
 def layer_call(inputs: AttentionInputs, kind: AttentionKind, cache: dict | None) -> tuple[jax.Array, Any, Any]:
   """What a layer of `kind` is called with: its mask, its context (the rotary table, or None) and where its cache
   is written (a sliding layer's cache is a rolling buffer when its window is shorter than the cache)."""
-  rope = rope_tables(inputs.positions, kind.inv_freq) if kind.inv_freq is not None else None
+  rope = (rope_tables(inputs.positions, kind.inv_freq, kind.rope_attention_factor) if kind.inv_freq is not None
+          else None)
   if cache is not None and cache_length(kind.window, inputs.key_valid.shape[1]) < inputs.key_valid.shape[1]:
     return inputs.rolling_mask(kind.window), rope, ROLLING
   return inputs.mask(kind.window), rope, inputs.cache_index

@@ -16,7 +16,7 @@ from typing import Any
 
 from flax import nnx
 
-from jaxalign.models import gemma, gpt2, gpt_neox, llama, opt
+from jaxalign.models import gemma, gpt2, gpt_neox, llama, olmo, opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Family:
   head_attributes: tuple[str, ...] = ()  # an untied LM head's attribute: named without the prefix
   renames: Mapping[str, str] = dataclasses.field(default_factory=dict)  # our attribute name -> transformers'
   kernels_in_out: bool = False  # GPT-2's Conv1D stores weights [in, out], as flax does (no transpose)
+  # transformers' fused projection -> our projections stacked in it, in row order (Phi-3's qkv_proj = q, k, v): split
+  # on import, concatenated again on export, so LoRA and sharding see the separate matrices.
+  fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   # Width of the final hidden states (what an LM or reward head reads).
   hidden_width: Callable[[Any], int] = lambda config: config.hidden_size
 
@@ -44,6 +47,14 @@ _LLAMA_LIKE = dict(
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     default_lora_targets=("q_proj", "v_proj"), head_attributes=("lm_head",),
 )
+
+
+# Where a Llama-family model type differs: OLMo's blocks (olmo.py); Phi-3's checkpoints fuse q, k, v and gate, up.
+_LLAMA_VARIANTS = {
+    "olmo2": dict(causal_lm=olmo.OlmoForCausalLM),
+    "olmo3": dict(causal_lm=olmo.OlmoForCausalLM),
+    "phi3": dict(fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}),
+}
 
 
 def _llama_like(model_type: str, **changes) -> llama.LlamaConfig:
@@ -81,8 +92,48 @@ _SMALL_PRESETS = {
         "qwen3-0.6b": _llama_like(
             "qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
             num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-            rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, qk_norm=True, bos_token_id=None,
+            rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, qk_norm="head", bos_token_id=None,
             eos_token_id=151645),
+    },
+    "olmo2": {
+        "olmo-2-0425-1b": _llama_like(
+            "olmo2", vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=500000.0,
+            qk_norm="projection", pad_token_id=100277, bos_token_id=None, eos_token_id=100257),
+    },
+    "olmo3": {
+        "olmo-3-1025-7b": _llama_like(
+            "olmo3", vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+            num_attention_heads=32, max_position_embeddings=65536, rms_norm_eps=1e-6, rope_theta=500000.0,
+            rope_type="yarn", rope_scaling=(("attention_factor", 1.2079441541679836), ("beta_fast", 32),
+                                            ("beta_slow", 1), ("factor", 8.0),
+                                            ("original_max_position_embeddings", 8192)),
+            sliding_window=4096, sliding_rope_theta=500000.0,
+            layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention") * 8,
+            qk_norm="projection", pad_token_id=100277, bos_token_id=None, eos_token_id=100257),
+    },
+    "phi3": {
+        # Its config.json pads with EOS (32000); the tokenizer's <unk> (0) pads instead (tokenizer.ensure_pad_token).
+        "phi-3-mini-4k-instruct": _llama_like(
+            "phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+            num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+            sliding_window=2047, bos_token_id=1, eos_token_id=32000),
+    },
+    "smollm3": {
+        "smollm3-3b": _llama_like(
+            "smollm3", vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536, rms_norm_eps=1e-6,
+            rope_theta=5000000.0, tie_word_embeddings=True, no_rope_layers=(1, 1, 1, 0) * 9,
+            pad_token_id=128004, bos_token_id=None, eos_token_id=128012),
+    },
+    "granite": {
+        # Its config.json pads with EOS (0); the tokenizer pads with "<fim_pad>" instead (tokenizer.ensure_pad_token).
+        "granite-3.1-2b-instruct": _llama_like(
+            "granite", vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=40,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+            rope_theta=5000000.0, tie_word_embeddings=True, attention_dropout=0.1, embedding_multiplier=12.0,
+            attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0, bos_token_id=0,
+            eos_token_id=0),
     },
     "mistral": {
         "mistral-7b": _llama_like(
@@ -129,8 +180,9 @@ FAMILIES: dict[str, Family] = {
         presets=opt.PRESETS, lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         default_lora_targets=("q_proj", "v_proj"), hidden_width=lambda config: config.word_embed_proj_dim),
     **{t: Family(model_type=t, hf_causal_lm=f"{llama.ARCHITECTURES[t]}ForCausalLM",
+                 # (transformers has no GraniteForSequenceClassification: a Granite reward model reads back here only)
                  hf_sequence_classification=f"{llama.ARCHITECTURES[t]}ForSequenceClassification",
-                 presets=_SMALL_PRESETS[t], **_LLAMA_LIKE)
+                 presets=_SMALL_PRESETS[t], **{**_LLAMA_LIKE, **_LLAMA_VARIANTS.get(t, {})})
        for t in llama.MODEL_TYPES},
     **{t: Family(model_type=t, config_class=gemma.GemmaConfig, causal_lm=gemma.GemmaForCausalLM,
                  hf_causal_lm=gemma.ARCHITECTURES[t],
@@ -214,7 +266,22 @@ def tensor_name(fam: Family, path: tuple, prefix: str) -> tuple[str, str]:
 def param_map(model: nnx.Module, fam: Family, prefix: str | None = None, *, under: tuple = ()) -> dict:
   """{our parameter path: (transformers name, transform)} for every parameter of `model` (abstract or real) under
   `under` (e.g. ("backbone",) in a reward model), the decoder's names behind `prefix` (default: the family's
-  first)."""
+  first). A projection stacked in a fused tensor maps to its rows, "….qkv_proj.weight[64:96]" (see
+  `hub.tensor_part`)."""
   prefix = fam.prefixes[0] if prefix is None else prefix
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {path: tensor_name(fam, path[len(under):], prefix) for path, _ in flat if path[:len(under)] == under}
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  return {path: fused_tensor_name(fam, path[len(under):], prefix, flat, under) or tensor_name(
+      fam, path[len(under):], prefix) for path in flat if path[:len(under)] == under}
+
+
+def fused_tensor_name(fam: Family, path: tuple, prefix: str, flat: dict, under: tuple) -> tuple[str, str] | None:
+  """The rows of a fused transformers tensor that hold the parameter at `path`, or None if it is not fused."""
+  *modules, leaf = path
+  for fused, members in fam.fused.items():
+    if modules and modules[-1] in members:
+      # Output widths: a kernel's last axis ([in, out]), a bias's only one.
+      widths = [flat[under + (*modules[:-1], member, leaf)].shape[-1] for member in members]
+      start = sum(widths[:members.index(modules[-1])])
+      name, transform = tensor_name(fam, (*modules[:-1], fused, leaf), prefix)
+      return f"{name}[{start}:{start + widths[members.index(modules[-1])]}]", transform
+  return None
