@@ -106,9 +106,9 @@ def test_outside_the_loop_a_signal_stops_at_once():
 # Runs a stage whose function argv[1].argv[2] first sends itself the signal argv[3] (a signal arriving then).
 _SIGNAL_DURING = textwrap.dedent("""
   import os, runpy, signal, sys
-  from jaxalign import trainer
+  from jaxalign import stage_model, trainer
   from jaxalign.data import pipeline
-  module = {"pipeline": pipeline, "trainer": trainer}[sys.argv[1]]
+  module = {"pipeline": pipeline, "stage_model": stage_model}[sys.argv[1]]
   original, signum = getattr(module, sys.argv[2]), getattr(signal, sys.argv[3])
   def interrupted(*args, **kwargs):
     os.kill(os.getpid(), signum)
@@ -121,9 +121,9 @@ _SIGNAL_DURING = textwrap.dedent("""
 @pytest.mark.parametrize("where, signum, message", [
     ("pipeline.load", "SIGTERM", "stopped by SIGTERM while loading and tokenizing the data: no checkpoint is committed "
                                  "in {checkpoints}; rerun the same command to resume"),
-    ("trainer.build_model", "SIGINT", "stopped by SIGINT while loading the model: no checkpoint is committed in "
+    ("stage_model.build_model", "SIGINT", "stopped by SIGINT while loading the model: no checkpoint is committed in "
                                       "{checkpoints}; rerun the same command to resume"),
-    ("trainer.export_model", "SIGTERM", "stopped by SIGTERM while exporting the model: checkpoint step 4 is committed "
+    ("stage_model.export_model", "SIGTERM", "stopped by SIGTERM while exporting the model: checkpoint step 4 is committed "
                                         "in {checkpoints}; rerun the same command to resume"),
 ], ids=["data", "model", "export"])
 def test_a_signal_at_any_moment_of_the_stage_exits_75_saying_what_was_kept(cache_dir, tmp_path, where, signum,
@@ -136,7 +136,7 @@ def test_a_signal_at_any_moment_of_the_stage_exits_75_saying_what_was_kept(cache
   assert proc.returncode == runguard.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
   assert message.format(checkpoints=workdir / "checkpoints") in proc.stderr
   assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
-  if where == "trainer.export_model":  # the rerun resumes at the last step and exports
+  if where == "stage_model.export_model":  # the rerun resumes at the last step and exports
     trainer.run(tiny_config(cache_dir, "sft"), str(workdir))
     assert json.load(open(workdir / trainer.DONE_FILE))["steps"] == 4
 
