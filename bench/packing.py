@@ -5,7 +5,7 @@ Same small OPT as bench/trl_compare.py (4 layers, hidden 256, OPT's vocabulary; 
 every layout, the real OPT tokenizer on a random subset of the HH harmless-base test pairs (max length 256, prompt
 128). Each layout runs one epoch over the subset with the library's own iterators and
 layouts (`jaxalign.data.layouts`; length-grouped, buckets 128/256 for rows of one sequence, 128/256/512 for
-prefix-shared ones), its step the trainer's (`trainer.StepFunctions`, AdamW); DPO takes precomputed reference
+prefix-shared ones), its step the trainer's (`step.StepFunctions`, AdamW); DPO takes precomputed reference
 log-probs (zeros: the values do not change the cost). Packed layouts fill rows of 256 tokens and take fewer rows per
 step, about --batch examples. Every batch shape compiles before timing (the count is reported); then --rounds
 rounds each run the same share of every layout's epoch, so changes in machine load hit all alike.

@@ -7,7 +7,7 @@ Same small OPT as the other CPU benchmarks (4 layers, hidden 256, OPT's vocabula
 step), synthetic pairs of a 96-token prompt and two 32-token responses (no data needed), prefix-shared rows as in
 the study recipe. Every variant compiles first; then --rounds rounds each run --steps steps of every variant in
 turn, so changes in machine load hit all alike. Reported per variant: the median step time, its ratio to the live
-reference's, the FLOPs per step the trainer counts for MFU (`trainer._training_flops`) and XLA's own count of the
+reference's, the FLOPs per step the trainer counts for MFU (`step.training_flops`) and XLA's own count of the
 compiled step.
 
   python bench/reference_cost.py            # ~4 minutes on 2 cores
@@ -79,7 +79,7 @@ def stage_config(task: str, fields: dict, reference: str):
 
 
 def xla_flops(variant: JaxVariant, batch) -> float:
-  compiled = variant.steps.train.lower(variant.state, variant.rest, variant.reference_state, batch).compile()
+  compiled = variant.steps.lower_train(variant.state, batch).compile()
   analysis = compiled.cost_analysis()
   return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
@@ -89,7 +89,7 @@ def main():
   import jax
   from flax import nnx
 
-  from jaxalign import parallel, reference as reference_lib, tasks, trainer
+  from jaxalign import parallel, reference as reference_lib, step, tasks
   from jaxalign.data import layouts, pipeline
   from jaxalign.models import opt
 
@@ -116,7 +116,7 @@ def main():
     variant = JaxVariant(name, task, model, batches, tokens, reference=prepared.mode, lr=1e-6)
     variant.compile(range(len(batches)))
     scored = float(batches[0].target_mask.sum())
-    counted.append(trainer._training_flops(model, prepared)(length, tokens[0], scored))
+    counted.append(step.training_flops(model, prepared)(length, tokens[0], scored))
     variant.xla = xla_flops(variant, batches[0])
     variant.mode = prepared.mode
     variants.append(variant)

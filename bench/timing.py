@@ -46,7 +46,7 @@ class Timer:
 
 
 class JaxVariant:
-  """One jaxalign train step (trainer.StepFunctions) with its own state, over a list of batches (a layout's batch
+  """One jaxalign train step (step.StepFunctions) with its own state, over a list of batches (a layout's batch
   types); `reference`: "model" (a frozen copy run in the step), "precomputed" (log-probs in the batches' extras) or
   "none" (a loss without a reference term)."""
 
@@ -56,24 +56,24 @@ class JaxVariant:
     from flax import nnx
 
     from configs import common
-    from jaxalign import reference as reference_lib, trainer
+    from jaxalign import reference as reference_lib, step as step_lib
     from jaxalign.data import layouts
 
     self.name, self.batches, self.tokens = name, batches, tokens
     copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-    graphdef, params, rest = trainer.split_model(model, use_lora=False)
+    graphdef, params, rest = step_lib.split_model(model, use_lora=False)
     opt_config = common.get_config().optimizer
     opt_config.lr, opt_config.schedule, opt_config.weight_decay, opt_config.grad_clip = lr, "constant", 0.0, 1.0
-    tx = trainer.make_optimizer(opt_config, total_steps=1_000)
+    tx = step_lib.make_optimizer(opt_config, total_steps=1_000)
     params = copy(params)
-    self.state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    self.state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     self.rest = copy(rest)
     self.reference = reference_lib.Reference(reference)
     if reference == "model":
       reference_graphdef, reference_state = nnx.split(model)
       self.reference = reference_lib.Reference(reference, reference_graphdef, copy(reference_state))
-    self.reference_state = self.reference.state
-    self.steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference=self.reference)
+    self.steps = step_lib.StepFunctions(task, graphdef, self.rest, tx, jax.random.key(0), accum=1,
+                                        reference=self.reference)
     self._named = layouts.named_arrays
     self.timer = Timer()
     self.compile_s = 0.0
@@ -81,7 +81,7 @@ class JaxVariant:
   def step(self, index: int):
     import jax
 
-    self.state, metrics = self.steps.train(self.state, self.rest, self.reference_state, self.batches[index])
+    self.state, metrics = self.steps.train(self.state, self.batches[index])
     return jax.block_until_ready(metrics)
 
   def compile(self, indices) -> None:

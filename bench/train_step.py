@@ -12,7 +12,7 @@ Tasks: `sft` (rows of `length`), `dpo` (chosen and rejected rows of `length` eac
 computed once) and `reward` (two rows of `length` per pair, a scalar head, as `dpo`). Every row is full, so the
 figures are per real token at that length. Batches come from the library's own collate functions on synthetic
 pairs, the LM head runs at the scored (response) positions only, as in training, and MFU counts it only there.
-Random init (no weights needed); the step is the trainer's own (`jaxalign.trainer.StepFunctions`), AdamW, each
+Random init (no weights needed); the step is the trainer's own (`jaxalign.step.StepFunctions`), AdamW, each
 family's own dropout (0.1 for OPT and GPT-2, none for the others). DPO uses precomputed reference log-probs (the
 study recipe) unless --live-reference. `--json FILE` appends one JSON line per run, which
 `bench/study_estimate.py --measured FILE` turns into a projected study time.
@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from jaxalign import flops, parallel, reference as reference_lib, tasks, trainer
+from jaxalign import flops, parallel, reference as reference_lib, step as step_lib, tasks
 from jaxalign.data import layouts, tokenize
 from jaxalign.models import layers, registry, reward
 
@@ -88,9 +88,9 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
   mesh = parallel.make_mesh()
   model = (reward.RewardModel(config, ("harmless", "helpful"), rngs=nnx.Rngs(0)) if task == "reward"
            else registry.build_causal_lm(config, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = trainer.split_model(model, use_lora=False)
-  tx = trainer.make_optimizer(common.get_config().optimizer, total_steps=10_000)
-  state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  graphdef, params, rest = step_lib.split_model(model, use_lora=False)
+  tx = step_lib.make_optimizer(common.get_config().optimizer, total_steps=10_000)
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   state = jax.device_put(state, jax.tree.map(lambda x: parallel.replicated(mesh), state))
   task_obj = make_task(task)
   host_batch = synthetic_batch(task, batch, length, config.vocab_size)
@@ -102,16 +102,15 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
   elif task.startswith("dpo"):
     reference = reference_lib.Reference("precomputed")
     host_batch = with_reference_logps(host_batch)
-  reference_mode, reference_state = reference.mode, reference.state
-  step_fns = trainer.StepFunctions(task_obj, graphdef, tx, jax.random.key(0), accum=1, reference=reference)
+  step_fns = step_lib.StepFunctions(task_obj, graphdef, rest, tx, jax.random.key(0), accum=1, reference=reference)
   batch_arrays = jax.device_put(host_batch, parallel.batch_sharding(mesh))
   start = time.perf_counter()
-  state, metrics = step_fns.train(state, rest, reference_state, batch_arrays)
+  state, metrics = step_fns.train(state, batch_arrays)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = step_fns.train(state, rest, reference_state, batch_arrays)
+    state, metrics = step_fns.train(state, batch_arrays)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / steps
   rows = host_batch.num_rows * (1 if task in ("sft", "dpo-shared") else 2)
@@ -124,7 +123,7 @@ def measure(preset: str, task: str, batch: int, length: int, *, dtype: str, rema
       "device": jax.devices()[0].device_kind, "preset": preset + (f" ({num_layers} layers)" if num_layers else ""),
       "task": task, "dtype": dtype, "remat": remat,
       "attention": layers.attention_implementation(config.attention_impl, config.dtype),
-      "reference": reference_mode if task.startswith("dpo") else "", "batch": batch, "length": length,
+      "reference": reference.mode if task.startswith("dpo") else "", "batch": batch, "length": length,
       "rows": rows, "scored": scored, "compile_s": compile_s, "step_ms": step_s * 1e3,
       "tokens_per_s": tokens / step_s, "examples_per_s": batch / step_s, "tflops": flops_per_s / 1e12,
       "mfu": flops.mfu(flops_per_s, jax.device_count(), flops.device_peak_flops()),

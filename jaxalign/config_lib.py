@@ -9,16 +9,13 @@ import os
 
 import ml_collections
 
-from jaxalign import losses
+from jaxalign import losses, tasks
 from jaxalign.data.formats import FORMATS
+from jaxalign.data.pair_filter import PAIR_FILTERS
 from jaxalign.data.tokenize import LOSS_ON
 from jaxalign.models import registry
 
-PAIR_FILTERS = ("keep", "drop", "swap")  # data.pair_filter (jaxalign/pair_scores.py)
-
 STAGE_PREFIX = "stage:"
-TASKS = ("sft", "dpo", "cpo", "orpo", "kto", "reward")
-PAIR_TASKS = ("dpo", "cpo", "orpo", "kto", "reward")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -44,18 +41,10 @@ def _get(config, path: str):
   return value
 
 
-def dpo_loss_type(dpo) -> str | tuple[str, ...]:
-  """`dpo.loss_type` as `losses.dpo_loss` takes it: one name, or several given as "sigmoid,sft" or
-  '("sigmoid", "sft")' (a config string; the command line passes strings)."""
-  names = [name.strip(" '\"") for name in str(dpo.loss_type).strip().strip("()[]").split(",")]
-  names = [name for name in names if name]
-  return names[0] if len(names) == 1 else tuple(names)
-
-
 def _check_dpo_loss(dpo) -> None:
   """The DPO loss's options together (types, weights, f-divergence, label smoothing), as `losses` defines them."""
   try:
-    losses.check_dpo_options(dpo_loss_type(dpo), loss_weights=dpo.loss_weights or None,
+    losses.check_dpo_options(tasks.dpo_loss_type(dpo), loss_weights=dpo.loss_weights or None,
                              label_smoothing=dpo.label_smoothing, f_divergence_type=dpo.f_divergence_type,
                              discopop_tau=dpo.discopop_tau)
   except ValueError as error:
@@ -67,7 +56,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   if config.stages:
     _validate_study(config)
     return
-  _one_of(config, "task", TASKS)
+  _one_of(config, "task", tuple(tasks.TASKS))
   _check(config, "tokenizer", bool(config.tokenizer), "a Hub id, a tokenizer folder, or 'synthetic'")
   if config.init_from.startswith(STAGE_PREFIX):
     _one_of(config, "init_from", [STAGE_PREFIX + name for name in stage_names])
@@ -75,7 +64,18 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
+  _validate_data(config)
+  _validate_training(config)
+  _check(config, "dpo.beta", config.dpo.beta > 0, "a positive number")
+  _check_dpo_loss(config.dpo)
+  _one_of(config, "dpo.reference", ("model", "precomputed"))
+  _one_of(config, "dpo.reference_dtype", DTYPES)
+  _validate_methods(config)
+  _validate_model_and_run(config)
 
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  """The data.* section, against the task's batch kind."""
   _check(config, "data.max_length", config.data.max_length > 0, "a positive number of tokens")
   _check(config, "data.max_prompt_length", 0 < config.data.max_prompt_length < config.data.max_length,
          f"between 1 and data.max_length - 1 ({config.data.max_length - 1})")
@@ -87,8 +87,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _one_of(config, "data.loss_on", LOSS_ON)
   _check(config, "data.loss_on", config.data.loss_on != "assistant" or bool(config.data.chat_template),
          "'conversation' or 'completion' for plain text: loss on assistant turns needs data.chat_template")
-  _check(config, "data.format", config.data.format != "messages" or config.task == "sft",
-         "a preference format for task 'dpo' / 'reward' ('messages' records have no rejected response)")
+  batch_kind = tasks.spec(config.task).batch_kind
+  _check(config, "data.format", config.data.format != "messages" or batch_kind == "sft",
+         f"a preference format for task {config.task!r} ('messages' records have no rejected response)")
   _check(config, "data.format", config.data.format not in ("messages", "conversational")
          or bool(config.data.chat_template), "a text format, or set data.chat_template: messages need a template")
   _one_of(config, "data.sft_responses", ("chosen", "rejected", "both"))
@@ -97,10 +98,10 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
          "increasing positive row lengths")
   _check(config, "data.eval_pairs", config.data.eval_pairs >= 0, "a count >= 0")
   _check(config, "data.warn_skipped_share", 0 <= config.data.warn_skipped_share <= 1, "a share in [0, 1]")
-  _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and config.task == "sft"),
-         f"prefix sharing only for the pair tasks {list(PAIR_TASKS)}")
+  _check(config, "data.prefix_sharing", not (config.data.prefix_sharing and batch_kind == "sft"),
+         f"prefix sharing only for the pair tasks {[t.name for t in tasks.TASKS.values() if t.batch_kind != 'sft']}")
   _check(config, "data.packing",
-         not config.data.packing or config.task == "sft" or config.data.prefix_sharing,
+         not config.data.packing or batch_kind == "sft" or config.data.prefix_sharing,
          "packing only for task 'sft', or a pair task with data.prefix_sharing = True (pairs are packed as "
          "prefix-shared sequences)")
 
@@ -111,6 +112,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
          "the scored-<split>.jsonl written by `python evaluate.py --config configs/score_pairs.py` (needed by "
          f"data.pair_filter = {config.data.pair_filter!r})")
 
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+  """The optimizer.* and training.* sections."""
   _one_of(config, "optimizer.name", ("adamw", "rmsprop"))
   _one_of(config, "optimizer.schedule", ("linear", "cosine", "constant"))
   _check(config, "optimizer.lr", config.optimizer.lr > 0, "a positive learning rate")
@@ -128,12 +132,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _check(config, "training.log_every", training.log_every >= 1, "a step count >= 1")
   _check(config, "training.eval_every", training.eval_every >= 0, "a step count >= 0 (0 = only at the end)")
 
-  _check(config, "dpo.beta", config.dpo.beta > 0, "a positive number")
-  _check_dpo_loss(config.dpo)
-  _one_of(config, "dpo.reference", ("model", "precomputed"))
-  _one_of(config, "dpo.reference_dtype", DTYPES)
-  _validate_methods(config)
 
+def _validate_model_and_run(config: ml_collections.ConfigDict) -> None:
+  """The lora.*, reward.*, checkpoint.*, mesh.* and export.* sections."""
   if config.lora.enabled:
     _check(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")
     _check(config, "lora.targets", set(config.lora.targets) <= set(registry.ALL_LORA_TARGETS),

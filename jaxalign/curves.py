@@ -22,7 +22,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxalign import reports
+from jaxalign import reports, tasks
 
 CURVES_FILE = "curves.png"
 STUDY_FILE = "study.md"
@@ -32,7 +32,6 @@ RESULTS_FILE = "results.json"  # evaluate.py's
 
 # (panel title, metric names without their train/ or eval/ prefix, log-scale y); a panel is drawn when the stage
 # logged at least one of its metrics.
-REWARD_KIND = {"dpo": "DPO's implicit reward: beta x log-ratio to the reference", "reward": "the reward head's score"}
 PANELS = (
     ("loss", ("loss",), False),
     ("perplexity", ("perplexity",), True),
@@ -90,7 +89,8 @@ def plot_curves(series: dict[str, dict[int, float]], path: str, title: str, task
                 zorder=3, label=f"held-out {name}")
     if log_scale and all(v > 0 for n in names for k in ("train", "eval") for v in series.get(f"{k}/{n}", {}).values()):
       ax.set_yscale("log")
-    kind = REWARD_KIND.get(task) if names[0].startswith("rewards/") and "accuracies" not in names[0] else None
+    spec = tasks.TASKS.get(task)
+    kind = spec.reward_kind if spec and names[0].startswith("rewards/") and "accuracies" not in names[0] else None
     ax.set_title(f"{panel_title}\n({kind})" if kind else panel_title, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

@@ -53,11 +53,6 @@ def head_flops_per_token(config) -> float:
   return 2.0 * config.vocab_size * registry.family_of(config).hidden_width(config)
 
 
-def forward_flops_per_token(config, seq_len: int) -> float:
-  """FLOPs of one forward pass per token (LM head included) for rows of `seq_len` tokens."""
-  return body_flops_per_token(config, seq_len) + head_flops_per_token(config)
-
-
 def training_flops(config, seq_len: int, tokens: float, scored: float, *, extra_forwards: int = 0) -> float:
   """Forward + backward (3 forwards) over `tokens` tokens whose LM head runs at `scored` positions only (as the
   trainer computes it), plus `extra_forwards` such forwards (1 for a live DPO reference model)."""

@@ -18,15 +18,15 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from jaxalign import annotate, reports
+from jaxalign import annotate, reports, tasks
+from jaxalign.models import hub, registry
+from jaxalign.workdirs import EXPORT_DIR
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 RESULTS_FILE = "results.json"  # evaluate.py's
 PROJECT_URL = "https://arxiv.org/abs/2509.09055"
-METHODS = {"sft": "supervised fine-tuning (SFT)", "dpo": "Direct Preference Optimization (DPO)",
-           "reward": "a Bradley-Terry reward model"}
 
 
 def check_repo_id(repo_id: str, field: str) -> None:
@@ -70,27 +70,23 @@ def _is_hub_id(name: str) -> bool:
   return True
 
 
+def _setting(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+
+
 def hyperparameters(config) -> dict[str, Any]:
-  """The settings that define the stage's training, by their config names."""
-  c = config
-  out = {"task": c.task, "optimizer.name": c.optimizer.name, "optimizer.lr": c.optimizer.lr,
-         "optimizer.schedule": c.optimizer.schedule, "optimizer.warmup_steps": c.optimizer.warmup_steps,
-         "optimizer.weight_decay": c.optimizer.weight_decay, "optimizer.grad_clip": c.optimizer.grad_clip,
-         "training.batch_size": c.training.batch_size, "training.grad_accum": c.training.grad_accum,
-         "training.num_epochs": c.training.num_epochs, "training.max_steps": c.training.max_steps,
-         "data.max_length": c.data.max_length, "data.max_prompt_length": c.data.max_prompt_length,
-         "model.dtype": c.model.dtype, "seed": c.seed}
-  if c.task == "sft":
-    out.update({"data.loss_on": c.data.loss_on, "data.sft_responses": c.data.sft_responses})
-  if c.task == "dpo":
-    out.update({"dpo.beta": c.dpo.beta, "dpo.loss_type": c.dpo.loss_type,
-                "dpo.label_smoothing": c.dpo.label_smoothing, "dpo.reference": c.dpo.reference})
-  if c.task == "reward":
-    out.update({"reward.heads": ",".join(c.reward.heads), "reward.margin": c.reward.margin})
-  if c.lora.enabled:
-    out.update({"lora.rank": c.lora.rank, "lora.alpha": c.lora.alpha, "lora.dropout": c.lora.dropout,
-                "lora.targets": ",".join(c.lora.targets)})
-  return out
+  """The settings that define the stage's training, by their config names: the common ones, the task's own
+  (`tasks.TaskSpec.settings`) and LoRA's when enabled."""
+  names = ("task", "optimizer.name", "optimizer.lr", "optimizer.schedule", "optimizer.warmup_steps",
+           "optimizer.weight_decay", "optimizer.grad_clip", "training.batch_size", "training.grad_accum",
+           "training.num_epochs", "training.max_steps", "data.max_length", "data.max_prompt_length", "model.dtype",
+           "seed", *tasks.spec(config.task).settings)
+  if config.lora.enabled:
+    names += ("lora.rank", "lora.alpha", "lora.dropout", "lora.targets")
+  return {name: _setting(config, name) for name in names}
 
 
 def evaluation_sections(results_paths: list[str]) -> list[str]:
@@ -118,25 +114,39 @@ def evaluations_beside(workdir: str) -> list[str]:
   return [p for p in found if os.path.exists(p)]
 
 
+def exported_family(workdir: str) -> registry.Family:
+  """The model family of a stage's export (its config.json's `model_type`)."""
+  return registry.family(hub.load_config(os.path.join(workdir, EXPORT_DIR))["model_type"])
+
+
+def _usage(repo_id: str, family: registry.Family, reward_model: bool) -> list[str]:
+  model_class = family.hf_sequence_classification if reward_model else family.hf_causal_lm
+  lines = ["## Use", f"```python\nfrom transformers import AutoTokenizer, {model_class}\n"
+           f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})\n"
+           f"model = {model_class}.from_pretrained({repo_id!r})\n```"]
+  return lines if reward_model else lines + [f"Or talk to it: `python -m jaxalign.chat {repo_id}`."]
+
+
 def stage_card(config, workdir: str, repo_id: str, done: dict[str, Any]) -> ModelCard:
-  """The model card of a trained stage: base model, data, method and hyperparameters, held-out figures, and the
-  evaluation table when an evaluation lies beside the stage."""
+  """The model card of a trained stage (its export in `<workdir>/export`): base model, model family, data, method
+  and hyperparameters, held-out figures, and the evaluation table when an evaluation lies beside the stage."""
+  spec, family = tasks.spec(config.task), exported_family(workdir)
   base, source = config.init_from, config.data.source
   data = ModelCardData(
       base_model=base if _is_hub_id(base) else None, datasets=[source] if _is_hub_id(source) else None,
-      library_name="transformers", pipeline_tag=None if config.task == "reward" else "text-generation",
-      tags=["jaxalign", config.task, "opt"] + (["lora"] if config.lora.enabled else []))
+      library_name="transformers", pipeline_tag=None if spec.reward_model else "text-generation",
+      tags=["jaxalign", config.task, family.model_type] + (["lora"] if config.lora.enabled else []))
   subsets = f" (subsets: {config.data.subsets})" if config.data.subsets else " (all subsets)"
   starts = f"`{base}`" + ("" if _is_hub_id(base) else " (a local model)") if base else \
       f"a random initialisation of `{config.model.preset}`"
   held_out = {k: v for k, v in done.items() if k.startswith("eval/")}
   lines = [f"# {repo_id.split('/')[-1]}",
-           f"{METHODS[config.task].capitalize()} of an OPT model with [jaxalign]({PROJECT_URL}) (JAX/Flax), "
-           "exported in Hugging Face format.",
+           f"{spec.description[0].upper()}{spec.description[1:]} of a model of the `{family.model_type}` family "
+           f"with [jaxalign]({PROJECT_URL}) (JAX/Flax), exported in Hugging Face format.",
            "## Training",
            f"- **Starts from:** {starts}",
            f"- **Data:** `{source}`{subsets}, train split `{config.data.train_split}`",
-           f"- **Method:** {METHODS[config.task]}" + (" with LoRA adapters (merged)" if config.lora.enabled else ""),
+           f"- **Method:** {spec.description}" + (" with LoRA adapters (merged)" if config.lora.enabled else ""),
            f"- **Steps:** {done.get('steps', 'n/a')}; wall time {done.get('seconds', {}).get('stage', 'n/a')} s",
            "### Hyperparameters",
            reports.markdown_table(["Setting", "Value"],
@@ -148,11 +158,7 @@ def stage_card(config, workdir: str, repo_id: str, done: dict[str, Any]) -> Mode
   evaluations = evaluation_sections(evaluations_beside(workdir))
   if evaluations:
     lines += ["## Evaluation", *evaluations]
-  if config.task != "reward":
-    lines += ["## Use", "```python\nfrom transformers import AutoTokenizer, OPTForCausalLM\n"
-              f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})\n"
-              f"model = OPTForCausalLM.from_pretrained({repo_id!r})\n```",
-              f"Or talk to it: `python -m jaxalign.chat {repo_id}`."]
+  lines += _usage(repo_id, family, spec.reward_model)
   return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(lines) + "\n")
 
 

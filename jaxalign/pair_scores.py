@@ -13,17 +13,13 @@ its helpful head), and writes into the workdir
 The scores are cached by fingerprint (the pairs' text, the judge's files and heads) in <cache>/pair-scores, so a
 rerun or another split's report reuses them.
 
-Margin = score(chosen) - score(rejected): negative means the judge prefers the rejected response. In train.py,
-`data.pair_filter` (`filter_pairs`, called where the train pairs are loaded):
-  keep   the pairs as they are (the default; no scores needed);
-  drop   drop every pair whose margin is below -data.pair_filter_margin (the judge prefers the rejected response by
-         more than that), counted as the skip reason "judge_inverted";
-  swap   exchange chosen and rejected of those pairs instead, counted as "judge_swapped" (they are still used).
+Margin = score(chosen) - score(rejected): negative means the judge prefers the rejected response. train.py's
+`data.pair_filter` reads the scored-<split>.jsonl to drop or swap the pairs the judge thinks inverted
+(`data/pair_filter.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -39,29 +35,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxalign import judges, jsonl, workdirs
-from jaxalign.config_lib import PAIR_FILTERS, parse_named
-from jaxalign.data import hh
+from jaxalign.config_lib import parse_named
+from jaxalign.data import hh, pipeline
+from jaxalign.data.pair_filter import pair_key
 
 log = logging.getLogger(__name__)
 
-JUDGE_INVERTED = "judge_inverted"  # skip reason: dropped by data.pair_filter = "drop"
-JUDGE_SWAPPED = "judge_swapped"  # not a skip: chosen and rejected exchanged by data.pair_filter = "swap"
 REPORT_MARGINS = (0.0, 0.5, 1.0, 2.0, 4.0)
-SCORE_FIELDS = ("chosen_score", "rejected_score")
 _CACHE_VERSION = 2  # 2: reward-model judges stop at their max_position_embeddings
 
 
 def pair_kind(pair: hh.PreferencePair) -> str:
   """Which prompt set's judge scores a pair: "harmful" for pairs from harmlessness data, else "helpful"."""
   return "harmful" if "harmless" in pair.source else "helpful"
-
-
-def pair_key(prompt: str, chosen: str, rejected: str) -> str:
-  """A pair's identity by its text: what ties a score to a pair wherever the data is read from."""
-  digest = hashlib.blake2b(digest_size=12)
-  for text in (prompt, chosen, rejected):
-    digest.update(f"{len(text)}:{text}".encode())
-  return digest.hexdigest()
 
 
 def score_pairs(pairs: Sequence[hh.PreferencePair], judge_of: Mapping[str, judges.Judge]) -> np.ndarray:
@@ -87,82 +73,6 @@ def scored_records(pairs: Sequence[hh.PreferencePair], scores: np.ndarray) -> li
   return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "chosen_score": float(c),
            "rejected_score": float(r), "margin": float(c) - float(r), "source": p.source, "index": p.index}
           for p, (c, r) in zip(pairs, scores)]
-
-
-def load_margins(path: str | os.PathLike) -> dict[str, float]:
-  """{pair_key: margin} from a scored-pairs file; raises naming the line and field of a malformed row."""
-  margins = {}
-  for where, row in jsonl.read(path):
-    if not isinstance(row, dict):
-      raise ValueError(f"{where}: expected a JSON object; is this a scored-pairs file?")
-    for field in ("prompt", "chosen", "rejected"):
-      if not isinstance(row.get(field), str):
-        raise ValueError(f"{where}: field {field!r} must be a string; is this a scored-pairs file?")
-    for field in SCORE_FIELDS:
-      if isinstance(row.get(field), bool) or not isinstance(row.get(field), (int, float)):
-        raise ValueError(f"{where}: field {field!r} must be a number; write the file with configs/score_pairs.py")
-    margins[pair_key(row["prompt"], row["chosen"], row["rejected"])] = row["chosen_score"] - row["rejected_score"]
-  if not margins:
-    raise ValueError(f"{path}: no scored pairs")
-  return margins
-
-
-def apply_pair_filter(pairs: Sequence[hh.PreferencePair], margins: Mapping[str, float], mode: str, margin: float,
-                      report: hh.SkipReport | None = None,
-                      scores_file: str = "the scores") -> tuple[list[hh.PreferencePair], dict[str, int]]:
-  """The pairs `mode` keeps (module docstring), and the counts {"pairs", "kept", "dropped", "swapped"}.
-
-  A pair counts as inverted when its margin is below -`margin`. Dropped pairs are noted in `report` as
-  JUDGE_INVERTED skips (and no longer counted as used); swapped ones under JUDGE_SWAPPED in its examples. Every
-  pair needs a score: one missing raises, naming it and `scores_file`.
-  """
-  if mode not in PAIR_FILTERS:
-    raise ValueError(f"pair filter {mode!r} is not one of {list(PAIR_FILTERS)}")
-  if margin < 0:
-    raise ValueError(f"pair filter margin must be >= 0 (how far the judge prefers the rejected response), got {margin}")
-  counts = {"pairs": len(pairs), "kept": 0, "dropped": 0, "swapped": 0}
-  if mode == "keep":
-    counts["kept"] = len(pairs)
-    return list(pairs), counts
-  kept = []
-  for pair in pairs:
-    key = pair_key(pair.prompt, pair.chosen, pair.rejected)
-    if key not in margins:
-      raise ValueError(f"{pair.source}#{pair.index}: no score in {scores_file}; score this data with "
-                       "configs/score_pairs.py (same data.source, subsets and split) and point data.pair_scores at "
-                       "its scored-<split>.jsonl")
-    if margins[key] >= -margin:
-      kept.append(pair)
-    elif mode == "drop":
-      counts["dropped"] += 1
-      if report is not None:
-        report.note(JUDGE_INVERTED, pair.source, pair.index)
-        report.used -= 1
-    else:
-      counts["swapped"] += 1
-      kept.append(dataclasses.replace(pair, chosen=pair.rejected, rejected=pair.chosen))
-      if report is not None:
-        report.examples.setdefault(JUDGE_SWAPPED, [])
-        if len(report.examples[JUDGE_SWAPPED]) < 5:
-          report.examples[JUDGE_SWAPPED].append(f"{pair.source}#{pair.index}")
-  counts["kept"] = len(kept)
-  return kept, counts
-
-
-def filter_pairs(config, pairs: list[hh.PreferencePair],
-                 report: hh.SkipReport | None = None) -> list[hh.PreferencePair]:
-  """`data.pair_filter` over a stage's train pairs, with the scores of `data.pair_scores`; logs the counts."""
-  data = config.data
-  if data.pair_filter == "keep":
-    return pairs
-  kept, counts = apply_pair_filter(pairs, load_margins(data.pair_scores), data.pair_filter, data.pair_filter_margin,
-                                   report, scores_file=data.pair_scores)
-  log.info("data.pair_filter %s (margin %g, scores %s): %d pairs, %d kept, %d dropped as %s, %d swapped",
-           data.pair_filter, data.pair_filter_margin, data.pair_scores, counts["pairs"], counts["kept"],
-           counts["dropped"], JUDGE_INVERTED, counts["swapped"])
-  if report is not None:
-    log.info("after data.pair_filter: %s", report.summary())
-  return kept
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -207,7 +117,7 @@ def render_report(report: Mapping[str, Any], judge: str, data: str) -> str:
            "| margin below | pairs | % | harmlessness pairs | helpfulness pairs |", "|---:|---:|---:|---:|---:|"]
   lines += [f"| {-r['margin'] + 0.0:g} | {r['pairs']} | {r['percent']:.1f} | {r['harmful_pairs']} | "
             f"{r['helpful_pairs']} |" for r in report["inverted"]]
-  lines += ["", f"`data.pair_filter=drop` with `data.pair_filter_margin=M` drops the pairs below -M; `swap` exchanges "
+  lines += ["", "`data.pair_filter=drop` with `data.pair_filter_margin=M` drops the pairs below -M; `swap` exchanges "
             "their chosen and rejected.", "", f"## The {len(report['worst'])} worst pairs", "",
             "| pair | margin | prompt (end) | chosen | rejected |", "|:---|---:|:---|:---|:---|"]
   lines += [f"| {w['source']}#{w['index']} | {w['margin']:.2f} | {_clip(w['prompt'], 200, keep_end=True)} | "
@@ -272,10 +182,6 @@ def skip_counts(skips: hh.SkipReport) -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores every pair of the configured data (cached), writes scored-<split>.jsonl and the report into `workdir`,
   and returns the report."""
-  # The data-source rules train.py uses (synthetic sets, local folders, the Hub); imported here because the
-  # pipeline imports this module for data.pair_filter.
-  from jaxalign.data import pipeline
-
   data = config.data
   subsets = [s.strip() for s in data.subsets.split(",") if s.strip()] or None
   source = pipeline.data_source(config)

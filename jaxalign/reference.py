@@ -1,6 +1,7 @@
-"""The reference of DPO and KTO, prepared before the data streams are built: what the step needs of it, decided by
-the loss (CPO, SimPO and ORPO need none). KTO's examples travel as pairs (completion, mismatched completion), so all
-of the modes below serve it unchanged.
+"""The reference of a task whose loss needs one (`task.uses_reference`: DPO's losses with a reference term, KTO),
+prepared before the batch source is built: what the step needs of it, decided by the loss. KTO's examples travel as
+pairs (completion, mismatched completion), so all of the modes below serve it unchanged. Inside the step the
+reference answers for itself (`Reference.model`): a model to run, or None.
 
 `prepare` returns one of:
   none         the loss has no reference term (e.g. `reference_free`): nothing is built, loaded or run;
@@ -44,6 +45,20 @@ class Reference:
   graphdef: Any = None
   state: Any = None
   logps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  @property
+  def arrays(self):
+    """What the compiled step takes as the reference's input: the frozen copy's parameters, or None."""
+    return self.state
+
+  def model(self, graphdef, params, rest, arrays) -> nnx.Module | None:
+    """The reference model inside the step, from the policy's graph, trained parameters and rest, and `arrays`; None
+    when there is none or its log-probs travel with the batch (precomputed)."""
+    if self.mode == "lora_off":
+      return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), rest)
+    if self.mode == "model":
+      return nnx.merge(self.graphdef, arrays)
+    return None
 
   @property
   def runs_forward(self) -> bool:
@@ -117,11 +132,8 @@ def cached_logps(model: nnx.Module, split: pipeline.Split, config, mesh, pad_id:
 def prepare(task, model: nnx.Module, data: pipeline.StageData, config, mesh, pad_id: int) -> Reference:
   """What the step needs of the reference, before any stream exists (see the module docstring)."""
   if not task.uses_reference:
-    if config.task == "dpo":
-      log.info("dpo.loss_type=%s has no reference term: no reference is built or run (dpo.reference=%s unused)",
-               config.dpo.loss_type, config.dpo.reference)
-    elif config.task in ("cpo", "orpo"):
-      log.info("task %s is reference-free: no reference is built or run", config.task)
+    log.info("task %s's loss has no reference term: no reference is built or run (dpo.reference=%s unused)",
+             config.task, config.dpo.reference)
     return Reference("none")
   if config.dpo.reference == "model":
     if config.lora.enabled:

@@ -1,24 +1,24 @@
 """What is trained: SFT, DPO, CPO / SimPO, ORPO, KTO and reward modelling, each a loss over a typed batch, all driven
-by one loop.
+by one loop; `TASKS` at the end is the registry of them, the one list every other module asks.
 
 A task knows which examples it reads (`batch_kind`: "sft" rows, preference "pairs", or KTO's "unpaired" examples,
 which travel in the pair layouts as (prompt, completion, mismatched completion): see `data/unpaired.py`), whether its
-loss needs a
-reference (`uses_reference`, from the loss), how to compute its loss and metrics from a model and a batch, and how
-many tokens a batch holds (for throughput). The batch's type (`data/layouts.py`) selects the code path: separate
-chosen / rejected rows run as one concatenated forward; prefix-shared rows (one pair, or several packed, per row) as
-one forward over prompt + chosen + rejected.
+loss needs a reference (`uses_reference`, from the loss), how to compute its loss and metrics from a model and a
+batch, and how many tokens a batch holds (for throughput). The batch's type (`data/layouts.py`) selects the code path:
+separate chosen / rejected rows run as one concatenated forward; prefix-shared rows (one pair, or several packed, per
+row) as one forward over prompt + chosen + rejected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxalign import config_lib, losses
+from jaxalign import losses
 from jaxalign.data.layouts import (CHOSEN_SIDE, REJECTED_SIDE, GroupBatch, SeparatePairBatch, SFTBatch,
                                    SharedPairBatch)
 
@@ -315,27 +315,80 @@ class RewardTask:
     return jnp.zeros((), jnp.int32)  # a scalar head, no LM head
 
 
+def dpo_loss_type(dpo) -> str | tuple[str, ...]:
+  """`dpo.loss_type` as `losses.dpo_loss` takes it: one name, or several given as "sigmoid,sft" or
+  '("sigmoid", "sft")' (a config string; the command line passes strings)."""
+  names = [name.strip(" '\"") for name in str(dpo.loss_type).strip().strip("()[]").split(",")]
+  names = [name for name in names if name]
+  return names[0] if len(names) == 1 else tuple(names)
+
+
+def _dpo(config) -> DPOTask:
+  dpo = config.dpo
+  return DPOTask(beta=dpo.beta, loss_type=dpo_loss_type(dpo), label_smoothing=dpo.label_smoothing,
+                 loss_weights=tuple(dpo.loss_weights) if dpo.loss_weights else None,
+                 f_divergence_type=dpo.f_divergence_type, f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
+                 discopop_tau=dpo.discopop_tau)
+
+
+def _cpo(config) -> CPOTask:
+  cpo = config.cpo
+  return CPOTask(beta=cpo.beta, loss_type=cpo.loss_type, alpha=cpo.alpha, simpo_gamma=cpo.simpo_gamma,
+                 label_smoothing=cpo.label_smoothing)
+
+
+def _kto(config) -> KTOTask:
+  kto = config.kto
+  return KTOTask(beta=kto.beta, desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
+                 loss_type=kto.loss_type)
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """A task as the rest of jaxalign sees it: how to build its loss from a config, which examples it reads, what it
+  trains, and how its model card and curves describe it."""
+
+  name: str  # config.task
+  make: Callable[[Any], Any]  # config -> the task object (its loss and metrics, with the config's settings)
+  batch_kind: str  # "sft" rows, preference "pairs", or KTO's "unpaired" examples
+  description: str  # the method, as a model card names it
+  settings: tuple[str, ...]  # its own config fields (dotted names) a model card lists beside the common ones
+  reward_model: bool = False  # trains a reward model (scalar heads on the decoder) instead of a causal LM
+  reward_kind: str | None = None  # what its rewards/* metrics are, for the curves' panel titles
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("sft", lambda config: SFTTask(), "sft", "supervised fine-tuning (SFT)",
+             ("data.loss_on", "data.sft_responses")),
+    TaskSpec("dpo", _dpo, "pairs", "Direct Preference Optimization (DPO)",
+             ("dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.reference"),
+             reward_kind="DPO's implicit reward: beta x log-ratio to the reference"),
+    TaskSpec("cpo", _cpo, "pairs", "Contrastive Preference Optimization (CPO; SimPO with cpo.loss_type simpo)",
+             ("cpo.beta", "cpo.loss_type", "cpo.alpha", "cpo.simpo_gamma", "cpo.label_smoothing"),
+             reward_kind="beta x the policy's log-prob (mean token log-prob for ipo and simpo)"),
+    TaskSpec("orpo", lambda config: ORPOTask(beta=config.orpo.beta), "pairs",
+             "Odds Ratio Preference Optimization (ORPO)", ("orpo.beta",),
+             reward_kind="beta x the policy's mean token log-prob"),
+    TaskSpec("kto", _kto, "unpaired", "Kahneman-Tversky Optimization (KTO)",
+             ("kto.beta", "kto.loss_type", "kto.desirable_weight", "kto.undesirable_weight", "dpo.reference"),
+             reward_kind="KTO's implicit reward: beta x log-ratio to the reference"),
+    TaskSpec("reward", lambda config: RewardTask(margin=config.reward.margin,
+                                                 center_rewards_coefficient=config.reward.center_rewards_coefficient),
+             "pairs", "a Bradley-Terry reward model", ("reward.heads", "reward.margin"), reward_model=True,
+             reward_kind="the reward head's score"),
+)}
+
+
+def spec(name: str) -> TaskSpec:
+  """The registry entry of task `name`."""
+  if name not in TASKS:
+    raise ValueError(f"task {name!r} unknown; one of {list(TASKS)}")
+  return TASKS[name]
+
+
 def make_task(config: Any):
   """The task named by `config.task` with its settings from the config."""
-  if config.task == "sft":
-    return SFTTask()
-  if config.task == "dpo":
-    dpo = config.dpo
-    return DPOTask(beta=dpo.beta, loss_type=config_lib.dpo_loss_type(dpo),
-                   label_smoothing=dpo.label_smoothing,
-                   loss_weights=tuple(dpo.loss_weights) if dpo.loss_weights else None,
-                   f_divergence_type=dpo.f_divergence_type, f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
-                   discopop_tau=dpo.discopop_tau)
-  if config.task == "cpo":
-    cpo = config.cpo
-    return CPOTask(beta=cpo.beta, loss_type=cpo.loss_type, alpha=cpo.alpha, simpo_gamma=cpo.simpo_gamma,
-                   label_smoothing=cpo.label_smoothing)
-  if config.task == "orpo":
-    return ORPOTask(beta=config.orpo.beta)
-  if config.task == "kto":
-    kto = config.kto
-    return KTOTask(beta=kto.beta, desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
-                   loss_type=kto.loss_type)
-  if config.task == "reward":
-    return RewardTask(margin=config.reward.margin, center_rewards_coefficient=config.reward.center_rewards_coefficient)
-  raise ValueError(f"task {config.task!r} unknown; one of {config_lib.TASKS}")
+  return spec(config.task).make(config)

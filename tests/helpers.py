@@ -1,6 +1,7 @@
 """Shared test helpers (imported by test modules; pytest puts tests/ on sys.path): tiny configs and models, runs of
 train.py in a subprocess, the SIGKILL-and-resume check, readers of a workdir's metrics and exports."""
 
+import fnmatch
 import json
 import os
 import signal
@@ -8,13 +9,14 @@ import subprocess
 import sys
 import time
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
 from configs import common
-from jaxalign import parallel, reference as reference_lib, tasks, trainer
+from jaxalign import hub_push, parallel, reference as reference_lib, sources, stage_model, step, tasks, trainer
 from jaxalign.data import pipeline, tokenize
 from jaxalign.models import opt
 from jaxalign.tokenizer import load_tokenizer
@@ -158,23 +160,47 @@ def on_device(batch):
 
 
 def prepared(config):
-  """(task, model, stage data, reference, mesh, pad id) as `trainer.train` prepares them."""
+  """(task, model, stage data, reference, mesh, pad id) as `trainer.setup` prepares them."""
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
   task = tasks.make_task(config)
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, ""))
   data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
-  model = trainer.build_model(config, mesh)
+  model = stage_model.build_model(config, mesh)
   return task, model, data, reference_lib.prepare(task, model, data, config, mesh, tokenizer.pad_token_id), mesh
 
 
 def step_flops(config) -> float:
   """XLA's FLOP count of the compiled train step of `config`'s first batch."""
   task, model, data, reference, mesh = prepared(config)
-  streams = pipeline.streams(config, data, mesh, 1, reference.per_pair())
-  graphdef, params, rest = trainer.split_model(model, False)
-  tx = trainer.make_optimizer(config.optimizer, 10)
-  state = trainer.TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params))
-  steps = trainer.StepFunctions(task, graphdef, tx, jax.random.key(0), accum=1, reference=reference)
-  compiled = steps.train.lower(state, rest, reference.state, streams.train.next_global()).compile()
+  source = sources.build(config, data, mesh, 1, reference)
+  graphdef, params, rest = step.split_model(model, False)
+  tx = step.make_optimizer(config.optimizer, 10)
+  state = step.TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params))
+  steps = step.StepFunctions(task, graphdef, rest, tx, jax.random.key(0), accum=1, reference=reference)
+  compiled = steps.lower_train(state, source.next(state)).compile()
   analysis = compiled.cost_analysis()
   return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+
+class FakeHub:
+  """Stands in for HfApi: records each repo creation and, at upload time, the files and card that would be sent."""
+
+  def __init__(self):
+    self.repos, self.uploads = [], []
+
+  def install(self, monkeypatch):
+    hub = self
+
+    def create_repo(api, repo_id, *, repo_type=None, private=None, exist_ok=False, **kwargs):
+      hub.repos.append({"repo_id": repo_id, "repo_type": repo_type, "private": private, "exist_ok": exist_ok})
+
+    def upload_folder(api, *, repo_id, folder_path, repo_type=None, commit_message=None, **kwargs):
+      ignored = kwargs.get("ignore_patterns") or []  # glob patterns, as huggingface_hub reads them
+      files = [f for f in hub_push.folder_files(str(folder_path)) if not any(fnmatch.fnmatch(f, p) for p in ignored)]
+      with open(os.path.join(folder_path, "README.md")) as f:
+        card = f.read()
+      hub.uploads.append({"repo_id": repo_id, "repo_type": repo_type, "files": files, "card": card,
+                          "message": commit_message})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)

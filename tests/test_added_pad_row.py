@@ -38,6 +38,7 @@ def gpt2_style_folder(out_dir: str) -> tuple[str, int]:
   return out_dir, len(tokenizer)
 
 
+@pytest.mark.slow
 def test_the_added_pad_token_gets_a_mean_initialised_row_and_the_export_loads_in_transformers(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -59,6 +59,7 @@ def test_rendered_pairs_keep_exact_boundaries_on_the_written_data(chat_data_dir,
   assert tokenized.counts()["boundary_adjusted"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(MODEL_FOLDERS))
 def test_train_py_runs_sft_dpo_lora_and_reward_on_chat_data(family, chat_data_dir, tmp_path):
   model_dir = MODEL_FOLDERS[family](str(tmp_path / "model"), write_chat_tokenizer(str(tmp_path / "tok")))

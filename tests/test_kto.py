@@ -97,6 +97,7 @@ def test_kto_stage_data_carries_labels_and_mismatched_completions(cache_dir):
   assert reference.mode == "model" and task.uses_reference
 
 
+@pytest.mark.slow
 def test_kto_precomputed_reference_equals_the_live_one_on_packed_rows(cache_dir, tmp_path):
   results = {}
   for mode in ("model", "precomputed"):
@@ -116,6 +117,7 @@ def test_kto_task_reads_its_config():
   assert tasks.make_task(config) == tasks.KTOTask(beta=0.3, desirable_weight=1.2, loss_type="apo_zero_unpaired")
 
 
+@pytest.mark.slow
 def test_kto_trains_from_unpaired_jsonl(cache_dir, tmp_path):
   """A KTO stage from a folder of unpaired {prompt, completion, label} files (the synthetic pairs split by hand, one
   unusable record added): every usable record is an example, the stage trains and evaluates."""

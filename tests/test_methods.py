@@ -105,6 +105,7 @@ def test_the_compiled_step_of_a_reference_free_method_has_no_reference_forward(m
   assert flops < 0.85 * live_dpo_step_flops  # a forward of the same rows is about a third of forward + backward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simpo", "orpo", "kto"])
 def test_methods_train_with_lora_on_packed_rows(method, cache_dir, tmp_path):
   task_name, fields = METHODS.get(method, ("kto", {}))
@@ -117,6 +118,7 @@ def test_methods_train_with_lora_on_packed_rows(method, cache_dir, tmp_path):
   assert not any("lora" in n for n in names) and "model.decoder.layers.0.self_attn.q_proj.weight" in names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simpo", "kto"])
 def test_kill_and_resume_is_bit_identical(method, cache_dir, tmp_path):
   task_name, fields = METHODS.get(method, ("kto", {}))

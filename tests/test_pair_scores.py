@@ -4,6 +4,8 @@ the judge inverts; a training run reads exactly the pairs the filter keeps."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -12,10 +14,10 @@ from flax import nnx
 
 from configs import score_pairs as score_pairs_config
 from jaxalign import config_lib, judges, pair_scores, trainer
-from jaxalign.data import hh, pipeline, tokenize
+from jaxalign.data import hh, pair_filter, pipeline, tokenize
 from jaxalign.models import opt, reward
 from jaxalign.tokenizer import load_tokenizer
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 SUBSETS = "harmless-base,helpful-base"
 
@@ -94,28 +96,29 @@ def test_skip_counts_are_plain_json():
 
 def test_drop_and_swap_record_by_record(scored):
   pairs, rows = scored["pairs"], scored["rows"]
-  margins = pair_scores.load_margins(scored["workdir"] / "scored-train.jsonl")
+  margins = pair_filter.load_margins(scored["workdir"] / "scored-train.jsonl")
   threshold = 0.25 * float(np.median(np.abs([r["margin"] for r in rows])))
   inverted = [r["margin"] < -threshold for r in rows]
 
   report = hh.SkipReport(total=len(pairs), used=len(pairs))
-  kept, counts = pair_scores.apply_pair_filter(pairs, margins, "drop", threshold, report)
+  kept, counts = pair_filter.apply_pair_filter(pairs, margins, "drop", threshold, report)
   assert kept == [p for p, bad in zip(pairs, inverted) if not bad]
   assert counts == {"pairs": len(pairs), "kept": len(kept), "dropped": sum(inverted), "swapped": 0}
-  assert report.skipped[pair_scores.JUDGE_INVERTED] == sum(inverted)
+  assert report.skipped[pair_filter.JUDGE_INVERTED] == sum(inverted)
   assert report.total == report.used + sum(report.skipped.values()) and report.used == len(kept)
 
-  swapped, counts = pair_scores.apply_pair_filter(pairs, margins, "swap", threshold)
+  swapped, counts = pair_filter.apply_pair_filter(pairs, margins, "swap", threshold)
   assert counts["swapped"] == sum(inverted) and counts["kept"] == len(pairs)
   for pair, out, bad in zip(pairs, swapped, inverted):
     assert out == (dataclasses.replace(pair, chosen=pair.rejected, rejected=pair.chosen) if bad else pair)
-  assert pair_scores.apply_pair_filter(pairs, margins, "keep", threshold)[0] == pairs
+  assert pair_filter.apply_pair_filter(pairs, margins, "keep", threshold)[0] == pairs
 
   extra = hh.PreferencePair("\n\nHuman: new?\n\nAssistant:", " a", " b", "elsewhere", 7)
   with pytest.raises(ValueError, match="elsewhere#7: no score in"):
-    pair_scores.apply_pair_filter([extra], margins, "drop", 0.0)
+    pair_filter.apply_pair_filter([extra], margins, "drop", 0.0)
 
 
+@pytest.mark.slow
 def test_a_training_run_reads_exactly_the_kept_pairs(scored, monkeypatch, tmp_path):
   rows = scored["rows"]
   scores_file = str(scored["workdir"] / "scored-train.jsonl")
@@ -145,3 +148,11 @@ def test_a_training_run_reads_exactly_the_kept_pairs(scored, monkeypatch, tmp_pa
   config.data.pair_filter = "sometimes"
   with pytest.raises(config_lib.ConfigError, match="config.data.pair_filter"):
     config_lib.validate(config)
+
+
+def test_loading_pairs_imports_no_judge_model_or_plotting():
+  """The data floor (pipeline, pair filter) stands alone: scoring pairs needs judges, filtering them does not."""
+  code = ("import sys, jaxalign.data.pipeline; print(sorted(m for m in sys.modules if m.startswith(("
+          "'matplotlib', 'jaxalign.judges', 'jaxalign.models', 'jaxalign.pair_scores', 'jaxalign.curves'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+  assert out.stdout.strip() == "[]"

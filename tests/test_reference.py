@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxalign import reference as reference_lib, tasks, trainer
+from jaxalign import reference as reference_lib, step, tasks, trainer
 from jaxalign.data import layouts, pipeline
 from helpers import losses_by_step, prepared, step_flops, tiny_config
 
@@ -22,8 +22,8 @@ def test_a_reference_free_loss_builds_and_runs_no_reference(reference, cache_dir
   assert prepared_reference.mode == "none" and prepared_reference.state is None and not prepared_reference.logps
   assert not passes  # no reference pass over the data
   assert not os.path.exists(os.path.join(cache_dir, "reference"))
-  flops_free = trainer._training_flops(model, prepared_reference)(128, 1000.0, 100.0)
-  flops_live = trainer._training_flops(model, reference_lib.Reference("model"))(128, 1000.0, 100.0)
+  flops_free = step.training_flops(model, prepared_reference)(128, 1000.0, 100.0)
+  flops_live = step.training_flops(model, reference_lib.Reference("model"))(128, 1000.0, 100.0)
   assert flops_free < flops_live  # the step's FLOPs (and MFU) count no reference forward
 
 
@@ -37,6 +37,7 @@ def test_the_compiled_step_of_a_reference_free_loss_has_no_reference_forward(cac
   assert free < 0.85 * live  # a forward of the same rows is about a third of forward + backward
 
 
+@pytest.mark.slow
 def test_held_out_reference_logps_are_computed_in_the_held_out_layout(cache_dir, tmp_path, monkeypatch):
   """Packed training rows, unpacked held-out rows: each split's pass runs in its own layout, and the held-out
   metrics equal those against a live reference."""

@@ -2,49 +2,23 @@
 metrics.jsonl's values, and the files and cards a push to the Hub sends (HfApi mocked at huggingface_hub's boundary).
 One tiny two-stage study (SFT, then DPO) feeds every test."""
 
-import fnmatch
 import glob
 import importlib.util
 import json
 import os
 import struct
 
-import huggingface_hub
 import pytest
 from PIL import Image
 
 from configs import common, eval as eval_config
-from jaxalign import curves, evaluator, hub_push, trackers
-from helpers import tiny_config
+from jaxalign import curves, evaluator, hub_push, tasks, trackers, workdirs
+from helpers import FakeHub, tiny_config
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None  # the [test] extra installs it
 
 SFT_STEPS, DPO_STEPS = 4, 4
 SECRET = "hf_notarealtokenbutsecret"
-
-
-class FakeHub:
-  """Stands in for HfApi: records each repo creation and, at upload time, the files and card that would be sent."""
-
-  def __init__(self):
-    self.repos, self.uploads = [], []
-
-  def install(self, monkeypatch):
-    hub = self
-
-    def create_repo(api, repo_id, *, repo_type=None, private=None, exist_ok=False, **kwargs):
-      hub.repos.append({"repo_id": repo_id, "repo_type": repo_type, "private": private, "exist_ok": exist_ok})
-
-    def upload_folder(api, *, repo_id, folder_path, repo_type=None, commit_message=None, **kwargs):
-      ignored = kwargs.get("ignore_patterns") or []  # glob patterns, as huggingface_hub reads them
-      files = [f for f in hub_push.folder_files(str(folder_path)) if not any(fnmatch.fnmatch(f, p) for p in ignored)]
-      with open(os.path.join(folder_path, "README.md")) as f:
-        card = f.read()
-      hub.uploads.append({"repo_id": repo_id, "repo_type": repo_type, "files": files, "card": card,
-                          "message": commit_message})
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +78,7 @@ def wandb_records(run_dir):
   return records
 
 
+@pytest.mark.slow
 def test_each_stage_has_curves_and_the_study_a_summary(study):
   root = study["root"]
   sizes = {}
@@ -125,6 +100,7 @@ def test_each_stage_has_curves_and_the_study_a_summary(study):
   assert "[sft/model](sft/model)" in dpo_row  # started from the study's SFT stage
 
 
+@pytest.mark.slow
 def test_curve_panels_follow_the_task(study):
   sft = curves.read_metrics(os.path.join(study["root"], "sft", "metrics.jsonl"))
   dpo = curves.read_metrics(os.path.join(study["root"], "dpo", "metrics.jsonl"))
@@ -145,6 +121,7 @@ def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path):
     curves.read_metrics(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install -e '.[wandb]')")
 def test_wandb_offline_run_holds_the_metrics_jsonl_values(study):
   for stage, steps in (("sft", SFT_STEPS), ("dpo", DPO_STEPS)):
@@ -181,6 +158,7 @@ def test_missing_wandb_gives_an_install_hint(monkeypatch, tmp_path):
     trackers.start(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_push_sends_the_export_with_its_model_card(study):
   fake = study["hub"]
   assert fake.repos == [{"repo_id": "someone/tiny-dpo", "repo_type": "model", "private": False, "exist_ok": True}]
@@ -209,6 +187,7 @@ def test_push_settings_are_checked_before_training(tmp_path):
     hub_push.check_config(study)
 
 
+@pytest.mark.slow
 def test_evaluation_in_a_study_refreshes_study_md_and_pushes_its_results(study, tmp_path, monkeypatch):
   """evaluate.py on rated responses, with its workdir inside the study: Table 1 joins study.md, the results folder
   goes to a Hub dataset repo with Table 1 in its card, and a later stage card carries the table too."""
@@ -244,3 +223,26 @@ def test_evaluation_in_a_study_refreshes_study_md_and_pushes_its_results(study, 
   card = hub_push.stage_card(dpo_config, os.path.join(study["root"], "dpo"), "someone/tiny-dpo",
                              json.load(open(os.path.join(study["root"], "dpo", "done.json"))))
   assert "## Evaluation" in card.content and "| dpo | 100.0 [" in card.content
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_every_task_pushes_a_card_naming_its_method_and_the_model_family(task, tmp_path, monkeypatch):
+  """push_stage as the trainer calls it after done.json, for each task of the registry, from an export whose
+  config.json names a family other than OPT."""
+  config = tiny_config(str(tmp_path / "cache"), task, **{"export.push_to_hub": f"someone/tiny-{task}"})
+  export_dir = tmp_path / "stage" / workdirs.EXPORT_DIR
+  export_dir.mkdir(parents=True)
+  (export_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  fake = FakeHub()
+  fake.install(monkeypatch)
+  done = {"steps": 4, "eval/loss": 0.6931, "seconds": {"stage": 1.5}}
+  hub_push.push_stage(config, str(tmp_path / "stage"), str(export_dir), done)
+  (upload,) = fake.uploads
+  card, spec = upload["card"], tasks.spec(task)
+  assert upload["repo_id"] == f"someone/tiny-{task}" and upload["files"] == ["README.md", "config.json"]
+  assert f"- {task}\n" in card and "- llama\n" in card and "- opt\n" not in card and "OPT" not in card
+  assert "of a model of the `llama` family" in card and f"**Method:** {spec.description}" in card
+  assert all(f"| `{name}` |" in card for name in spec.settings) and "| loss | 0.6931 |" in card
+  model_class = "LlamaForSequenceClassification" if spec.reward_model else "LlamaForCausalLM"
+  assert f"{model_class}.from_pretrained('someone/tiny-{task}')" in card
+

@@ -21,6 +21,7 @@ from jaxalign import config_lib, runguard, trainer
 # ----------------------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_sft_trains_and_exports_a_transformers_model(cache_dir, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -45,6 +46,7 @@ def test_sft_trains_and_exports_a_transformers_model(cache_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(ours(ids)), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [{}, {"data.prefix_sharing": True, "data.packing": True}],
                          ids=["separate-rows", "packed"])
 def test_first_dpo_step_loss_is_ln2_and_eight_devices_match_one(layout, cache_dir, tmp_path):
@@ -61,6 +63,7 @@ def test_first_dpo_step_loss_is_ln2_and_eight_devices_match_one(layout, cache_di
   assert_same_params(runs["eight"][1], runs["one"][1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_live_reference_and_is_cached(cache_dir, tmp_path, caplog):
   results = {}
   for mode in ("model", "precomputed"):
@@ -77,6 +80,7 @@ def test_precomputed_reference_equals_live_reference_and_is_cached(cache_dir, tm
   assert "reference log-probs read from" in caplog.text
 
 
+@pytest.mark.slow
 def test_lora_dpo_trains_only_adapters_and_exports_merged(cache_dir, tmp_path):
   config = tiny_config(cache_dir, "dpo", **{"lora.enabled": True, "training.max_steps": 2, "optimizer.lr": 1e-2})
   trainer.run(config, str(tmp_path))
@@ -92,10 +96,12 @@ def uninterrupted_run(cache_dir, tmp_path_factory):
   return run_straight(tiny_config(cache_dir, "sft"), tmp_path_factory.mktemp("uninterrupted"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(uninterrupted_run, tmp_path):
   assert_killed_and_resumed_run_equals(*uninterrupted_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_the_rerun_matches_an_uninterrupted_run(uninterrupted_run, tmp_path):
   path, straight_dir = uninterrupted_run
   stopped = tmp_path / "stopped"
@@ -122,6 +128,7 @@ def test_sigterm_saves_at_the_current_step_and_the_rerun_matches_an_uninterrupte
   assert_same_params(exported(str(stopped)), exported(str(straight_dir)))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(cache_dir, tmp_path):
   config = tiny_config(cache_dir, "sft", **{"training.max_steps": 3, "data.eval_pairs": 0,
                                             "checkpoint.every_steps": 0, "mesh.min_fsdp_size": 0, "mesh.fsdp": 2})
@@ -141,6 +148,7 @@ def test_two_processes_train_like_one(cache_dir, tmp_path):
   assert_same_params(exported(str(tmp_path / "multi")), exported(str(tmp_path / "single")), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_corrupted_newest_checkpoint_falls_back_with_a_message(cache_dir, tmp_path, caplog):
   config = tiny_config(cache_dir, "sft", **{"training.max_steps": 4, "data.eval_pairs": 0})
   trainer.run(config, str(tmp_path))
@@ -155,6 +163,7 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_message(cache_dir, tmp_pa
   assert "checkpoint step 4" in caplog.text and "could not be restored" in caplog.text
 
 
+@pytest.mark.slow
 def test_study_runs_stages_in_order_and_skips_finished_ones(cache_dir, tmp_path, caplog):
   c = common.get_config()
   c.stages = ("sft", "dpo")
@@ -205,6 +214,7 @@ def test_indivisible_batch_is_a_clear_error(cache_dir, tmp_path):
     trainer.run(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_prefix_shared_dpo_equals_the_concatenated_forward(cache_dir, tmp_path):
   results = {}
   for sharing in (False, True):
@@ -217,6 +227,7 @@ def test_prefix_shared_dpo_equals_the_concatenated_forward(cache_dir, tmp_path):
   assert_same_params(results[True][1], results[False][1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_dpo_takes_reference_logps_by_pair_and_matches_the_live_reference(cache_dir, tmp_path):
   results = {}
   for mode in ("model", "precomputed"):
@@ -233,6 +244,7 @@ def test_packed_dpo_takes_reference_logps_by_pair_and_matches_the_live_reference
   assert done["compilations"]["train"] == len(done["train_shapes"]) <= 4
 
 
+@pytest.mark.slow
 def test_packed_two_head_reward_model_trains_and_exports(cache_dir, tmp_path):
   config = tiny_config(cache_dir, "reward", **{"data.prefix_sharing": True, "data.packing": True,
                                                 "reward.heads": ("harmless", "helpful"), "training.max_steps": 3})
@@ -247,6 +259,7 @@ def test_packed_two_head_reward_model_trains_and_exports(cache_dir, tmp_path):
   assert reward.from_pretrained(str(tmp_path / trainer.EXPORT_DIR)).heads == ("harmless", "helpful")
 
 
+@pytest.mark.slow
 def test_compilation_cache_folder_receives_the_train_step(cache_dir, tmp_path):
   folder = tmp_path / "xla"
   config = tiny_config(cache_dir, "sft", **{"compilation_cache": str(folder), "training.max_steps": 1,
@@ -257,6 +270,7 @@ def test_compilation_cache_folder_receives_the_train_step(cache_dir, tmp_path):
   assert any(name.startswith("jit_train_step") for name in os.listdir(folder))
 
 
+@pytest.mark.slow
 def test_each_shape_compiles_once_before_the_loop(cache_dir, tmp_path, caplog):
   caplog.set_level("WARNING", logger="jax")
   caplog.set_level("INFO", logger="jaxalign")

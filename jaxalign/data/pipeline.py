@@ -14,8 +14,9 @@ import os
 import jax
 import numpy as np
 
-from jaxalign import pair_scores, parallel
-from jaxalign.data import batches as batches_lib, formats, hh, layouts, synthetic, tokenize, unpaired
+from jaxalign import parallel, tasks
+from jaxalign.data import (batches as batches_lib, formats, hh, layouts, pair_filter, synthetic, tokenize,
+                            unpaired)
 from jaxalign.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def _load(config, tokenizer, split: str, batch_kind: str):
     pairs, skips = formats.load_examples(data_source(config), data_format=config.data.format, chat=chat, split=split,
                                          subsets=subsets, warn_skipped_share=config.data.warn_skipped_share)
     if split == config.data.train_split and not chat:  # held-out pairs stay as they are
-      pairs = pair_scores.filter_pairs(config, pairs, skips)
+      pairs = pair_filter.filter_pairs(config, pairs, skips)
     records = pairs
   pair_task = batch_kind != "sft"
   if chat and not pair_task:
@@ -200,7 +201,7 @@ def layout_for(config, batch_kind: str, *, held_out: bool = False) -> layouts.La
   """The batch layout of a stage's train or held-out split (KTO's unpaired examples use the pair layouts)."""
   if batch_kind == "sft":
     return layouts.sft_layout(config.data, held_out=held_out)
-  return layouts.pair_layout(config.data, scored=config.task != "reward", held_out=held_out)
+  return layouts.pair_layout(config.data, scored=not tasks.spec(config.task).reward_model, held_out=held_out)
 
 
 def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
@@ -229,7 +230,7 @@ def streams(config, data: StageData, mesh, pad_id: int,
 
   def arrays(name: str, split: Split) -> dict[str, np.ndarray]:
     out = dict((per_pair or {}).get(name, {}))
-    if config.task == "reward":
+    if tasks.spec(config.task).reward_model:
       out.update(_head_per_pair(config, split.records))
     if data.batch_kind == "unpaired":
       out["desirable"] = unpaired.desirable_labels(split.records)
