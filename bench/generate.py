@@ -115,8 +115,11 @@ def main():
   if jax.default_backend() == "cpu":
     device += f", {os.cpu_count()} cores"
   num_tokens = args.prompts * args.new_tokens
-  ours = ("jaxalign generate_ids", args.dtype)
-  fns = {ours: lambda: np.asarray(sampling.generate_ids(model, ids, mask, options=options)[0])}
+  graphdef, state = nnx.split(model)
+  sampler = sampling.Sampler(graphdef, state, batch_size=args.prompts, prompt_length=args.prompt_length,
+                             options=options)
+  ours = ("jaxalign Sampler", args.dtype)
+  fns = {ours: lambda: np.asarray(sampler(state, ids, mask).tokens)}
   if not args.no_torch:
     torch_generate, torch_device, torch_dtype = make_torch_generate(model, ids, mask, args)
     theirs = (f"transformers generate (PyTorch, {torch_device})", torch_dtype)
@@ -138,7 +141,7 @@ def main():
   for (name, dtype), t in timings.items():
     lines.append(f"| {name} | {dtype} | {t.first_s:.2f} | {min(t.times_s):.3f} | {statistics.median(t.times_s):.3f} "
                  f"| {num_tokens / min(t.times_s):,.0f} |")
-  lines += ["", f"compiled generation programs: {sampling.compiled_program_count()} (generate_ids: 1; sampling.generate "
+  lines += ["", f"compiled generation programs: {sampling.compiled_program_count()} (Sampler: 1; sampling.generate "
             "on the paper prompts: one per prompt-length bucket)"]
   if not args.no_torch:
     a, b = timings[ours], timings[theirs]

@@ -1,8 +1,8 @@
 """Talk to a trained model in the terminal: `python -m jaxalign.chat <model folder | workdir | Hub id>`.
 
 Answers stream token by token from the KV-cache sampler: one compiled prefill of the (left-padded, bucketed)
-conversation, then one compiled decode step per token, picking tokens with `sampling.select_tokens` and ending a
-row by the rules of `sampling.generate` (EOS, a stop sequence, `max_new_tokens`), with the same per-prompt PRNG key.
+conversation, then one compiled decode step per token (`sampling.Sampler.stream`: the sampler's own prefill and
+decode step, so its rules for picking tokens and ending a row), with the same per-prompt PRNG key.
 So an answer is token for token what `sampling.generate(model, tokenizer, [prompt], seed=...)` returns for the same
 prompt, settings and seed (each saved answer records them).
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -27,7 +26,6 @@ import unicodedata
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -96,32 +94,15 @@ def printable(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------- sampler
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options", "cache_length"))
-def _prefill(graphdef, state, input_ids, attention_mask, row_keys, options: SamplingOptions, cache_length: int):
-  model = nnx.merge(graphdef, state)
-  cache = model.init_cache(input_ids.shape[0], cache_length)
-  hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
-  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, 0)
-  return sampling.select_tokens(model.logits(hidden[:, -1:])[:, 0], step_keys, options), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, previous, row_keys, step, options: SamplingOptions):
-  model = nnx.merge(graphdef, state)
-  hidden, cache = model.hidden_states(previous, jnp.ones_like(previous), cache=cache)
-  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-  return sampling.select_tokens(model.logits(hidden)[:, 0], step_keys, options), cache
-
-
 class StreamingSampler:
-  """One model's token stream: `stream(prompt_ids, options, seed)` yields the generated ids one at a time.
+  """One model's token stream: `stream(prompt_ids, options, seed, max_prompt_length)` yields the generated ids one
+  at a time, from `sampling.Sampler.stream`.
 
-  Same program shapes as `sampling.generate` for one prompt (batch 1, the prompt left-padded to its length bucket,
-  a cache of bucket + max_new_tokens - 1 slots) and the same keys (fold_in(fold_in(key(seed), 0), step)).
+  Same program shapes as `sampling.generate` for one prompt (batch 1, the prompt left-padded to its length bucket)
+  and the same key (fold_in(key(seed), 0), the first prompt's).
   """
 
   def __init__(self, model):
-    self.model = model
     self.graphdef, self.state = nnx.split(model)
 
   def stream(self, prompt_ids: list[int], options: SamplingOptions, seed: int, max_prompt_length: int):
@@ -129,19 +110,10 @@ class StreamingSampler:
     ids = np.full((1, length), options.pad_id, np.int32)
     mask = np.zeros((1, length), bool)
     ids[0, length - len(prompt_ids):], mask[0, length - len(prompt_ids):] = prompt_ids, True
+    sampler = sampling.Sampler(self.graphdef, self.state, batch_size=1, prompt_length=length, options=options)
     row_keys = jax.random.fold_in(jax.random.key(seed), 0)[None]
-    program = options.program_key()
-    token, cache = _prefill(self.graphdef, self.state, ids, mask, row_keys, program,
-                            length + options.max_new_tokens - 1)
-    generated: list[int] = []
-    for step in range(options.max_new_tokens):
-      if step:
-        token, cache = _decode(self.graphdef, self.state, cache, token[:, None], row_keys, jnp.int32(step), program)
-      generated.append(int(token[0]))
-      yield generated[-1]
-      if generated[-1] == options.eos_id or any(generated[-len(s):] == list(s) for s in options.stop_sequences
-                                                if len(generated) >= len(s)):
-        return
+    for tokens in sampler.stream(self.state, ids, mask, row_keys):
+      yield int(tokens[0])
 
 
 # ----------------------------------------------------------------------------------------------------- session

@@ -1,9 +1,14 @@
-"""Batched text generation with the KV cache: greedy, temperature, top-k, top-p, EOS and stop strings.
+"""The Sampler: batched generation with the KV cache (greedy, temperature, top-k, top-p, EOS and stop sequences)
+that returns the sampled tokens' log-probs, for the evaluator, `chat` and online training.
 
-`generate_ids` is one jit-compiled program per (batch, prompt length, options): prefill the left-padded prompts,
-then a `lax.while_loop` decodes one token per step for every row and exits as soon as every row has ended (EOS or
-a stop sequence) or `max_new_tokens` are out. The model's parameters are arguments of that program (nnx.split), not
-constants baked into it, so one compilation serves every checkpoint of the same architecture.
+A `Sampler` is one shape bucket (prompt batch, prompt length, completions per prompt, options) of one model
+architecture (its nnx graphdef). Each call takes the parameters to sample with, so a training loop hands it the
+current weights every step: they are arguments of the compiled program, not constants baked into it, and are
+checked against the bucket's template (tree, shapes, dtypes) so a mismatch fails with its path instead of compiling
+a new program. Programs live in one jit cache: every sampler of the same architecture, bucket and options (and every
+checkpoint) shares one. A call prefills the left-padded prompts once, repeats each prompt's KV cache for its
+`num_generations` completions (each with its own key), then a `lax.while_loop` decodes one token per step for every
+row and exits as soon as every row has ended (EOS or a stop sequence) or `max_new_tokens` are out.
 
 `generate` / `generate_texts` are what the evaluator calls: tokenize (keeping the end of over-long prompts), sort
 by length and cut into batches padded to a few bucket shapes (so 100 prompts compile a couple of programs), decode
@@ -13,9 +18,11 @@ the continuation, cut it at the first stop string and strip it (the paper's resp
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +37,24 @@ log = logging.getLogger(__name__)
 # HH conversations continue with the next human turn; a response ends where the model starts writing one.
 DEFAULT_STOP_STRINGS = ("\n\nHuman:",)
 
+# Which distribution the returned per-token log-probs are of (SamplingOptions.logprobs).
+LOGPROBS_MODES = ("temperature", "processed", "raw")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-  """How to pick tokens and when a row ends. Hashable: it is a static argument of the compiled program.
+  """How to pick tokens, when a row ends and which log-probs to return. Hashable: a static argument of the program.
 
   temperature 0 is greedy decoding (top_k and top_p then do nothing); top_k 0 and top_p 1.0 switch those filters
   off. eos_id None never ends a row on a token (benchmarks use it to generate exactly max_new_tokens).
   stop_sequences are token-id sequences that end a row once generated (the token form of the stop strings).
+  logprobs: the distribution whose log-probs of the sampled tokens are returned, all fp32 over the full vocabulary:
+    "temperature" (default) log_softmax(logits / temperature), top-k / top-p ignored: what TRL's GRPOTrainer
+      computes for the policy in training (`_get_per_token_logps_and_entropies`), so these are GRPO's "old" log-probs;
+    "processed" the distribution the token was drawn from (temperature, then top-k and top-p; filtered tokens have
+      probability 0), vLLM's `processed_logprobs`;
+    "raw" the model's own distribution, log_softmax(logits) (temperature 1).
+    Greedy decoding (temperature 0) returns the raw log-probs whatever the mode.
   """
 
   max_new_tokens: int = 50
@@ -47,6 +64,7 @@ class SamplingOptions:
   eos_id: int | None = 2
   pad_id: int = 1
   stop_sequences: tuple[tuple[int, ...], ...] = ()
+  logprobs: str = "temperature"
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -59,16 +77,42 @@ class SamplingOptions:
       raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
     if any(len(seq) == 0 for seq in self.stop_sequences):
       raise ValueError("stop_sequences must not contain an empty sequence")
+    if self.logprobs not in LOGPROBS_MODES:
+      raise ValueError(f"logprobs must be one of {LOGPROBS_MODES}, got {self.logprobs!r}")
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0.0
 
   def program_key(self) -> SamplingOptions:
-    """The part the compiled program depends on: unused filters reset (so greedy runs share one program) and no
-    eos_id (a run-time argument, so models with different EOS ids share programs too)."""
+    """The part the compiled program depends on: what greedy decoding ignores reset (so greedy runs share one
+    program) and no eos_id (a run-time argument, so models with different EOS ids share programs too)."""
     key = dataclasses.replace(self, eos_id=None)
-    return dataclasses.replace(key, top_k=0, top_p=1.0) if self.greedy else key
+    return dataclasses.replace(key, top_k=0, top_p=1.0, logprobs="raw") if self.greedy else key
+
+
+class FinishReason(enum.IntEnum):
+  """Why a row ended (`Samples.finish_reasons`), with vLLM's / TRL's names."""
+
+  STOP = 0  # an EOS token or a stop sequence was generated (and is included in the row)
+  LENGTH = 1  # cut at max_new_tokens
+
+
+class Samples(NamedTuple):
+  """What a Sampler returns, one row per completion: row b * num_generations + g is prompt b's g-th completion.
+
+  tokens [R, max_new_tokens] int32: the generated tokens, the EOS / stop sequence included, then `pad_id`.
+  lengths [R] int32: how many tokens each row generated (EOS / stop sequence included); 0 for a filler row (a prompt
+    of padding only).
+  finish_reasons [R] int32: a `FinishReason` (filler rows: STOP).
+  logprobs [R, max_new_tokens] float32: each generated token's log-probability under `SamplingOptions.logprobs`'
+    distribution; 0 after the row's end.
+  """
+
+  tokens: jax.Array
+  lengths: jax.Array
+  finish_reasons: jax.Array
+  logprobs: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,18 +147,45 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(logits < smallest_kept, -jnp.inf, logits)
 
 
+def processed_logits(logits: jax.Array, options: SamplingOptions) -> jax.Array:
+  """The logits tokens are drawn from (sampling only): temperature, then top-k, then top-p, as transformers does."""
+  logits = apply_temperature(logits, options.temperature)
+  return top_p_filter(top_k_filter(logits, options.top_k), options.top_p)
+
+
 def select_tokens(logits: jax.Array, keys: jax.Array, options: SamplingOptions) -> jax.Array:
   """Next token per row from logits [B, vocab]: argmax when greedy, else a draw (key per row) after the filters."""
+  return select_with_logprobs(logits, keys, options)[0]
+
+
+def select_with_logprobs(logits: jax.Array, keys: jax.Array,
+                         options: SamplingOptions) -> tuple[jax.Array, jax.Array]:
+  """(next token [B] int32, its log-prob [B] fp32 under `options.logprobs`' distribution) from logits [B, vocab]."""
   if options.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  # Same order as transformers: temperature, then top-k, then top-p.
-  logits = apply_temperature(logits, options.temperature)
-  logits = top_p_filter(top_k_filter(logits, options.top_k), options.top_p)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, _logprob_of(logits, tokens)
+  drawn_from = processed_logits(logits, options)
+  tokens = jax.vmap(jax.random.categorical)(keys, drawn_from).astype(jnp.int32)
+  scored = {"temperature": apply_temperature(logits, options.temperature), "processed": drawn_from,
+            "raw": logits}[options.logprobs]
+  return tokens, _logprob_of(scored, tokens)
+
+
+def _logprob_of(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The compiled generation program.
+# The compiled programs: prefill once per prompt, decode a token per step for every completion row.
+
+
+class _Progress(NamedTuple):
+  """The rows' state during decoding."""
+
+  tokens: jax.Array  # [R, max_new_tokens] int32, pad_id where nothing was generated (yet)
+  logprobs: jax.Array  # [R, max_new_tokens] float32, 0 there
+  lengths: jax.Array  # [R] int32
+  done: jax.Array  # [R] bool: ended by EOS / a stop sequence (or a filler row)
 
 
 def _ends_with_stop_sequence(tokens: jax.Array, step: jax.Array, stop_sequences) -> jax.Array:
@@ -128,98 +199,234 @@ def _ends_with_stop_sequence(tokens: jax.Array, step: jax.Array, stop_sequences)
   return hit
 
 
-def _record(carry, token, step, eos_id, options: SamplingOptions):
-  """Writes step's token (pad for rows already done), extends unfinished rows' lengths, marks newly ended rows."""
-  tokens, lengths, done = carry
-  token = jnp.where(done, options.pad_id, token)
-  tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
-  lengths = jnp.where(done, lengths, step + 1)
-  done |= (token == eos_id) | _ends_with_stop_sequence(tokens, step, options.stop_sequences)
-  return tokens, lengths, done
+def _record(progress: _Progress, logits, row_keys, step, eos_id, options: SamplingOptions) -> _Progress:
+  """Picks step's token from the logits [R, vocab] and writes it (pad for rows already done) with its log-prob;
+  extends unfinished rows' lengths, marks newly ended rows."""
+  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+  token, logprob = select_with_logprobs(logits, step_keys, options)
+  token = jnp.where(progress.done, options.pad_id, token)
+  logprob = jnp.where(progress.done, 0.0, logprob)
+  tokens = jax.lax.dynamic_update_slice_in_dim(progress.tokens, token[:, None], step, axis=1)
+  logprobs = jax.lax.dynamic_update_slice_in_dim(progress.logprobs, logprob[:, None], step, axis=1)
+  lengths = jnp.where(progress.done, progress.lengths, step + 1)
+  done = progress.done | (token == eos_id) | _ends_with_stop_sequence(tokens, step, options.stop_sequences)
+  return _Progress(tokens, logprobs, lengths, done)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options", "sharding"))
-def _generate(graphdef, state, input_ids, attention_mask, row_keys, eos_id, options: SamplingOptions, sharding):
-  model = nnx.merge(graphdef, state)
+def _constrain(tree, sharding):
+  """Keeps each row's arrays beside its row: every array with a batch dimension (all but the cache's scalar fill
+  index) gets the batch sharding, where its batch divides over it."""
+  if sharding is None:
+    return tree
+  shards = batch_shards(sharding)
+  return jax.tree.map(lambda x: x if x.ndim == 0 or x.shape[0] % shards
+                      else jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+def _prefill(graphdef, states, input_ids, attention_mask, row_keys, eos_id, *, options: SamplingOptions,
+             num_generations: int, sharding):
+  """Runs the prompts [B, P] once and repeats each one's cache for its completions; returns the first tokens'
+  progress (rows [B * num_generations]) and the cache."""
+  model = nnx.merge(graphdef, *states)
   batch, prompt_length = input_ids.shape
-  steps = options.max_new_tokens
-
-  def step_keys(step):
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-
   # The last generated token is never fed back: the cache needs one slot less than prompt + new tokens.
-  cache = model.init_cache(batch, prompt_length + steps - 1)
-  if sharding is not None:
-    # Every cache array but the scalar fill index has the batch first: keep each row's cache beside its row.
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jax.lax.with_sharding_constraint(x, sharding), cache)
+  cache = _constrain(model.init_cache(batch, prompt_length + options.max_new_tokens - 1), sharding)
   hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
   # Left padding puts every row's last prompt token in the last column: only that position needs logits.
-  first = select_tokens(model.logits(hidden[:, -1:])[:, 0], step_keys(0), options)
+  logits = model.logits(hidden[:, -1:])[:, 0]
   # Rows with no prompt token at all are batch padding: done before they start.
   done = ~jnp.any(attention_mask.astype(bool), axis=1)
-  record = (jnp.full((batch, steps), options.pad_id, jnp.int32), jnp.zeros(batch, jnp.int32), done)
-  record = _record(record, first, 0, eos_id, options)
+  repeat = functools.partial(jnp.repeat, repeats=num_generations, axis=0)
+  logits, done = repeat(logits), repeat(done)
+  cache = _constrain(jax.tree.map(lambda x: x if x.ndim == 0 else repeat(x), cache), sharding)
+  rows, steps = logits.shape[0], options.max_new_tokens
+  progress = _Progress(jnp.full((rows, steps), options.pad_id, jnp.int32), jnp.zeros((rows, steps), jnp.float32),
+                       jnp.zeros(rows, jnp.int32), done)
+  return _record(progress, logits, row_keys, 0, eos_id, options), cache
+
+
+def _decode_step(graphdef, states, progress: _Progress, cache, row_keys, step, eos_id, *, options: SamplingOptions):
+  """Feeds each row's previous token through the model (one cache slot) and records the next one."""
+  model = nnx.merge(graphdef, *states)
+  previous = jax.lax.dynamic_slice_in_dim(progress.tokens, step - 1, 1, axis=1)
+  hidden, cache = model.hidden_states(previous, jnp.ones_like(previous), cache=cache)
+  return _record(progress, model.logits(hidden)[:, 0], row_keys, step, eos_id, options), cache
+
+
+def _finished(progress: _Progress) -> Samples:
+  reasons = jnp.where(progress.done, FinishReason.STOP, FinishReason.LENGTH).astype(jnp.int32)
+  return Samples(progress.tokens, progress.lengths, reasons, progress.logprobs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "options", "num_generations", "sharding"))
+def _sample(graphdef, states, input_ids, attention_mask, row_keys, eos_id, *, options: SamplingOptions,
+            num_generations: int, sharding) -> Samples:
+  """The whole generation as one program: prefill, then decode until every row has ended or the steps are out."""
+  progress, cache = _prefill(graphdef, states, input_ids, attention_mask, row_keys, eos_id, options=options,
+                             num_generations=num_generations, sharding=sharding)
 
   def not_finished(carry):
-    step, (_, _, done), _ = carry
-    return (step < steps) & ~jnp.all(done)
+    step, progress, _ = carry
+    return (step < options.max_new_tokens) & ~jnp.all(progress.done)
 
   def decode_step(carry):
-    step, record, cache = carry
-    previous = jax.lax.dynamic_slice_in_dim(record[0], step - 1, 1, axis=1)
-    hidden, cache = model.hidden_states(previous, jnp.ones_like(previous), cache=cache)
-    token = select_tokens(model.logits(hidden)[:, 0], step_keys(step), options)
-    return step + 1, _record(record, token, step, eos_id, options), cache
+    step, progress, cache = carry
+    progress, cache = _decode_step(graphdef, states, progress, cache, row_keys, step, eos_id, options=options)
+    return step + 1, progress, cache
 
-  _, (tokens, lengths, _), _ = jax.lax.while_loop(not_finished, decode_step, (jnp.int32(1), record, cache))
-  return tokens, lengths
+  _, progress, _ = jax.lax.while_loop(not_finished, decode_step, (jnp.int32(1), progress, cache))
+  return _finished(progress)
+
+
+# The same two halves as separate programs, for streaming a token at a time (chat).
+_prefill_program = jax.jit(_prefill, static_argnames=("graphdef", "options", "num_generations", "sharding"))
+_decode_program = jax.jit(_decode_step, static_argnames=("graphdef", "options"), donate_argnames=("progress", "cache"))
 
 
 def compiled_program_count() -> int:
-  """How many generation programs have been compiled in this process (one per shape and options)."""
-  return _generate._cache_size()
+  """How many whole-generation programs have been compiled in this process (one per architecture, shape bucket and
+  options)."""
+  return _sample._cache_size()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Sampler: one shape bucket, the parameters at call time.
+
+
+def batch_shards(sharding: jax.sharding.Sharding | None) -> int:
+  """Into how many pieces the sharding splits the batch dimension."""
+  if sharding is None:
+    return 1
+  devices = len(sharding.device_set)
+  return devices // sharding.shard_shape((devices, 1))[0]
+
+
+def _as_tuple(states) -> tuple:
+  return states if isinstance(states, tuple) else (states,)
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+class Sampler:
+  """Generation for one shape bucket of one model architecture, with whatever parameters each call brings.
+
+  Sampler(graphdef, states, *, batch_size, prompt_length, options, num_generations=1, sharding=None)
+    graphdef, states: a split model, `nnx.split(model)` or e.g. a trainer's `nnx.split(model, nnx.Param, ...)`;
+      `states` (one State or a tuple of them; arrays or jax.ShapeDtypeStruct) is only the template later calls'
+      states are checked against.
+    batch_size, prompt_length: the prompts' shape [batch_size, prompt_length], padded on the left.
+    options: SamplingOptions (max_new_tokens, temperature, top-k, top-p, EOS, stop sequences, which log-probs).
+    num_generations: completions per prompt (G); the prompt is prefilled once and its KV cache repeated G times.
+    sharding: a batch sharding (`parallel.batch_sharding(mesh)`) for the rows, the cache and the outputs;
+      batch_size * num_generations must divide over it. The states keep the shardings they come with (e.g. FSDP).
+  sampler(states, input_ids, attention_mask, key=None) -> Samples, rows [batch_size * num_generations]
+    states: the parameters to sample with, same tree, shapes and dtypes as the template.
+    input_ids / attention_mask [batch_size, prompt_length]: left-padded prompts (1 = real token); a row of padding
+      only is a filler row that generates nothing.
+    key: one typed PRNG key per completion row [batch_size * num_generations] (row b * G + g: prompt b's g-th
+      completion; a row's draws then depend on its key only), or one key split over the rows; greedy needs none.
+      A row draws step t's token with fold_in(row key, t).
+  """
+
+  def __init__(self, graphdef, states, *, batch_size: int, prompt_length: int, options: SamplingOptions,
+               num_generations: int = 1, sharding: jax.sharding.Sharding | None = None):
+    self.graphdef, self.template = graphdef, _abstract(_as_tuple(states))
+    self.batch_size, self.prompt_length, self.num_generations = batch_size, prompt_length, num_generations
+    self.options, self.sharding = options, sharding
+    self.rows = batch_size * num_generations
+    if min(batch_size, prompt_length, num_generations) < 1:
+      raise ValueError(f"batch_size, prompt_length and num_generations must be >= 1; got {batch_size}, "
+                       f"{prompt_length}, {num_generations}")
+    if self.rows % batch_shards(sharding):
+      raise ValueError(f"batch_size x num_generations = {self.rows} rows do not divide over the sharding's "
+                       f"{batch_shards(sharding)} batch shards")
+    max_positions = nnx.merge(graphdef, *self.template).config.max_position_embeddings
+    if prompt_length + options.max_new_tokens > max_positions:
+      raise ValueError(f"prompt length {prompt_length} + max_new_tokens {options.max_new_tokens} = "
+                       f"{prompt_length + options.max_new_tokens} exceeds the model's max_position_embeddings "
+                       f"({max_positions})")
+
+  def check_states(self, states) -> tuple:
+    """The states as a tuple, after checking they fit the template (a mismatch would compile another program)."""
+    states = _as_tuple(states)
+    if jax.tree.structure(states) != jax.tree.structure(self.template):
+      raise ValueError("the states' tree differs from the sampler's template: build a Sampler for this model")
+    for (path, x), t in zip(jax.tree.leaves_with_path(states), jax.tree.leaves(self.template)):
+      if (x.shape, x.dtype) != (t.shape, t.dtype):
+        raise ValueError(f"state {jax.tree_util.keystr(path)}: {x.dtype}{list(x.shape)}, the sampler was built for "
+                         f"{t.dtype}{list(t.shape)}")
+    return states
+
+  def _inputs(self, input_ids, attention_mask, key) -> tuple:
+    """The program's run-time inputs, checked and placed: prompts, a key per row, the EOS id."""
+    input_ids, attention_mask = _checked_prompts(input_ids, attention_mask, (self.batch_size, self.prompt_length))
+    if key is None:
+      if not self.options.greedy:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(seed)")
+      key = jax.random.key(0)  # unused by greedy decoding, but the program takes one
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+      raise ValueError("key must be a typed PRNG key (jax.random.key(seed)), not a raw uint32 jax.random.PRNGKey")
+    if key.shape not in ((), (self.rows,)):
+      raise ValueError(f"key: one key or one per completion row ({self.rows} = batch_size x num_generations); got "
+                       f"keys of shape {key.shape}")
+    row_keys = key if key.shape == (self.rows,) else jax.random.split(key, self.rows)
+    if self.sharding is not None:
+      row_keys = jax.device_put(row_keys, self.sharding)
+      if self.batch_size % batch_shards(self.sharding) == 0:
+        input_ids, attention_mask = jax.device_put((input_ids, attention_mask), self.sharding)
+    # -1 matches no token: rows then end only on stop sequences or after max_new_tokens.
+    eos_id = jnp.int32(-1 if self.options.eos_id is None else self.options.eos_id)
+    return input_ids, attention_mask, row_keys, eos_id
+
+  def __call__(self, states, input_ids, attention_mask, key: jax.Array | None = None) -> Samples:
+    return _sample(self.graphdef, self.check_states(states), *self._inputs(input_ids, attention_mask, key),
+                   options=self.options.program_key(), num_generations=self.num_generations, sharding=self.sharding)
+
+  def stream(self, states, input_ids, attention_mask, key: jax.Array | None = None) -> Iterator[np.ndarray]:
+    """The same generation a step at a time: yields each step's tokens [rows] (pad_id for rows already ended) on
+    the host, until every row has ended or max_new_tokens are out (the caller may stop earlier)."""
+    states, (input_ids, attention_mask, row_keys, eos_id) = (self.check_states(states),
+                                                              self._inputs(input_ids, attention_mask, key))
+    options = self.options.program_key()
+    progress, cache = _prefill_program(self.graphdef, states, input_ids, attention_mask, row_keys, eos_id,
+                                       options=options, num_generations=self.num_generations, sharding=self.sharding)
+    for step in range(options.max_new_tokens):
+      if step:
+        progress, cache = _decode_program(self.graphdef, states, progress, cache, row_keys, jnp.int32(step), eos_id,
+                                          options=options)
+      yield host_numpy(progress.tokens[:, step])
+      if bool(jnp.all(progress.done)):
+        return
+
+
+def _checked_prompts(input_ids, attention_mask, shape: tuple[int, int]):
+  """Host prompts as int32 / bool arrays of the bucket's shape, padded on the left (device arrays pass as they are:
+  their padding is the caller's to get right)."""
+  if np.shape(input_ids) != shape or np.shape(attention_mask) != shape:
+    raise ValueError(f"input_ids and attention_mask must both be [batch_size, prompt_length] = {list(shape)}; got "
+                     f"{list(np.shape(input_ids))} and {list(np.shape(attention_mask))}")
+  if not isinstance(input_ids, jax.Array):
+    input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, bool)
+    if np.any(attention_mask[:, :-1] & ~attention_mask[:, 1:]):
+      raise ValueError("prompts must be padded on the left: a row's attention_mask may not go from 1 back to 0")
+  return input_ids, attention_mask
 
 
 def generate_ids(
     model: nnx.Module, input_ids, attention_mask, *, key: jax.Array | None = None,
-    options: SamplingOptions = SamplingOptions(), sharding: jax.sharding.Sharding | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Generates continuations of left-padded prompts; returns (tokens [B, max_new_tokens] int32, lengths [B] int32).
-
-  input_ids / attention_mask [B, P]: prompts padded on the left (1 = real token); a row of all padding is a filler
-    row that generates nothing. P + max_new_tokens must fit the model's position table.
-  key: a PRNG key (split over rows) or one key per row [B] (then a row's draws do not depend on its batch); needed
-    only when sampling.
-  tokens: each row's generated tokens, the EOS / stop sequence included, then `pad_id`; lengths: how many tokens each
-    row generated (EOS / stop sequence included).
-  sharding: a batch sharding (e.g. `parallel.batch_sharding(mesh)`) for the inputs, cache and outputs; B must
-    divide over it. Without one everything stays on the default device.
-  """
-  input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, bool)
-  if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-    raise ValueError(f"input_ids and attention_mask must both be [batch, length]; got {input_ids.shape} and "
-                     f"{attention_mask.shape}")
-  if np.any(attention_mask[:, :-1] & ~attention_mask[:, 1:]):
-    raise ValueError("prompts must be padded on the left: a row's attention_mask may not go from 1 back to 0")
-  needed = input_ids.shape[1] + options.max_new_tokens
-  if needed > model.config.max_position_embeddings:
-    raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {options.max_new_tokens} = {needed} "
-                     f"exceeds the model's max_position_embeddings ({model.config.max_position_embeddings})")
-  batch = input_ids.shape[0]
-  if key is None:
-    if not options.greedy:
-      raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(seed)")
-    key = jax.random.key(0)  # unused by greedy decoding, but the program takes one
-  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    raise ValueError("key must be a typed PRNG key (jax.random.key(seed)), not a raw uint32 jax.random.PRNGKey")
-  row_keys = key if key.shape == (batch,) else jax.random.split(key, batch)
-  inputs = (input_ids, attention_mask, row_keys)
-  if sharding is not None:
-    inputs = jax.device_put(inputs, sharding)
-  # -1 matches no token: rows then end only on stop sequences or after max_new_tokens.
-  eos_id = jnp.int32(-1 if options.eos_id is None else options.eos_id)
+    options: SamplingOptions = SamplingOptions(), num_generations: int = 1,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Samples:
+  """One call of a Sampler built for these prompts' shape [B, P] and this model's current parameters (arguments
+  as in `Sampler`). P + max_new_tokens must fit the model's position table."""
+  if np.ndim(input_ids) != 2:
+    raise ValueError(f"input_ids must be [batch, length]; got shape {list(np.shape(input_ids))}")
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, *inputs, eos_id, options=options.program_key(), sharding=sharding)
+  sampler = Sampler(graphdef, state, batch_size=np.shape(input_ids)[0], prompt_length=np.shape(input_ids)[1],
+                    options=options, num_generations=num_generations, sharding=sharding)
+  return sampler(state, input_ids, attention_mask, key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,14 +454,6 @@ def padded_batch_size(num_prompts: int, batch_size: int, multiple: int = 1) -> i
   rows: they cost far less than compiling a second program."""
   size = min(batch_size, 1 << max(num_prompts - 1, 0).bit_length())
   return -(-size // multiple) * multiple
-
-
-def batch_shards(sharding: jax.sharding.Sharding | None) -> int:
-  """Into how many pieces the sharding splits the batch dimension."""
-  if sharding is None:
-    return 1
-  devices = len(sharding.device_set)
-  return devices // sharding.shard_shape((devices, 1))[0]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int,
@@ -301,16 +500,21 @@ def generate(
                 truncated, len(encoded), max_prompt_length)
   batch = padded_batch_size(len(encoded), batch_size, batch_shards(sharding))
   ladder = shapes.power_ladder(max_prompt_length)
+  graphdef, state = nnx.split(model)
+  samplers: dict[int, Sampler] = {}  # one per prompt-length bucket
   root = jax.random.key(seed)
   texts, num_new = [""] * len(encoded), [0] * len(encoded)
   for chunk in shapes.sorted_chunks([len(ids) for ids in encoded], batch, longest_first=True):
-    ids, mask = _left_padded([encoded[i] for i in chunk], batch,
-                             shapes.fit(max(len(encoded[i]) for i in chunk), ladder), options.pad_id)
+    length = shapes.fit(max(len(encoded[i]) for i in chunk), ladder)
+    ids, mask = _left_padded([encoded[i] for i in chunk], batch, length, options.pad_id)
+    if length not in samplers:
+      samplers[length] = Sampler(graphdef, state, batch_size=batch, prompt_length=length, options=options,
+                                 sharding=sharding)
     # Filler rows get keys too (the program takes one per row); they generate nothing.
     indices = np.concatenate([chunk, np.full(batch - len(chunk), len(encoded))]).astype(np.uint32)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, indices)
-    tokens, new_lengths = generate_ids(model, ids, mask, key=keys, options=options, sharding=sharding)
-    tokens, new_lengths = host_numpy(tokens), host_numpy(new_lengths)
+    samples = samplers[length](state, ids, mask, keys)
+    tokens, new_lengths = host_numpy(samples.tokens), host_numpy(samples.lengths)
     for row, i in enumerate(chunk):
       text = tokenizer.decode(tokens[row, :new_lengths[row]], skip_special_tokens=True)
       texts[i], num_new[i] = trim_response(text, stop_strings), int(new_lengths[row])

@@ -94,8 +94,9 @@ def assert_greedy_matches_generate(torch_model, model, new_tokens: int = 12):
   """Our greedy decoding (sampling.generate_ids) gives transformers' `generate` tokens, token for token."""
   ids, mask = padded_batch("left")
   options = sampling.SamplingOptions(max_new_tokens=new_tokens, eos_id=None, pad_id=0)
-  ours, lengths = sampling.generate_ids(model, ids, mask, options=options)
-  assert np.all(np.asarray(lengths) == new_tokens)
+  out = sampling.generate_ids(model, ids, mask, options=options)
+  ours = out.tokens
+  assert np.all(np.asarray(out.lengths) == new_tokens)
   with torch.no_grad():
     theirs = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)

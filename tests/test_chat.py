@@ -72,9 +72,9 @@ def check_against_generate(model_dir, record):
   width = shapes.fit(len(prompt_ids), shapes.power_ladder(record["max_prompt_length"]))
   ids, mask = np.full((1, width), tokenizer.pad_token_id), np.zeros((1, width), bool)
   ids[0, width - len(prompt_ids):], mask[0, width - len(prompt_ids):] = prompt_ids, True
-  tokens, lengths = sampling.generate_ids(model, ids, mask, options=sampling.SamplingOptions(
+  out = sampling.generate_ids(model, ids, mask, options=sampling.SamplingOptions(
       max_new_tokens=len(record["token_ids"]), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id))
-  assert np.asarray(tokens)[0, :int(lengths[0])].tolist() == record["token_ids"]
+  assert np.asarray(out.tokens)[0, :int(out.lengths[0])].tolist() == record["token_ids"]
 
 
 def terminal_text(text):

@@ -1,9 +1,14 @@
-"""Generation: greedy equals transformers' generate token for token; sampling is seeded; filters, EOS, stop strings."""
+"""Generation: greedy equals transformers' generate token for token; sampling is seeded; filters, EOS, stop strings;
+the Sampler's log-probs equal a teacher-forced forward's, its shared prefill equals separate ones, new parameters
+need no new program, a mesh gives what one device gives."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxalign import parallel, sampling
 from jaxalign.models import hub
@@ -17,9 +22,9 @@ VOCAB = 384  # the tiny tokenizer's vocabulary (tests/conftest.py)
 PROMPT_LENGTHS = [9, 4, 6, 9]  # one batch, left-padded to 9
 
 
-@pytest.fixture(scope="module")
-def torch_and_flax(tmp_path_factory):
-  """A random post-LN OPT with opt-350m's embedding projection, in transformers and in ours (same weights)."""
+def random_opt(folder, spread: float):
+  """A random post-LN OPT with opt-350m's embedding projection, in transformers and in ours (same weights), each
+  weight moved by `spread` x N(0, 1) from its initial value."""
   torch.manual_seed(0)
   config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   ffn_dim=64, word_embed_proj_dim=16, do_layer_norm_before=False,
@@ -27,10 +32,22 @@ def torch_and_flax(tmp_path_factory):
   torch_model = transformers.OPTForCausalLM(config).eval()
   with torch.no_grad():
     for p in torch_model.parameters():
-      p.add_(torch.randn_like(p) * 0.5)  # far from init, so greedy outputs vary instead of repeating one token
-  folder = tmp_path_factory.mktemp("tiny_opt")
+      p.add_(torch.randn_like(p) * spread)
   torch_model.save_pretrained(folder)
   return torch_model, hub.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def torch_and_flax(tmp_path_factory):
+  # Far from init, so greedy outputs vary instead of repeating one token (logits up to about 23).
+  return random_opt(tmp_path_factory.mktemp("tiny_opt"), 0.5)
+
+
+@pytest.fixture(scope="module")
+def moderate_model(tmp_path_factory):
+  """Logits within about ±4 for the log-prob comparisons of two fp32 programs (a cached decode and a full forward):
+  their rounding differences grow with the logits (up to 3e-5 at `model`'s ±23)."""
+  return random_opt(tmp_path_factory.mktemp("moderate_opt"), 0.2)[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +67,8 @@ def left_padded_prompts(lengths=PROMPT_LENGTHS, seed=0):
 
 
 def greedy(model, ids, mask, **options):
-  tokens, lengths = sampling.generate_ids(model, ids, mask, options=SamplingOptions(max_new_tokens=NEW_TOKENS,
-                                                                                   **options))
-  return np.asarray(tokens), np.asarray(lengths)
+  out = sampling.generate_ids(model, ids, mask, options=SamplingOptions(max_new_tokens=NEW_TOKENS, **options))
+  return np.asarray(out.tokens), np.asarray(out.lengths)
 
 
 def torch_greedy(torch_model, ids, mask, eos_id):
@@ -118,7 +134,7 @@ def test_temperature_0_is_greedy_whatever_the_filters(model):
   expected, _ = greedy(model, ids, mask, eos_id=None)
   before = sampling.compiled_program_count()
   options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None, temperature=0.0, top_k=5, top_p=0.5)
-  tokens, _ = sampling.generate_ids(model, ids, mask, key=jax.random.key(3), options=options)
+  tokens = sampling.generate_ids(model, ids, mask, key=jax.random.key(3), options=options).tokens
   np.testing.assert_array_equal(tokens, expected)
   assert sampling.compiled_program_count() == before  # shares the plain greedy program
 
@@ -131,10 +147,147 @@ def test_sharded_batch_equals_single_device(model):
   ids, mask, expected = np.tile(ids, (2, 1)), np.tile(mask, (2, 1)), np.tile(expected, (2, 1))
   sharding = parallel.batch_sharding(parallel.make_mesh(data=4, fsdp=2))
   options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None)
-  tokens, _ = sampling.generate_ids(model, ids, mask, options=options, sharding=sharding)
+  tokens = sampling.generate_ids(model, ids, mask, options=options, sharding=sharding).tokens
   assert tokens.sharding.is_equivalent_to(sharding, 2)
   assert sampling.batch_shards(sharding) == 8 and sampling.batch_shards(None) == 1
   np.testing.assert_array_equal(np.asarray(tokens), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Sampler: log-probs, finish reasons, shared prefill, new parameters, a mesh.
+
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9)
+
+
+def teacher_forced_logprobs(model, ids, mask, out, options: SamplingOptions) -> np.ndarray:
+  """The log-probs of the sampled tokens from one forward over prompt + completion (no cache), in the distribution
+  `options.logprobs` names; 0 after each row's end."""
+  new_mask = np.arange(options.max_new_tokens)[None] < np.asarray(out.lengths)[:, None]
+  logits = model(np.concatenate([ids, np.asarray(out.tokens)], 1), np.concatenate([mask, new_mask], 1))
+  logits = logits[:, ids.shape[1] - 1:-1]  # position P - 1 + t predicts completion token t
+  if not options.greedy and options.logprobs != "raw":
+    logits = logits / options.temperature
+    if options.logprobs == "processed":
+      logits = sampling.top_p_filter(sampling.top_k_filter(logits, options.top_k), options.top_p)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(out.tokens)[..., None], -1)[..., 0]
+  return np.where(new_mask, np.asarray(logprobs), 0.0)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(SAMPLED), dict(SAMPLED, logprobs="processed"),
+                                      dict(SAMPLED, logprobs="raw"), dict(temperature=1.3)],
+                         ids=["greedy", "temperature", "processed", "raw", "temperature_only"])
+def test_logprobs_equal_a_teacher_forced_forward(moderate_model, settings):
+  model = moderate_model
+  ids, mask = left_padded_prompts()
+  options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None, **settings)  # every row runs to the limit
+  out = sampling.generate_ids(model, ids, mask, key=jax.random.key(5), options=options)
+  assert out.logprobs.dtype == jnp.float32
+  expected = teacher_forced_logprobs(model, ids, mask, out, options)
+  np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-5, rtol=0)
+  assert np.all(np.asarray(out.logprobs) < 0)
+  if settings.get("logprobs") == "processed":  # filtered tokens never drawn: the filters remove probability mass
+    raw = teacher_forced_logprobs(model, ids, mask, out, dataclasses.replace(options, logprobs="temperature"))
+    assert np.all(np.asarray(out.logprobs) >= raw - 1e-6) and np.any(np.asarray(out.logprobs) > raw + 1e-3)
+
+
+def test_finish_reasons_and_lengths(model):
+  ids, mask = left_padded_prompts()
+  free = greedy(model, ids, mask, eos_id=None)[0]
+  eos = eos_ending_row_early(free, 1)
+  out = sampling.generate_ids(model, ids, mask, options=SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=eos))
+  lengths, reasons = np.asarray(out.lengths), np.asarray(out.finish_reasons)
+  for row in range(len(ids)):
+    hit = first_stop(free[row], eos) < NEW_TOKENS or free[row, -1] == eos
+    assert lengths[row] == first_stop(free[row], eos)
+    assert reasons[row] == (sampling.FinishReason.STOP if hit else sampling.FinishReason.LENGTH)
+    assert np.all(np.asarray(out.logprobs)[row, lengths[row]:] == 0)
+  assert reasons[1] == sampling.FinishReason.STOP and lengths[1] < NEW_TOKENS
+  assert sampling.FinishReason.LENGTH in reasons  # a row cut at the limit
+  stop = tuple(int(t) for t in free[2, 5:7])  # a stop sequence ends a row too
+  out = sampling.generate_ids(model, ids, mask, options=SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None,
+                                                                        stop_sequences=(stop,)))
+  assert out.finish_reasons[2] == sampling.FinishReason.STOP and out.lengths[2] <= 7
+
+
+def make_sampler(model, options, *, batch=4, num_generations=1, sharding=None):
+  graphdef, state = nnx.split(model)
+  return sampling.Sampler(graphdef, state, batch_size=batch, prompt_length=max(PROMPT_LENGTHS), options=options,
+                          num_generations=num_generations, sharding=sharding), state
+
+
+def test_shared_prefill_equals_separate_prefills(moderate_model):
+  model = moderate_model
+  ids, mask = left_padded_prompts()
+  options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None, **SAMPLED)
+  group = 3
+  keys = jax.random.split(jax.random.key(11), len(ids) * group)
+  shared, state = make_sampler(model, options, num_generations=group)
+  separate, _ = make_sampler(model, options, batch=len(ids) * group)
+  a = shared(state, ids, mask, keys)
+  b = separate(state, np.repeat(ids, group, 0), np.repeat(mask, group, 0), keys)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_array_equal(np.asarray(a.lengths), np.asarray(b.lengths))
+  np.testing.assert_array_equal(np.asarray(a.finish_reasons), np.asarray(b.finish_reasons))
+  np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5, rtol=0)
+  tokens = np.asarray(a.tokens).reshape(len(ids), group, NEW_TOKENS)
+  assert all(len({row.tobytes() for row in completions}) > 1 for completions in tokens)  # each has its own key
+
+
+def perturbed(state, seed):
+  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(state))))
+  return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), state)
+
+
+def test_new_parameters_are_used_without_recompiling(model):
+  ids, mask = left_padded_prompts()
+  options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None, **SAMPLED)
+  sampler, state = make_sampler(model, options, num_generations=2)
+  key = jax.random.key(2)
+  first = sampler(state, ids, mask, key)
+  before = sampling.compiled_program_count()
+  new_state = perturbed(state, 1)
+  second = sampler(new_state, ids, mask, key)
+  assert sampling.compiled_program_count() == before
+  new_model = nnx.merge(sampler.graphdef, new_state)
+  expected = sampling.generate_ids(new_model, ids, mask, key=key, options=options, num_generations=2)
+  np.testing.assert_array_equal(np.asarray(second.tokens), np.asarray(expected.tokens))
+  np.testing.assert_array_equal(np.asarray(second.logprobs), np.asarray(expected.logprobs))
+  assert not np.array_equal(np.asarray(second.tokens), np.asarray(first.tokens))
+  wrong = jax.tree.map(lambda x: x.astype(jnp.bfloat16), new_state)
+  with pytest.raises(ValueError, match=r"state .*bfloat16.*built for float32"):
+    sampler(wrong, ids, mask, key)
+  with pytest.raises(ValueError, match=r"\[batch_size, prompt_length\] = \[4, 9\]"):
+    sampler(state, ids[:, 1:], mask[:, 1:], key)
+
+
+def test_stream_yields_the_calls_tokens(model):
+  ids, mask = left_padded_prompts()
+  free = greedy(model, ids, mask, eos_id=None)[0]
+  options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=eos_ending_row_early(free, 0), **SAMPLED)
+  sampler, state = make_sampler(model, options)
+  whole = sampler(state, ids, mask, jax.random.key(4))
+  streamed = np.stack(list(sampler.stream(state, ids, mask, jax.random.key(4))), 1)
+  np.testing.assert_array_equal(streamed, np.asarray(whole.tokens)[:, :streamed.shape[1]])
+  assert streamed.shape[1] == int(np.max(whole.lengths))  # stops once every row has ended
+
+
+def test_sharded_sampler_equals_one_device(moderate_model):
+  model = moderate_model
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+  ids, mask = left_padded_prompts()
+  options = SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=None, **SAMPLED)
+  mesh = parallel.make_mesh(data=4, fsdp=2)
+  sharding = parallel.batch_sharding(mesh)
+  sampler, state = make_sampler(model, options, num_generations=2, sharding=sharding)
+  sharded_state = parallel.shard_tree(state, mesh, min_size=1)
+  assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded_state))  # FSDP-split
+  out = sampler(sharded_state, ids, mask, jax.random.key(9))
+  assert out.tokens.sharding.is_equivalent_to(sharding, 2)
+  single, _ = make_sampler(model, options, num_generations=2)
+  expected = single(state, ids, mask, jax.random.key(9))
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
