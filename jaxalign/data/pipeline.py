@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxalign import parallel, tasks
-from jaxalign.data import (batches as batches_lib, formats, hh, layouts, pair_filter, synthetic, tokenize,
+from jaxalign.data import (batches as batches_lib, formats, hh, layouts, pair_filter, prompts, synthetic, tokenize,
                             unpaired)
 from jaxalign.tokenizer import train_bpe_tokenizer
 
@@ -130,6 +130,31 @@ class StageData:
 
 
 @dataclasses.dataclass
+class PromptData:
+  """An online stage's training prompts (its batches are sampled during training: `rollout.py`); no held-out split
+  of pairs, so nothing for a reference to precompute."""
+
+  train: list[prompts.PromptRecord]
+  batch_kind: str = "prompts"
+
+  def splits(self) -> dict[str, Split]:
+    return {}
+
+
+def load_prompts(config) -> PromptData:
+  """The training prompts of an online stage: data.source ("arithmetic", an HH source without the evaluator's
+  prompts, or a prompt file), its data.train_split and data.subsets; every record used or counted."""
+  subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
+  source = config.data.source if config.data.source == prompts.ARITHMETIC else data_source(config)
+  records, _ = prompts.load_training_prompts(source, split=config.data.train_split, subsets=subsets,
+                                             warn_skipped_share=config.data.warn_skipped_share)
+  if not records:
+    raise ValueError(f"config.data.source = {config.data.source!r} gave no training prompts (split "
+                     f"{config.data.train_split!r}, subsets {subsets}); see the skip report above")
+  return PromptData(records)
+
+
+@dataclasses.dataclass
 class TrainingData:
   train: TrainStream
   eval_batches: list  # one pass over the held-out examples, the same batches at every evaluation
@@ -204,8 +229,11 @@ def layout_for(config, batch_kind: str, *, held_out: bool = False) -> layouts.La
   return layouts.pair_layout(config.data, scored=not tasks.spec(config.task).reward_model, held_out=held_out)
 
 
-def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
-  """A stage's train and held-out examples in their layouts; `batch_kind` "sft", "pairs" or "unpaired" (KTO)."""
+def load(config, tokenizer, batch_kind: str, mesh) -> StageData | PromptData:
+  """A stage's train and held-out examples in their layouts; `batch_kind` "sft", "pairs" or "unpaired" (KTO); or
+  for "prompts" (the online methods) its training prompts."""
+  if batch_kind == "prompts":
+    return load_prompts(config)
   _check_divisible(config, mesh)
   if config.data.chat_template:
     tokenize.set_chat_template(tokenizer, config.data.chat_template)  # saved with the tokenizer on export
