@@ -4,6 +4,7 @@ logged, completions table and curves written); bad online config values fail wit
 dynamic sampling drops and refills groups without signal; a GRPO run SIGKILLed mid-generation resumes bit for bit;
 8 devices (4 data x 2 fsdp) train as one."""
 
+import importlib
 import json
 import os
 
@@ -55,6 +56,16 @@ def _records(path):
 def test_bad_online_config_fails_with_its_dotted_name(cache_dir, field, value, task):
   config = online_config(cache_dir, task, **{field: value})
   with pytest.raises(config_lib.ConfigError, match=f"config.{field}"):
+    config_lib.validate(config)
+
+
+def test_a_study_stage_rewards_with_an_earlier_stages_reward_model():
+  config = importlib.import_module("configs.quickstart_online").get_config()
+  config_lib.validate(config)
+  resolved = config_lib.resolve_stage(config, "grpo", {"sft": "/runs/sft/model", "rm": "/runs/rm/model"})
+  assert (resolved.init_from, resolved.online.rewards) == ("/runs/sft/model", "rm=/runs/rm/model")
+  config.stage_configs.grpo.online.rewards = "rm=stage:grpo"  # not an earlier stage
+  with pytest.raises(config_lib.ConfigError, match="config.stage_configs.grpo.online.rewards"):
     config_lib.validate(config)
 
 
