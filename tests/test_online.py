@@ -171,3 +171,16 @@ def test_grpo_on_8_devices_equals_one_device(cache_dir, tmp_path):
   np.testing.assert_allclose(losses_of("eight"), losses_of("one"), rtol=1e-4, atol=1e-6)
   for name, value in exported(str(tmp_path / "one")).items():
     np.testing.assert_allclose(exported(str(tmp_path / "eight"))[name], value, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_grpo_gradient_accumulation_equals_one_batch(cache_dir, tmp_path):
+  """Two micro-batches of a step's prompt groups (each a prompt with its completions) give the one-batch step: DAPO's
+  normaliser is the generation batch's tokens, split over the micro-batches."""
+  fields = {"training.max_steps": 2, "online.steps_per_generation": 2}
+  trainer.run(online_config(cache_dir, "grpo", **fields), str(tmp_path / "one"))
+  trainer.run(online_config(cache_dir, "grpo", **fields, **{"training.grad_accum": 2}), str(tmp_path / "two"))
+  losses_of = lambda d: [r["train/loss"] for r in _records(tmp_path / d / "metrics.jsonl") if "train/loss" in r]
+  np.testing.assert_allclose(losses_of("two"), losses_of("one"), rtol=1e-5, atol=1e-7)
+  for name, value in exported(str(tmp_path / "one")).items():
+    np.testing.assert_allclose(exported(str(tmp_path / "two"))[name], value, atol=1e-6, err_msg=name)
