@@ -12,4 +12,5 @@ def get_config():
   c = quickstart_eval.get_config()
   c.models = ",".join(f"{name}={os.path.join(WORKDIR, stage)}" for name, stage in (("sft", "sft"), ("grpo", "grpo")))
   c.judge = os.path.join(WORKDIR, "reward", "model")
+  c.preference.references = "grpo=sft"  # GRPO's implicit reward against the model it started from
   return c
