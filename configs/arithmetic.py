@@ -5,6 +5,10 @@ accuracy before (sft) and after (grpo), greedy, on the 200 held-out problems:
 
   python train.py --config=configs/arithmetic.py --workdir=runs/arithmetic
   python bench/arithmetic_accuracy.py runs/arithmetic
+
+Measured (2 shared, loaded CPU cores; 70 s of CPU time): sft 31/200 = 15.5%, grpo 37/200 = 18.5% (McNemar p = 0.18:
+not a significant gain). Variants did no better: lr 3e-4 for 300 steps 12.0%; dynamic sampling with temperature 0.7
+for 200 steps 16.5%. With ~10% of its samples right, about half of the groups carry no signal at all.
 """
 
 from configs import common, quickstart
