@@ -5,7 +5,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "sft"  # sft | dpo | cpo (CPO, SimPO) | orpo | kto | reward
+  c.task = "sft"  # sft | dpo | cpo (CPO, SimPO) | orpo | kto | reward | grpo | rloo | online_dpo
   c.seed = 0
   c.resume = True  # continue from the workdir's checkpoints; False refuses a workdir that has some
   # A resumed stage (or a rerun of a finished one) refuses a config whose fields that change the math (optimizer,
@@ -126,6 +126,55 @@ def get_config() -> ml_collections.ConfigDict:
   c.kto.beta = 0.1  # KTO paper: 0.1
   c.kto.desirable_weight = 1.0  # paper: keep desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
   c.kto.undesirable_weight = 1.0  # in [1, 4/3]
+
+  # Online methods (grpo, rloo, online_dpo): prompts from data.source ("arithmetic" for the synthetic task, an HH
+  # source without the evaluator's prompts, or a JSONL / Parquet file of TRL prompt-only or conversational records),
+  # data.train_split / data.subsets, each cut to its last data.max_prompt_length tokens. training.batch_size counts
+  # completions per optimizer step (TRL's effective batch); batch_size / num_generations prompts per step.
+  # Defaults are TRL 1.16's GRPOConfig (configs/rloo.py and configs/online_dpo.py set their trainers' own).
+  c.online = ml_collections.ConfigDict()
+  # Rewards "name=spec,...": spec exact_answer | answer_format | soft_overlong (built-in), "module:function" (TRL's
+  # signature f(prompts, completions, completion_ids, **columns)), or a reward model (folder, training workdir,
+  # "stage:<name>", Hub id; a two-head model of ours gives <name>/harmless and <name>/helpful). Logged by name.
+  c.online.rewards = ""
+  c.online.reward_weights = ()  # one per reward (after heads are expanded); () = 1 each (TRL: reward_weights)
+  # {prompt set: head} for a several-head reward model, "harmful=harmless,helpful=helpful" as the evaluator picks
+  # heads ("" = every head scores every prompt)
+  c.online.reward_set_heads = ""
+  c.online.soft_punish_cache = 0  # the soft_overlong reward's ramp in tokens (TRL/DAPO: soft_punish_cache)
+  c.online.num_generations = 8  # completions per prompt, G (TRL GRPO: 8; RLOO: 2; online DPO: 2)
+  c.online.max_completion_length = 256  # TRL: 512 (GRPO, RLOO); online DPO's max_new_tokens: 64
+  c.online.temperature = 1.0  # TRL: 1.0 (online DPO: 0.9)
+  c.online.top_p = 1.0
+  c.online.top_k = 0  # 0 = off
+  c.online.steps_per_generation = 1  # optimizer steps served by one generation batch, in slices (TRL: = grad accum)
+  c.online.num_iterations = 1  # mu: passes over each generation batch (TRL: 1)
+  c.online.mask_truncated_completions = False  # DAPO's overlong filtering: completions cut at the limit not trained
+  # DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are dropped and refilled from further
+  # prompts, up to dynamic_sampling_max_rounds generation rounds per batch (then filled with dropped groups, counted)
+  c.online.dynamic_sampling = False
+  c.online.dynamic_sampling_max_rounds = 4
+
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.loss_type = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL's default)
+  c.grpo.beta = 0.0  # k3 KL to the reference; 0 (TRL's default) builds, loads and runs no reference
+  c.grpo.epsilon = 0.2  # TRL: 0.2
+  c.grpo.epsilon_high = ml_collections.config_dict.placeholder(float)  # None = epsilon; DAPO: 0.28
+  c.grpo.delta = ml_collections.config_dict.placeholder(float)  # two-sided clipping bound (INTELLECT-2); None = off
+  c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
+  c.grpo.scale_rewards = "group"  # group | batch | none (Dr. GRPO)
+
+  c.rloo = ml_collections.ConfigDict()
+  c.rloo.beta = 0.05  # TRL RLOOConfig: 0.05 (KL in the reward; 0 = no reference)
+  c.rloo.epsilon = 0.2
+  c.rloo.epsilon_high = ml_collections.config_dict.placeholder(float)
+  c.rloo.normalize_advantages = False
+  c.rloo.reward_clip_range = ()  # (low, high) or () = no clipping
+
+  c.online_dpo = ml_collections.ConfigDict()
+  c.online_dpo.beta = 0.1  # TRL OnlineDPOConfig: 0.1
+  c.online_dpo.loss_type = "sigmoid"  # any dpo.loss_type (TRL: sigmoid | ipo)
+  c.online_dpo.missing_eos_penalty = ml_collections.config_dict.placeholder(float)  # subtracted if no EOS; None = off
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = False

@@ -15,7 +15,7 @@ The evaluation (":eval") renders each paper prompt's turns with the same templat
 judge still reads the plain prompt and response text.
 """
 
-from configs import common, eval as eval_config, study
+from configs import eval as eval_config, study
 
 MODEL = "HuggingFaceTB/SmolLM2-360M"
 RUN = "runs/study_smollm2"

@@ -72,6 +72,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _one_of(config, "dpo.reference", ("model", "precomputed"))
   _one_of(config, "dpo.reference_dtype", DTYPES)
   _validate_methods(config)
+  _validate_online_losses(config)
+  if tasks.spec(config.task).batch_kind == "prompts":
+    _validate_online(config, stage_names)
   _validate_model_and_run(config)
 
 
@@ -173,6 +176,65 @@ def _validate_methods(config: ml_collections.ConfigDict) -> None:
   _check(config, "kto.undesirable_weight", config.kto.undesirable_weight > 0, "a positive weight")
 
 
+def _validate_online_losses(config: ml_collections.ConfigDict) -> None:
+  """The grpo.*, rloo.* and online_dpo.* sections (checked whatever the task, as the other methods')."""
+  grpo = config.grpo
+  _one_of(config, "grpo.loss_type", losses.GRPO_LOSS_TYPES)
+  _one_of(config, "grpo.importance_sampling_level", losses.IMPORTANCE_SAMPLING_LEVELS)
+  _one_of(config, "grpo.scale_rewards", losses.SCALE_REWARDS)
+  _check(config, "grpo.beta", grpo.beta >= 0, "a number >= 0 (0 = no KL term and no reference)")
+  _check(config, "grpo.epsilon", 0 <= grpo.epsilon < 1, "a clip range in [0, 1)")
+  _check(config, "grpo.epsilon_high", grpo.epsilon_high is None or grpo.epsilon_high >= 0,
+         "None (= grpo.epsilon) or a number >= 0 (DAPO: 0.28)")
+  _check(config, "grpo.delta", grpo.delta is None or grpo.delta > 1, "None (off) or a bound above 1")
+  _check(config, "rloo.beta", config.rloo.beta >= 0, "a number >= 0 (0 = no KL and no reference)")
+  _check(config, "rloo.epsilon", 0 <= config.rloo.epsilon < 1, "a clip range in [0, 1)")
+  _check(config, "rloo.epsilon_high", config.rloo.epsilon_high is None or config.rloo.epsilon_high >= 0,
+         "None (= rloo.epsilon) or a number >= 0")
+  clip = tuple(config.rloo.reward_clip_range)
+  _check(config, "rloo.reward_clip_range", not clip or (len(clip) == 2 and clip[0] < clip[1]),
+         "() or (low, high) with low < high")
+  _check(config, "online_dpo.beta", config.online_dpo.beta > 0, "a positive number")
+  try:
+    losses.check_dpo_options(tasks.dpo_loss_type(config.online_dpo))
+  except ValueError as error:
+    raise ConfigError(f"config.online_dpo.loss_type = {config.online_dpo.loss_type!r} is invalid: {error}") from None
+
+
+def _validate_online(config: ml_collections.ConfigDict, stage_names: tuple[str, ...]) -> None:
+  """The online.* section, for an online task: generation, rewards and the batch's fit to the groups."""
+  online, task = config.online, config.task
+  _check(config, "online.rewards", bool(online.rewards.strip()),
+         "name=spec items, e.g. 'correct=exact_answer' or 'rm=<reward model folder>' (an online task needs one)")
+  try:
+    specs = parse_named(online.rewards, "online.rewards")
+    parse_named(online.reward_set_heads, "online.reward_set_heads")
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  earlier = [STAGE_PREFIX + name for name in stage_names]
+  _check(config, "online.rewards", all(s in earlier for s in specs.values() if s.startswith(STAGE_PREFIX)),
+         f"reward models named 'stage:<name>' of earlier stages of the study ({earlier})")
+  least = {"grpo": 1, "rloo": 2}.get(task, 2)
+  _check(config, "online.num_generations", online.num_generations >= least and
+         (task != "online_dpo" or online.num_generations == 2),
+         "2 (online DPO compares two completions)" if task == "online_dpo" else f"a count >= {least}")
+  _check(config, "online.max_completion_length", online.max_completion_length >= 1, "a token count >= 1")
+  _check(config, "online.temperature", online.temperature > 0, "a temperature > 0 (training samples)")
+  _check(config, "online.top_p", 0 < online.top_p <= 1, "a share in (0, 1] (1 = off)")
+  _check(config, "online.top_k", online.top_k >= 0, "a count >= 0 (0 = off)")
+  _check(config, "online.steps_per_generation", online.steps_per_generation >= 1, "a step count >= 1")
+  _check(config, "online.num_iterations", online.num_iterations >= 1, "a count >= 1")
+  _check(config, "online.dynamic_sampling_max_rounds", online.dynamic_sampling_max_rounds >= 1, "a count >= 1")
+  _check(config, "online.soft_punish_cache", 0 <= online.soft_punish_cache <= online.max_completion_length,
+         "a token count from 0 to online.max_completion_length")
+  prompts, accum = config.training.batch_size // online.num_generations, config.training.grad_accum
+  _check(config, "training.batch_size", config.training.batch_size % online.num_generations == 0
+         and prompts % accum == 0, f"completions per step: a multiple of online.num_generations "
+         f"({online.num_generations}) x training.grad_accum ({accum})")
+  _check(config, "dpo.reference", config.dpo.reference == "model",
+         "'model' for an online task (its completions are new every step: nothing to precompute)")
+
+
 def _validate_study(config: ml_collections.ConfigDict) -> None:
   names = tuple(config.stages)
   for i, name in enumerate(names):
@@ -211,9 +273,11 @@ def stage_header(config: ml_collections.ConfigDict, name: str, stage: ml_collect
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:
   """The stage's config with "stage:<earlier>" references replaced by that stage's exported model folder."""
   stage = ml_collections.ConfigDict(config.stage_configs[name].to_dict())
+  resolve = lambda value: exports[value[len(STAGE_PREFIX):]] if value.startswith(STAGE_PREFIX) else value
   for field in ("init_from", "tokenizer"):
-    if stage[field].startswith(STAGE_PREFIX):
-      stage[field] = exports[stage[field][len(STAGE_PREFIX):]]
+    stage[field] = resolve(stage[field])
+  rewards = parse_named(stage.online.rewards, "online.rewards")  # reward models of earlier stages, too
+  stage.online.rewards = ",".join(f"{name}={resolve(spec)}" for name, spec in rewards.items())
   return stage
 
 

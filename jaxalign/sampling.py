@@ -465,7 +465,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int,
   return [ids[-max_prompt_length:] for ids in encoded], truncated
 
 
-def _left_padded(rows: list[list[int]], batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_padded(rows: list[list[int]], batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   ids = np.full((batch, length), pad_id, np.int32)
   mask = np.zeros((batch, length), bool)
   for i, row in enumerate(rows):
@@ -506,7 +506,7 @@ def generate(
   texts, num_new = [""] * len(encoded), [0] * len(encoded)
   for chunk in shapes.sorted_chunks([len(ids) for ids in encoded], batch, longest_first=True):
     length = shapes.fit(max(len(encoded[i]) for i in chunk), ladder)
-    ids, mask = _left_padded([encoded[i] for i in chunk], batch, length, options.pad_id)
+    ids, mask = left_padded([encoded[i] for i in chunk], batch, length, options.pad_id)
     if length not in samplers:
       samplers[length] = Sampler(graphdef, state, batch_size=batch, prompt_length=length, options=options,
                                  sharding=sharding)

@@ -38,6 +38,10 @@ class Source(Protocol):
   def restore(self, state: dict) -> None:
     """Continues from a `state()`."""
 
+  def metrics(self) -> dict[str, float]:
+    """Host-side metrics of the last batch `next` returned (an online source's rewards, lengths and timings), logged
+    with the step's; empty when the source has none."""
+
 
 class OfflineSource:
   """Fixed data in a seeded, resumable order (`pipeline.streams`); the train state does not change the batches."""
@@ -64,8 +68,18 @@ class OfflineSource:
   def restore(self, state: dict) -> None:
     self.stream.restore(state)
 
+  def metrics(self) -> dict[str, float]:
+    return {}
 
-def build(config, data: pipeline.StageData, mesh, pad_id: int, reference) -> Source:
+
+def build(config, data: pipeline.StageData | pipeline.PromptData, mesh, tokenizer, reference, *, graphdef, rest,
+          workdir: str) -> Source:
   """The source of a stage's batches: its loaded data as sharded global batches, carrying what the reference
-  precomputed (`reference.per_pair()`)."""
-  return OfflineSource(pipeline.streams(config, data, mesh, pad_id, reference.per_pair()))
+  precomputed (`reference.per_pair()`); or for an online task's prompts, completions sampled from the policy
+  (`graphdef`, the train state's parameters, `rest`) as training goes (`rollout.RolloutSource`)."""
+  if data.batch_kind == "prompts":
+    from jaxalign import rollout  # rollout builds on sources' neighbours (sampling, rewards); only online runs need it
+
+    return rollout.RolloutSource(config, data.train, mesh, tokenizer, reference, graphdef=graphdef, rest=rest,
+                                 workdir=workdir)
+  return OfflineSource(pipeline.streams(config, data, mesh, tokenizer.pad_token_id, reference.per_pair()))

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import losses
-from jaxalign.data.layouts import (CHOSEN_SIDE, REJECTED_SIDE, GroupBatch, SeparatePairBatch, SFTBatch,
-                                   SharedPairBatch)
+from jaxalign.data.layouts import (CHOSEN_SIDE, REJECTED_SIDE, GroupBatch, RolloutBatch, SeparatePairBatch,
+                                   SFTBatch, SharedPairBatch)
 
 PairBatch = SeparatePairBatch | SharedPairBatch
 
@@ -88,11 +88,13 @@ def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> Pai
                    per_pair(rejected_side))
 
 
-def group_logprobs(model, batch: GroupBatch, dropout_key=None, *,
-                   with_entropies: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+def group_logprobs(model, batch: GroupBatch, dropout_key=None, *, with_entropies: bool = False,
+                   temperature: float = 1.0) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token log-probs [P*G, C] of each prompt group's completions (0 off `completion_mask`) from one forward over
   prompt + its G completions, each completion attending to the prompt and itself only; the LM head runs at the
-  completion tokens only. with_entropies: also the policy's entropy at those tokens [P*G, C]."""
+  completion tokens only. with_entropies: also the policy's entropy at those tokens [P*G, C]. temperature: of the
+  sampling distribution the log-probs are of (TRL divides the logits by it in training too). The per-completion
+  arrays may also come grouped by prompt, [P, G, C]: the outputs then have that shape."""
   member = batch.group_member
   other_completion = (member[:, :, None] > 0) & (member[:, None, :] > 0) & (member[:, :, None] != member[:, None, :])
   hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
@@ -100,7 +102,7 @@ def group_logprobs(model, batch: GroupBatch, dropout_key=None, *,
   prompts = batch.num_rows
   flat = lambda x: x.reshape(prompts, -1)  # [P*G, C] -> [P, G*C]: each prompt row's completion tokens
   picked = jnp.take_along_axis(hidden, flat(batch.predecessors)[..., None], axis=1)
-  logits = model.logits(picked)
+  logits = model.logits(picked).astype(jnp.float32) / temperature
   mask = flat(batch.completion_mask)
   logps = losses.selected_logprobs(logits, jnp.take_along_axis(batch.input_ids, flat(batch.targets), axis=1)) * mask
   shape = batch.completion_mask.shape
@@ -343,7 +345,175 @@ def _kto(config) -> KTOTask:
                  loss_type=kto.loss_type)
 
 
+# ------------------------------------------------------------------------------------------- online methods
+
+
+def _per_completion(x: jax.Array) -> jax.Array:
+  """[P, G, ...] -> [P*G, ...]: prompt-major completion rows, as the losses take them."""
+  return x.reshape(-1, *x.shape[2:])
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineTask:
+  """What the online methods share: their batches are `RolloutBatch`es of sampled prompt groups (`batch_kind`
+  "prompts": the source is `rollout.py`), their log-probs come from the group forward at the sampling temperature,
+  and their advantages are computed on the host when a generation is scored (`advantages`).
+
+  use_old_logps: the sampling-time log-probs are the "old" policy of the ratio (TRL: when num_iterations > 1 or a
+  generation serves several steps); otherwise the ratio is to this policy itself, without gradient."""
+
+  num_generations: int = 8
+  temperature: float = 1.0
+  use_old_logps: bool = False
+  mask_truncated_completions: bool = False
+  batch_kind = "prompts"
+
+  def policy_logps(self, model, batch: RolloutBatch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """The policy's per-token log-probs and entropies, [P*G, C] each."""
+    logps, entropies = group_logprobs(model, batch.group, dropout_key, with_entropies=True,
+                                      temperature=self.temperature)
+    return _per_completion(logps), _per_completion(entropies)
+
+  def loss_inputs(self, batch: RolloutBatch) -> dict[str, jax.Array | None]:
+    """Old log-probs (or None), loss mask and row mask as the losses take them."""
+    mask = losses.loss_mask(_per_completion(batch.group.completion_mask), _per_completion(batch.truncated),
+                            self.mask_truncated_completions)
+    return {"old": _per_completion(batch.old_logps) if self.use_old_logps else None, "mask": mask,
+            "rows": _per_completion(batch.group.row_mask)}
+
+  def tokens(self, batch: RolloutBatch) -> jax.Array:
+    return batch.group.attention_mask.sum()
+
+  def scored_tokens(self, batch: RolloutBatch) -> jax.Array:
+    return batch.group.completion_mask.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOTask(OnlineTask):
+  """GRPO (TRL's GRPOTrainer) and its variants by `loss_type` (DAPO, Dr. GRPO, BNPO) and `importance_sampling_level`
+  (GSPO: sequence); group-normalised advantages (`scale_rewards`); the k3 KL to the reference when beta != 0."""
+
+  beta: float = 0.0
+  loss_type: str = "dapo"
+  epsilon: float = 0.2
+  epsilon_high: float | None = None
+  delta: float | None = None
+  importance_sampling_level: str = "token"
+  scale_rewards: str = "group"
+  max_completion_length: int | None = None
+
+  @property
+  def uses_reference(self) -> bool:
+    return losses.grpo_needs_reference(self.beta)
+
+  def advantages(self, rewards, old_logps, ref_logps, completion_mask, finished) -> tuple:
+    """(rewards, advantages, metrics) of a scored generation batch, rows prompt-major [P*G]."""
+    advantages, metrics = losses.group_advantages(rewards, self.num_generations, scale_rewards=self.scale_rewards)
+    return rewards, advantages, metrics
+
+  def loss(self, model, batch: RolloutBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    logps, entropies = self.policy_logps(model, batch, dropout_key)
+    inputs = self.loss_inputs(batch)
+    ref = _per_completion(batch.ref_logps) if self.uses_reference else None
+    return losses.grpo_loss(logps, inputs["old"], ref, _per_completion(batch.advantages), inputs["mask"],
+                            loss_type=self.loss_type, beta=self.beta, epsilon=self.epsilon,
+                            epsilon_high=self.epsilon_high, delta=self.delta,
+                            importance_sampling_level=self.importance_sampling_level,
+                            max_completion_length=self.max_completion_length,
+                            num_items_in_batch=batch.num_items.mean(), row_mask=inputs["rows"], entropies=entropies)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOTask(OnlineTask):
+  """RLOO (TRL's RLOOTrainer): leave-one-out advantages with beta x the sampled completion's KL to the reference in
+  the reward, and a clipped ratio per completion."""
+
+  beta: float = 0.05
+  epsilon: float = 0.2
+  epsilon_high: float | None = None
+  normalize_advantages: bool = False
+  reward_clip_range: tuple[float, float] | None = None
+
+  @property
+  def uses_reference(self) -> bool:
+    return self.beta != 0.0
+
+  def advantages(self, rewards, old_logps, ref_logps, completion_mask, finished) -> tuple:
+    advantages, metrics = losses.rloo_advantages(
+        rewards, self.num_generations, beta=self.beta, old_per_token_logps=old_logps,
+        ref_per_token_logps=ref_logps, completion_mask=completion_mask,
+        normalize_advantages=self.normalize_advantages, reward_clip_range=self.reward_clip_range)
+    return rewards, advantages, metrics
+
+  def loss(self, model, batch: RolloutBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    logps, entropies = self.policy_logps(model, batch, dropout_key)
+    inputs = self.loss_inputs(batch)
+    return losses.rloo_loss(logps, inputs["old"], _per_completion(batch.advantages), inputs["mask"],
+                            epsilon=self.epsilon, epsilon_high=self.epsilon_high, row_mask=inputs["rows"],
+                            entropies=entropies)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineDPOTask(OnlineTask):
+  """Online DPO (TRL's OnlineDPOTrainer): two completions per prompt, the higher reward chosen, then a DPO loss
+  (`dpo_loss_type`) against the reference; `missing_eos_penalty` subtracted from completions that did not end."""
+
+  num_generations: int = 2
+  beta: float = 0.1
+  loss_type: str | tuple[str, ...] = "sigmoid"
+  missing_eos_penalty: float | None = None
+  uses_reference = True
+
+  def advantages(self, rewards, old_logps, ref_logps, completion_mask, finished) -> tuple:
+    """The rewards after the missing-EOS penalty; no advantages (zeros): the loss reads the rewards."""
+    from jaxalign import rewards as rewards_lib  # here: rewards -> config_lib -> tasks would be a cycle
+
+    penalised = rewards_lib.apply_missing_eos_penalty(rewards, finished, self.missing_eos_penalty)
+    return penalised, jnp.zeros_like(jnp.asarray(rewards)), {}
+
+  def loss(self, model, batch: RolloutBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
+    logps, entropies = self.policy_logps(model, batch, dropout_key)
+    inputs = self.loss_inputs(batch)
+    loss, metrics = losses.online_dpo_loss(logps, _per_completion(batch.ref_logps), _per_completion(batch.rewards),
+                                           inputs["mask"], beta=self.beta, loss_type=self.loss_type,
+                                           row_mask=inputs["rows"])
+    metrics["entropy"] = (entropies * inputs["mask"]).sum() / jnp.maximum(inputs["mask"].sum(), 1.0)
+    return loss, metrics
+
+
+def _online(config) -> dict[str, Any]:
+  online = config.online
+  return dict(num_generations=online.num_generations, temperature=online.temperature,
+              use_old_logps=online.num_iterations > 1 or online.steps_per_generation > 1,
+              mask_truncated_completions=online.mask_truncated_completions)
+
+
+def _grpo(config) -> GRPOTask:
+  grpo = config.grpo
+  return GRPOTask(**_online(config), beta=grpo.beta, loss_type=grpo.loss_type, epsilon=grpo.epsilon,
+                  epsilon_high=grpo.epsilon_high, delta=grpo.delta,
+                  importance_sampling_level=grpo.importance_sampling_level, scale_rewards=grpo.scale_rewards,
+                  max_completion_length=config.online.max_completion_length)
+
+
+def _rloo(config) -> RLOOTask:
+  rloo = config.rloo
+  clip = tuple(rloo.reward_clip_range) or None
+  return RLOOTask(**_online(config), beta=rloo.beta, epsilon=rloo.epsilon, epsilon_high=rloo.epsilon_high,
+                  normalize_advantages=rloo.normalize_advantages, reward_clip_range=clip)
+
+
+def _online_dpo(config) -> OnlineDPOTask:
+  return OnlineDPOTask(**_online(config), beta=config.online_dpo.beta, loss_type=dpo_loss_type(config.online_dpo),
+                       missing_eos_penalty=config.online_dpo.missing_eos_penalty)
+
+
 # ---------------------------------------------------------------------------------------------------- registry
+
+
+ONLINE_SETTINGS = ("online.rewards", "online.reward_weights", "online.num_generations",
+                   "online.max_completion_length", "online.temperature", "online.steps_per_generation",
+                   "online.num_iterations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +523,7 @@ class TaskSpec:
 
   name: str  # config.task
   make: Callable[[Any], Any]  # config -> the task object (its loss and metrics, with the config's settings)
-  batch_kind: str  # "sft" rows, preference "pairs", or KTO's "unpaired" examples
+  batch_kind: str  # "sft" rows, preference "pairs", KTO's "unpaired" examples, or "prompts" (online: rollout.py)
   description: str  # the method, as a model card names it
   settings: tuple[str, ...]  # its own config fields (dotted names) a model card lists beside the common ones
   reward_model: bool = False  # trains a reward model (scalar heads on the decoder) instead of a causal LM
@@ -379,6 +549,16 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
                                                  center_rewards_coefficient=config.reward.center_rewards_coefficient),
              "pairs", "a Bradley-Terry reward model", ("reward.heads", "reward.margin"), reward_model=True,
              reward_kind="the reward head's score"),
+    TaskSpec("grpo", _grpo, "prompts", "Group Relative Policy Optimization (GRPO; DAPO, Dr. GRPO, GSPO variants)",
+             ONLINE_SETTINGS + ("grpo.loss_type", "grpo.beta", "grpo.epsilon", "grpo.epsilon_high",
+                                "grpo.importance_sampling_level", "grpo.scale_rewards"),
+             reward_kind="the training reward (weighted sum of online.rewards)"),
+    TaskSpec("rloo", _rloo, "prompts", "REINFORCE Leave-One-Out (RLOO)",
+             ONLINE_SETTINGS + ("rloo.beta", "rloo.epsilon", "rloo.normalize_advantages"),
+             reward_kind="the training reward (weighted sum of online.rewards)"),
+    TaskSpec("online_dpo", _online_dpo, "prompts", "Online Direct Preference Optimization (online DPO)",
+             ONLINE_SETTINGS + ("online_dpo.beta", "online_dpo.loss_type", "online_dpo.missing_eos_penalty"),
+             reward_kind="the training reward (weighted sum of online.rewards)"),
 )}
 
 

@@ -120,7 +120,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop_signals: runguar
   reference = reference_lib.prepare(task, model, data, config, mesh, tokenizer.pad_token_id)
   graphdef, params, rest = step_lib.split_model(model, config.lora.enabled)
   rest = parallel.shard_tree(rest, mesh, config.mesh.min_fsdp_size)
-  source = sources.build(config, data, mesh, tokenizer.pad_token_id, reference)
+  source = sources.build(config, data, mesh, tokenizer, reference, graphdef=graphdef, rest=rest, workdir=workdir)
   tx = step_lib.make_optimizer(config.optimizer, source.total_steps)
   state, shardings = step_lib.initial_state(params, tx, mesh, config.mesh.min_fsdp_size)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -183,6 +183,7 @@ def loop(stage: Stage) -> dict[str, float]:
       while step < total_steps:
         stage.state, metrics = steps.train(stage.state, source.next(stage.state))
         checkpointer.check_saves()  # a background save that failed is reported now, not at the next save
+        metrics = {**metrics, **source.metrics()}
         step += 1
         if pending is not None:
           logger.train_step(*pending)

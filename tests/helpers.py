@@ -172,8 +172,9 @@ def prepared(config):
 def step_flops(config) -> float:
   """XLA's FLOP count of the compiled train step of `config`'s first batch."""
   task, model, data, reference, mesh = prepared(config)
-  source = sources.build(config, data, mesh, 1, reference)
   graphdef, params, rest = step.split_model(model, False)
+  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, ""))
+  source = sources.build(config, data, mesh, tokenizer, reference, graphdef=graphdef, rest=rest, workdir="")
   tx = step.make_optimizer(config.optimizer, 10)
   state = step.TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params))
   steps = step.StepFunctions(task, graphdef, rest, tx, jax.random.key(0), accum=1, reference=reference)

@@ -476,3 +476,31 @@ class GroupRows:
         batch.row_mask[row] = 1.0
         start += n
     return batch
+
+
+@_pytree
+@dataclasses.dataclass
+class RolloutBatch:
+  """What the online methods train on (built by `rollout.py`): prompt groups in the group layout with what their
+  sampling decided, every array leading with the prompt axis P, so that shards and micro-batches keep a prompt's
+  completions with it.
+
+  group: a GroupBatch whose per-completion arrays are grouped by prompt (targets / predecessors / completion_mask
+    [P, G, C], row_mask [P, G]). rewards [P, G]: the combined reward (NaN: no reward scored the completion).
+  advantages [P, G]. truncated [P, G]: 1 where the completion stopped at max_completion_length without ending.
+  old_logps [P, G, C]: the per-token log-probs at sampling time (the "old" policy). ref_logps [P, G, C] or None: the
+  reference's, present only when the loss has a KL term. num_items [P]: every entry the completion tokens of the
+  whole generation batch divided by the step's micro-batches (DAPO's normaliser, per micro-batch).
+  """
+
+  group: GroupBatch
+  rewards: Array
+  advantages: Array
+  truncated: Array
+  old_logps: Array
+  ref_logps: Array | None
+  num_items: Array
+
+  @property
+  def num_rows(self) -> int:
+    return self.group.num_rows

@@ -7,6 +7,7 @@ layouts -> batches; the decisions live in those modules.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -15,8 +16,8 @@ import jax
 import numpy as np
 
 from jaxalign import parallel, tasks
-from jaxalign.data import (batches as batches_lib, formats, hh, layouts, pair_filter, synthetic, tokenize,
-                           unpaired)
+from jaxalign.data import (arithmetic, batches as batches_lib, formats, hh, layouts, pair_filter, prompts, synthetic,
+                            tokenize, unpaired)
 from jaxalign.errors import DataError
 from jaxalign.tokenizer import train_bpe_tokenizer
 from jaxalign.workdirs import resolve_init_path
@@ -43,8 +44,24 @@ def synthetic_dir(cache: str, num_pairs: int, seed: int) -> str:
   return os.path.join(cache, f"synthetic-hh-{num_pairs}-seed{seed}")
 
 
+def arithmetic_pairs_dir(cache: str) -> str:
+  """A folder of the arithmetic task's SFT pairs (train.jsonl, test.jsonl: the held-out problems), written once:
+  chosen = the right answer in the task's format, rejected = a wrong number (`arithmetic.sft_records`)."""
+  out = os.path.join(cache, "arithmetic-pairs")
+  if not os.path.exists(os.path.join(out, "done")) and jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    for split, records in zip(("train", "test"), arithmetic.arithmetic_split()):
+      with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
+        f.writelines(json.dumps(pair) + "\n" for pair in arithmetic.sft_records(records))
+    open(os.path.join(out, "done"), "w").close()
+  return out
+
+
 def data_source(config) -> str:
-  """The data location to load: `data.source`, or the synthetic set written (once) into the cache."""
+  """The data location to load: `data.source`, or the synthetic set (or the arithmetic task's pairs) written (once)
+  into the cache."""
+  if config.data.source == prompts.ARITHMETIC:
+    return arithmetic_pairs_dir(cache_dir(config))
   if config.data.source != SYNTHETIC:
     return config.data.source
   out = synthetic_dir(cache_dir(config), config.data.synthetic_pairs, config.seed)
@@ -135,6 +152,31 @@ class StageData:
 
   def splits(self) -> dict[str, Split]:
     return {"train": self.train, **({"held_out": self.held_out} if self.held_out is not None else {})}
+
+
+@dataclasses.dataclass
+class PromptData:
+  """An online stage's training prompts (its batches are sampled during training: `rollout.py`); no held-out split
+  of pairs, so nothing for a reference to precompute."""
+
+  train: list[prompts.PromptRecord]
+  batch_kind: str = "prompts"
+
+  def splits(self) -> dict[str, Split]:
+    return {}
+
+
+def load_prompts(config) -> PromptData:
+  """The training prompts of an online stage: data.source ("arithmetic", an HH source without the evaluator's
+  prompts, or a prompt file), its data.train_split and data.subsets; every record used or counted."""
+  subsets = [s.strip() for s in config.data.subsets.split(",") if s.strip()] or None
+  source = config.data.source if config.data.source == prompts.ARITHMETIC else data_source(config)
+  records, _ = prompts.load_training_prompts(source, split=config.data.train_split, subsets=subsets,
+                                             warn_skipped_share=config.data.warn_skipped_share)
+  if not records:
+    raise ValueError(f"config.data.source = {config.data.source!r} gave no training prompts (split "
+                     f"{config.data.train_split!r}, subsets {subsets}); see the skip report above")
+  return PromptData(records)
 
 
 @dataclasses.dataclass
@@ -247,8 +289,11 @@ def layout_for(config, batch_kind: str, *, held_out: bool = False) -> layouts.La
   return layouts.pair_layout(config.data, scored=not tasks.spec(config.task).reward_model, held_out=held_out)
 
 
-def load(config, tokenizer, batch_kind: str, mesh) -> StageData:
-  """A stage's train and held-out examples in their layouts; `batch_kind` "sft", "pairs" or "unpaired" (KTO)."""
+def load(config, tokenizer, batch_kind: str, mesh) -> StageData | PromptData:
+  """A stage's train and held-out examples in their layouts; `batch_kind` "sft", "pairs" or "unpaired" (KTO); or
+  for "prompts" (the online methods) its training prompts."""
+  if batch_kind == "prompts":
+    return load_prompts(config)
   _check_divisible(config, mesh)
   if config.data.chat_template:
     tokenize.set_chat_template(tokenizer, config.data.chat_template)  # saved with the tokenizer on export
