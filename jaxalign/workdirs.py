@@ -8,6 +8,7 @@ import os
 from jaxalign.models import hub
 
 EXPORT_DIR = "model"  # <workdir>/model: the run's exported Hugging Face folder
+CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints: Orbax steps, each with the run's config in its extra item
 
 
 def resolve_init_path(init_from: str) -> str:
@@ -20,3 +21,30 @@ def resolve_init_path(init_from: str) -> str:
       raise ValueError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
                        f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and exports")
   return init_from
+
+
+def training_workdir(path: str) -> str | None:
+  """The training workdir a model path belongs to: the workdir itself, or the workdir whose export folder
+  (<workdir>/model) it is; None for a Hub id or any other folder."""
+  path = os.path.normpath(path)
+  candidates = [path] + ([os.path.dirname(path)] if os.path.basename(path) == EXPORT_DIR else [])
+  return next((c for c in candidates if os.path.isdir(os.path.join(c, CHECKPOINT_DIR))), None)
+
+
+def training_config(workdir: str) -> dict | None:
+  """The config a training workdir's run recorded (its newest checkpoint's), or None when it has no checkpoint."""
+  from jaxalign import checkpoint  # Orbax; only the readers of a finished run's config need it
+
+  extra = checkpoint.latest_extra(os.path.join(workdir, CHECKPOINT_DIR))
+  return None if extra is None else extra.get("config")
+
+
+def model_location(path: str) -> str:
+  """Where a model named by a config lives, for telling whether two names are one model: a folder (a training
+  workdir means its export) as its real path, anything else (a Hub id) as it is."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    export = os.path.join(path, EXPORT_DIR)
+    return os.path.realpath(export if os.path.isdir(export) and not os.path.exists(
+        os.path.join(path, hub.CONFIG_FILE)) else path)
+  return path
