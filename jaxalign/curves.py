@@ -1,8 +1,8 @@
 """Training curves of a stage (`curves.png`) and the summary of a study (`study.md`), read back from the workdirs.
 
 `write_stage_curves(workdir)` plots `metrics.jsonl`: one panel per logged quantity that the stage has (loss; SFT
-perplexity; DPO rewards/chosen and rewards/rejected, rewards/margins, rewards/accuracies, log-probs; a reward
-model's accuracy; gradient norm), the training values as a line and the held-out evaluations as points on top.
+perplexity; DPO rewards/chosen and rewards/rejected, rewards/margins, rewards/accuracies, log-probs; the online
+methods' training reward, KL and completion length; a reward model's accuracy; gradient norm), the training values as a line and the held-out evaluations as points on top.
 
 `write_study_summary(root)` writes `<root>/study.md`: per stage a row of its `done.json` figures (steps, seconds,
 tokens/s, MFU, compilations) and its curves; and, for every evaluation folder inside the study (one holding
@@ -39,6 +39,9 @@ PANELS = (
     ("reward margin (chosen - rejected)", ("rewards/margins",), False),
     ("preference accuracy", ("rewards/accuracies", "accuracy"), False),
     ("log-probs of the responses", ("logps/chosen", "logps/rejected"), False),
+    ("training reward (online methods)", ("reward",), False),
+    ("KL to the reference", ("kl", "objective/kl"), False),
+    ("completion length (tokens)", ("completions/mean_length", "completions/mean_terminated_length"), False),
     ("gradient norm (before clipping)", ("grad_norm",), True),
 )
 

@@ -6,7 +6,8 @@ import pytest
 
 from jaxalign import config_lib
 
-CONFIGS = ["common", "sft", "dpo", "sft_dpo", "reward", "paper", "study", "study_smollm2", "quickstart"]
+CONFIGS = ["common", "sft", "dpo", "sft_dpo", "reward", "paper", "study", "study_smollm2", "quickstart", "grpo", "rloo",
+           "online_dpo"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
