@@ -39,11 +39,9 @@ Needs `trl` (the `bench` extra) and ../shared; skips, with the reason printed, w
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,7 +50,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from timing import Timer, small_opt_config  # noqa: E402  (bench/ is the script's own folder)
-from trl_compare import DEFAULT_DATA, DEFAULT_TOKENIZER, REPO, skip_reason, trl_common_args, CPU  # noqa: E402
+from trl_compare import CPU, REPO, comparison_parser, skip_reason, trl_common_args  # noqa: E402
 
 LR = 1e-6
 
@@ -64,12 +62,7 @@ def letter_share(prompts, completions, completion_ids=None, **columns) -> list[f
 
 
 def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--data", default=DEFAULT_DATA, help="HH jsonl(.gz) file")
-  parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-  parser.add_argument("--rounds", type=int, default=5, help="alternation rounds")
-  parser.add_argument("--steps", type=int, default=1, help="timed steps per implementation per round")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed TRL steps before round 1")
+  parser = comparison_parser(__doc__)
   parser.add_argument("--prompts-per-step", type=int, default=2)
   parser.add_argument("--generations", type=int, default=4, help="G, completions per prompt")
   parser.add_argument("--new-tokens", type=int, default=32, help="max completion length")
@@ -209,32 +202,16 @@ def main():
   if reason:
     print(f"SKIPPED bench/grpo_compare.py: {reason}")
     return
-  import warnings
-
-  import datasets
-  import jax
-  import torch
-  import transformers
-  import trl
   from flax import nnx
 
   from jaxalign import tokenizer as tokenizer_lib
   from jaxalign.models import hub, registry
-  from trl_compare import alternating_callback
+  from trl_compare import alternating_callback, load_average, prepare_libraries
 
-  warnings.filterwarnings("ignore")
-  transformers.logging.set_verbosity_error()
-  transformers.utils.logging.disable_progress_bar()
-  datasets.disable_progress_bars()
-  torch.set_num_threads(args.threads)
-  torch.manual_seed(args.seed)
+  machine = prepare_libraries(args)
   steps = args.warmup + args.rounds * args.steps
   tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer)
   pool, ordered, left_out = load_prompts(args, tokenizer, steps * args.prompts_per_step)
-  machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "
-             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average "
-             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
   print(machine, flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     model_dir, prompt_file = os.path.join(tmp, "model"), os.path.join(tmp, "prompts.jsonl")
@@ -263,7 +240,7 @@ def main():
   trl_side = (trl_timer, trainer.generation[args.warmup:], trainer.scoring[args.warmup:],
               trainer.tokens[args.warmup:])
   ours_side = (ours.timer, ours.generation, ours.scoring, ours.tokens)
-  machine += f"; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"
+  machine += f"; load average {load_average()} at the end"
   table = format_table(trl_side, ours_side)
   notes = [f"{args.prompts_per_step} prompts x G = {args.generations} completions of at most {args.new_tokens} "
            f"tokens a step, beta {args.beta}; prompts of at most {args.max_prompt_tokens} tokens ({left_out} longer "
