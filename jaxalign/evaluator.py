@@ -194,8 +194,9 @@ def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
 def optimised_judges(models: dict[str, str], judge_paths: dict[str, str]) -> list[str]:
   """A note for each evaluated model that was trained against a reward model which is also a judge here (the
   training config its workdir recorded, `online.rewards`; "stage:<name>" is the study's stage folder): a reward that
-  was optimised is not an independent measure. Models without a recorded training config (a Hub id, a plain
-  folder) get none."""
+  was optimised is not an independent measure. Paths are compared as real paths (a relative one read from the
+  current directory, as when training ran from there). Models without a recorded training config (a Hub id, a plain
+  folder, a workdir whose checkpoints were deleted) get none."""
   judge_at = {name: workdirs.model_location(path) for name, path in judge_paths.items()}
   notes = []
   for model, path in models.items():
