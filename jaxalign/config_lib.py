@@ -73,7 +73,7 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
   _validate_methods(config)
   _validate_online_losses(config)
   if tasks.spec(config.task).batch_kind == "prompts":
-    _validate_online(config)
+    _validate_online(config, stage_names)
   _validate_model_and_run(config)
 
 
@@ -195,16 +195,19 @@ def _validate_online_losses(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.online_dpo.loss_type = {config.online_dpo.loss_type!r} is invalid: {error}") from None
 
 
-def _validate_online(config: ml_collections.ConfigDict) -> None:
+def _validate_online(config: ml_collections.ConfigDict, stage_names: tuple[str, ...]) -> None:
   """The online.* section, for an online task: generation, rewards and the batch's fit to the groups."""
   online, task = config.online, config.task
   _check(config, "online.rewards", bool(online.rewards.strip()),
          "name=spec items, e.g. 'correct=exact_answer' or 'rm=<reward model folder>' (an online task needs one)")
   try:
-    parse_named(online.rewards, "online.rewards")
+    specs = parse_named(online.rewards, "online.rewards")
     parse_named(online.reward_set_heads, "online.reward_set_heads")
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  earlier = [STAGE_PREFIX + name for name in stage_names]
+  _check(config, "online.rewards", all(s in earlier for s in specs.values() if s.startswith(STAGE_PREFIX)),
+         f"reward models named 'stage:<name>' of earlier stages of the study ({earlier})")
   least = {"grpo": 1, "rloo": 2}.get(task, 2)
   _check(config, "online.num_generations", online.num_generations >= least and
          (task != "online_dpo" or online.num_generations == 2),
@@ -256,9 +259,11 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
 def resolve_stage(config: ml_collections.ConfigDict, name: str, exports: dict[str, str]) -> ml_collections.ConfigDict:
   """The stage's config with "stage:<earlier>" references replaced by that stage's exported model folder."""
   stage = ml_collections.ConfigDict(config.stage_configs[name].to_dict())
+  resolve = lambda value: exports[value[len(STAGE_PREFIX):]] if value.startswith(STAGE_PREFIX) else value
   for field in ("init_from", "tokenizer"):
-    if stage[field].startswith(STAGE_PREFIX):
-      stage[field] = exports[stage[field][len(STAGE_PREFIX):]]
+    stage[field] = resolve(stage[field])
+  rewards = parse_named(stage.online.rewards, "online.rewards")  # reward models of earlier stages, too
+  stage.online.rewards = ",".join(f"{name}={resolve(spec)}" for name, spec in rewards.items())
   return stage
 
 

@@ -1,11 +1,13 @@
 """The synthetic arithmetic task: deterministic from its seed, an exact checker, held-out problems never trained on,
 and SFT pairs the HH loader reads with the answer as the response."""
 
+import json
+import os
 import re
 
 import pytest
 
-from jaxalign.data import arithmetic, hh
+from jaxalign.data import arithmetic, hh, pipeline
 
 
 def test_split_is_deterministic_from_the_seed_and_disjoint():
@@ -59,3 +61,15 @@ def test_bad_sizes_are_refused():
     arithmetic.arithmetic_split(n_train=300, n_held_out=100, max_operand=10)
   with pytest.raises(ValueError, match="operations"):
     arithmetic.problems(operations=("/",))
+
+
+def test_arithmetic_pairs_folder_for_the_sft_stage(tmp_path):
+  """data.source "arithmetic" for a pair or SFT stage: the train and held-out problems' pairs, written once."""
+  folder = pipeline.arithmetic_pairs_dir(str(tmp_path))
+  pairs = {split: [json.loads(line) for line in open(os.path.join(folder, f"{split}.jsonl"))]
+           for split in ("train", "test")}
+  train, held_out = arithmetic.arithmetic_split()
+  assert [len(pairs["train"]), len(pairs["test"])] == [len(train), len(held_out)]
+  assert pairs["test"][0]["chosen"] == held_out[0]["prompt"] + arithmetic.completion_text(held_out[0]["answer"])
+  prompt = lambda pair: pair["chosen"][:pair["chosen"].rfind(" Answer:")]
+  assert not {prompt(p) for p in pairs["train"]} & {prompt(p) for p in pairs["test"]}

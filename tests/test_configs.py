@@ -7,7 +7,7 @@ import pytest
 from jaxalign import config_lib
 
 CONFIGS = ["common", "sft", "dpo", "sft_dpo", "reward", "paper", "study", "study_smollm2", "quickstart", "grpo", "rloo",
-           "online_dpo"]
+           "online_dpo", "quickstart_online", "arithmetic"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -4,6 +4,7 @@ logged, completions table and curves written); bad online config values fail wit
 dynamic sampling drops and refills groups without signal; a GRPO run SIGKILLed mid-generation resumes bit for bit;
 8 devices (4 data x 2 fsdp) train as one."""
 
+import importlib
 import json
 import os
 
@@ -55,6 +56,16 @@ def _records(path):
 def test_bad_online_config_fails_with_its_dotted_name(cache_dir, field, value, task):
   config = online_config(cache_dir, task, **{field: value})
   with pytest.raises(config_lib.ConfigError, match=f"config.{field}"):
+    config_lib.validate(config)
+
+
+def test_a_study_stage_rewards_with_an_earlier_stages_reward_model():
+  config = importlib.import_module("configs.quickstart_online").get_config()
+  config_lib.validate(config)
+  resolved = config_lib.resolve_stage(config, "grpo", {"sft": "/runs/sft/model", "rm": "/runs/rm/model"})
+  assert (resolved.init_from, resolved.online.rewards) == ("/runs/sft/model", "rm=/runs/rm/model")
+  config.stage_configs.grpo.online.rewards = "rm=stage:grpo"  # not an earlier stage
+  with pytest.raises(config_lib.ConfigError, match="config.stage_configs.grpo.online.rewards"):
     config_lib.validate(config)
 
 
@@ -160,3 +171,16 @@ def test_grpo_on_8_devices_equals_one_device(cache_dir, tmp_path):
   np.testing.assert_allclose(losses_of("eight"), losses_of("one"), rtol=1e-4, atol=1e-6)
   for name, value in exported(str(tmp_path / "one")).items():
     np.testing.assert_allclose(exported(str(tmp_path / "eight"))[name], value, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_grpo_gradient_accumulation_equals_one_batch(cache_dir, tmp_path):
+  """Two micro-batches of a step's prompt groups (each a prompt with its completions) give the one-batch step: DAPO's
+  normaliser is the generation batch's tokens, split over the micro-batches."""
+  fields = {"training.max_steps": 2, "online.steps_per_generation": 2}
+  trainer.run(online_config(cache_dir, "grpo", **fields), str(tmp_path / "one"))
+  trainer.run(online_config(cache_dir, "grpo", **fields, **{"training.grad_accum": 2}), str(tmp_path / "two"))
+  losses_of = lambda d: [r["train/loss"] for r in _records(tmp_path / d / "metrics.jsonl") if "train/loss" in r]
+  np.testing.assert_allclose(losses_of("two"), losses_of("one"), rtol=1e-5, atol=1e-7)
+  for name, value in exported(str(tmp_path / "one")).items():
+    np.testing.assert_allclose(exported(str(tmp_path / "two"))[name], value, atol=1e-6, err_msg=name)

@@ -7,6 +7,7 @@ layouts -> batches; the decisions live in those modules.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -15,8 +16,8 @@ import jax
 import numpy as np
 
 from jaxalign import parallel, tasks
-from jaxalign.data import (batches as batches_lib, formats, hh, layouts, pair_filter, prompts, synthetic, tokenize,
-                            unpaired)
+from jaxalign.data import (arithmetic, batches as batches_lib, formats, hh, layouts, pair_filter, prompts, synthetic,
+                            tokenize, unpaired)
 from jaxalign.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,24 @@ def synthetic_dir(cache: str, num_pairs: int, seed: int) -> str:
   return os.path.join(cache, f"synthetic-hh-{num_pairs}-seed{seed}")
 
 
+def arithmetic_pairs_dir(cache: str) -> str:
+  """A folder of the arithmetic task's SFT pairs (train.jsonl, test.jsonl: the held-out problems), written once:
+  chosen = the right answer in the task's format, rejected = a wrong number (`arithmetic.sft_records`)."""
+  out = os.path.join(cache, "arithmetic-pairs")
+  if not os.path.exists(os.path.join(out, "done")) and jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    for split, records in zip(("train", "test"), arithmetic.arithmetic_split()):
+      with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
+        f.writelines(json.dumps(pair) + "\n" for pair in arithmetic.sft_records(records))
+    open(os.path.join(out, "done"), "w").close()
+  return out
+
+
 def data_source(config) -> str:
-  """The data location to load: `data.source`, or the synthetic set written (once) into the cache."""
+  """The data location to load: `data.source`, or the synthetic set (or the arithmetic task's pairs) written (once)
+  into the cache."""
+  if config.data.source == prompts.ARITHMETIC:
+    return arithmetic_pairs_dir(cache_dir(config))
   if config.data.source != SYNTHETIC:
     return config.data.source
   out = synthetic_dir(cache_dir(config), config.data.synthetic_pairs, config.seed)
