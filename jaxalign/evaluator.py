@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, rated,
                       reference as reference_lib, reports, rewards, sampling, workdirs)
-from jaxalign.config_lib import STAGE_PREFIX, parse_named
+from jaxalign.config_lib import parse_named
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
 from jaxalign.models import hub
 from jaxalign.tokenizer import load_tokenizer
@@ -193,10 +193,10 @@ def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
 
 def optimised_judges(models: dict[str, str], judge_paths: dict[str, str]) -> list[str]:
   """A note for each evaluated model that was trained against a reward model which is also a judge here (the
-  training config its workdir recorded, `online.rewards`; "stage:<name>" is the study's stage folder): a reward that
-  was optimised is not an independent measure. Paths are compared as real paths (a relative one read from the
-  current directory, as when training ran from there). Models without a recorded training config (a Hub id, a plain
-  folder, a workdir whose checkpoints were deleted) get none."""
+  training config its workdir recorded, `online.rewards`, where a study's "stage:<name>" is already its export): a
+  reward that was optimised is not an independent measure. Paths are compared as real paths (a relative one read
+  from the current directory, as when training ran from there). Models without a recorded training config (a Hub
+  id, a plain folder, a workdir whose checkpoints were deleted) get none."""
   judge_at = {name: workdirs.model_location(path) for name, path in judge_paths.items()}
   notes = []
   for model, path in models.items():
@@ -206,8 +206,6 @@ def optimised_judges(models: dict[str, str], judge_paths: dict[str, str]) -> lis
     for reward, spec in specs.items():
       if not rewards.is_reward_model(spec):
         continue
-      if spec.startswith(STAGE_PREFIX):
-        spec = os.path.join(os.path.dirname(workdir), spec[len(STAGE_PREFIX):])
       notes += [f"{model!r} was trained against the reward {reward!r} ({spec}), which is the same model as the judge "
                 f"{judge!r} ({judge_paths[judge]}): that judge's scores of {model!r} are not an independent measure "
                 "(the model was optimised to raise them); judge it with another model as well"

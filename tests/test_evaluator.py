@@ -139,9 +139,10 @@ def test_a_judge_that_was_a_training_reward_is_named_in_the_report(setup, tmp_pa
   assert len(notes) == 2 and all("the judge 'two'" in n and "not an independent measure" in n for n in notes)
   assert [n.split()[0] for n in notes] == ["'grpo'", "'export'"]
   assert evaluator.optimised_judges({"grpo": grpo}, {"one": paths["single_judge"]}) == []
-  # In a study the reward may be "stage:<name>": the stage folder beside the trained stage's, judged as a workdir.
+  # A study records a "stage:<name>" reward as that stage's export; the judge may name the stage's workdir.
   _trained_workdir(tmp_path / "study" / "rm", paths["single_judge"], "")
-  study_grpo = _trained_workdir(tmp_path / "study" / "grpo", paths["tuned"], "rm=stage:rm")
+  study_rm_export = tmp_path / "study" / "rm" / "model"
+  study_grpo = _trained_workdir(tmp_path / "study" / "grpo", paths["tuned"], f"rm={study_rm_export}")
   notes = evaluator.optimised_judges({"grpo": study_grpo}, {"one": str(tmp_path / "study" / "rm")})
   assert len(notes) == 1 and "'rm'" in notes[0]
   assert evaluator.optimised_judges({"grpo": study_grpo}, {"two": paths["judge"]}) == []
