@@ -31,8 +31,11 @@ in one process, on the CPU.
     never overlap and a change in machine load hits both). Reported: median steps/s, the ratio of medians, the
     per-round ratios, the ratio of total time, and each side's generation share of its step time.
 
-  python bench/grpo_compare.py            # ~5-10 minutes on 2 loaded cores
-  python bench/grpo_compare.py --record   # also appends the table to BENCHMARKS.md
+  python bench/grpo_compare.py              # ~5-10 minutes on 2 loaded cores
+  python bench/grpo_compare.py --threads 1  # torch on one thread: on an oversubscribed machine its 2-thread OpenMP
+                                            # barriers stall (BENCHMARKS.md); the fair setting there
+  python bench/grpo_compare.py --record     # also appends the table to BENCHMARKS.md
+  (--data / --tokenizer when ../shared is not beside the checkout, e.g. a worktree: /work/shared/data/...)
 
 Needs `trl` (the `bench` extra) and ../shared; skips, with the reason printed, when either is missing.
 """
