@@ -120,13 +120,19 @@ CPU = Setting("CPU", "float32", 256, 128, (128, 256), (256, 384, 512), (LIVE, SH
 GPU = Setting("GPU", "bfloat16", 512, 256, (512,), (768, 1024), (LIVE, SHARED_PRECOMPUTED))
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def comparison_parser(doc: str) -> argparse.ArgumentParser:
+  """The arguments of every side-by-side benchmark with TRL: the HH file, the tokenizer, the alternation."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", default=DEFAULT_DATA, help="HH jsonl(.gz) file")
   parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
   parser.add_argument("--rounds", type=int, default=5, help="alternation rounds")
-  parser.add_argument("--steps", type=int, default=1, help="timed DPO steps per implementation per round")
+  parser.add_argument("--steps", type=int, default=1, help="timed (DPO) steps per implementation per round")
   parser.add_argument("--warmup", type=int, default=1, help="untimed TRL steps (and jaxalign steps) before round 1")
+  return parser
+
+
+def parse_args():
+  parser = comparison_parser(__doc__)
   parser.add_argument("--sft-steps", type=int, default=2, help="timed SFT steps per implementation per round")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument("--skip-sft", action="store_true")
@@ -500,23 +506,20 @@ def breakdown(model, variant: JaxVariant, ladder: dict, repeats: int = 3) -> lis
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def main():
-  args = parse_args()
-  reason = skip_reason(args)
-  if reason:
-    print(f"SKIPPED bench/trl_compare.py: {reason}")
-    return
+def load_average() -> str:
+  return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def prepare_libraries(args) -> str:
+  """Quiets transformers, datasets and their warnings, sets torch's threads and seed; returns the machine line
+  (processor, cores, library versions, load average)."""
+  import warnings
+
+  import datasets
   import jax
   import torch
   import transformers
   import trl
-  from flax import nnx
-
-  from jaxalign.models import hub, registry
-
-  import warnings
-
-  import datasets
 
   warnings.filterwarnings("ignore", category=FutureWarning)
   transformers.logging.set_verbosity_error()
@@ -524,15 +527,28 @@ def main():
   datasets.disable_progress_bars()
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
+  accelerator = f"{jax.devices()[0].device_kind}, " if args.setting.gpu else ""
+  return (f"{accelerator}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL "
+          f"{trl.__version__}, jax {jax.__version__} ({jax.devices()[0].platform}), load average {load_average()} "
+          "at start")
+
+
+def main():
+  args = parse_args()
+  reason = skip_reason(args)
+  if reason:
+    print(f"SKIPPED bench/trl_compare.py: {reason}")
+    return
+  from flax import nnx
+
+  from jaxalign.models import hub, registry
+
+  machine = prepare_libraries(args)
   model_config = args.setting.model_config(args.model)
   tokenizer, pairs, sft, order = load_data(args, model_config.vocab_size)
   pad_id = tokenizer.pad_token_id
   model = registry.build_causal_lm(model_config, rngs=nnx.Rngs(args.seed))
-  accelerator = f"{jax.devices()[0].device_kind}, " if args.setting.gpu else ""
-  machine = (f"{accelerator}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "
-             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average "
-             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
   print(machine, flush=True)
   results, notes, like_for_like = [], [], None
   with tempfile.TemporaryDirectory() as model_dir:
@@ -544,7 +560,7 @@ def main():
       results += run_sft(args, model, model_dir, sft, order, pad_id)
 
   table = format_table(results, args)
-  machine += f"; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"
+  machine += f"; load average {load_average()} at the end"
   print("\n" + table + "\n")
   for note in notes:
     print(f"- {note}")

@@ -109,6 +109,22 @@ def describe_saved(directory: str | os.PathLike) -> str:
           else f"no checkpoint is committed in {where}")
 
 
+def latest_extra(directory: str | os.PathLike) -> dict | None:
+  """The JSON extra item (the run's config, the data position) of the newest committed step in a checkpoint folder,
+  read without touching the arrays and without its integrity record; None when the folder holds no step."""
+  step = latest_step(directory) if os.path.isdir(directory) or "://" in str(directory) else None
+  if step is None:
+    return None
+  manager = ocp.CheckpointManager(_absolute(directory), options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.JsonRestore()}))
+  finally:
+    manager.close()
+  extra = dict(restored[EXTRA_ITEM])
+  extra.pop(INTEGRITY_KEY, None)
+  return extra
+
+
 class Checkpointer:
   """Saves every `save_every_steps` steps (0: only forced saves), keeps the newest `keep` (None: all).
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from jaxalign import (annotate, curves, hub_push, judges, metrics, pair_scores, parallel, progress, rated,
-                      reference as reference_lib, reports, sampling)
+                      reference as reference_lib, reports, rewards, sampling, workdirs)
 from jaxalign.config_lib import parse_named
 from jaxalign.errors import ConfigError
 from jaxalign.data import hh, layouts, pipeline, prompts as prompts_lib, tokenize
@@ -200,6 +200,28 @@ def rated_by_judge(config) -> tuple[dict[str, dict], dict[str, Any]]:
   return by_judge, preference
 
 
+def optimised_judges(models: dict[str, str], judge_paths: dict[str, str]) -> list[str]:
+  """A note for each evaluated model that was trained against a reward model which is also a judge here (the
+  training config its workdir recorded, `online.rewards`, where a study's "stage:<name>" is already its export): a
+  reward that was optimised is not an independent measure. Paths are compared as real paths (a relative one read
+  from the current directory, as when training ran from there). Models without a recorded training config (a Hub
+  id, a plain folder, a workdir whose checkpoints were deleted) get none."""
+  judge_at = {name: workdirs.model_location(path) for name, path in judge_paths.items()}
+  notes = []
+  for model, path in models.items():
+    workdir = workdirs.training_workdir(path)
+    trained = (workdirs.training_config(workdir) if workdir else None) or {}
+    specs = parse_named(trained.get("online", {}).get("rewards", ""), "online.rewards")
+    for reward, spec in specs.items():
+      if not rewards.is_reward_model(spec):
+        continue
+      notes += [f"{model!r} was trained against the reward {reward!r} ({spec}), which is the same model as the judge "
+                f"{judge!r} ({judge_paths[judge]}): that judge's scores of {model!r} are not an independent measure "
+                "(the model was optimised to raise them); judge it with another model as well"
+                for judge, location in judge_at.items() if location == workdirs.model_location(spec)]
+  return notes
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates, writes the reports (and the human-annotation page) into `workdir`, prints Table 1, and returns the
   results: those of the first judge, with every judge's Table 1 and their agreement when there are several, held-out
@@ -207,6 +229,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   it also refreshes the study's study.md; with `push_to_hub` it pushes the folder to a Hub dataset repo."""
   if config.push_to_hub:
     hub_push.check_repo_id(config.push_to_hub, "push_to_hub")
+  notes = optimised_judges(parse_named(config.models, "models") if not config.rated_responses else {},
+                           dict(judges.parse_judges(config.judges, config.judge)))
+  for note in notes:
+    log.warning("%s", note)
   by_judge, preference = rated_by_judge(config)
   thresholds = judge_thresholds(config, list(by_judge))
   baseline = config.metrics.baseline if config.metrics.baseline in next(iter(by_judge.values())) else None
@@ -225,6 +251,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           record["judge_scores"] = {j: by_judge[j][name][set_name][i]["score"] for j in by_judge}
   if preference:
     results["preference"] = preference
+  if notes:
+    results["judge_notes"] = notes
   os.makedirs(workdir, exist_ok=True)
   if config.human_annotations:
     files = [f.strip() for f in config.human_annotations.split(",") if f.strip()]

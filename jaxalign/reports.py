@@ -157,6 +157,8 @@ def render_markdown(results: dict[str, Any]) -> str:
       markdown_table(*table1(results)),
       table1_notes(results),
   ]
+  if results.get("judge_notes"):
+    parts += ["## Judge independence", "\n".join(f"- **Not independent:** {note}" for note in results["judge_notes"])]
   if config["baseline"] is not None:
     parts += [f"## Table 2: relative gain over {config['baseline']!r}",
               "Gain = (model - baseline) / baseline x 100; n/a where the baseline's value is 0.",

@@ -156,6 +156,13 @@ def model_rewards(name: str, path: str, *, set_heads: Mapping[str, str] | None =
   return {f"{name}/{head}": judge_reward(judge.for_head(head), prompt_sets=sets_of(head)) for head in judge.heads}
 
 
+def is_reward_model(spec: str) -> bool:
+  """Whether a reward spec names a reward model (neither a built-in rule reward nor a "module:function");
+  "stage:<name>" (a study's stage) is one, though it is spelt like a function."""
+  return spec.startswith(config_lib.STAGE_PREFIX) or (
+      spec != "soft_overlong" and spec not in BUILTIN_REWARDS and not _FUNCTION_NAME.fullmatch(spec))
+
+
 def make_rewards(specs: Mapping[str, str], *, weights: Sequence[float] | None = None,
                  max_completion_length: int | None = None, soft_punish_cache: int | None = None,
                  set_heads: Mapping[str, str] | None = None, judge_kwargs: Mapping | None = None) -> list[Reward]:

@@ -23,7 +23,7 @@ from jaxalign import (checkpoint, config_lib, curves, hub_push, parallel, refere
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.tokenizer import check_vocabulary, embedding_rows, load_tokenizer
-from jaxalign.workdirs import DONE_FILE, EXPORT_DIR, finished_config
+from jaxalign.workdirs import CHECKPOINT_DIR, DONE_FILE, EXPORT_DIR, finished_config
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     log.info("stage in %s already finished; skipping (delete %s to rerun)", workdir, DONE_FILE)
     return export_dir
   os.makedirs(workdir, exist_ok=True)
-  kept = lambda: checkpoint.describe_saved(os.path.join(workdir, "checkpoints"))
+  kept = lambda: checkpoint.describe_saved(os.path.join(workdir, CHECKPOINT_DIR))
   with runguard.lock_workdir(workdir), runguard.StopSignals(config.training.log_every, kept) as stop_signals:
     stage = setup(config, workdir, stop_signals)
     final_eval = loop(stage)
@@ -103,7 +103,7 @@ class Stage:
 def setup(config: ml_collections.ConfigDict, workdir: str, stop_signals: runguard.StopSignals) -> Stage:
   """Everything a stage's loop needs, restored from the workdir's newest checkpoint when there is one."""
   started = time.perf_counter()
-  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))  # before minutes of data and model loading
+  checkpoint.check_writable(os.path.join(workdir, CHECKPOINT_DIR))  # before minutes of data and model loading
   stop_signals.phase = "loading the tokenizer and checking the inputs"
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   stage_model.check_inputs(config, tokenizer)
@@ -123,7 +123,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop_signals: runguar
   source = sources.build(config, data, mesh, tokenizer, reference, graphdef=graphdef, rest=rest, workdir=workdir)
   tx = step_lib.make_optimizer(config.optimizer, source.total_steps)
   state, shardings = step_lib.initial_state(params, tx, mesh, config.mesh.min_fsdp_size)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                          save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
   stop_signals.phase = "restoring the checkpoint"

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import jax.numpy as jnp
 import matplotlib.image
@@ -12,7 +13,7 @@ import scipy.stats
 from flax import nnx
 
 from configs import eval as eval_config
-from jaxalign import evaluator, judges
+from jaxalign import checkpoint, evaluator, judges
 from jaxalign.data import synthetic
 from jaxalign.models import hub, opt, reward
 
@@ -135,6 +136,46 @@ def test_evaluate_writes_every_report(setup, caplog, capsys):
     assert row["agreement"] == pytest.approx(100 * np.mean((two > thresholds[0]) == (one > thresholds[1])))
   assert "Table 1 by judge 'one'" in (out / "results.md").read_text()
   assert "Table" in (out / "results.md").read_text() or "HmR" in (out / "results.md").read_text()
+
+
+def _trained_workdir(workdir, export_from: str, rewards: str) -> str:
+  """A finished training workdir as the trainer leaves one: its export and a checkpoint recording the config."""
+  shutil.copytree(export_from, workdir / "model")
+  with checkpoint.Checkpointer(workdir / "checkpoints", save_every_steps=0, keep=None, async_save=False) as saver:
+    saver.save(1, state={"w": jnp.zeros(2)}, extra={"config": {"task": "grpo", "online": {"rewards": rewards}}},
+               force=True)
+  return str(workdir)
+
+
+def test_a_judge_that_was_a_training_reward_is_named_in_the_report(setup, tmp_path, caplog):
+  root, data, paths = setup
+  grpo = _trained_workdir(tmp_path / "grpo", paths["tuned"], f"rm={paths['judge']},fmt=answer_format,f=mod:fn")
+  os.symlink(paths["judge"], tmp_path / "judge_link")  # the same judge under another name
+  judge_names = {"two": str(tmp_path / "judge_link"), "one": paths["single_judge"]}
+  notes = evaluator.optimised_judges({"grpo": grpo, "export": os.path.join(grpo, "model"), "base": paths["base"]},
+                                     judge_names)
+  assert len(notes) == 2 and all("the judge 'two'" in n and "not an independent measure" in n for n in notes)
+  assert [n.split()[0] for n in notes] == ["'grpo'", "'export'"]
+  assert evaluator.optimised_judges({"grpo": grpo}, {"one": paths["single_judge"]}) == []
+  # A study records a "stage:<name>" reward as that stage's export; the judge may name the stage's workdir.
+  _trained_workdir(tmp_path / "study" / "rm", paths["single_judge"], "")
+  study_rm_export = tmp_path / "study" / "rm" / "model"
+  study_grpo = _trained_workdir(tmp_path / "study" / "grpo", paths["tuned"], f"rm={study_rm_export}")
+  notes = evaluator.optimised_judges({"grpo": study_grpo}, {"one": str(tmp_path / "study" / "rm")})
+  assert len(notes) == 1 and "'rm'" in notes[0]
+  assert evaluator.optimised_judges({"grpo": study_grpo}, {"two": paths["judge"]}) == []
+
+  c = eval_config.get_config()
+  c.models, c.judge = f"grpo={grpo}", paths["judge"]
+  c.prompts.source = data
+  c.prompts.n_harmful, c.prompts.n_helpful, c.prompts.style = 2, 2, "turn"
+  c.generation.max_new_tokens, c.generation.batch_size, c.metrics.n_bootstrap = 4, 4, 20
+  with caplog.at_level(logging.WARNING, logger="jaxalign.evaluator"):
+    results = evaluator.run(c, str(tmp_path / "out"))
+  assert len(results["judge_notes"]) == 1 and results["judge_notes"][0] in caplog.text
+  report = (tmp_path / "out" / "results.md").read_text()
+  assert "## Judge independence" in report and results["judge_notes"][0] in report
+  assert json.load(open(tmp_path / "out" / "results.json"))["judge_notes"] == results["judge_notes"]
 
 
 def test_rated_responses_mode_needs_no_models(setup, tmp_path):

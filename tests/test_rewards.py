@@ -184,3 +184,10 @@ def test_make_rewards_checks_its_specs(reward_module):
   with pytest.raises(ValueError, match="'exact_answr' is not a built-in reward"):
     rewards.make_rewards({"exact": "exact_answr"})
   assert arithmetic.completion_text(3) == COMPLETIONS[0]
+
+
+def test_is_reward_model_tells_model_specs_from_rules_and_functions():
+  for spec in ("exact_answer", "answer_format", "soft_overlong", "my_rewards:length", "pkg.mod:fn"):
+    assert not rewards.is_reward_model(spec), spec
+  for spec in ("runs/reward", "OpenAssistant/reward-model-deberta-v3-large-v2", "stage:reward", "/abs/rm"):
+    assert rewards.is_reward_model(spec), spec
