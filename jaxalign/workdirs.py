@@ -20,7 +20,7 @@ def resolve_init_path(init_from: str) -> str:
   if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, hub.CONFIG_FILE)):
     if os.path.exists(os.path.join(export, hub.CONFIG_FILE)):
       return export
-    if os.path.isdir(os.path.join(init_from, "checkpoints")):
+    if os.path.isdir(os.path.join(init_from, CHECKPOINT_DIR)):
       raise ConfigError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
                         f"finish it with `python train.py --workdir {init_from} --config ...`, which resumes and "
                         "exports")
