@@ -767,3 +767,10 @@ def online_dpo_loss(
       "objective/scores_margin": mean(chosen(rewards_or_0) - rejected(rewards_or_0)),
       "unscorable_pairs": (present * ~scorable).sum()})
   return loss, metrics
+
+
+def apply_missing_eos_penalty(rewards: jax.Array, finished: jax.Array, penalty: float | None) -> jax.Array:
+  """Online DPO's `missing_eos_penalty`: subtracted from the reward of each completion that did not end with EOS."""
+  if penalty is None:
+    return rewards
+  return jnp.where(jnp.asarray(finished, bool), rewards, rewards - penalty)

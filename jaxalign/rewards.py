@@ -265,10 +265,3 @@ def combine(rewards: Sequence[Reward], per_reward: np.ndarray) -> tuple[np.ndarr
     metrics[f"rewards/{reward.name}/std"] = _nanstat(per_reward[:, r], std)
   metrics.update(reward=_nanstat(combined, np.mean), reward_std=_nanstat(combined, std))
   return combined, metrics
-
-
-def apply_missing_eos_penalty(rewards: np.ndarray, finished: np.ndarray, penalty: float | None) -> np.ndarray:
-  """Online DPO's `missing_eos_penalty`: subtracted from the reward of each completion that did not end with EOS."""
-  if penalty is None:
-    return rewards
-  return np.where(np.asarray(finished, bool), rewards, rewards - penalty)

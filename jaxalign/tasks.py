@@ -466,9 +466,7 @@ class OnlineDPOTask(OnlineTask):
 
   def advantages(self, rewards, old_logps, ref_logps, completion_mask, finished) -> tuple:
     """The rewards after the missing-EOS penalty; no advantages (zeros): the loss reads the rewards."""
-    from jaxalign import rewards as rewards_lib  # here: rewards -> config_lib -> tasks would be a cycle
-
-    penalised = rewards_lib.apply_missing_eos_penalty(rewards, finished, self.missing_eos_penalty)
+    penalised = losses.apply_missing_eos_penalty(rewards, finished, self.missing_eos_penalty)
     return penalised, jnp.zeros_like(jnp.asarray(rewards)), {}
 
   def loss(self, model, batch: RolloutBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:

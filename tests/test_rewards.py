@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import judges, rewards
+from jaxalign import judges, losses, rewards
 from jaxalign.data import arithmetic
 from jaxalign.models import opt, reward as reward_model
 
@@ -117,7 +117,7 @@ def test_combine_is_a_weighted_nansum_with_unscored_completions_nan():
 
 
 def test_missing_eos_penalty():
-  got = rewards.apply_missing_eos_penalty(np.array([1.0, 1.0]), np.array([True, False]), 0.5)
+  got = losses.apply_missing_eos_penalty(np.array([1.0, 1.0]), np.array([True, False]), 0.5)
   np.testing.assert_array_equal(got, [1.0, 0.5])
 
 
