@@ -143,6 +143,7 @@ def llama_run(folder, cache_dir, task, **fields):
                                          **fields})
 
 
+@pytest.mark.slow
 def test_trainer_runs_sft_lora_dpo_and_reward_from_a_llama_folder(llama_folder, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -56,10 +56,6 @@ def _linears(module: nnx.Module):
       yield from _linears(child)
 
 
-def default_targets(model: nnx.Module) -> tuple[str, ...]:
-  return registry.family_of(model.config).default_lora_targets
-
-
 def apply_lora(model: nnx.Module, *, targets: tuple[str, ...] = (), rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.05, seed: int = 0) -> nnx.Module:
   """Wraps the target projections of every block in place (empty `targets`: the family's default, q_proj and
