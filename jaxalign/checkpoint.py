@@ -133,6 +133,12 @@ class Checkpointer:
   the process exits or before reading the folder from elsewhere, or the last save may be lost.
   """
 
+  @classmethod
+  def from_config(cls, directory: str | os.PathLike, checkpoint_config) -> Checkpointer:
+    """A checkpointer with a stage's `checkpoint.*` settings (every_steps, keep, async_save)."""
+    return cls(directory, save_every_steps=checkpoint_config.every_steps, keep=checkpoint_config.keep,
+               async_save=checkpoint_config.async_save)
+
   def __init__(self, directory: str | os.PathLike, *, save_every_steps: int, keep: int | None,
                async_save: bool = True):
     if save_every_steps < 0:

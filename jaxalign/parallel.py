@@ -66,6 +66,12 @@ def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, in
   return data, fsdp
 
 
+def config_mesh(mesh_config) -> Mesh:
+  """The mesh of a stage's `mesh.*` settings: (data, fsdp) over the first `num_devices` devices (0: all of them)."""
+  devices = jax.devices()[:mesh_config.num_devices] if mesh_config.num_devices > 0 else None
+  return make_mesh(mesh_config.data, mesh_config.fsdp, devices)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
   """A (data, fsdp) mesh over all devices (or `devices`); by default everything on `data` (pure data parallel)."""
   if devices is None:

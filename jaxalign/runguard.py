@@ -193,6 +193,13 @@ class StopSignals:
   def __exit__(self, *exc) -> None:
     self._restore()
 
+  def stop_after(self, step: int, total_steps: int, directory: str) -> None:
+    """Raises `Preempted` once the loop has saved `step` after a signal (logged: what stopped, what was kept)."""
+    message = (f"stopped by {self.received} after step {step} of {total_steps}: checkpoint step {step} saved in "
+               f"{directory}; rerun the same command to resume")
+    log.warning(message)
+    raise Preempted(message)
+
   def should_stop(self, step: int) -> bool:
     """Whether the loop should save and stop after `step`. Single process: as soon as a signal came. Several
     processes: at steps that are multiples of `check_every`, if a signal reached any of them (all agree)."""

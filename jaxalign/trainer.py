@@ -60,12 +60,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains one stage in `workdir` (resuming if it has checkpoints) and returns its exported model folder.
-
-  Holds the workdir's run lock throughout (a second run there fails at once). SIGTERM / SIGINT, from the start of the
-  stage to its end, raise `runguard.Preempted` (exit status 75): in the loop after saving a checkpoint of the
-  current step, elsewhere at once; rerunning resumes.
-  """
+  """Trains one stage in `workdir` (resuming if it has checkpoints) and returns its exported model folder. Holds the
+  workdir's run lock (a second run there fails at once); SIGTERM / SIGINT anywhere in the stage raise
+  `runguard.Preempted` (exit 75), in the loop after saving the current step; rerunning resumes."""
   config_lib.validate(config)
   export_dir = os.path.join(workdir, EXPORT_DIR)
   if os.path.exists(os.path.join(workdir, DONE_FILE)):
@@ -107,8 +104,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop_signals: runguar
   stop_signals.phase = "loading the tokenizer and checking the inputs"
   tokenizer = load_tokenizer(pipeline.tokenizer_path(config, workdir))
   stage_model.check_inputs(config, tokenizer)
-  devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices > 0 else None
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  mesh = parallel.config_mesh(config.mesh)
   task = tasks.make_task(config)
   stop_signals.phase = "loading and tokenizing the data"
   data = pipeline.load(config, tokenizer, task.batch_kind, mesh)
@@ -123,9 +119,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop_signals: runguar
   source = sources.build(config, data, mesh, tokenizer, reference, graphdef=graphdef, rest=rest, workdir=workdir)
   tx = step_lib.make_optimizer(config.optimizer, source.total_steps)
   state, shardings = step_lib.initial_state(params, tx, mesh, config.mesh.min_fsdp_size)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
-                                         save_every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                                         async_save=config.checkpoint.async_save)
+  checkpointer = checkpoint.Checkpointer.from_config(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint)
   stop_signals.phase = "restoring the checkpoint"
   state = _restore(config, workdir, checkpointer, state, shardings, source)
   steps = step_lib.StepFunctions(task, graphdef, rest, tx, jax.random.key(config.seed),
@@ -204,10 +198,7 @@ def loop(stage: Stage) -> dict[str, float]:
                             force=True)
         if stopping and step < total_steps:
           checkpointer.wait()
-          message = (f"stopped by {stop_signals.received} after step {step} of {total_steps}: checkpoint step {step} "
-                     f"saved in {checkpointer.directory}; rerun the same command to resume")
-          log.warning(message)
-          raise runguard.Preempted(message)
+          stop_signals.stop_after(step, total_steps, checkpointer.directory)
     if pending is not None:
       logger.train_step(*pending)
     stage.seconds["loop"] = time.perf_counter() - start  # the steps and their checkpoints
