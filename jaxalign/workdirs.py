@@ -7,9 +7,9 @@ import json
 import os
 
 from jaxalign.errors import ConfigError
-from jaxalign.models import hub
 
 EXPORT_DIR = "model"  # <workdir>/model: the run's exported Hugging Face folder
+CONFIG_FILE = "config.json"  # a Hugging Face model folder's config (models/hub.py reads and writes it)
 DONE_FILE = "done.json"  # <workdir>/done.json: a finished stage's summary (and the config it ran with)
 CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints: Orbax steps, each with the run's config in its extra item
 
@@ -17,8 +17,8 @@ CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints: Orbax steps, each with 
 def resolve_init_path(init_from: str) -> str:
   """A training workdir means its exported model; anything else is passed on (HF folder or Hub id)."""
   export = os.path.join(init_from, EXPORT_DIR)
-  if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, hub.CONFIG_FILE)):
-    if os.path.exists(os.path.join(export, hub.CONFIG_FILE)):
+  if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, CONFIG_FILE)):
+    if os.path.exists(os.path.join(export, CONFIG_FILE)):
       return export
     if os.path.isdir(os.path.join(init_from, CHECKPOINT_DIR)):
       raise ConfigError(f"init_from {init_from!r} is a workdir whose run has not finished (no {EXPORT_DIR}/ yet): "
@@ -60,5 +60,5 @@ def model_location(path: str) -> str:
   if os.path.isdir(path):
     export = os.path.join(path, EXPORT_DIR)
     return os.path.realpath(export if os.path.isdir(export) and not os.path.exists(
-        os.path.join(path, hub.CONFIG_FILE)) else path)
+        os.path.join(path, CONFIG_FILE)) else path)
   return path

@@ -21,10 +21,10 @@ from flax import nnx
 from jaxalign import parallel
 from jaxalign.errors import MissingInput
 from jaxalign.models import registry
+from jaxalign.workdirs import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
