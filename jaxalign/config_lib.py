@@ -75,6 +75,8 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
+  _check(config, "model.logprob_chunk", isinstance(config.model.logprob_chunk, int) and config.model.logprob_chunk >= 0,
+         "a whole number of scored positions per row >= 0 (0 = the LM head on all of them at once)")
 
   _check(config, "data.max_length", config.data.max_length > 0, "a positive number of tokens")
   _check(config, "data.max_prompt_length", 0 < config.data.max_prompt_length < config.data.max_length,

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign import config_lib, losses
+from jaxalign import config_lib, logprobs, losses
 from jaxalign.data.layouts import CHOSEN_SIDE, REJECTED_SIDE, SeparatePairBatch, SFTBatch, SharedPairBatch
 
 PairBatch = SeparatePairBatch | SharedPairBatch
@@ -33,13 +33,14 @@ class PairLogps(NamedTuple):
   rejected_tokens: jax.Array
 
 
-def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array,
-                    targets: jax.Array, target_mask: jax.Array) -> jax.Array:
+def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array, targets: jax.Array,
+                    target_mask: jax.Array, logprob_chunk: int = logprobs.DEFAULT_CHUNK) -> jax.Array:
   """log p of the tokens at `targets` [rows, S], each from the hidden state at `predecessors` [rows, S]; 0 where
-  `target_mask` is 0. The LM head runs on these S positions only: most tokens (prompt, padding) are not scored."""
+  `target_mask` is 0. The LM head runs on these S positions only: most tokens (prompt, padding) are not scored;
+  and on `logprob_chunk` of them per row at a time (`logprobs.chunked_logprobs`; 0 = all at once)."""
   picked = jnp.take_along_axis(hidden, predecessors[..., None], axis=1)
   tokens = jnp.take_along_axis(input_ids, targets, axis=1)
-  return losses.selected_logprobs(model.logits(picked), tokens) * target_mask
+  return logprobs.chunked_logprobs(model.logits, picked, tokens, chunk_size=logprob_chunk) * target_mask
 
 
 def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
@@ -48,13 +49,15 @@ def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
           jnp.concatenate([batch.chosen_attention_mask, batch.rejected_attention_mask]))
 
 
-def separate_pair_logprobs(model, batch: SeparatePairBatch, dropout_key=None) -> PairLogps:
+def separate_pair_logprobs(model, batch: SeparatePairBatch, dropout_key=None, *,
+                           logprob_chunk: int = logprobs.DEFAULT_CHUNK) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
   ids, mask = concatenated_pairs(batch)
   targets = jnp.concatenate([batch.chosen_targets, batch.rejected_targets])
   target_mask = jnp.concatenate([batch.chosen_target_mask, batch.rejected_target_mask])
   hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
-  logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask).sum(axis=-1)
+  logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask,
+                          logprob_chunk).sum(axis=-1)
   rows = batch.num_rows
   return PairLogps(logps[:rows], logps[rows:], batch.chosen_target_mask.sum(-1), batch.rejected_target_mask.sum(-1))
 
@@ -69,13 +72,14 @@ def shared_hidden_states(model, batch: SharedPairBatch, dropout_key=None) -> jax
   return hidden
 
 
-def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> PairLogps:
+def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None, *,
+                           logprob_chunk: int = logprobs.DEFAULT_CHUNK) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B, K] (0 where `pair_mask` is 0), from one forward over
   prompt + chosen + rejected per pair, the rejected tokens unable to attend to the chosen ones."""
   hidden = shared_hidden_states(model, batch, dropout_key)
   targets = batch.targets
   predecessors = jnp.take_along_axis(batch.predecessor, targets, axis=1)
-  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask)
+  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask, logprob_chunk)
   target_side = jnp.take_along_axis(batch.response_side, targets, axis=1)
   # Each target summed into its pair's slot (segment k -> slot k - 1).
   slots = jax.nn.one_hot(jnp.take_along_axis(batch.segment_ids, targets, axis=1) - 1, batch.pair_mask.shape[1],
@@ -87,19 +91,22 @@ def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> Pai
                    per_pair(rejected_side))
 
 
-def pair_logprobs(model, batch: PairBatch, dropout_key=None) -> PairLogps:
-  """Chosen and rejected log-probs and scored tokens, by the batch's layout."""
+def pair_logprobs(model, batch: PairBatch, dropout_key=None, *,
+                           logprob_chunk: int = logprobs.DEFAULT_CHUNK) -> PairLogps:
+  """Chosen and rejected log-probs and scored tokens, by the batch's layout (`logprob_chunk`: see
+  `target_logprobs`)."""
   if isinstance(batch, SharedPairBatch):
-    return shared_pair_logprobs(model, batch, dropout_key)
-  return separate_pair_logprobs(model, batch, dropout_key)
+    return shared_pair_logprobs(model, batch, dropout_key, logprob_chunk=logprob_chunk)
+  return separate_pair_logprobs(model, batch, dropout_key, logprob_chunk=logprob_chunk)
 
 
-def reference_pair_logps(reference, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
+def reference_pair_logps(reference, batch: PairBatch, *,
+                         logprob_chunk: int = logprobs.DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
   """The reference's chosen and rejected log-probs: from `reference` (a model) when given, else the precomputed ones
   the batch carries (`extras` "reference_chosen_logps" / "reference_rejected_logps"); no gradient."""
   if reference is None:
     return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
-  logps = pair_logprobs(reference, batch)
+  logps = pair_logprobs(reference, batch, logprob_chunk=logprob_chunk)
   return jax.lax.stop_gradient(logps.chosen), jax.lax.stop_gradient(logps.rejected)
 
 
@@ -131,7 +138,15 @@ class ScoredPairCounts:
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTTask:
+class ReadsLMHead:
+  """A task whose loss reads token log-probs off the LM head, `logprob_chunk` scored positions per row at a time
+  (config model.logprob_chunk; 0 = all at once)."""
+
+  logprob_chunk: int = logprobs.DEFAULT_CHUNK
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTTask(ReadsLMHead):
   """Next-token cross-entropy on the masked targets (the whole conversation, or only the final response)."""
 
   batch_kind = "sft"
@@ -141,7 +156,7 @@ class SFTTask:
     hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
                                     segment_ids=batch.segment_ids, dropout_key=dropout_key)
     logps = target_logprobs(model, hidden, batch.input_ids, jnp.maximum(batch.targets - 1, 0), batch.targets,
-                            batch.target_mask)
+                            batch.target_mask, self.logprob_chunk)
     return losses.sft_loss(logps, batch.target_mask)
 
   def tokens(self, batch: SFTBatch) -> jax.Array:
@@ -153,7 +168,7 @@ class SFTTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOTask(ScoredPairCounts):
+class DPOTask(ReadsLMHead, ScoredPairCounts):
   """DPO and its variants. Against a reference when the loss needs one: a model (a frozen copy, or the LoRA base with
   adapters off) passed as `reference`, or precomputed log-probs carried by the batch (`extras`
   "reference_chosen_logps" / "reference_rejected_logps") with `reference` None."""
@@ -174,10 +189,10 @@ class DPOTask(ScoredPairCounts):
   def reference_logps(self, reference, batch: PairBatch) -> tuple[jax.Array | None, jax.Array | None]:
     if not self.uses_reference:
       return None, None
-    return reference_pair_logps(reference, batch)
+    return reference_pair_logps(reference, batch, logprob_chunk=self.logprob_chunk)
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
     ref_chosen, ref_rejected = self.reference_logps(reference, batch)
     return losses.dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=self.beta,
                            loss_type=self.loss_type, label_smoothing=self.label_smoothing, mask=pair_mask(batch),
@@ -187,7 +202,7 @@ class DPOTask(ScoredPairCounts):
 
 
 @dataclasses.dataclass(frozen=True)
-class CPOTask(ScoredPairCounts):
+class CPOTask(ReadsLMHead, ScoredPairCounts):
   """CPO (TRL's CPOTrainer) and SimPO (its loss_type "simpo"): a preference loss on the policy's own log-probs plus
   `alpha` times the chosen responses' NLL; no reference is built or run."""
 
@@ -200,7 +215,7 @@ class CPOTask(ScoredPairCounts):
   uses_reference = False
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
     return losses.cpo_loss(policy.chosen, policy.rejected, beta=self.beta, cpo_alpha=self.alpha,
                            loss_type=self.loss_type, simpo_gamma=self.simpo_gamma,
                            label_smoothing=self.label_smoothing, mask=pair_mask(batch),
@@ -208,7 +223,7 @@ class CPOTask(ScoredPairCounts):
 
 
 @dataclasses.dataclass(frozen=True)
-class ORPOTask(ScoredPairCounts):
+class ORPOTask(ReadsLMHead, ScoredPairCounts):
   """ORPO (TRL's ORPOTrainer): the chosen responses' NLL plus `beta` (the paper's lambda) times the log-odds-ratio
   term; no reference, so it trains from the base model in one stage."""
 
@@ -217,13 +232,13 @@ class ORPOTask(ScoredPairCounts):
   uses_reference = False
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
     return losses.orpo_loss(policy.chosen, policy.rejected, chosen_lengths=policy.chosen_tokens,
                             rejected_lengths=policy.rejected_tokens, beta=self.beta, mask=pair_mask(batch))
 
 
 @dataclasses.dataclass(frozen=True)
-class KTOTask(ScoredPairCounts):
+class KTOTask(ReadsLMHead, ScoredPairCounts):
   """KTO (TRL's KTOTrainer) on unpaired examples, each batch row pair (completion, mismatched completion): the
   completion's log-ratio against the reference, and the mismatched completions' for the KL point z. The reference
   as for DPO: a model passed as `reference`, or precomputed log-probs in the batch's extras; labels in the
@@ -241,10 +256,10 @@ class KTOTask(ScoredPairCounts):
   uses_reference = True
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
     # The KL point carries no gradient (TRL computes it under no_grad).
     kl_policy = jax.lax.stop_gradient(policy.rejected)
-    ref_completion, ref_kl = reference_pair_logps(reference, batch)
+    ref_completion, ref_kl = reference_pair_logps(reference, batch, logprob_chunk=self.logprob_chunk)
     desirable = batch.extras["desirable"]
     mask = pair_mask(batch)
     loss, metrics = losses.kto_loss(policy.chosen, ref_completion, desirable, kl_policy_logps=kl_policy,
@@ -295,6 +310,13 @@ class RewardTask:
 
 def make_task(config: Any):
   """The task named by `config.task` with its settings from the config."""
+  task = _named_task(config)
+  if isinstance(task, ReadsLMHead):
+    return dataclasses.replace(task, logprob_chunk=config.model.logprob_chunk)
+  return task
+
+
+def _named_task(config: Any):
   if config.task == "sft":
     return SFTTask()
   if config.task == "dpo":
