@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The LM head, log-softmax and target pick run on this many scored positions of each row at a time, so no
   # [rows, scored, vocab] float32 logits (and gradient) exist at once: with 8 rows and Qwen2.5's 151,936 tokens,
   # 64 positions are 0.3 GiB of logits instead of 2.3 GiB per 512 scored positions a row. 0 = all at once.
-  c.model.logprob_chunk = 64
+  c.model.logprob_chunk = 32
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)
 
@@ -168,6 +168,11 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: "auto" = <data cache>/xla on GPU and TPU (later stages of the same shapes,
   # reruns and resumes load their programs instead of compiling; XLA:CPU gains nothing from it), a folder, or "" (off).
   c.compilation_cache = "auto"
+
+  # Print the memory the stage's train step needs per device (XLA's analysis of the step compiled for the largest
+  # batch; the model built from its config.json only, no weights or data loaded) and stop: jaxalign/dry_run.py.
+  c.dry_run = False
+  c.dry_run_memory = ""  # with dry_run: a per-device budget ("80GB", "79GiB"); also print the largest batch that fits
 
   c.stages = ()  # a study: names of sub-configs in `stage_configs`, run in order
   c.stage_configs = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ from jaxalign import losses
 # Scored positions per row whose logits exist at once (config model.logprob_chunk), chosen by measurement
 # (BENCHMARKS.md "Memory"): 8 rows x 64 positions x 151,936 tokens in fp32 is 0.3 GiB, and the step time on CPU is
 # that of the unchunked path.
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 32
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [rows, T, D] -> fp32 logits [rows, T, vocab]
 

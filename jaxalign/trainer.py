@@ -21,8 +21,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxalign import (checkpoint, config_lib, curves, flops, hub_push, parallel, reference as reference_lib, runguard,
-                      tasks, trackers)
+from jaxalign import (checkpoint, config_lib, curves, dry_run, flops, hub_push, parallel, reference as reference_lib,
+                      runguard, tasks, trackers)
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.models import hub, lora, registry, reward
@@ -37,12 +37,15 @@ DONE_FILE = "done.json"
 # ------------------------------------------------------------------------------------------------------ entry
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Runs a single stage or a study of stages; returns the final stage's exported model folder."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> str | list[dry_run.StepMemory]:
+  """Runs a single stage or a study of stages; returns the final stage's exported model folder (with
+  `config.dry_run`: prints and returns each stage's step memory, trains nothing)."""
   config_lib.validate(config)
   hub_push.check_config(config)
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.enable_compilation_cache(config.compilation_cache, pipeline.cache_dir(config))
+  if config.dry_run:
+    return dry_run.run(config)
   if config.stages:
     return run_study(config, workdir)
   return train(config, workdir)
@@ -67,7 +70,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> str:
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def _compute_options(config) -> dict[str, Any]:
+def compute_options(config) -> dict[str, Any]:
   options = dict(dtype=config.model.dtype, remat=config.model.remat, attention_impl=config.model.attention_impl)
   if config.model.dropout >= 0:
     options["dropout"] = config.model.dropout
@@ -104,7 +107,7 @@ def check_inputs(config, tokenizer) -> None:
 def build_model(config, mesh, vocab_size: int = 0) -> nnx.Module:
   """The model the task trains, its parameters placed on the mesh by the FSDP rule; with at least `vocab_size`
   token rows (`tokenizer.embedding_rows`: a pad token the tokenizer needed; new rows start at the mean)."""
-  compute = _compute_options(config)
+  compute = compute_options(config)
   shardings_fn = lambda abstract: parallel.tree_shardings(nnx.state(abstract), mesh, config.mesh.min_fsdp_size)
   if config.init_from:
     path = resolve_init_path(config.init_from)
