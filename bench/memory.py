@@ -3,6 +3,7 @@
   python bench/memory.py                       # the table of BENCHMARKS.md "Memory" (long: every compile is minutes)
   python bench/memory.py --presets qwen2.5-0.5b --chunks 0,16,32,64,128
   python bench/memory.py --timing              # old vs new path step time, alternating, on a small model
+  python bench/memory.py --strategies --chunks 16,32,64   # the log-prob gradient alone, per strategy
 
 For each preset: the DPO train step (prefix-shared rows: 8 pairs of a 512-token prompt and two 256-token responses
 in rows of 1,024 tokens, 512 scored positions a row; bf16 compute; precomputed reference log-probs; AdamW; the
@@ -32,7 +33,7 @@ from flax import nnx
 
 from configs import common
 from jaxalign import dry_run, logprobs, parallel, reference as reference_lib, tasks, trainer
-from jaxalign.models import registry
+from jaxalign.models import layers, registry
 from train_step import synthetic_batch, with_reference_logps
 
 PRESETS = ("opt-350m", "qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b")
@@ -88,6 +89,32 @@ def memory_table(presets, chunks) -> None:
               f"{gib(real - small)} |  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
 
 
+def strategies(chunks) -> None:
+  """Temporaries of the log-probs' gradient alone (Qwen2.5-0.5B's tied head, bf16 compute, 8 rows x 512 positions)
+  unchunked, as a plain scan (no checkpoint: every chunk's logits saved for the backward pass) and as the library's
+  checkpointed scan, per chunk size."""
+  vocab, width, rows, length = 151_936, 896, 8, 512
+  args = (jax.ShapeDtypeStruct((rows, length, width), jnp.float32), jax.ShapeDtypeStruct((vocab, width), jnp.float32),
+          jax.ShapeDtypeStruct((rows, length), jnp.int32))
+
+  def temporaries(chunk: int) -> int:
+    def f(hidden, weight, targets):
+      head = lambda h: layers.lm_logits(h, weight, jnp.bfloat16, vocab_first=True)
+      return logprobs.chunked_logprobs(head, hidden, targets, chunk_size=chunk).sum()
+    return jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  print("| strategy | chunk | temporaries (GiB) |\n|---|---|---|")
+  print(f"| unchunked | - | {temporaries(0) / 2**30:.2f} |")
+  checkpoint = jax.checkpoint
+  jax.checkpoint = lambda f: f  # the same scan without rematerialisation
+  try:
+    print(f"| plain scan | {max(chunks)} | {temporaries(max(chunks)) / 2**30:.2f} |")
+  finally:
+    jax.checkpoint = checkpoint
+  for chunk in chunks:
+    print(f"| scan + checkpoint | {chunk} | {temporaries(chunk) / 2**30:.2f} |", flush=True)
+
+
 def timing(rounds: int, chunk: int) -> None:
   """Train-step time of the unchunked and the chunked path, alternating, on a small model with a large vocabulary
   (2 Qwen2.5-0.5B blocks at width 256, vocabulary 151,936; DPO, 4 shared rows of 512 tokens, fp32)."""
@@ -122,11 +149,15 @@ def main() -> None:
   parser.add_argument("--presets", default=",".join(PRESETS))
   parser.add_argument("--chunks", default=f"0,{logprobs.DEFAULT_CHUNK}", help="model.logprob_chunk values; 0 = off")
   parser.add_argument("--timing", action="store_true", help="time old vs new path instead of the memory table")
+  parser.add_argument("--strategies", action="store_true",
+                      help="the log-prob gradient alone: unchunked, plain scan, checkpointed scan per chunk")
   parser.add_argument("--rounds", type=int, default=10)
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores visible")
   if args.timing:
     timing(args.rounds, logprobs.DEFAULT_CHUNK)
+  elif args.strategies:
+    strategies([int(c) for c in args.chunks.split(",") if int(c)])
   else:
     memory_table(args.presets.split(","), [int(c) for c in args.chunks.split(",")])
 

@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: bfloat16 on GPU/TPU; parameters stay float32
   c.model.remat = False
   # The LM head, log-softmax and target pick run on this many scored positions of each row at a time, so no
-  # [rows, scored, vocab] float32 logits (and gradient) exist at once: with 8 rows and Qwen2.5's 151,936 tokens,
-  # 64 positions are 0.3 GiB of logits instead of 2.3 GiB per 512 scored positions a row. 0 = all at once.
+  # [rows, scored, vocab] float32 logits (nor their gradient) exist whole: 8 rows x 32 positions of Qwen2.5's 151,936
+  # tokens are 0.15 GiB, where 8 rows x 512 scored positions are 2.3 GiB. 0 = all at once (jaxalign/logprobs.py).
   c.model.logprob_chunk = 32
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)

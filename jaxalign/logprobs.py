@@ -7,12 +7,20 @@ times over in the backward pass). Here the head runs on `chunk_size` positions o
 position), and the backward recomputes one chunk's logits, turns them into the gradient of its hidden states and
 adds its share to the head's gradient, so one chunk's logits exist at a time in both passes.
 
-Why scan + checkpoint (measured, BENCHMARKS.md "Memory"): a plain scan saves every chunk's logits for the backward
-pass (the full buffer again, stacked); a custom VJP would hold the same one chunk at a time but needs the head's
-weight as an explicit argument and a hand-written gradient per head form (tied embeddings, kernel, OPT's
-projection), while `jax.checkpoint` recomputes whatever head function the family gives (`model.logits`) and costs
-the same one extra head matmul per chunk a custom VJP would. Chunks run along each row's positions, all rows at
-once, so a batch sharded over rows stays sharded (no gather of the rows into one device's chunk).
+Why scan + checkpoint (measured with XLA's memory analysis on CPU, Qwen2.5-0.5B head, 8 rows x 512 scored
+positions, bf16 compute; BENCHMARKS.md "Memory"): the gradient of the log-probs alone has 5.14 GiB of temporaries
+unchunked, 3.93 GiB as a plain scan of 64-position chunks (the scan saves every chunk's logits for the backward
+pass: the whole buffer again, stacked) and 1.62 / 1.33 / 1.19 GiB with the body checkpointed at 64 / 32 / 16
+positions. Python-unrolled checkpointed chunks were worse than no chunking in the whole DPO step (XLA merged them
+back), and a checkpoint policy keeping the head's bf16 weight cast out of the recomputation added 0.2 GiB. A custom
+VJP was not built: it would keep the same buffers (one chunk's logits, the head's gradient summed over chunks) but
+needs each head form's gradient written by hand (tied embeddings, a kernel, OPT's projection), while
+`jax.checkpoint` recomputes whatever head the family gives (`model.logits`) at the same cost a custom VJP pays:
+one more head matmul per chunk. Chunks run along each row's positions, all rows at once, so a batch sharded over
+rows stays sharded.
+
+What remains vocabulary-sized is [vocab, width]: the head's gradient, summed over the chunks in float32, and (XLA:CPU
+only) float32 copies of the bf16 weight for its dots.
 
 `chunk_size` 0, or a chunk at least as long as the rows, is the unchunked computation.
 """
@@ -27,8 +35,8 @@ import jax.numpy as jnp
 from jaxalign import losses
 
 # Scored positions per row whose logits exist at once (config model.logprob_chunk), chosen by measurement
-# (BENCHMARKS.md "Memory"): 8 rows x 64 positions x 151,936 tokens in fp32 is 0.3 GiB, and the step time on CPU is
-# that of the unchunked path.
+# (BENCHMARKS.md "Memory"): 8 rows x 32 positions x 151,936 tokens in fp32 is 0.15 GiB a buffer; half the chunk saves
+# 0.15 GiB more and doubles the head's loop steps.
 DEFAULT_CHUNK = 32
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [rows, T, D] -> fp32 logits [rows, T, vocab]
