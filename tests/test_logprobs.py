@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import logprobs, tasks
+from jaxalign import config_lib, logprobs, tasks
 from jaxalign.data import layouts, tokenize
 from jaxalign.models import layers, llama, opt
-from helpers import TINY, on_device, random_pairs
+from helpers import TINY, on_device, random_pairs, tiny_config
 
 VOCAB, WIDTH = 50, 8
 
@@ -129,3 +129,11 @@ def test_sft_chunked_equals_unchunked_with_an_untied_head(packing):
   (loss, _), grads = model_grads(tasks.SFTTask(logprob_chunk=5), model, batch)
   np.testing.assert_allclose(loss, want_loss, atol=1e-5)
   assert_trees_close(grads, want_grads)
+
+
+def test_the_chunk_size_comes_from_the_config_and_is_checked():
+  for task in ("sft", "dpo", "cpo", "orpo", "kto"):
+    assert tasks.make_task(tiny_config("", task, **{"model.logprob_chunk": 7})).logprob_chunk == 7
+  assert not hasattr(tasks.make_task(tiny_config("", "reward")), "logprob_chunk")  # no LM head
+  with pytest.raises(config_lib.ConfigError, match="config.model.logprob_chunk = -1 is invalid"):
+    config_lib.validate(tiny_config("", "sft", **{"model.logprob_chunk": -1}))
