@@ -34,7 +34,7 @@ from flax import nnx
 from configs import common
 from jaxalign import dry_run, logprobs, parallel, reference as reference_lib, tasks, trainer
 from jaxalign.models import layers, registry
-from train_step import synthetic_batch, with_reference_logps
+from train_step import _with_layers, synthetic_batch, with_reference_logps
 
 PRESETS = ("opt-350m", "qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b")
 SMALL_VOCAB = 1024
@@ -74,12 +74,15 @@ def vocabulary_bytes(measure, arch, chunk: int) -> tuple[int, int]:
   return measure(arch, chunk), measure(arch.replace(vocab_size=SMALL_VOCAB), chunk)
 
 
-def memory_table(presets, chunks) -> None:
+def memory_table(presets, chunks, num_layers: int = 0) -> None:
   gib = lambda n: f"{n / 2**30:.2f}"
   print("| model | vocab | path | chunk | temporaries, real vocab (GiB) | at vocab 1,024 (GiB) | vocabulary-dependent "
         "(GiB) |\n|---|---|---|---|---|---|---|", flush=True)
   for preset in presets:
     arch = registry.preset(preset).replace(dtype="bfloat16")
+    if num_layers:
+      arch = _with_layers(arch, num_layers)
+      preset += f" ({num_layers} layers)"
     for name, measure in (("DPO step (8 pairs x 1,024, shared)", dpo_step_temporaries),
                           ("GRPO log-prob path (8 x 512)", grpo_logprob_temporaries)):
       for chunk in chunks:
@@ -115,9 +118,10 @@ def strategies(chunks) -> None:
     print(f"| scan + checkpoint | {chunk} | {temporaries(chunk) / 2**30:.2f} |", flush=True)
 
 
-def timing(rounds: int, chunk: int) -> None:
-  """Train-step time of the unchunked and the chunked path, alternating, on a small model with a large vocabulary
-  (2 Qwen2.5-0.5B blocks at width 256, vocabulary 151,936; DPO, 4 shared rows of 512 tokens, fp32)."""
+def timing(rounds: int, chunks) -> None:
+  """Train-step time of the unchunked path and each chunk size, alternating, on a small model with a large
+  vocabulary (2 Qwen2.5-0.5B blocks at width 256, vocabulary 151,936; DPO, 4 prefix-shared rows of 512 tokens, 256
+  scored a row; fp32)."""
   arch = registry.preset("qwen2.5-0.5b").replace(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64)
   model = registry.build_causal_lm(arch, rngs=nnx.Rngs(0))
@@ -126,7 +130,8 @@ def timing(rounds: int, chunk: int) -> None:
   graphdef, params, rest = trainer.split_model(model, use_lora=False)
   tx = trainer.make_optimizer(config.optimizer, total_steps=10_000)
   steps, states = {}, {}
-  for path, size in (("unchunked", 0), (f"chunk {chunk}", chunk)):
+  for size in chunks:
+    path = f"chunk {size}" if size else "unchunked"
     steps[path] = trainer.StepFunctions(tasks.DPOTask(logprob_chunk=size), graphdef, tx, jax.random.key(0), accum=1,
                                         reference=reference_lib.Reference("precomputed")).train
     states[path] = trainer.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
@@ -141,7 +146,7 @@ def timing(rounds: int, chunk: int) -> None:
       seconds[path].append(time.perf_counter() - start)
   for path, values in seconds.items():
     print(f"{path}: median {np.median(values) * 1e3:.0f} ms, min {min(values) * 1e3:.0f} ms over {rounds} steps "
-          "(alternating)")
+          "(alternating)", flush=True)
 
 
 def main() -> None:
@@ -152,14 +157,15 @@ def main() -> None:
   parser.add_argument("--strategies", action="store_true",
                       help="the log-prob gradient alone: unchunked, plain scan, checkpointed scan per chunk")
   parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--layers", type=int, default=0, help="keep only N blocks (faster compiles; 0 = all)")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores visible")
   if args.timing:
-    timing(args.rounds, logprobs.DEFAULT_CHUNK)
+    timing(args.rounds, [int(c) for c in args.chunks.split(",")])
   elif args.strategies:
     strategies([int(c) for c in args.chunks.split(",") if int(c)])
   else:
-    memory_table(args.presets.split(","), [int(c) for c in args.chunks.split(",")])
+    memory_table(args.presets.split(","), [int(c) for c in args.chunks.split(",")], args.layers)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # The LM head, log-softmax and target pick run on this many scored positions of each row at a time, so no
   # [rows, scored, vocab] float32 logits (nor their gradient) exist whole: 8 rows x 32 positions of Qwen2.5's 151,936
-  # tokens are 0.15 GiB, where 8 rows x 512 scored positions are 2.3 GiB. 0 = all at once (jaxalign/logprobs.py).
+  # tokens are 0.15 GiB, where 8 rows x 512 scored positions are 2.3 GiB. Each chunk costs time (re-reads the
+  # [vocab, width] head): 0 = all at once, the fastest (jaxalign/logprobs.py, BENCHMARKS.md "memory").
   c.model.logprob_chunk = 32
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)

@@ -20,7 +20,9 @@ one more head matmul per chunk. Chunks run along each row's positions, all rows 
 rows stays sharded.
 
 What remains vocabulary-sized is [vocab, width]: the head's gradient, summed over the chunks in float32, and (XLA:CPU
-only) float32 copies of the bf16 weight for its dots.
+only) float32 copies of the bf16 weight for its dots. The price is time: each chunk re-reads and re-writes such
+[vocab, width] arrays, so many small chunks of a narrow model are slower (BENCHMARKS.md: ~40% on a width-256 model
+on CPU at chunk 32); chunk_size 0 restores the unchunked speed.
 
 `chunk_size` 0, or a chunk at least as long as the rows, is the unchunked computation.
 """
