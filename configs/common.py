@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
   # are what runs out of memory: 100k+ vocabularies (Qwen, Llama 3, Gemma) with long responses or many completions
   # on a GPU; `dry_run` shows the difference.
   c.model.logprob_chunk = 0
+  # The fused LM-head log-probs (logprobs.fused_head), used where the family's head is a plain product (all but
+  # Gemma 2's soft-cap and Granite's scaling, which fall back to logprob_chunk): the head's vocabulary walked this many
+  # columns at a time, forward (an online log-sum-exp) and backward (each slice's weight gradient written once), so
+  # neither [scored, vocab] logits nor per-chunk [vocab, width] partials exist. 0 = off; 8192 is a good size for
+  # 100k+ vocabularies (the gradient of Qwen2.5-0.5B's log-probs, 8 x 512 positions: 0.27 GiB of temporaries at 8192,
+  # 0.15 at 4096, vs 1.33 at logprob_chunk 32 and 5.14 unchunked; BENCHMARKS.md "memory").
+  c.model.logprob_vocab_chunk = 0
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)
 

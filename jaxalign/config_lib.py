@@ -92,9 +92,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
-  chunk = config.model.logprob_chunk
-  _check(config, "model.logprob_chunk", isinstance(chunk, int) and chunk >= 0,
-         "a whole number of scored positions per row >= 0 (0 = the LM head on all of them at once)")
+  for field, what in (("logprob_chunk", "scored positions per row"), ("logprob_vocab_chunk", "vocabulary columns")):
+    chunk = config.model[field]
+    _check(config, f"model.{field}", isinstance(chunk, int) and chunk >= 0, f"a whole number of {what} >= 0 (0 = off)")
   _validate_data(config)
   _validate_training(config)
   _check(config, "dpo.beta", config.dpo.beta > 0, "a positive number")

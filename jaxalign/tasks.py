@@ -35,13 +35,13 @@ class PairLogps(NamedTuple):
 
 
 def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array, targets: jax.Array,
-                    target_mask: jax.Array, logprob_chunk: int = 0) -> jax.Array:
+                    target_mask: jax.Array, chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> jax.Array:
   """log p of the tokens at `targets` [rows, S], each from the hidden state at `predecessors` [rows, S]; 0 where
   `target_mask` is 0. The LM head runs on these S positions only: most tokens (prompt, padding) are not scored;
-  and on `logprob_chunk` of them per row at a time (`logprobs.chunked_logprobs`; 0 = all at once)."""
+  chunked as `chunks` says (`logprobs.head_logprobs`)."""
   picked = jnp.take_along_axis(hidden, predecessors[..., None], axis=1)
   tokens = jnp.take_along_axis(input_ids, targets, axis=1)
-  return logprobs.chunked_logprobs(model.logits, picked, tokens, chunk_size=logprob_chunk) * target_mask
+  return logprobs.head_logprobs(model, picked, tokens, chunks) * target_mask
 
 
 def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
@@ -51,14 +51,14 @@ def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
 
 
 def separate_pair_logprobs(model, batch: SeparatePairBatch, dropout_key=None, *,
-                           logprob_chunk: int = 0) -> PairLogps:
+                           chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
   ids, mask = concatenated_pairs(batch)
   targets = jnp.concatenate([batch.chosen_targets, batch.rejected_targets])
   target_mask = jnp.concatenate([batch.chosen_target_mask, batch.rejected_target_mask])
   hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
   logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask,
-                          logprob_chunk).sum(axis=-1)
+                          chunks).sum(axis=-1)
   rows = batch.num_rows
   return PairLogps(logps[:rows], logps[rows:], batch.chosen_target_mask.sum(-1), batch.rejected_target_mask.sum(-1))
 
@@ -74,13 +74,13 @@ def shared_hidden_states(model, batch: SharedPairBatch, dropout_key=None) -> jax
 
 
 def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None, *,
-                         logprob_chunk: int = 0) -> PairLogps:
+                         chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B, K] (0 where `pair_mask` is 0), from one forward over
   prompt + chosen + rejected per pair, the rejected tokens unable to attend to the chosen ones."""
   hidden = shared_hidden_states(model, batch, dropout_key)
   targets = batch.targets
   predecessors = jnp.take_along_axis(batch.predecessor, targets, axis=1)
-  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask, logprob_chunk)
+  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask, chunks)
   target_side = jnp.take_along_axis(batch.response_side, targets, axis=1)
   # Each target summed into its pair's slot (segment k -> slot k - 1).
   slots = jax.nn.one_hot(jnp.take_along_axis(batch.segment_ids, targets, axis=1) - 1, batch.pair_mask.shape[1],
@@ -93,10 +93,10 @@ def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None, *,
 
 
 def group_logprobs(model, batch: GroupBatch, dropout_key=None, *, with_entropies: bool = False,
-                   logprob_chunk: int = 0) -> jax.Array | tuple[jax.Array, jax.Array]:
+                   chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token log-probs [P*G, C] of each prompt group's completions (0 off `completion_mask`) from one forward over
   prompt + its G completions, each completion attending to the prompt and itself only; the LM head runs at the
-  completion tokens only, `logprob_chunk` of them per row at a time (see `target_logprobs`). with_entropies: also
+  completion tokens only, chunked as `chunks` says (see `target_logprobs`). with_entropies: also
   the policy's entropy at those tokens [P*G, C], from the same pass of the head."""
   member = batch.group_member
   other_completion = (member[:, :, None] > 0) & (member[:, None, :] > 0) & (member[:, :, None] != member[:, None, :])
@@ -109,27 +109,26 @@ def group_logprobs(model, batch: GroupBatch, dropout_key=None, *, with_entropies
   mask = flat(batch.completion_mask)
   shape = batch.completion_mask.shape
   if not with_entropies:
-    logps = logprobs.chunked_logprobs(model.logits, picked, tokens, chunk_size=logprob_chunk)
-    return (logps * mask).reshape(shape)
-  logps, entropies = logprobs.chunked_logprobs_and_entropy(model.logits, picked, tokens, chunk_size=logprob_chunk)
+    return (logprobs.head_logprobs(model, picked, tokens, chunks) * mask).reshape(shape)
+  logps, entropies = logprobs.head_logprobs(model, picked, tokens, chunks, with_entropies=True)
   return (logps * mask).reshape(shape), (entropies * mask).reshape(shape)
 
 
-def pair_logprobs(model, batch: PairBatch, dropout_key=None, *, logprob_chunk: int = 0) -> PairLogps:
-  """Chosen and rejected log-probs and scored tokens, by the batch's layout (`logprob_chunk`: see
+def pair_logprobs(model, batch: PairBatch, dropout_key=None, *, chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> PairLogps:
+  """Chosen and rejected log-probs and scored tokens, by the batch's layout (`chunks`: see
   `target_logprobs`)."""
   if isinstance(batch, SharedPairBatch):
-    return shared_pair_logprobs(model, batch, dropout_key, logprob_chunk=logprob_chunk)
-  return separate_pair_logprobs(model, batch, dropout_key, logprob_chunk=logprob_chunk)
+    return shared_pair_logprobs(model, batch, dropout_key, chunks=chunks)
+  return separate_pair_logprobs(model, batch, dropout_key, chunks=chunks)
 
 
 def reference_pair_logps(reference, batch: PairBatch, *,
-                         logprob_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+                         chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> tuple[jax.Array, jax.Array]:
   """The reference's chosen and rejected log-probs: from `reference` (a model) when given, else the precomputed ones
   the batch carries (`extras` "reference_chosen_logps" / "reference_rejected_logps"); no gradient."""
   if reference is None:
     return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
-  logps = pair_logprobs(reference, batch, logprob_chunk=logprob_chunk)
+  logps = pair_logprobs(reference, batch, chunks=chunks)
   return jax.lax.stop_gradient(logps.chosen), jax.lax.stop_gradient(logps.rejected)
 
 
@@ -162,10 +161,10 @@ class ScoredPairCounts:
 
 @dataclasses.dataclass(frozen=True)
 class ReadsLMHead:
-  """A task whose loss reads token log-probs off the LM head, `logprob_chunk` scored positions per row at a time
-  (config model.logprob_chunk; 0 = all at once)."""
+  """A task whose loss reads token log-probs off the LM head, chunked as `logprob_chunks` says (config
+  model.logprob_chunk and model.logprob_vocab_chunk; by default unchunked)."""
 
-  logprob_chunk: int = 0
+  logprob_chunks: logprobs.Chunks = logprobs.UNCHUNKED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +178,7 @@ class SFTTask(ReadsLMHead):
     hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
                                     segment_ids=batch.segment_ids, dropout_key=dropout_key)
     logps = target_logprobs(model, hidden, batch.input_ids, jnp.maximum(batch.targets - 1, 0), batch.targets,
-                            batch.target_mask, self.logprob_chunk)
+                            batch.target_mask, self.logprob_chunks)
     return losses.sft_loss(logps, batch.target_mask)
 
   def tokens(self, batch: SFTBatch) -> jax.Array:
@@ -212,10 +211,10 @@ class DPOTask(ReadsLMHead, ScoredPairCounts):
   def reference_logps(self, reference, batch: PairBatch) -> tuple[jax.Array | None, jax.Array | None]:
     if not self.uses_reference:
       return None, None
-    return reference_pair_logps(reference, batch, logprob_chunk=self.logprob_chunk)
+    return reference_pair_logps(reference, batch, chunks=self.logprob_chunks)
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     ref_chosen, ref_rejected = self.reference_logps(reference, batch)
     return losses.dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=self.beta,
                            loss_type=self.loss_type, label_smoothing=self.label_smoothing, mask=pair_mask(batch),
@@ -238,7 +237,7 @@ class CPOTask(ReadsLMHead, ScoredPairCounts):
   uses_reference = False
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     return losses.cpo_loss(policy.chosen, policy.rejected, beta=self.beta, cpo_alpha=self.alpha,
                            loss_type=self.loss_type, simpo_gamma=self.simpo_gamma,
                            label_smoothing=self.label_smoothing, mask=pair_mask(batch),
@@ -255,7 +254,7 @@ class ORPOTask(ReadsLMHead, ScoredPairCounts):
   uses_reference = False
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     return losses.orpo_loss(policy.chosen, policy.rejected, chosen_lengths=policy.chosen_tokens,
                             rejected_lengths=policy.rejected_tokens, beta=self.beta, mask=pair_mask(batch))
 
@@ -279,10 +278,10 @@ class KTOTask(ReadsLMHead, ScoredPairCounts):
   uses_reference = True
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key, logprob_chunk=self.logprob_chunk)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     # The KL point carries no gradient (TRL computes it under no_grad).
     kl_policy = jax.lax.stop_gradient(policy.rejected)
-    ref_completion, ref_kl = reference_pair_logps(reference, batch, logprob_chunk=self.logprob_chunk)
+    ref_completion, ref_kl = reference_pair_logps(reference, batch, chunks=self.logprob_chunks)
     desirable = batch.extras["desirable"]
     mask = pair_mask(batch)
     loss, metrics = losses.kto_loss(policy.chosen, ref_completion, desirable, kl_policy_logps=kl_policy,
@@ -409,5 +408,5 @@ def make_task(config: Any):
   """The task named by `config.task` with its settings from the config."""
   task = spec(config.task).make(config)
   if isinstance(task, ReadsLMHead):
-    return dataclasses.replace(task, logprob_chunk=config.model.logprob_chunk)
+    return dataclasses.replace(task, logprob_chunks=logprobs.configured(config.model))
   return task

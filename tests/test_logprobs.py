@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import config_lib, logprobs, tasks
+from jaxalign import config_lib, logprobs, losses, tasks
 from jaxalign.data import layouts, tokenize
 from jaxalign.models import layers, llama, opt
 from helpers import TINY, on_device, random_pairs, tiny_config
@@ -52,6 +52,27 @@ def test_chunked_logprobs_and_entropy_equal_the_full_softmax_with_gradients(chun
   assert_trees_close(objective(chunk), objective(0))
 
 
+@pytest.mark.parametrize("vocab_first", [True, False], ids=["tied-table", "kernel"])
+@pytest.mark.parametrize("slice_size", [7, 16, 50, 64])  # 7, 16: the last slice overlaps; 64: one slice, clipped
+def test_the_fused_head_equals_the_full_softmax_with_gradients(vocab_first, slice_size):
+  hidden, weight, targets = random_inputs(rows=1, length=37, seed=3)
+  hidden, targets = hidden[0], targets[0]
+  weights = jax.random.normal(jax.random.key(4), (2, 37))
+  head_weight = weight if vocab_first else weight.T
+
+  def objective(fused):
+    def f(hidden, head_weight):
+      if fused:
+        logps, entropy = logprobs.fused_head(hidden, head_weight, targets, jnp.float32, vocab_first, slice_size)
+      else:
+        logits = layers.lm_logits(hidden[None], head_weight, jnp.float32, vocab_first=vocab_first)[0]
+        logps, entropy = losses.selected_logprobs(logits, targets), losses.token_entropies(logits)
+      return (weights[0] * logps).sum() + (weights[1] * entropy).sum(), (logps, entropy)
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head_weight)
+
+  assert_trees_close(objective(True), objective(False))
+
+
 def test_grpo_shaped_per_token_logprobs_have_the_unchunked_gradient():
   """G completions of one prompt scored per token, a policy-gradient-like objective (advantage x masked log-prob):
   the gradient through the chunked path equals the unchunked one, for the hidden states and the head."""
@@ -68,10 +89,12 @@ def test_grpo_shaped_per_token_logprobs_have_the_unchunked_gradient():
   assert_trees_close(objective(4), objective(0))
 
 
+@pytest.mark.parametrize("chunks", [logprobs.Chunks(positions=4), logprobs.Chunks(vocabulary=24)],
+                         ids=["positions", "vocabulary"])
 @pytest.mark.parametrize("with_entropies", [False, True], ids=["logps", "logps+entropies"])
-def test_group_logprobs_chunked_equal_unchunked_with_gradients(with_entropies):
+def test_group_logprobs_chunked_equal_unchunked_with_gradients(with_entropies, chunks):
   """The online methods' group forward (`tasks.group_logprobs`, 2 prompts x 3 completions): per-token log-probs,
-  entropies and the parameters' gradient of an advantage-weighted objective, chunks of 4 completion tokens."""
+  entropies and the parameters' gradient of an advantage-weighted objective."""
   rng = np.random.default_rng(4)
   ids = lambda n: rng.integers(3, 64, n).astype(np.int32)
   layout = layouts.GroupRows(max_prompt_length=8, max_completion_length=6, num_generations=3)
@@ -81,15 +104,15 @@ def test_group_logprobs_chunked_equal_unchunked_with_gradients(with_entropies):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   advantages = jnp.asarray(rng.normal(size=(6, 1)), jnp.float32)
 
-  def objective(chunk):
+  def objective(chunks):
     def f(params):
       out = tasks.group_logprobs(nnx.merge(graphdef, params, rest), batch, with_entropies=with_entropies,
-                                 logprob_chunk=chunk)
+                                 chunks=chunks)
       logps, entropies = out if with_entropies else (out, jnp.zeros(()))
       return (advantages * logps).sum() + 0.1 * entropies.sum(), out
     return jax.value_and_grad(f, has_aux=True)(params)
 
-  assert_trees_close(objective(4), objective(0))
+  assert_trees_close(objective(chunks), objective(logprobs.UNCHUNKED))
 
 
 def test_the_compiled_gradient_has_no_rows_by_scored_by_vocab_buffer():
@@ -106,6 +129,10 @@ def test_the_compiled_gradient_has_no_rows_by_scored_by_vocab_buffer():
   logits_bytes = rows * length * vocab * 4
   assert temporaries(0) > logits_bytes > 4 * temporaries(16)
 
+  fused = lambda h, w, t: logprobs.fused_head(h.reshape(-1, width), w, t.reshape(-1), jnp.float32, True, 256)[0].sum()
+  fused_temporaries = jax.jit(jax.grad(fused, argnums=(0, 1))).lower(*args).compile().memory_analysis()
+  assert logits_bytes > 4 * fused_temporaries.temp_size_in_bytes
+
 
 def model_grads(task, model, batch):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -118,10 +145,15 @@ PAIR_LAYOUTS = {"separate": layouts.SeparateRows(max_length=20), "shared": layou
 PAIR_TASKS = {"dpo": tasks.DPOTask(beta=0.5), "kto": tasks.KTOTask(), "cpo": tasks.CPOTask(), "orpo": tasks.ORPOTask()}
 
 
+# 3 positions per row; or the vocabulary of 64 in slices of 24 (the last one overlapping the one before).
+CHUNKS = {"positions": logprobs.Chunks(positions=3), "vocabulary": logprobs.Chunks(vocabulary=24)}
+
+
+@pytest.mark.parametrize("chunks", CHUNKS.values(), ids=CHUNKS.keys())
 @pytest.mark.parametrize("layout", PAIR_LAYOUTS.values(), ids=PAIR_LAYOUTS.keys())
 @pytest.mark.parametrize("task", PAIR_TASKS.values(), ids=PAIR_TASKS.keys())
-def test_pair_tasks_chunked_equal_unchunked_loss_metrics_and_gradients(task, layout):
-  """OPT's tied head behind project_out: loss, metrics and every parameter's gradient (chunks of 3 positions)."""
+def test_pair_tasks_chunked_equal_unchunked_loss_metrics_and_gradients(task, layout, chunks):
+  """OPT's tied head behind project_out: loss, metrics and every parameter's gradient."""
   model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(3))
   pairs = random_pairs(6, seed=5)
   rng = np.random.default_rng(1)
@@ -130,16 +162,18 @@ def test_pair_tasks_chunked_equal_unchunked_loss_metrics_and_gradients(task, lay
               "reference_rejected_logps": rng.normal(-20, 3, 6).astype(np.float32)}
   examples = layout.examples(pairs)
   batch = on_device(layout.collate(examples, np.arange(len(examples)), layout.row_limit, 1, per_pair=per_pair))
-  (want_loss, want_metrics), want_grads = model_grads(dataclasses.replace(task, logprob_chunk=0), model, batch)
-  (loss, metrics), grads = model_grads(dataclasses.replace(task, logprob_chunk=3), model, batch)
+  (want_loss, want_metrics), want_grads = model_grads(task, model, batch)
+  (loss, metrics), grads = model_grads(dataclasses.replace(task, logprob_chunks=chunks), model, batch)
   np.testing.assert_allclose(loss, want_loss, atol=1e-5)
   assert_trees_close(metrics, want_metrics)
   assert_trees_close(grads, want_grads)
 
 
+@pytest.mark.parametrize("chunks", [logprobs.Chunks(positions=5), logprobs.Chunks(vocabulary=24)],
+                         ids=["positions", "vocabulary"])
 @pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
-def test_sft_chunked_equals_unchunked_with_an_untied_head(packing):
-  """A Llama-family model with its own lm_head kernel (not tied): SFT loss and gradients, chunks of 5 positions."""
+def test_sft_chunked_equals_unchunked_with_an_untied_head(packing, chunks):
+  """A Llama-family model with its own lm_head kernel (not tied, [width, vocab]): SFT loss and gradients."""
   config = llama.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=64,
                              tie_word_embeddings=False)
@@ -147,16 +181,19 @@ def test_sft_chunked_equals_unchunked_with_an_untied_head(packing):
   layout = layouts.SFTRows(max_length=40, packing=packing)
   examples = layout.examples(tokenize.sft_examples(random_pairs(6, seed=7), max_length=40))
   batch = on_device(layout.collate(examples, np.arange(len(examples.input_ids)), 40, 1))
-  (want_loss, _), want_grads = model_grads(tasks.SFTTask(logprob_chunk=0), model, batch)
-  (loss, _), grads = model_grads(tasks.SFTTask(logprob_chunk=5), model, batch)
+  assert model.head()[1] is False  # the kernel's layout, [width, vocab]
+  (want_loss, _), want_grads = model_grads(tasks.SFTTask(), model, batch)
+  (loss, _), grads = model_grads(tasks.SFTTask(logprob_chunks=chunks), model, batch)
   np.testing.assert_allclose(loss, want_loss, atol=1e-5)
   assert_trees_close(grads, want_grads)
 
 
 def test_the_chunk_size_comes_from_the_config_and_is_checked():
-  assert tiny_config("", "sft").model.logprob_chunk == 0  # off by default: the unchunked path
+  assert tasks.make_task(tiny_config("", "sft")).logprob_chunks == logprobs.UNCHUNKED  # off by default
+  fields = {"model.logprob_chunk": 7, "model.logprob_vocab_chunk": 512}
   for task in ("sft", "dpo", "cpo", "orpo", "kto"):
-    assert tasks.make_task(tiny_config("", task, **{"model.logprob_chunk": 7})).logprob_chunk == 7
-  assert not hasattr(tasks.make_task(tiny_config("", "reward")), "logprob_chunk")  # no LM head
-  with pytest.raises(config_lib.ConfigError, match="config.model.logprob_chunk = -1 is invalid"):
-    config_lib.validate(tiny_config("", "sft", **{"model.logprob_chunk": -1}))
+    assert tasks.make_task(tiny_config("", task, **fields)).logprob_chunks == logprobs.Chunks(7, 512)
+  assert not hasattr(tasks.make_task(tiny_config("", "reward")), "logprob_chunks")  # no LM head
+  for field in ("model.logprob_chunk", "model.logprob_vocab_chunk"):
+    with pytest.raises(config_lib.ConfigError, match=f"config.{field} = -1 is invalid"):
+      config_lib.validate(tiny_config("", "sft", **{field: -1}))
