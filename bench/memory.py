@@ -40,18 +40,29 @@ PRESETS = ("opt-350m", "qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b")
 SMALL_VOCAB = 1024
 
 
-def dpo_step_temporaries(arch, chunk: int, pairs: int = 8, length: int = 1024) -> int:
+def parse_chunks(text: str) -> logprobs.Chunks:
+  """"0" (off), "32" (model.logprob_chunk 32) or "v8192" (model.logprob_vocab_chunk 8192)."""
+  return logprobs.Chunks(vocabulary=int(text[1:])) if text.startswith("v") else logprobs.Chunks(positions=int(text))
+
+
+def label(chunks: logprobs.Chunks) -> str:
+  if chunks.vocabulary:
+    return f"vocab {chunks.vocabulary}"
+  return str(chunks.positions) if chunks.positions else "off"
+
+
+def dpo_step_temporaries(arch, chunk: logprobs.Chunks, pairs: int = 8, length: int = 1024) -> int:
   """Temporary bytes of the compiled DPO train step (see the module docstring)."""
   config = common.get_config()
   model = registry.abstract_causal_lm(arch)
   batch = with_reference_logps(synthetic_batch("dpo-shared", pairs, length, arch.vocab_size))
-  task = tasks.DPOTask(logprob_chunk=chunk)
+  task = tasks.DPOTask(logprob_chunks=chunk)
   compiled, _ = dry_run.compile_step(config, task, model, reference_lib.Reference("precomputed"), batch,
                                      parallel.make_mesh())
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def grpo_logprob_temporaries(arch, chunk: int, completions: int = 8, length: int = 512) -> int:
+def grpo_logprob_temporaries(arch, chunk: logprobs.Chunks, completions: int = 8, length: int = 512) -> int:
   """Temporary bytes of the gradient of sum(advantage x log-prob) + entropy over `completions` x `length` tokens,
   from final hidden states through the model's head (the GRPO log-prob path alone)."""
   graphdef, params = nnx.split(registry.abstract_causal_lm(arch))
@@ -59,8 +70,7 @@ def grpo_logprob_temporaries(arch, chunk: int, completions: int = 8, length: int
                          params).shape[-1]
 
   def objective(params, hidden, targets, advantages):  # the entropy is logged (an output), without gradient
-    head = nnx.merge(graphdef, params).logits
-    logps, entropy = logprobs.chunked_logprobs_and_entropy(head, hidden, targets, chunk_size=chunk)
+    logps, entropy = logprobs.head_logprobs(nnx.merge(graphdef, params), hidden, targets, chunk, with_entropies=True)
     return (advantages[:, None] * logps).sum(), jax.lax.stop_gradient(entropy).mean()
 
   args = (params, jax.ShapeDtypeStruct((completions, length, width), arch.dtype),
@@ -69,7 +79,7 @@ def grpo_logprob_temporaries(arch, chunk: int, completions: int = 8, length: int
   return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def vocabulary_bytes(measure, arch, chunk: int) -> tuple[int, int]:
+def vocabulary_bytes(measure, arch, chunk: logprobs.Chunks) -> tuple[int, int]:
   """(temporaries at the real vocabulary, at SMALL_VOCAB) of `measure(arch, chunk)`."""
   return measure(arch, chunk), measure(arch.replace(vocab_size=SMALL_VOCAB), chunk)
 
@@ -88,34 +98,41 @@ def memory_table(presets, chunks, num_layers: int = 0) -> None:
       for chunk in chunks:
         start = time.perf_counter()
         real, small = vocabulary_bytes(measure, arch, chunk)
-        print(f"| {preset} | {arch.vocab_size:,} | {name} | {chunk or 'off'} | {gib(real)} | {gib(small)} | "
+        print(f"| {preset} | {arch.vocab_size:,} | {name} | {label(chunk)} | {gib(real)} | {gib(small)} | "
               f"{gib(real - small)} |  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
 
 
 def strategies(chunks) -> None:
   """Temporaries of the log-probs' gradient alone (Qwen2.5-0.5B's tied head, bf16 compute, 8 rows x 512 positions)
-  unchunked, as a plain scan (no checkpoint: every chunk's logits saved for the backward pass) and as the library's
-  checkpointed scan, per chunk size."""
+  unchunked, as a plain scan over positions (no checkpoint: every chunk's logits saved for the backward pass), as the
+  library's checkpointed scan over positions, and as the fused head over vocabulary slices, per chunk size."""
   vocab, width, rows, length = 151_936, 896, 8, 512
   args = (jax.ShapeDtypeStruct((rows, length, width), jnp.float32), jax.ShapeDtypeStruct((vocab, width), jnp.float32),
           jax.ShapeDtypeStruct((rows, length), jnp.int32))
 
-  def temporaries(chunk: int) -> int:
+  def temporaries(chunk: logprobs.Chunks) -> int:
     def f(hidden, weight, targets):
+      if chunk.vocabulary:
+        flat = hidden.reshape(-1, width), weight, targets.reshape(-1)
+        return logprobs.fused_head(*flat, jnp.bfloat16, True, chunk.vocabulary)[0].sum()
       head = lambda h: layers.lm_logits(h, weight, jnp.bfloat16, vocab_first=True)
-      return logprobs.chunked_logprobs(head, hidden, targets, chunk_size=chunk).sum()
+      return logprobs.chunked_logprobs(head, hidden, targets, chunk_size=chunk.positions).sum()
     return jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
   print("| strategy | chunk | temporaries (GiB) |\n|---|---|---|")
-  print(f"| unchunked | - | {temporaries(0) / 2**30:.2f} |")
-  checkpoint = jax.checkpoint
-  jax.checkpoint = lambda f: f  # the same scan without rematerialisation
-  try:
-    print(f"| plain scan | {max(chunks)} | {temporaries(max(chunks)) / 2**30:.2f} |")
-  finally:
-    jax.checkpoint = checkpoint
+  print(f"| unchunked | - | {temporaries(logprobs.UNCHUNKED) / 2**30:.2f} |")
+  positions = [c for c in chunks if c.positions]
+  if positions:
+    checkpoint = jax.checkpoint
+    jax.checkpoint = lambda f: f  # the same scan without rematerialisation
+    try:
+      print(f"| plain scan | {max(positions).positions} | {temporaries(max(positions)) / 2**30:.2f} |")
+    finally:
+      jax.checkpoint = checkpoint
   for chunk in chunks:
-    print(f"| scan + checkpoint | {chunk} | {temporaries(chunk) / 2**30:.2f} |", flush=True)
+    if chunk != logprobs.UNCHUNKED:
+      name = "fused head, vocabulary slices" if chunk.vocabulary else "scan + checkpoint"
+      print(f"| {name} | {chunk.vocabulary or chunk.positions} | {temporaries(chunk) / 2**30:.2f} |", flush=True)
 
 
 def timing(rounds: int, chunks) -> None:
@@ -130,9 +147,9 @@ def timing(rounds: int, chunks) -> None:
   graphdef, params, rest = step_lib.split_model(model, use_lora=False)
   tx = step_lib.make_optimizer(config.optimizer, total_steps=10_000)
   steps, states = {}, {}
-  for size in chunks:
-    path = f"chunk {size}" if size else "unchunked"
-    steps[path] = step_lib.StepFunctions(tasks.DPOTask(logprob_chunk=size), graphdef, rest, tx, jax.random.key(0),
+  for chunk in chunks:
+    path = label(chunk)
+    steps[path] = step_lib.StepFunctions(tasks.DPOTask(logprob_chunks=chunk), graphdef, rest, tx, jax.random.key(0),
                                          accum=1, reference=reference_lib.Reference("precomputed"))
     states[path] = step_lib.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
     states[path], metrics = steps[path].train(states[path], batch)  # compile
@@ -152,7 +169,8 @@ def timing(rounds: int, chunks) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--presets", default=",".join(PRESETS))
-  parser.add_argument("--chunks", default="0,32", help="model.logprob_chunk values; 0 = off")
+  parser.add_argument("--chunks", default="0,32,v8192",
+                      help="model.logprob_chunk values (0 = off), or vN for model.logprob_vocab_chunk N")
   parser.add_argument("--timing", action="store_true", help="time old vs new path instead of the memory table")
   parser.add_argument("--strategies", action="store_true",
                       help="the log-prob gradient alone: unchunked, plain scan, checkpointed scan per chunk")
@@ -161,11 +179,11 @@ def main() -> None:
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores visible")
   if args.timing:
-    timing(args.rounds, [int(c) for c in args.chunks.split(",")])
+    timing(args.rounds, [parse_chunks(c) for c in args.chunks.split(",")])
   elif args.strategies:
-    strategies([int(c) for c in args.chunks.split(",") if int(c)])
+    strategies([parse_chunks(c) for c in args.chunks.split(",")])
   else:
-    memory_table(args.presets.split(","), [int(c) for c in args.chunks.split(",")], args.layers)
+    memory_table(args.presets.split(","), [parse_chunks(c) for c in args.chunks.split(",")], args.layers)
 
 
 if __name__ == "__main__":

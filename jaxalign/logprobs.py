@@ -1,30 +1,25 @@
-"""Token log-probs and entropies under an LM head, over chunks of positions: no [rows, positions, vocab] buffer.
+"""Token log-probs and entropies under an LM head without a [rows, positions, vocab] buffer (`head_logprobs`).
 
 The vocabulary-sized logits of every scored token, in float32 and with their gradient, are the largest buffer of an
 alignment step once the vocabulary is large (Qwen2.5's 151,936 tokens: 2.3 GiB per 4,096 scored positions, several
-times over in the backward pass). Here the head runs on `chunk_size` positions of each row at a time inside a
-`jax.lax.scan` whose body is `jax.checkpoint`ed: the forward keeps only each chunk's results (a few floats per
-position), and the backward recomputes one chunk's logits, turns them into the gradient of its hidden states and
-adds its share to the head's gradient, so one chunk's logits exist at a time in both passes.
+times over in the backward pass). Two ways around it, both off by default (the unchunked path, the fastest):
 
-Why scan + checkpoint (measured with XLA's memory analysis on CPU, Qwen2.5-0.5B head, 8 rows x 512 scored
-positions, bf16 compute; BENCHMARKS.md "Memory"): the gradient of the log-probs alone has 5.14 GiB of temporaries
-unchunked, 3.93 GiB as a plain scan of 64-position chunks (the scan saves every chunk's logits for the backward
-pass: the whole buffer again, stacked) and 1.62 / 1.33 / 1.19 GiB with the body checkpointed at 64 / 32 / 16
-positions. Python-unrolled checkpointed chunks were worse than no chunking in the whole DPO step (XLA merged them
-back), and a checkpoint policy keeping the head's bf16 weight cast out of the recomputation added 0.2 GiB. A custom
-VJP was not built: it would keep the same buffers (one chunk's logits, the head's gradient summed over chunks) but
-needs each head form's gradient written by hand (tied embeddings, a kernel, OPT's projection), while
-`jax.checkpoint` recomputes whatever head the family gives (`model.logits`) at the same cost a custom VJP pays:
-one more head matmul per chunk. Chunks run along each row's positions, all rows at once, so a batch sharded over
-rows stays sharded.
+- `fused_head` (config model.logprob_vocab_chunk), for families whose head is a plain product (`model.head()`): a
+  custom VJP that walks the head's vocabulary in slices, forward as an online log-sum-exp (keeping per position only
+  the running max, sum, logit-weighted sum and the target's logit), backward recomputing each slice's logits from
+  the saved log-sum-exp and writing that slice's weight gradient once. Neither [positions, vocab] logits nor
+  per-chunk [vocab, width] partials exist: the gradient of Qwen2.5-0.5B's log-probs (8 x 512 positions, bf16) has
+  0.27 GiB of temporaries at 8,192 columns a slice, against 5.14 unchunked (BENCHMARKS.md "Memory").
+- `over_chunks` (config model.logprob_chunk), for any head (`model.logits`, e.g. soft-capped): the head on
+  `chunk_size` positions of each row at a time inside a `jax.lax.scan` whose body is `jax.checkpoint`ed, so one
+  chunk's logits exist at a time in both passes; what remains is [vocab, width]-sized (the head's gradient summed
+  over chunks, each chunk's share, XLA:CPU's fp32 copies of the bf16 weight): 1.33 GiB in the same measurement at 32
+  positions (a plain scan without the checkpoint: 3.93 GiB, it saves every chunk's logits). Each chunk re-reads and
+  re-writes those [vocab, width] arrays, so many small chunks of a narrow model cost time (~40% on a width-256 model
+  on CPU at chunk 32).
 
-What remains vocabulary-sized is [vocab, width]: the head's gradient, summed over the chunks in float32, and (XLA:CPU
-only) float32 copies of the bf16 weight for its dots. The price is time: each chunk re-reads and re-writes such
-[vocab, width] arrays, so many small chunks of a narrow model are slower (BENCHMARKS.md: ~40% on a width-256 model
-on CPU at chunk 32); chunk_size 0 restores the unchunked speed.
-
-`chunk_size` 0, or a chunk at least as long as the rows, is the unchunked computation.
+Chunks and slices run along positions or the vocabulary, all rows at once, so a batch sharded over rows stays
+sharded. `chunk_size` 0, or a chunk at least as long as the rows, is the unchunked computation.
 """
 
 from __future__ import annotations
