@@ -28,6 +28,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.arch = ml_collections.ConfigDict()  # field overrides of the preset, e.g. num_hidden_layers
   c.model.dtype = "float32"  # compute dtype: bfloat16 on GPU/TPU; parameters stay float32
   c.model.remat = False
+  # Chunked log-probs (jaxalign/logprobs.py): the LM head, log-softmax and target pick on this many scored positions
+  # of each row at a time, so no [rows, scored, vocab] float32 logits (nor their gradient) exist whole. 0 = off: all
+  # positions at once, the fastest. Chunking trades step time for memory: each chunk re-reads the [vocab, width] head
+  # (measured on CPU, BENCHMARKS.md "memory": chunk 32 cut the vocabulary-dependent temporaries of a Qwen2.5-0.5B DPO
+  # step, 8 pairs x 1,024 tokens, from 5.92 to 2.19 GiB, and of the GRPO log-prob path, 8 x 512 tokens, from 6.91 to
+  # 1.30 GiB, but made a width-256 model's step ~40% slower). Turn it on (32) when the vocabulary x the scored tokens
+  # are what runs out of memory: 100k+ vocabularies (Qwen, Llama 3, Gemma) with long responses or many completions
+  # on a GPU; `dry_run` shows the difference.
+  c.model.logprob_chunk = 0
+  # The fused LM-head log-probs (logprobs.fused_head), used where the family's head is a plain product (all but
+  # Gemma 2's soft-cap and Granite's scaling, which fall back to logprob_chunk): the head's vocabulary walked this many
+  # columns at a time, forward (an online log-sum-exp) and backward (each slice's weight gradient written once), so
+  # neither [scored, vocab] logits nor per-chunk [vocab, width] partials exist. 0 = off; 8192 is a good size for
+  # 100k+ vocabularies (the gradient of Qwen2.5-0.5B's log-probs, 8 x 512 positions: 0.27 GiB of temporaries at 8192,
+  # 0.15 at 4096, vs 1.33 at logprob_chunk 32 and 5.14 unchunked; BENCHMARKS.md "memory").
+  c.model.logprob_vocab_chunk = 0
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)
 
@@ -226,6 +242,11 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: "auto" = <data cache>/xla on GPU and TPU (later stages of the same shapes,
   # reruns and resumes load their programs instead of compiling; XLA:CPU gains nothing from it), a folder, or "" (off).
   c.compilation_cache = "auto"
+
+  # Print the memory the stage's train step needs per device (XLA's analysis of the step compiled for the largest
+  # batch; the model built from its config.json only, no weights or data loaded) and stop: jaxalign/dry_run.py.
+  c.dry_run = False
+  c.dry_run_memory = ""  # with dry_run: a per-device budget ("80GB", "79GiB"); also print the largest batch that fits
 
   c.stages = ()  # a study: names of sub-configs in `stage_configs`, run in order
   c.stage_configs = ml_collections.ConfigDict()

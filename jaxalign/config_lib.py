@@ -6,6 +6,7 @@ Every error names the field by its dotted path, the value found and what is allo
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
 
@@ -40,6 +41,28 @@ def _get(config, path: str):
   return value
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+  """"80GB" (10^9), "79.6GiB" (2^30), "1e9" -> bytes; ValueError naming the accepted forms otherwise."""
+  match = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(text))
+  unit = match.group(2).upper() if match else None
+  if unit not in _UNITS:
+    raise ValueError(f"{text!r} is not a memory size: expected a number with an optional unit B, KB, MB, GB, TB "
+                     "(powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. 80GB")
+  return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _is_bytes(text: str) -> bool:
+  try:
+    parse_bytes(text)
+  except ValueError:
+    return False
+  return True
+
+
 def _check_dpo_loss(dpo) -> None:
   """The DPO loss's options together (types, weights, f-divergence, label smoothing), as `losses` defines them."""
   try:
@@ -52,6 +75,10 @@ def _check_dpo_loss(dpo) -> None:
 
 def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] = ()) -> None:
   """Raises `ConfigError` on the first invalid field. `stage_names`: earlier stages a "stage:<name>" may name."""
+  _check(config, "dry_run_memory", not config.dry_run_memory or _is_bytes(config.dry_run_memory),
+         "a memory size such as '80GB' or '79.6GiB' (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+  _check(config, "dry_run_memory", not config.dry_run_memory or config.dry_run,
+         "'' unless config.dry_run = True (the batch-size search is part of the dry run)")
   if config.stages:
     _validate_study(config)
     return
@@ -65,6 +92,9 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
+  for field, what in (("logprob_chunk", "scored positions per row"), ("logprob_vocab_chunk", "vocabulary columns")):
+    chunk = config.model[field]
+    _check(config, f"model.{field}", isinstance(chunk, int) and chunk >= 0, f"a whole number of {what} >= 0 (0 = off)")
   _validate_data(config)
   _validate_training(config)
   _check(config, "dpo.beta", config.dpo.beta > 0, "a positive number")

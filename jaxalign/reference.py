@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import cache, parallel, shapes, tasks
+from jaxalign import cache, logprobs, parallel, shapes, tasks
 from jaxalign.data import batches as batches_lib, layouts, pipeline
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,12 @@ def fingerprint(model: nnx.Module, pairs, settings: str) -> str:
 
 
 def compute_logps(model: nnx.Module, layout: layouts.PairLayout, examples, *, batch_size: int, pad_id: int,
-                  mesh) -> np.ndarray:
+                  mesh, logprob_chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> np.ndarray:
   """(chosen, rejected) summed response log-probs of every pair of `examples`, [pairs, 2], in the batches of
   `layout` (length-sorted, `batch_size` rows each, padded to the layout's buckets)."""
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, batch: jnp.stack(tasks.pair_logprobs(nnx.merge(graphdef, state), batch)[:2], -1))
+  logps = lambda state, batch: tasks.pair_logprobs(nnx.merge(graphdef, state), batch, chunks=logprob_chunks)
+  forward = jax.jit(lambda state, batch: jnp.stack(logps(state, batch)[:2], -1))
   sharding = parallel.batch_sharding(mesh)
   lengths, counts = layout.lengths(examples), layout.target_counts(examples)
   host_rows = batch_size // jax.process_count()
@@ -123,7 +124,7 @@ def cached_logps(model: nnx.Module, split: pipeline.Split, config, mesh, pad_id:
     return cached
   log.info("computing reference log-probs for %d pairs (cached in %s)", layout.num_pairs(examples), path)
   logps = compute_logps(model, layout, examples, batch_size=config.training.batch_size // config.training.grad_accum,
-                        pad_id=pad_id, mesh=mesh)
+                        pad_id=pad_id, mesh=mesh, logprob_chunks=logprobs.configured(config.model))
   if jax.process_index() == 0:
     cache.write(path, cache.npz_bytes(logps=logps))  # atomic and checksummed: a damaged file is rebuilt
   return logps

@@ -438,6 +438,6 @@ def _reference_logps(task, reference, graphdef):
 
   def logps(params, rest, arrays, group):
     model = reference.model(graphdef, params, rest, arrays)
-    return tasks.group_logprobs(model, group, temperature=task.temperature)
+    return tasks.group_logprobs(model, group, temperature=task.temperature, chunks=task.logprob_chunks)
 
   return jax.jit(logps)

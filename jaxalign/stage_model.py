@@ -18,7 +18,8 @@ from jaxalign.tokenizer import embedding_rows
 from jaxalign.workdirs import resolve_init_path
 
 
-def _compute_options(config) -> dict[str, Any]:
+def compute_options(config) -> dict[str, Any]:
+  """The model config fields the stage's compute settings override (dtype, remat, attention, dropout)."""
   options = dict(dtype=config.model.dtype, remat=config.model.remat, attention_impl=config.model.attention_impl)
   if config.model.dropout >= 0:
     options["dropout"] = config.model.dropout
@@ -55,7 +56,7 @@ def check_inputs(config, tokenizer) -> None:
 def build_model(config, mesh, vocab_size: int = 0) -> nnx.Module:
   """The model the task trains, its parameters placed on the mesh by the FSDP rule; with at least `vocab_size`
   token rows (`tokenizer.embedding_rows`: a pad token the tokenizer needed; new rows start at the mean)."""
-  compute = _compute_options(config)
+  compute = compute_options(config)
   reward_model = tasks.spec(config.task).reward_model
   shardings_fn = lambda abstract: parallel.tree_shardings(nnx.state(abstract), mesh, config.mesh.min_fsdp_size)
   if config.init_from:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign import losses
+from jaxalign import logprobs, losses
 from jaxalign.data.layouts import (CHOSEN_SIDE, REJECTED_SIDE, GroupBatch, RolloutBatch, SeparatePairBatch,
                                    SFTBatch, SharedPairBatch)
 
@@ -34,13 +34,14 @@ class PairLogps(NamedTuple):
   rejected_tokens: jax.Array
 
 
-def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array,
-                    targets: jax.Array, target_mask: jax.Array) -> jax.Array:
+def target_logprobs(model, hidden: jax.Array, input_ids: jax.Array, predecessors: jax.Array, targets: jax.Array,
+                    target_mask: jax.Array, chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> jax.Array:
   """log p of the tokens at `targets` [rows, S], each from the hidden state at `predecessors` [rows, S]; 0 where
-  `target_mask` is 0. The LM head runs on these S positions only: most tokens (prompt, padding) are not scored."""
+  `target_mask` is 0. The LM head runs on these S positions only: most tokens (prompt, padding) are not scored;
+  chunked as `chunks` says (`logprobs.head_logprobs`)."""
   picked = jnp.take_along_axis(hidden, predecessors[..., None], axis=1)
   tokens = jnp.take_along_axis(input_ids, targets, axis=1)
-  return losses.selected_logprobs(model.logits(picked), tokens) * target_mask
+  return logprobs.head_logprobs(model, picked, tokens, chunks) * target_mask
 
 
 def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
@@ -49,13 +50,15 @@ def concatenated_pairs(batch: SeparatePairBatch) -> tuple[jax.Array, jax.Array]:
           jnp.concatenate([batch.chosen_attention_mask, batch.rejected_attention_mask]))
 
 
-def separate_pair_logprobs(model, batch: SeparatePairBatch, dropout_key=None) -> PairLogps:
+def separate_pair_logprobs(model, batch: SeparatePairBatch, dropout_key=None, *,
+                           chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B] each, from one concatenated forward."""
   ids, mask = concatenated_pairs(batch)
   targets = jnp.concatenate([batch.chosen_targets, batch.rejected_targets])
   target_mask = jnp.concatenate([batch.chosen_target_mask, batch.rejected_target_mask])
   hidden, _ = model.hidden_states(ids, mask, dropout_key=dropout_key)
-  logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask).sum(axis=-1)
+  logps = target_logprobs(model, hidden, ids, jnp.maximum(targets - 1, 0), targets, target_mask,
+                          chunks).sum(axis=-1)
   rows = batch.num_rows
   return PairLogps(logps[:rows], logps[rows:], batch.chosen_target_mask.sum(-1), batch.rejected_target_mask.sum(-1))
 
@@ -70,13 +73,14 @@ def shared_hidden_states(model, batch: SharedPairBatch, dropout_key=None) -> jax
   return hidden
 
 
-def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> PairLogps:
+def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None, *,
+                         chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> PairLogps:
   """Summed response log-probs of chosen and rejected, [B, K] (0 where `pair_mask` is 0), from one forward over
   prompt + chosen + rejected per pair, the rejected tokens unable to attend to the chosen ones."""
   hidden = shared_hidden_states(model, batch, dropout_key)
   targets = batch.targets
   predecessors = jnp.take_along_axis(batch.predecessor, targets, axis=1)
-  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask)
+  logps = target_logprobs(model, hidden, batch.input_ids, predecessors, targets, batch.target_mask, chunks)
   target_side = jnp.take_along_axis(batch.response_side, targets, axis=1)
   # Each target summed into its pair's slot (segment k -> slot k - 1).
   slots = jax.nn.one_hot(jnp.take_along_axis(batch.segment_ids, targets, axis=1) - 1, batch.pair_mask.shape[1],
@@ -89,12 +93,14 @@ def shared_pair_logprobs(model, batch: SharedPairBatch, dropout_key=None) -> Pai
 
 
 def group_logprobs(model, batch: GroupBatch, dropout_key=None, *, with_entropies: bool = False,
-                   temperature: float = 1.0) -> jax.Array | tuple[jax.Array, jax.Array]:
+                   temperature: float = 1.0,
+                   chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-token log-probs [P*G, C] of each prompt group's completions (0 off `completion_mask`) from one forward over
   prompt + its G completions, each completion attending to the prompt and itself only; the LM head runs at the
-  completion tokens only. with_entropies: also the policy's entropy at those tokens [P*G, C]. temperature: of the
-  sampling distribution the log-probs are of (TRL divides the logits by it in training too). The per-completion
-  arrays may also come grouped by prompt, [P, G, C]: the outputs then have that shape."""
+  completion tokens only, chunked as `chunks` says (see `target_logprobs`). with_entropies: also the policy's entropy
+  at those tokens [P*G, C], from the same pass of the head. temperature: of the sampling distribution the log-probs
+  are of (TRL divides the logits by it in training too). The per-completion arrays may also come grouped by prompt,
+  [P, G, C]: the outputs then have that shape."""
   member = batch.group_member
   other_completion = (member[:, :, None] > 0) & (member[:, None, :] > 0) & (member[:, :, None] != member[:, None, :])
   hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
@@ -102,28 +108,31 @@ def group_logprobs(model, batch: GroupBatch, dropout_key=None, *, with_entropies
   prompts = batch.num_rows
   flat = lambda x: x.reshape(prompts, -1)  # [P*G, C] -> [P, G*C]: each prompt row's completion tokens
   picked = jnp.take_along_axis(hidden, flat(batch.predecessors)[..., None], axis=1)
-  logits = model.logits(picked).astype(jnp.float32) / temperature
+  tokens = jnp.take_along_axis(batch.input_ids, flat(batch.targets), axis=1)
   mask = flat(batch.completion_mask)
-  logps = losses.selected_logprobs(logits, jnp.take_along_axis(batch.input_ids, flat(batch.targets), axis=1)) * mask
   shape = batch.completion_mask.shape
   if not with_entropies:
-    return logps.reshape(shape)
-  return logps.reshape(shape), (losses.token_entropies(logits) * mask).reshape(shape)
+    return (logprobs.head_logprobs(model, picked, tokens, chunks, temperature=temperature) * mask).reshape(shape)
+  logps, entropies = logprobs.head_logprobs(model, picked, tokens, chunks, with_entropies=True,
+                                            temperature=temperature)
+  return (logps * mask).reshape(shape), (entropies * mask).reshape(shape)
 
 
-def pair_logprobs(model, batch: PairBatch, dropout_key=None) -> PairLogps:
-  """Chosen and rejected log-probs and scored tokens, by the batch's layout."""
+def pair_logprobs(model, batch: PairBatch, dropout_key=None, *, chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> PairLogps:
+  """Chosen and rejected log-probs and scored tokens, by the batch's layout (`chunks`: see
+  `target_logprobs`)."""
   if isinstance(batch, SharedPairBatch):
-    return shared_pair_logprobs(model, batch, dropout_key)
-  return separate_pair_logprobs(model, batch, dropout_key)
+    return shared_pair_logprobs(model, batch, dropout_key, chunks=chunks)
+  return separate_pair_logprobs(model, batch, dropout_key, chunks=chunks)
 
 
-def reference_pair_logps(reference, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
+def reference_pair_logps(reference, batch: PairBatch, *,
+                         chunks: logprobs.Chunks = logprobs.UNCHUNKED) -> tuple[jax.Array, jax.Array]:
   """The reference's chosen and rejected log-probs: from `reference` (a model) when given, else the precomputed ones
   the batch carries (`extras` "reference_chosen_logps" / "reference_rejected_logps"); no gradient."""
   if reference is None:
     return batch.extras["reference_chosen_logps"], batch.extras["reference_rejected_logps"]
-  logps = pair_logprobs(reference, batch)
+  logps = pair_logprobs(reference, batch, chunks=chunks)
   return jax.lax.stop_gradient(logps.chosen), jax.lax.stop_gradient(logps.rejected)
 
 
@@ -155,7 +164,15 @@ class ScoredPairCounts:
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTTask:
+class ReadsLMHead:
+  """A task whose loss reads token log-probs off the LM head, chunked as `logprob_chunks` says (config
+  model.logprob_chunk and model.logprob_vocab_chunk; by default unchunked)."""
+
+  logprob_chunks: logprobs.Chunks = logprobs.UNCHUNKED
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTTask(ReadsLMHead):
   """Next-token cross-entropy on the masked targets (the whole conversation, or only the final response)."""
 
   batch_kind = "sft"
@@ -165,7 +182,7 @@ class SFTTask:
     hidden, _ = model.hidden_states(batch.input_ids, batch.attention_mask, positions=batch.positions,
                                     segment_ids=batch.segment_ids, dropout_key=dropout_key)
     logps = target_logprobs(model, hidden, batch.input_ids, jnp.maximum(batch.targets - 1, 0), batch.targets,
-                            batch.target_mask)
+                            batch.target_mask, self.logprob_chunks)
     return losses.sft_loss(logps, batch.target_mask)
 
   def tokens(self, batch: SFTBatch) -> jax.Array:
@@ -177,7 +194,7 @@ class SFTTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOTask(ScoredPairCounts):
+class DPOTask(ReadsLMHead, ScoredPairCounts):
   """DPO and its variants. Against a reference when the loss needs one: a model (a frozen copy, or the LoRA base with
   adapters off) passed as `reference`, or precomputed log-probs carried by the batch (`extras`
   "reference_chosen_logps" / "reference_rejected_logps") with `reference` None."""
@@ -198,10 +215,10 @@ class DPOTask(ScoredPairCounts):
   def reference_logps(self, reference, batch: PairBatch) -> tuple[jax.Array | None, jax.Array | None]:
     if not self.uses_reference:
       return None, None
-    return reference_pair_logps(reference, batch)
+    return reference_pair_logps(reference, batch, chunks=self.logprob_chunks)
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     ref_chosen, ref_rejected = self.reference_logps(reference, batch)
     return losses.dpo_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected, beta=self.beta,
                            loss_type=self.loss_type, label_smoothing=self.label_smoothing, mask=pair_mask(batch),
@@ -211,7 +228,7 @@ class DPOTask(ScoredPairCounts):
 
 
 @dataclasses.dataclass(frozen=True)
-class CPOTask(ScoredPairCounts):
+class CPOTask(ReadsLMHead, ScoredPairCounts):
   """CPO (TRL's CPOTrainer) and SimPO (its loss_type "simpo"): a preference loss on the policy's own log-probs plus
   `alpha` times the chosen responses' NLL; no reference is built or run."""
 
@@ -224,7 +241,7 @@ class CPOTask(ScoredPairCounts):
   uses_reference = False
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     return losses.cpo_loss(policy.chosen, policy.rejected, beta=self.beta, cpo_alpha=self.alpha,
                            loss_type=self.loss_type, simpo_gamma=self.simpo_gamma,
                            label_smoothing=self.label_smoothing, mask=pair_mask(batch),
@@ -232,7 +249,7 @@ class CPOTask(ScoredPairCounts):
 
 
 @dataclasses.dataclass(frozen=True)
-class ORPOTask(ScoredPairCounts):
+class ORPOTask(ReadsLMHead, ScoredPairCounts):
   """ORPO (TRL's ORPOTrainer): the chosen responses' NLL plus `beta` (the paper's lambda) times the log-odds-ratio
   term; no reference, so it trains from the base model in one stage."""
 
@@ -241,13 +258,13 @@ class ORPOTask(ScoredPairCounts):
   uses_reference = False
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     return losses.orpo_loss(policy.chosen, policy.rejected, chosen_lengths=policy.chosen_tokens,
                             rejected_lengths=policy.rejected_tokens, beta=self.beta, mask=pair_mask(batch))
 
 
 @dataclasses.dataclass(frozen=True)
-class KTOTask(ScoredPairCounts):
+class KTOTask(ReadsLMHead, ScoredPairCounts):
   """KTO (TRL's KTOTrainer) on unpaired examples, each batch row pair (completion, mismatched completion): the
   completion's log-ratio against the reference, and the mismatched completions' for the KL point z. The reference
   as for DPO: a model passed as `reference`, or precomputed log-probs in the batch's extras; labels in the
@@ -265,10 +282,10 @@ class KTOTask(ScoredPairCounts):
   uses_reference = True
 
   def loss(self, model, batch: PairBatch, *, dropout_key=None, reference=None) -> tuple[jax.Array, dict]:
-    policy = pair_logprobs(model, batch, dropout_key)
+    policy = pair_logprobs(model, batch, dropout_key, chunks=self.logprob_chunks)
     # The KL point carries no gradient (TRL computes it under no_grad).
     kl_policy = jax.lax.stop_gradient(policy.rejected)
-    ref_completion, ref_kl = reference_pair_logps(reference, batch)
+    ref_completion, ref_kl = reference_pair_logps(reference, batch, chunks=self.logprob_chunks)
     desirable = batch.extras["desirable"]
     mask = pair_mask(batch)
     loss, metrics = losses.kto_loss(policy.chosen, ref_completion, desirable, kl_policy_logps=kl_policy,
@@ -354,7 +371,7 @@ def _per_completion(x: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class OnlineTask:
+class OnlineTask(ReadsLMHead):
   """What the online methods share: their batches are `RolloutBatch`es of sampled prompt groups (`batch_kind`
   "prompts": the source is `rollout.py`), their log-probs come from the group forward at the sampling temperature,
   and their advantages are computed on the host when a generation is scored (`advantages`).
@@ -371,7 +388,7 @@ class OnlineTask:
   def policy_logps(self, model, batch: RolloutBatch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
     """The policy's per-token log-probs and entropies, [P*G, C] each."""
     logps, entropies = group_logprobs(model, batch.group, dropout_key, with_entropies=True,
-                                      temperature=self.temperature)
+                                      temperature=self.temperature, chunks=self.logprob_chunks)
     return _per_completion(logps), _per_completion(entropies)
 
   def loss_inputs(self, batch: RolloutBatch) -> dict[str, jax.Array | None]:
@@ -569,4 +586,7 @@ def spec(name: str) -> TaskSpec:
 
 def make_task(config: Any):
   """The task named by `config.task` with its settings from the config."""
-  return spec(config.task).make(config)
+  task = spec(config.task).make(config)
+  if isinstance(task, ReadsLMHead):
+    return dataclasses.replace(task, logprob_chunks=logprobs.configured(config.model))
+  return task

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxalign import (checkpoint, config_lib, curves, hub_push, parallel, reference as reference_lib, runguard,
-                      sources, stage_model, step as step_lib, tasks, trackers)
+from jaxalign import (checkpoint, config_lib, curves, dry_run, hub_push, parallel, reference as reference_lib,
+                      runguard, sources, stage_model, step as step_lib, tasks, trackers)
 from jaxalign.data import pipeline
 from jaxalign.logger import MetricLogger
 from jaxalign.tokenizer import check_vocabulary, embedding_rows, load_tokenizer
@@ -28,15 +28,15 @@ from jaxalign.workdirs import CHECKPOINT_DIR, DONE_FILE, EXPORT_DIR, finished_co
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------------------------------------ entry
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Runs a single stage or a study of stages; returns the final stage's exported model folder."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> str | list[dry_run.StepMemory]:
+  """Runs a single stage or a study of stages; returns the final stage's exported model folder (with
+  `config.dry_run`: prints and returns each stage's step memory, trains nothing)."""
   config_lib.validate(config)
   hub_push.check_config(config)
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.enable_compilation_cache(config.compilation_cache, pipeline.cache_dir(config))
+  if config.dry_run:
+    return dry_run.run(config)
   if config.stages:
     return run_study(config, workdir)
   return train(config, workdir)
@@ -75,9 +75,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
     stage = setup(config, workdir, stop_signals)
     final_eval = loop(stage)
     return finish(stage, final_eval)
-
-
-# ------------------------------------------------------------------------------------------------------ setup
 
 
 @dataclasses.dataclass
@@ -161,9 +158,6 @@ def _precompile(stage: Stage) -> None:
            stage.seconds["precompile"])
 
 
-# ------------------------------------------------------------------------------------------------------- loop
-
-
 def loop(stage: Stage) -> dict[str, float]:
   """Trains from the state's step to the source's total, logging (each step's metrics read one step late, so the
   host never stalls), evaluating and checkpointing; returns the final held-out metrics."""
@@ -213,9 +207,6 @@ def loop(stage: Stage) -> dict[str, float]:
     checkpointer.close()
     logger.close()
   return final_eval
-
-
-# ----------------------------------------------------------------------------------------------------- finish
 
 
 def finish(stage: Stage, final_eval: dict[str, float]) -> str:

@@ -293,6 +293,11 @@ class GemmaForCausalLM(layers.CausalLM):
   def final_norm(self, x: jax.Array) -> jax.Array:
     return self.norm(x)
 
+  def head(self) -> tuple[jax.Array, bool] | None:
+    if self.config.final_logit_softcapping is not None:  # Gemma 2 soft-caps the logits: `logits` only
+      return None
+    return layers.head_weight(self.lm_head, self.embed_tokens, self.config)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """fp32 logits from the compute-dtype product with the head, soft-capped when the config says so (Gemma 2)."""
     logits = layers.head_logits(hidden, self.lm_head, self.embed_tokens, self.config)

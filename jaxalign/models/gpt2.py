@@ -180,6 +180,9 @@ class GPT2LMHeadModel(layers.CausalLM):
   def final_norm(self, x: jax.Array) -> jax.Array:
     return self.ln_f(x)
 
+  def head(self) -> tuple[jax.Array, bool]:
+    return layers.head_weight(self.lm_head, self.wte, self.config)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     return layers.head_logits(hidden, self.lm_head, self.wte, self.config)
 

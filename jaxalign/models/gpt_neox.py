@@ -194,6 +194,9 @@ class GPTNeoXForCausalLM(layers.CausalLM):
   def final_norm(self, x: jax.Array) -> jax.Array:
     return self.final_layer_norm(x)
 
+  def head(self) -> tuple[jax.Array, bool]:
+    return layers.head_weight(self.embed_out, self.embed_in, self.config)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied)."""
     return layers.head_logits(hidden, self.embed_out, self.embed_in, self.config)

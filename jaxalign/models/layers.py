@@ -466,21 +466,28 @@ def lm_logits(hidden: jax.Array, weight: jax.Array, dtype, *, vocab_first: bool)
   return jnp.einsum(spec, hidden.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def head_logits(hidden: jax.Array, lm_head: nnx.Linear | None, embed: nnx.Embed, config) -> jax.Array:
-  """The LM head of a family whose head is tied (`config.tie_word_embeddings`: the embedding table) or its own
-  `lm_head` Linear (None when built with lm_head=False)."""
+def head_weight(lm_head: nnx.Linear | None, embed: nnx.Embed, config) -> tuple[jax.Array, bool]:
+  """(weight, vocab_first) of a family's LM head: its own `lm_head` Linear's [D, V] kernel, or when tied
+  (`config.tie_word_embeddings`) the [V, D] embedding table."""
   if lm_head is not None:
-    return lm_logits(hidden, lm_head.kernel[...], config.dtype, vocab_first=False)
+    return lm_head.kernel[...], False
   if not config.tie_word_embeddings:
     raise ValueError("this model was built without its LM head (lm_head=False): it gives hidden states only")
-  return lm_logits(hidden, embed.embedding[...], config.dtype, vocab_first=True)
+  return embed.embedding[...], True
+
+
+def head_logits(hidden: jax.Array, lm_head: nnx.Linear | None, embed: nnx.Embed, config) -> jax.Array:
+  """The LM head of a family whose head is tied or its own `lm_head` Linear (None when built with lm_head=False)."""
+  weight, vocab_first = head_weight(lm_head, embed, config)
+  return lm_logits(hidden, weight, config.dtype, vocab_first=vocab_first)
 
 
 class CausalLM(nnx.Module):
   """The forward template of every family's causal LM: embeddings, the blocks (`self.layers`), a final norm and
   the head; the KV cache of `kv_heads` heads per slot.
 
-  A family defines `embed(input_ids, positions, dropout_key)`, `final_norm(x)` and `logits(hidden)`; its blocks are
+  A family defines `embed(input_ids, positions, dropout_key)`, `final_norm(x)` and `logits(hidden)` (and `head()`
+  when its head is a plain product); its blocks are
   called `block(x, mask, context, layer_cache, cache_index, dropout_key) -> (x, new layer cache)`. Attention
   settings come by kind: `attention_kinds()` names each kind's settings (default: one kind, full causal, no rotary
   table) and `layer_kinds()` gives each layer's kind (default: all the one kind), so layers may differ (Gemma's
@@ -528,6 +535,12 @@ class CausalLM(nnx.Module):
     x = self.final_norm(x)
     new_cache = updated_cache(cache, layer_caches, inputs, attention_mask) if cache is not None else None
     return x, new_cache
+
+  def head(self) -> tuple[jax.Array, bool] | None:
+    """(weight, vocab_first) when `logits(hidden)` is exactly `lm_logits(hidden, weight, config.dtype,
+    vocab_first=...)`, so the log-probs may walk the head's vocabulary (`logprobs.fused_head`); None (the default)
+    when the family's head does more (soft-capping, scaling) and only `logits` computes it."""
+    return None
 
   def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
     """fp32 logits [B, T, vocab]. Keyword arguments as in `hidden_states` (without a cache)."""

@@ -386,6 +386,11 @@ class LlamaForCausalLM(layers.CausalLM):
   def final_norm(self, x: jax.Array) -> jax.Array:
     return self.norm(x)
 
+  def head(self) -> tuple[jax.Array, bool] | None:
+    if self.config.logits_scaling != 1.0:  # Granite divides the logits: `logits` only
+      return None
+    return layers.head_weight(self.lm_head, self.embed_tokens, self.config)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """fp32 logits from the compute-dtype product with the head (the embedding table when tied), divided by
     `logits_scaling` (Granite)."""

@@ -241,6 +241,9 @@ class OPTForCausalLM(layers.CausalLM):
       x = self.final_layer_norm(x)
     return self.project_out(x) if self.project_out is not None else x
 
+  def head(self) -> tuple[jax.Array, bool]:
+    return self.embed_tokens.embedding[...], True
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """The tied LM head: hidden @ embed_tokens.T, multiplied in the compute dtype and accumulated/returned in fp32."""
     return layers.lm_logits(hidden, self.embed_tokens.embedding[...], self.config.dtype, vocab_first=True)
