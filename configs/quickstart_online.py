@@ -18,15 +18,17 @@ from configs import quickstart
 STAGES = ("base", "sft", "reward", "rm", "grpo")
 
 
-def get_config():
-  c = quickstart.get_config()  # base, sft, dpo, sft_dpo, reward
-  stages = c.stage_configs
-
+def reward_model(stages):
+  """The training reward: the quickstart's reward stage with one head and another seed (not the judge)."""
   rm = quickstart._tiny(quickstart.common.get_config())
   rm.update(stages.reward.to_dict())
   rm.seed = 1  # another initialisation of the head and another order of the pairs than the judge's
   rm.reward.heads = ("reward",)  # one score for every prompt
+  return rm
 
+
+def grpo_stage():
+  """GRPO (DAPO loss, a small KL) from the SFT stage against stage "rm", 100 steps of 8 prompts x 4 completions."""
   grpo = quickstart._tiny(quickstart.common.get_config())
   grpo.task = "grpo"
   grpo.init_from = "stage:sft"
@@ -42,8 +44,12 @@ def get_config():
   grpo.training.max_steps = 100
   grpo.training.log_every = 5
   grpo.data.eval_pairs = 0
+  return grpo
 
+
+def get_config():
+  c = quickstart.get_config()  # base, sft, dpo, sft_dpo, reward
   c.stages = STAGES
-  c.stage_configs.rm = rm
-  c.stage_configs.grpo = grpo
+  c.stage_configs.rm = reward_model(c.stage_configs)
+  c.stage_configs.grpo = grpo_stage()
   return c
