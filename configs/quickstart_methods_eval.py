@@ -1,7 +1,7 @@
-"""Evaluates the quickstart methods study (runs/quickstart_methods) like configs/quickstart_eval.py: the study's
-own two-head reward model as the judge (stage "reward"; the online stages trained against stage "rm",
-another reward model, so the judge is not their training reward), prompts from the synthetic test split. bench/methods_table.py then adds each
-stage's held-out accuracy from its done.json."""
+"""Evaluates the quickstart methods study (runs/quickstart_methods) like configs/quickstart_eval.py: the study's own
+two-head reward model as the judge (stage "reward"; the online stages trained against stage "rm", another reward
+model, so the judge is not their training reward), prompts from the synthetic test split. bench/methods_table.py
+then adds each stage's held-out accuracy from its done.json."""
 
 import os
 

@@ -6,11 +6,12 @@ independent measure. A few minutes on 2 CPU cores.
   python train.py --config=configs/quickstart_online.py --workdir=runs/quickstart_online
   python evaluate.py --config=configs/quickstart_online_eval.py --workdir=runs/quickstart_online/eval
 
-Measured (2 shared CPU cores under a load of ~16: 16 min 39 s wall, 2 min 44 s of CPU time; the 4-minute goal on 2
-idle cores is unverified): GRPO's mean training reward rose from 2.68 (steps 1-10, 96 completions) to 3.19 (steps
-91-100, 64 completions), +0.51 [0.21, 0.83] (95% bootstrap over completions), KL to SFT 0.057 at the end. The judge
-GRPO never saw: HmR / HpR 100 / 100 for both SFT and GRPO (saturated at threshold 0); its mean score rose from 1.61 to
-1.71 (harmful prompts) and 2.45 to 2.80 (helpful prompts).
+Measured (2 shared CPU cores at a load of 5-6, warm compilation cache: training 2 min 59 s wall, 2 min 51 s of CPU
+time, evaluation 17 s; earlier, at a load of ~16, 16 min 39 s wall for 2 min 44 s of CPU): GRPO's mean training
+reward rose from 2.68 (steps 1-10, 96 completions) to 3.19 (steps 91-100, 64 completions), +0.51 [0.21, 0.85] (95%
+bootstrap over completions, 2000 draws), KL to SFT 0.057 at the end. The judge GRPO never saw: HmR / HpR 100 / 100
+for both SFT and GRPO (saturated at threshold 0); its mean score rose from 1.61 to 1.71 (harmful prompts) and 2.45
+to 2.80 (helpful prompts).
 """
 
 from configs import quickstart

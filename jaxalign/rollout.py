@@ -211,8 +211,10 @@ class RolloutSource:
     return self._last_shape
 
   def precompile_batches(self, steps_left: int) -> list:
-    """A zero batch of each row length the group layout can pad to (the steps' lengths depend on the samples)."""
-    return [batches_lib.to_global(_host_rows(self.zero_batch(length)), self.sharding) for length in self.layout.ladder]
+    """A zero batch of the longest row length, which a step reaches when any of its rows (a prompt with all its
+    completions) is long; a shorter length compiles when a batch first needs it (the lengths depend on the samples,
+    and compiling the whole ladder cost more than the quickstart's steps)."""
+    return [batches_lib.to_global(_host_rows(self.zero_batch(self.layout.ladder[-1])), self.sharding)]
 
   def metrics(self) -> dict[str, float]:
     return self._metrics

@@ -1,8 +1,8 @@
-"""The online methods end to end: the online source's batch equals one assembled by hand from the Sampler, the
-rewards and the advantages; GRPO, RLOO and online DPO stages train through `trainer.run` (loss finite, reward
-logged, completions table and curves written; the table in TensorBoard and W&B); bad online config values fail with their dotted names; DAPO's
-dynamic sampling drops and refills groups without signal; a GRPO run SIGKILLed mid-generation resumes bit for bit;
-8 devices (4 data x 2 fsdp) train as one."""
+"""The online methods end to end: the online source's batch equals one assembled by hand from the Sampler, the rewards
+and the advantages; GRPO, RLOO and online DPO stages train through `trainer.run` (loss finite, reward logged,
+completions table and curves written; the table in TensorBoard and W&B); bad online config values fail with their
+dotted names; DAPO's dynamic sampling drops and refills groups without signal; a GRPO run SIGKILLed mid-generation
+resumes bit for bit; 8 devices (4 data x 2 fsdp) train as one."""
 
 import glob
 import importlib
