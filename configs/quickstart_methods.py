@@ -1,16 +1,31 @@
 """The offline methods study (configs/methods.py at quickstart size): the quickstart's tiny OPT, tokenizer and
 synthetic pairs; from the same base and SFT models, DPO, SFT+DPO, IPO, SimPO, ORPO (from base, one stage) and KTO
-(the pairs split into desirable / undesirable examples), and the quickstart's reward model to judge them
-(configs/quickstart_methods_eval.py). A few minutes on 2 CPU cores.
+(the pairs split into desirable / undesirable examples), from the SFT model the online GRPO, RLOO and online DPO
+(30 steps each of 16 completions of at most 16 tokens) against a reward model of their own ("rm":
+configs/quickstart_online.py's, one head, another seed), and the quickstart's two-head reward model ("reward"), which
+no stage trained against, to judge them (configs/quickstart_methods_eval.py). A few minutes on 2 CPU cores.
 
   python train.py --config=configs/quickstart_methods.py --workdir=runs/quickstart_methods
   python evaluate.py --config=configs/quickstart_methods_eval.py --workdir=runs/quickstart_methods/eval
   python bench/methods_table.py runs/quickstart_methods   # + each stage's held-out accuracy
 """
 
-from configs import quickstart
+from configs import quickstart, quickstart_online
 
-STAGES = ("base", "sft", "dpo", "sft_dpo", "ipo", "simpo", "orpo", "kto", "reward")
+STAGES = ("base", "sft", "dpo", "sft_dpo", "ipo", "simpo", "orpo", "kto", "reward", "rm", "grpo", "rloo",
+          "online_dpo")
+ONLINE_STEPS = 30  # each online stage: 30 steps of 16 completions of at most 16 tokens
+
+
+def _online(task: str, num_generations: int):
+  """An online stage from the SFT model against stage "rm" (configs/quickstart_online.py's GRPO, made small)."""
+  stage = quickstart_online.grpo_stage()
+  stage.task = task
+  stage.online.num_generations = num_generations
+  stage.online.max_completion_length = 16
+  stage.training.batch_size = 16
+  stage.training.max_steps = ONLINE_STEPS
+  return stage
 
 
 def get_config():
@@ -47,7 +62,16 @@ def get_config():
   kto.training.batch_size = 2 * dpo.training.batch_size  # examples: each pair gives two
   kto.data.eval_pairs = 2 * dpo.data.eval_pairs
 
+  grpo = _online("grpo", 4)
+  rloo = _online("rloo", 4)
+  rloo.rloo.beta = 0.05  # TRL's: the KL in the reward
+  online_dpo = _online("online_dpo", 2)
+  online_dpo.online_dpo.beta = 0.1  # TRL's
+  online_dpo.optimizer.lr = dpo.optimizer.lr
+
   c.stages = STAGES
-  for name, stage in (("ipo", ipo), ("simpo", simpo), ("orpo", orpo), ("kto", kto)):
+  for name, stage in (("ipo", ipo), ("simpo", simpo), ("orpo", orpo), ("kto", kto),
+                      ("rm", quickstart_online.reward_model(stages)), ("grpo", grpo), ("rloo", rloo),
+                      ("online_dpo", online_dpo)):
     c.stage_configs[name] = stage
   return c

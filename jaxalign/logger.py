@@ -1,4 +1,5 @@
-"""Training metrics: a progress bar, `metrics.jsonl` in the workdir, TensorBoard events, throughput and MFU."""
+"""Training metrics: a progress bar, `metrics.jsonl` in the workdir, TensorBoard events (and the source's tables,
+e.g. an online stage's completions, as Markdown text), throughput and MFU."""
 
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ def keep_records_through(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def markdown_table(rows: list[dict]) -> str:
+  """Rows of dicts as a Markdown table (TensorBoard's text panel renders it): numbers to 4 significant digits, None
+  empty, "|" and line breaks in text escaped so that each row stays one line."""
+  columns = trackers.table_columns(rows)
+  cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else (
+      str(v).replace("|", "\\|").replace("\n", "\\n"))
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
 class MetricLogger:
   """Receives every step's metrics (device arrays) and writes a record every `training.log_every` steps.
 
@@ -70,6 +82,7 @@ class MetricLogger:
 
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.tracker = trackers.start(config, workdir) if self.is_main else None  # W&B: finished by the trainer
+    self._tables: list[tuple[str, list[dict]]] = []  # tables waiting for the next record
 
   def train_step(self, step: int, metrics: dict, shape: tuple[int, ...]) -> None:
     """Accounts one finished step; `shape` is its batch's (rows, padded length, scored positions per row)."""
@@ -104,6 +117,7 @@ class MetricLogger:
     self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", tok_s=f"{record['perf/tokens_per_second']:.0f}",
                          **({"mfu": f"{utilisation:.1%}"} if utilisation is not None else {}))
     self.write(step, record)
+    self._write_tables(step)
     self._window = {"tokens": 0.0, "flops": 0.0, "steps": 0, "sums": {}}
     self._window_start = time.perf_counter()
 
@@ -119,6 +133,23 @@ class MetricLogger:
       self.tracker.log(step, record)
     if any(k.startswith("eval/") for k in record):
       tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+
+  def add_tables(self, tables: dict[str, list[dict]]) -> None:
+    """Queues a source's tables ({name: rows}); they are written with the next training record, so W&B, whose
+    steps only grow, gets them at that record's step (TensorBoard at the step in their rows)."""
+    if self.is_main and (self.tensorboard is not None or self.tracker is not None):
+      self._tables.extend((name, rows) for name, rows in tables.items() if rows)
+
+  def _write_tables(self, step: int) -> None:
+    by_name: dict[str, list[dict]] = {}  # W&B keeps one value per name and step: the queued rows in one table
+    for name, rows in self._tables:
+      if self.tensorboard is not None:
+        self.tensorboard.add_text(f"train/{name}", markdown_table(rows), rows[0].get("step", step))
+      by_name.setdefault(name, []).extend(rows)
+    if self.tracker is not None:
+      for name, rows in by_name.items():
+        self.tracker.log_table(step, f"train/{name}", rows)
+    self._tables = []
 
   def close(self) -> None:
     self.bar.close()

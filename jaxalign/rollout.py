@@ -14,7 +14,8 @@ the metrics. The reference's log-probs (a KL term) are computed once per generat
 Resumable: `state()` holds the prompt order's position, how many steps were served and sampler rounds run (each
 round's key is fold_in(sampling key, round)), and the unserved part of the generation batch (its host arrays), so
 a run killed mid-generation and resumed trains on the same batches. Every log step, the generation's completions
-(prompt, completion, each reward, advantage) are appended to `<workdir>/completions.jsonl`.
+(prompt, completion, each reward, advantage) are appended to `<workdir>/completions.jsonl` and handed to the logger
+(`tables`), which shows them in TensorBoard and W&B when those are on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from jaxalign.data.prompts import PromptRecord
 log = logging.getLogger(__name__)
 
 COMPLETIONS_FILE = "completions.jsonl"
+COMPLETIONS_TABLE = "completions"  # its name in TensorBoard / W&B (under train/)
 SAMPLING_STREAM = 0x5A4D  # the sampler's keys: fold_in(key(seed), SAMPLING_STREAM), then the round
 
 
@@ -184,6 +186,7 @@ class RolloutSource:
     self.buffer: list | None = None  # the generation batch's host slices
     self.buffer_metrics: dict[str, float] = {}
     self._metrics: dict[str, float] = {}
+    self._tables: dict[str, list[dict]] = {}  # the completions table's rows not yet handed to the logger
     self._last_shape: tuple[int, ...] = ()
     self._handed_out = None  # perf_counter() when the last batch was handed out
 
@@ -208,11 +211,17 @@ class RolloutSource:
     return self._last_shape
 
   def precompile_batches(self, steps_left: int) -> list:
-    """A zero batch of each row length the group layout can pad to (the steps' lengths depend on the samples)."""
-    return [batches_lib.to_global(_host_rows(self.zero_batch(length)), self.sharding) for length in self.layout.ladder]
+    """A zero batch of the longest row length, which a step reaches when any of its rows (a prompt with all its
+    completions) is long; a shorter length compiles when a batch first needs it (the lengths depend on the samples,
+    and compiling the whole ladder cost more than the quickstart's steps)."""
+    return [batches_lib.to_global(_host_rows(self.zero_batch(self.layout.ladder[-1])), self.sharding)]
 
   def metrics(self) -> dict[str, float]:
     return self._metrics
+
+  def tables(self) -> dict[str, list[dict]]:
+    tables, self._tables = self._tables, {}
+    return tables
 
   def state(self) -> dict:
     pending = self.served % (self.steps_per_generation * self.num_iterations) != 0
@@ -365,20 +374,21 @@ class RolloutSource:
     return _grouped(group, self.num_generations)
 
   def _write_completions(self, generated: Generated, combined: np.ndarray, advantages: np.ndarray) -> None:
-    """Appends the batch's completions to the table when a step it trains is a log step (or it is the first)."""
+    """Appends the batch's completions to the table (and keeps them for `tables`) when a step it trains is a log
+    step (or it is the first)."""
     first = self.served + 1
     steps = range(first, first + self.steps_per_generation * self.num_iterations)
-    if not self.workdir or jax.process_index() != 0 or not (
-        first == 1 or any(step % self.log_every == 0 for step in steps)):
+    if jax.process_index() != 0 or not (first == 1 or any(step % self.log_every == 0 for step in steps)):
       return
     names = [reward.name for reward in self.rewards]
-    with open(os.path.join(self.workdir, COMPLETIONS_FILE), "a") as f:
-      for p, record in enumerate(generated.records):
-        for g in range(self.num_generations):
-          values = {name: _or_none(generated.per_reward[p, g, r]) for r, name in enumerate(names)}
-          f.write(json.dumps({"step": first, "prompt": generated.prompt_texts[p], "completion": generated.texts[p][g],
-                              **values, "reward": _or_none(combined[p, g]),
-                              "advantage": float(advantages[p, g])}) + "\n")
+    rows = [{"step": first, "prompt": generated.prompt_texts[p], "completion": generated.texts[p][g],
+             **{name: _or_none(generated.per_reward[p, g, r]) for r, name in enumerate(names)},
+             "reward": _or_none(combined[p, g]), "advantage": float(advantages[p, g])}
+            for p in range(len(generated.records)) for g in range(self.num_generations)]
+    self._tables.setdefault(COMPLETIONS_TABLE, []).extend(rows)
+    if self.workdir:
+      with open(os.path.join(self.workdir, COMPLETIONS_FILE), "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -42,6 +42,10 @@ class Source(Protocol):
     """Host-side metrics of the last batch `next` returned (an online source's rewards, lengths and timings), logged
     with the step's; empty when the source has none."""
 
+  def tables(self) -> dict[str, list[dict]]:
+    """Tables made since the last call ({name: rows, each a dict with a "step"}, e.g. an online source's completions
+    of a log step), shown by the logger in TensorBoard / W&B; empty when the source has none."""
+
 
 class OfflineSource:
   """Fixed data in a seeded, resumable order (`pipeline.streams`); the train state does not change the batches."""
@@ -69,6 +73,9 @@ class OfflineSource:
     self.stream.restore(state)
 
   def metrics(self) -> dict[str, float]:
+    return {}
+
+  def tables(self) -> dict[str, list[dict]]:
     return {}
 
 

@@ -1,7 +1,9 @@
 """Experiment trackers that receive what `metrics.jsonl` receives: today Weights & Biases (`logging.wandb=True`).
 
 A stage is one W&B run: its config is the stage's whole config, every record written to metrics.jsonl is logged at
-its step under the same names (`train/loss`, `eval/rewards/margins`, `perf/tokens_per_second`, ...), and at the end
+its step under the same names (`train/loss`, `eval/rewards/margins`, `perf/tokens_per_second`, ...), an online
+stage's completions (prompt, completion, each reward, advantage) as a wandb.Table `train/completions` at each
+record's step (its rows name the steps they trained), and at the end
 `done.json` goes into the run's summary and, with `curves.png`, into its files. `WANDB_MODE=offline` (or
 `logging.wandb_mode=offline`) writes the run under `<workdir>/wandb/` without any network; `wandb sync` uploads it
 later. Credentials are W&B's own (`wandb login` / `WANDB_API_KEY`); nothing here reads or logs them.
@@ -35,6 +37,14 @@ class WandbTracker:
     """Logs one metrics.jsonl record at its step (records of the same step merge into one W&B row)."""
     self.run.log({k: float(v) for k, v in record.items()}, step=step)
 
+  def log_table(self, step: int, name: str, rows: list[dict]) -> None:
+    """Logs rows of dicts (e.g. the completions of an online step) as a wandb.Table at `step`."""
+    import wandb
+
+    columns = table_columns(rows)
+    self.run.log({name: wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])},
+                 step=step)
+
   def finish(self, summary: dict[str, Any], files: list[str]) -> None:
     """Puts the stage's done.json figures into the run's summary, attaches `files`, and ends the run."""
     self.run.summary.update(_flat(summary))
@@ -42,6 +52,11 @@ class WandbTracker:
       if os.path.exists(path):
         self.run.save(path, base_path=os.path.dirname(path), policy="now")
     self.run.finish()
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+  """The keys of rows of dicts, in first-seen order: a table's columns."""
+  return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

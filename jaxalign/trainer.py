@@ -172,6 +172,7 @@ def loop(stage: Stage) -> dict[str, float]:
         stage.state, metrics = steps.train(stage.state, source.next(stage.state))
         checkpointer.check_saves()  # a background save that failed is reported now, not at the next save
         metrics = {**metrics, **source.metrics()}
+        logger.add_tables(source.tables())
         step += 1
         if pending is not None:
           logger.train_step(*pending)

@@ -2,9 +2,11 @@
 train.py in a subprocess, the SIGKILL-and-resume check, readers of a workdir's metrics and exports."""
 
 import fnmatch
+import glob
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -205,3 +207,45 @@ class FakeHub:
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+
+def wandb_records(run_dir):
+  """The protobuf records of a W&B run file (`run-<id>.wandb`: a ":W&B" header, then LevelDB-log framed records)."""
+  from wandb.proto import wandb_internal_pb2  # wandb is optional: the callers skip without it
+
+  (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+  data = open(path, "rb").read()
+  assert data[:4] == b":W&B"
+  block, pos, payload, records = 32768, 7, b"", []
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header is padding
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if length == 0 and kind == 0:
+      break
+    payload += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # a FULL record, or the LAST piece of one
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(payload)
+      records.append(record)
+      payload = b""
+  return records
+
+
+def tensorboard_events(workdir: str) -> list:
+  """The events of a run's TensorBoard files (`<workdir>/tensorboard/events.*`: TFRecord framed, each record a
+  length, its CRC, an Event proto and its CRC)."""
+  from tensorboardX.proto import event_pb2
+
+  events = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.*"))):
+    data, pos = open(path, "rb").read(), 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[pos + 12:pos + 12 + length])
+      events.append(event)
+      pos += 12 + length + 4
+  return events

@@ -1,11 +1,13 @@
 """CPO / SimPO, ORPO and KTO as tasks: the same loss in every pair layout, no reference for the reference-free ones
 (none prepared, no reference forward compiled into the step), LoRA, configs, and an exact resume after SIGKILL."""
 
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import cpo, ipo, kto, methods, orpo, quickstart_methods, simpo
+from configs import cpo, ipo, kto, methods, orpo, quickstart_methods, quickstart_methods_eval, simpo
 from jaxalign import config_lib, losses, reference as reference_lib, tasks, trainer
 from jaxalign.data import layouts
 from jaxalign.models import opt
@@ -138,6 +140,23 @@ def test_papers_defaults_in_the_stage_configs():
   assert ipo.get_config().dpo.loss_type == "ipo"
   study = methods.get_config()
   assert study.stage_configs.orpo.init_from == study.stage_configs.dpo.init_from  # ORPO from the base model
+
+
+@pytest.mark.parametrize("module", [methods, quickstart_methods])
+def test_online_stages_of_the_studies_start_from_sft_against_a_study_reward_model(module):
+  study = module.get_config()
+  for name in ("grpo", "rloo", "online_dpo"):
+    stage = study.stage_configs[name]
+    assert (stage.task, stage.init_from) == (name, "stage:sft")
+    (spec,) = config_lib.parse_named(stage.online.rewards, "online.rewards").values()
+    assert spec.startswith("stage:") and spec.removeprefix("stage:") in study.stages
+
+
+def test_quickstart_methods_judge_is_not_the_online_stages_reward():
+  study = quickstart_methods.get_config()
+  judge = quickstart_methods_eval.get_config().judge
+  assert judge.split(os.sep)[-2] == "reward"
+  assert all(study.stage_configs[n].online.rewards == "rm=stage:rm" for n in ("grpo", "rloo", "online_dpo"))
   assert study.stage_configs.sft_dpo.init_from == "stage:sft"
 
 

@@ -1,9 +1,10 @@
-"""The online methods end to end: the online source's batch equals one assembled by hand from the Sampler, the
-rewards and the advantages; GRPO, RLOO and online DPO stages train through `trainer.run` (loss finite, reward
-logged, completions table and curves written); bad online config values fail with their dotted names; DAPO's
-dynamic sampling drops and refills groups without signal; a GRPO run SIGKILLed mid-generation resumes bit for bit;
-8 devices (4 data x 2 fsdp) train as one."""
+"""The online methods end to end: the online source's batch equals one assembled by hand from the Sampler, the rewards
+and the advantages; GRPO, RLOO and online DPO stages train through `trainer.run` (loss finite, reward logged,
+completions table and curves written; the table in TensorBoard and W&B); bad online config values fail with their
+dotted names; DAPO's dynamic sampling drops and refills groups without signal; a GRPO run SIGKILLed mid-generation
+resumes bit for bit; 8 devices (4 data x 2 fsdp) train as one."""
 
+import glob
 import importlib
 import json
 import os
@@ -13,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import config_lib, losses, rewards, rollout, sampling, shapes, sources, step, tasks, trainer
+from jaxalign import config_lib, logger, losses, rewards, rollout, sampling, shapes, sources, step, tasks, trainer
 from jaxalign.data import layouts, pipeline
 from jaxalign.tokenizer import load_tokenizer
-from helpers import assert_kill_and_resume_is_bit_identical, exported, prepared, tiny_config
+from helpers import (assert_kill_and_resume_is_bit_identical, exported, prepared, tensorboard_events, tiny_config,
+                     wandb_records)
 
 EVEN = "tests.reward_functions:even_token_share"
 
@@ -136,6 +138,37 @@ def test_online_stage_trains_end_to_end(cache_dir, tmp_path, task, fields):
   assert os.path.exists(tmp_path / "curves.png")
   if task != "online_dpo":
     assert any(r["advantage"] != 0 for r in table)
+
+
+@pytest.mark.slow
+def test_completions_table_reaches_tensorboard_and_wandb(cache_dir, tmp_path, monkeypatch):
+  has_wandb = importlib.util.find_spec("wandb") is not None  # the [test] extra installs it
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = online_config(cache_dir, **{"training.max_steps": 4, "training.log_every": 2, "logging.tensorboard": True,
+                                       "logging.wandb": has_wandb, "logging.wandb_mode": "offline"})
+  trainer.run(config, str(tmp_path))
+  by_step = {}
+  for row in _records(tmp_path / rollout.COMPLETIONS_FILE):
+    by_step.setdefault(row["step"], []).append(row)
+  assert sorted(by_step) == [1, 2, 4]  # the first step and the log steps
+  texts = {event.step: value.tensor.string_val[0].decode() for event in tensorboard_events(str(tmp_path))
+           for value in event.summary.value if value.tag == "train/completions/text_summary"}
+  assert texts == {at: logger.markdown_table(rows) for at, rows in by_step.items()}
+  assert texts[1].splitlines()[0] == "| step | prompt | completion | even | reward | advantage |"
+  if not has_wandb:
+    return
+  (run_dir,) = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
+  logged = {}
+  for record in wandb_records(run_dir):
+    if record.WhichOneof("record_type") == "history":
+      row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+      if "train/completions/path" in row:  # a table is logged as a file in the run's media/
+        logged[row["_step"]] = row["train/completions/path"]
+  assert sorted(logged) == [2, 4]  # with the records of the log steps; step 1's rows ride with step 2's
+  for at, rows in ((2, by_step[1] + by_step[2]), (4, by_step[4])):
+    table = json.load(open(os.path.join(run_dir, "files", logged[at])))
+    assert table["columns"] == list(rows[0]) and table["data"] == [list(row.values()) for row in rows]
 
 
 @pytest.mark.slow

@@ -7,14 +7,13 @@ import importlib.util
 import json
 import logging
 import os
-import struct
 
 import pytest
 from PIL import Image
 
 from configs import common, eval as eval_config
 from jaxalign import curves, evaluator, hub_push, tasks, trackers, workdirs
-from helpers import FakeHub, tiny_config
+from helpers import FakeHub, tiny_config, wandb_records
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None  # the [test] extra installs it
 
@@ -71,31 +70,6 @@ def jsonl_by_step(path):
       record = json.loads(line)
       out.setdefault(record.pop("step"), {}).update(record)
   return out
-
-
-def wandb_records(run_dir):
-  """The protobuf records of a W&B run file (`run-<id>.wandb`: a ":W&B" header, then LevelDB-log framed records)."""
-  from wandb.proto import wandb_internal_pb2
-
-  (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-  data = open(path, "rb").read()
-  assert data[:4] == b":W&B"
-  block, pos, payload, records = 32768, 7, b"", []
-  while pos + 7 <= len(data):
-    if block - pos % block < 7:  # a block's tail too short for a header is padding
-      pos += block - pos % block
-      continue
-    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-    if length == 0 and kind == 0:
-      break
-    payload += data[pos + 7:pos + 7 + length]
-    pos += 7 + length
-    if kind in (1, 4):  # a FULL record, or the LAST piece of one
-      record = wandb_internal_pb2.Record()
-      record.ParseFromString(payload)
-      records.append(record)
-      payload = b""
-  return records
 
 
 @pytest.mark.slow
