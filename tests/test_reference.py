@@ -13,7 +13,8 @@ from helpers import losses_by_step, prepared, step_flops, tiny_config
 
 
 @pytest.mark.parametrize("reference", ["model", "precomputed"])
-def test_a_reference_free_loss_builds_and_runs_no_reference(reference, cache_dir, monkeypatch):
+def test_a_reference_free_loss_builds_and_runs_no_reference(reference, tmp_path, monkeypatch):
+  cache_dir = str(tmp_path / "cache")  # its own: the session's cache holds other tests' reference log-probs
   passes = []
   monkeypatch.setattr(reference_lib, "compute_logps", lambda *args, **kwargs: passes.append(args))
   config = tiny_config(cache_dir, "dpo", **{"dpo.loss_type": "reference_free", "dpo.reference": reference})

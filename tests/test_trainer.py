@@ -64,7 +64,8 @@ def test_first_dpo_step_loss_is_ln2_and_eight_devices_match_one(layout, cache_di
 
 
 @pytest.mark.slow
-def test_precomputed_reference_equals_live_reference_and_is_cached(cache_dir, tmp_path, caplog):
+def test_precomputed_reference_equals_live_reference_and_is_cached(tmp_path, caplog):
+  cache_dir = str(tmp_path / "cache")  # its own: the session's cache holds other tests' reference log-probs
   results = {}
   for mode in ("model", "precomputed"):
     config = tiny_config(cache_dir, "dpo", **{"dpo.reference": mode, "training.max_steps": 3})
