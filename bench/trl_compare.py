@@ -4,10 +4,13 @@ process. The CPU setting is described first; `--gpu` changes what the GPU settin
 
   * model: a small OPT (4 layers, hidden 256, 4 heads, ffn 1024, vocab 50272), or with `--model llama` a small
     Llama (4 layers, hidden 256, grouped-query attention with 4 query / 2 K/V heads, SwiGLU 1024, tied head, vocab
-    49152: SmolLM2's shape in small), random init, built by jaxalign and written with `hub.save_pretrained`; TRL
-    trains `AutoModelForCausalLM.from_pretrained` of that folder (its reference model is a second copy). Dropout 0
-    on both sides (TRL's DPO default `disable_dropout=True`). fp32. The Llama reads the OPT tokenizer's ids: the
-    few at or above its vocabulary (rare BPE merges) are folded into it (id mod 49152), the same ids on both sides.
+    49152: SmolLM2's shape in small), or with `--model gemma3` a small Gemma 3 text model of the same sizes (head_dim
+    64, GeGLU 1024, tied head, vocab 49152, query_pre_attn_scalar 64, q/k norms; layers sliding, sliding, sliding,
+    full with a window of 128 tokens: Gemma 3's local/global pattern in small), random init, built by jaxalign and
+    written with `hub.save_pretrained`; TRL trains `AutoModelForCausalLM.from_pretrained` of that folder
+    (`Gemma3ForCausalLM` for the Gemma; its reference model is a second copy). Dropout 0 on both sides (TRL's DPO
+    default `disable_dropout=True`). fp32. The Llama and the Gemma read the OPT tokenizer's ids: the few at or above
+    their vocabulary (rare BPE merges) are folded into it (id mod 49152), the same ids on both sides.
   * data: real Anthropic HH pairs (harmless-base test) and the real OPT tokenizer from ../shared. Pairs are tokenized
     ONCE by jaxalign (max_length 256, max_prompt_length 128, prompt keeps its end) and TRL is handed these very ids
     (`prompt_ids` / `chosen_ids` / `rejected_ids`; its own tokenization step is bypassed, because TRL >= 1.0 no longer
@@ -41,7 +44,8 @@ process. The CPU setting is described first; `--gpu` changes what the GPU settin
   * tokens/s counts the real (unpadded) tokens of the plain layout — prompt + chosen and prompt + rejected rows —
     for every DPO row, so it is proportional to pairs/s; prefix sharing computes fewer tokens for the same work.
 
-GPU setting (`--gpu`): OPT-350M's shape (with `--model llama`: SmolLM2-360M's; random init), bf16 compute on both
+GPU setting (`--gpu`): OPT-350M's shape (with `--model llama`: SmolLM2-360M's, `--model gemma3`: Gemma 3 270M's;
+random init), bf16 compute on both
 sides (jaxalign: dtype bfloat16 with fp32 parameters and fp32 log-softmax; TRL: `bf16=True`, autocast over fp32
 weights), max length 512 / prompt 256, still batch 8 (the paper's DPO batch). jaxalign pads plain and SFT rows to
 512 and prefix-shared rows to 768 or 1024, and runs the like-for-like variant and the study's (prefix-shared,
@@ -52,6 +56,7 @@ precomputed reference) only, to keep the compilations few. TRL's steps are timed
   python bench/trl_compare.py --breakdown    # also times where a jaxalign DPO step goes (forward, head, backward)
   python bench/trl_compare.py --gpu          # on a GPU (bench/gpu.sh runs it)
   python bench/trl_compare.py --model llama  # the small Llama instead of the small OPT
+  python bench/trl_compare.py --model gemma3  # the small Gemma 3 (sliding / full layers) instead of the small OPT
 
 Needs `trl` (the `bench` extra). Skips, with the reason printed, when ../shared or trl is missing.
 """
@@ -104,15 +109,21 @@ class Setting:
     return self.name == "GPU"
 
   def model_config(self, family: str = "opt"):
-    from jaxalign.models import llama, registry
+    from jaxalign.models import gemma, llama, registry
 
     if self.gpu:
-      name = "smollm2-360m" if family == "llama" else "opt-350m"
+      name = {"llama": "smollm2-360m", "gemma3": "gemma-3-270m"}.get(family, "opt-350m")
       return registry.preset(name).replace(dtype=self.dtype, dropout=0.0, attention_dropout=0.0)
     if family == "llama":
       return llama.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+    if family == "gemma3":  # pad / BOS / EOS: the OPT tokenizer's, which both sides read
+      return gemma.GemmaConfig("gemma3_text", vocab_size=49152, hidden_size=256, intermediate_size=1024,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                               max_position_embeddings=2048, query_pre_attn_scalar=64, sliding_window=128,
+                               layer_types=(gemma.SLIDING,) * 3 + (gemma.FULL,), tie_word_embeddings=True,
+                               pad_token_id=1, bos_token_id=2, eos_token_id=2)
     return small_opt_config()
 
 
@@ -141,9 +152,9 @@ def parse_args():
   parser.add_argument("--seed", type=int, default=0, help="batch order and model init")
   parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
   parser.add_argument("--gpu", action="store_true", help="the GPU setting: OPT-350M shape, bf16, length 512")
-  parser.add_argument("--model", choices=("opt", "llama"), default="opt",
-                      help="the small OPT, or the small Llama (GQA 4/2, vocab 49152); with --gpu OPT-350M or "
-                           "SmolLM2-360M")
+  parser.add_argument("--model", choices=("opt", "llama", "gemma3"), default="opt",
+                      help="the small OPT, the small Llama or the small Gemma 3 (GQA 4/2, vocab 49152); with --gpu "
+                           "OPT-350M, SmolLM2-360M or Gemma 3 270M")
   args = parser.parse_args()
   args.setting = GPU if args.gpu else CPU
   return args
@@ -165,7 +176,8 @@ def skip_reason(args) -> str | None:
 
 
 def fold_ids(pairs, vocab_size: int):
-  """The pairs with ids >= vocab_size folded into the vocabulary (the small Llama reads the OPT tokenizer's ids)."""
+  """The pairs with ids >= vocab_size folded into the vocabulary (the small Llama / Gemma read the OPT tokenizer's
+  ids)."""
   fold = lambda arrays: [np.where(a >= vocab_size, a % vocab_size, a).astype(a.dtype) for a in arrays]
   return dataclasses.replace(pairs, prompt_ids=fold(pairs.prompt_ids), chosen_ids=fold(pairs.chosen_ids),
                              rejected_ids=fold(pairs.rejected_ids))

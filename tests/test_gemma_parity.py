@@ -95,6 +95,13 @@ def test_export_loads_in_transformers_bit_exact(name, tmp_path):
                                 fp.torch_logits(torch_model, ids, mask)[real])
 
 
+@fp.needs_8
+@pytest.mark.parametrize("name", ["gemma2_softcap", "gemma3_local_global"])
+def test_sharded_forward_and_grad_equal_single_device(name, tmp_path):
+  _, model = pair(name, tmp_path)
+  fp.assert_sharded_matches_single_device(model, fp.VOCAB)  # rows of 12 tokens past the window of 4
+
+
 def test_transformers_4_config_form_reads_as_transformers_5_form():
   v5 = {"model_type": "gemma3_text", **CONFIGS["gemma3_local_global"][1]}
   v4 = {**v5, "rope_theta": 1000.0, "rope_local_base_freq": 10.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
