@@ -48,6 +48,12 @@ def to_flax(torch_model, folder, **compute):
   return hub.from_pretrained(str(folder), **compute)
 
 
+def torch_and_flax(model_type: str, arch: dict, folder, seed: int = 0):
+  """(transformers' random model of `arch`, the same weights imported into ours through `folder`)."""
+  torch_model = make_torch(model_type, seed=seed, **arch)
+  return torch_model, to_flax(torch_model, folder)
+
+
 def padded_batch(padding_side: str, pad_id: int = 0, seed: int = 0):
   rng = np.random.default_rng(seed)
   width = max(LENGTHS)

@@ -43,9 +43,7 @@ CONFIGS = {
 
 
 def pair(name, tmp_path, seed=0):
-  model_type, arch = CONFIGS[name]
-  torch_model = fp.make_torch(model_type, seed=seed, **arch)
-  return torch_model, fp.to_flax(torch_model, tmp_path / "in")
+  return fp.torch_and_flax(*CONFIGS[name], tmp_path / "in", seed=seed)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

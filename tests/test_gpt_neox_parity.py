@@ -17,8 +17,7 @@ CONFIGS = {
 
 
 def pair(name, tmp_path, seed=0):
-  torch_model = fp.make_torch("gpt_neox", seed=seed, **CONFIGS[name])
-  return torch_model, fp.to_flax(torch_model, tmp_path / "in")
+  return fp.torch_and_flax("gpt_neox", CONFIGS[name], tmp_path / "in", seed=seed)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
