@@ -3,6 +3,7 @@
   python bench/memory.py                       # the table of BENCHMARKS.md "Memory" (long: every compile is minutes)
   python bench/memory.py --presets qwen2.5-0.5b --chunks 0,16,32,64,128
   python bench/memory.py --timing              # old vs new path step time, alternating, on a small model
+  python bench/memory.py --timing --real --chunks 0,v8192 --rounds 3   # the same on Qwen2.5-0.5B's own 24 blocks
   python bench/memory.py --strategies --chunks 16,32,64   # the log-prob gradient alone, per strategy
 
 For each preset: the DPO train step (prefix-shared rows: 8 pairs of a 512-token prompt and two 256-token responses
@@ -114,7 +115,7 @@ def strategies(chunks) -> None:
     def f(hidden, weight, targets):
       if chunk.vocabulary:
         flat = hidden.reshape(-1, width), weight, targets.reshape(-1)
-        return logprobs.fused_head(*flat, jnp.bfloat16, True, chunk.vocabulary)[0].sum()
+        return logprobs.fused_head(*flat, jnp.bfloat16, True, chunk.vocabulary, False).sum()
       head = lambda h: layers.lm_logits(h, weight, jnp.bfloat16, vocab_first=True)
       return logprobs.chunked_logprobs(head, hidden, targets, chunk_size=chunk.positions).sum()
     return jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
@@ -135,15 +136,22 @@ def strategies(chunks) -> None:
       print(f"| {name} | {chunk.vocabulary or chunk.positions} | {temporaries(chunk) / 2**30:.2f} |", flush=True)
 
 
-def timing(rounds: int, chunks) -> None:
-  """Train-step time of the unchunked path and each chunk size, alternating, on a small model with a large
-  vocabulary (2 Qwen2.5-0.5B blocks at width 256, vocabulary 151,936; DPO, 4 prefix-shared rows of 512 tokens, 256
-  scored a row; fp32)."""
-  arch = registry.preset("qwen2.5-0.5b").replace(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
-                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+SMALL_TIMING_MODEL = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64)
+
+
+def timing(rounds: int, chunks, real: bool, num_layers: int = 0, pairs: int = 4, length: int = 512) -> None:
+  """Train-step time of the unchunked path and each chunk size, alternating step by step: DPO, `pairs`
+  prefix-shared rows of `length` tokens (half of them scored), fp32, on Qwen2.5-0.5B's vocabulary (151,936) with
+  its real blocks (`real`; `num_layers` of them, 0 = all 24) or 2 blocks at width 256 (where the head is nearly the
+  whole step: the worst case for the fused head's extra matmul)."""
+  arch = registry.preset("qwen2.5-0.5b")
+  arch = (_with_layers(arch, num_layers) if num_layers else arch) if real else arch.replace(**SMALL_TIMING_MODEL)
+  print(f"timing: {arch.num_hidden_layers} blocks, width {arch.hidden_size}, DPO, {pairs} rows x {length} tokens, "
+        f"{rounds} rounds", flush=True)
   model = registry.build_causal_lm(arch, rngs=nnx.Rngs(0))
   config = common.get_config()
-  batch = jax.device_put(with_reference_logps(synthetic_batch("dpo-shared", 4, 512, arch.vocab_size)))
+  batch = jax.device_put(with_reference_logps(synthetic_batch("dpo-shared", pairs, length, arch.vocab_size)))
   graphdef, params, rest = step_lib.split_model(model, use_lora=False)
   tx = step_lib.make_optimizer(config.optimizer, total_steps=10_000)
   steps, states = {}, {}
@@ -175,11 +183,13 @@ def main() -> None:
   parser.add_argument("--strategies", action="store_true",
                       help="the log-prob gradient alone: unchunked, plain scan, checkpointed scan per chunk")
   parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--real", action="store_true", help="--timing on Qwen2.5-0.5B's own blocks (--layers of them)")
+  parser.add_argument("--pairs", type=int, default=4, help="--timing: prefix-shared rows of 512 tokens a step")
   parser.add_argument("--layers", type=int, default=0, help="keep only N blocks (faster compiles; 0 = all)")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores visible")
   if args.timing:
-    timing(args.rounds, [parse_chunks(c) for c in args.chunks.split(",")])
+    timing(args.rounds, [parse_chunks(c) for c in args.chunks.split(",")], args.real, args.layers, args.pairs)
   elif args.strategies:
     strategies([parse_chunks(c) for c in args.chunks.split(",")])
   else:

@@ -28,22 +28,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.arch = ml_collections.ConfigDict()  # field overrides of the preset, e.g. num_hidden_layers
   c.model.dtype = "float32"  # compute dtype: bfloat16 on GPU/TPU; parameters stay float32
   c.model.remat = False
-  # Chunked log-probs (jaxalign/logprobs.py): the LM head, log-softmax and target pick on this many scored positions
-  # of each row at a time, so no [rows, scored, vocab] float32 logits (nor their gradient) exist whole. 0 = off: all
-  # positions at once, the fastest. Chunking trades step time for memory: each chunk re-reads the [vocab, width] head
-  # (measured on CPU, BENCHMARKS.md "memory": chunk 32 cut the vocabulary-dependent temporaries of a Qwen2.5-0.5B DPO
-  # step, 8 pairs x 1,024 tokens, from 5.92 to 2.19 GiB, and of the GRPO log-prob path, 8 x 512 tokens, from 6.91 to
-  # 1.30 GiB, but made a width-256 model's step ~40% slower). Turn it on (32) when the vocabulary x the scored tokens
-  # are what runs out of memory: 100k+ vocabularies (Qwen, Llama 3, Gemma) with long responses or many completions
-  # on a GPU; `dry_run` shows the difference.
-  c.model.logprob_chunk = 0
-  # The fused LM-head log-probs (logprobs.fused_head), used where the family's head is a plain product (all but
-  # Gemma 2's soft-cap and Granite's scaling, which fall back to logprob_chunk): the head's vocabulary walked this many
-  # columns at a time, forward (an online log-sum-exp) and backward (each slice's weight gradient written once), so
-  # neither [scored, vocab] logits nor per-chunk [vocab, width] partials exist. 0 = off; 8192 is a good size for
-  # 100k+ vocabularies (the gradient of Qwen2.5-0.5B's log-probs, 8 x 512 positions: 0.27 GiB of temporaries at 8192,
-  # 0.15 at 4096, vs 1.33 at logprob_chunk 32 and 5.14 unchunked; BENCHMARKS.md "memory").
-  c.model.logprob_vocab_chunk = 0
+  # Chunked log-probs (jaxalign/logprobs.py): when the float32 logits of the scored tokens ([rows, scored, vocab],
+  # the whole traced batch or micro-batch) would take more than logprob_chunk_above_mib, the step computes them in
+  # pieces so that no such buffer (nor its gradient) exists; at or below it, all at once (the fastest). The pieces:
+  # logprob_vocab_chunk columns of the head's vocabulary at a time (logprobs.fused_head: an online log-sum-exp forward
+  # and a backward writing each slice's weight gradient once) where the family's head is a plain product, else
+  # logprob_chunk scored positions per row at a time (a checkpointed scan; Gemma 2's soft-cap, Granite's scaling).
+  # Measured on CPU (BENCHMARKS.md "Memory"): the vocabulary-dependent temporaries of a Qwen2.5-0.5B DPO step, 8 pairs
+  # x 1,024 tokens, 5.92 GiB unchunked, 1.17 at 8,192 columns, 2.19 at 32 positions; the fused head costs one more
+  # head matmul in the backward pass. 0 turns a way off; `dry_run` prints which one a step uses.
+  c.model.logprob_chunk_above_mib = 1024
+  c.model.logprob_vocab_chunk = 8192
+  c.model.logprob_chunk = 32
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.dropout = -1.0  # -1 keeps the checkpoint's dropout (0.1 for OPT)
 

@@ -92,9 +92,11 @@ def validate(config: ml_collections.ConfigDict, *, stage_names: tuple[str, ...] 
     _one_of(config, "model.preset", registry.preset_names())
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
-  for field, what in (("logprob_chunk", "scored positions per row"), ("logprob_vocab_chunk", "vocabulary columns")):
-    chunk = config.model[field]
-    _check(config, f"model.{field}", isinstance(chunk, int) and chunk >= 0, f"a whole number of {what} >= 0 (0 = off)")
+  for field, what in (("logprob_chunk", "scored positions per row, >= 0 (0 = off)"),
+                      ("logprob_vocab_chunk", "vocabulary columns, >= 0 (0 = off)"),
+                      ("logprob_chunk_above_mib", "MiB of float32 logits, >= 0 (0 = always chunk)")):
+    value = config.model[field]
+    _check(config, f"model.{field}", isinstance(value, int) and value >= 0, f"a whole number of {what}")
   _validate_data(config)
   _validate_training(config)
   _check(config, "dpo.beta", config.dpo.beta > 0, "a positive number")
@@ -338,13 +340,14 @@ def check_inputs(config: ml_collections.ConfigDict, *, tokenizer_size: int, mode
 
 
 # Fields a resumed (or rerun finished) stage may change freely: they change what is logged, evaluated, stored or how
-# the work is laid out and compiled, or how many steps run (a new step count stretches or shortens the learning-rate
-# schedule from the resumed step on). Every other field changes the math of training and is compared (see
+# the work is laid out, chunked and compiled, or how many steps run (a new step count stretches or shortens the
+# learning-rate schedule from the resumed step on). Every other field changes the math of training and is compared (see
 # `check_unchanged`); a field added later is compared too, so this list names what is safe, not what is risky.
 RESUME_FREE_FIELDS = ("resume", "resume_allow_changes", "training.num_epochs", "training.max_steps",
                       "training.log_every", "training.eval_every", "training.progress_bar", "training.precompile",
                       "data.eval_split", "data.eval_pairs", "data.cache_dir", "data.warn_skipped_share", "model.remat",
-                      "model.attention_impl", "checkpoint", "logging", "export", "mesh", "compilation_cache",
+                      "model.attention_impl", "model.logprob_chunk", "model.logprob_vocab_chunk",
+                      "model.logprob_chunk_above_mib", "checkpoint", "logging", "export", "mesh", "compilation_cache",
                       "stages", "stage_configs")
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import config_lib, parallel, reference as reference_lib, stage_model, step as step_lib, tasks
+from jaxalign import config_lib, logprobs, parallel, reference as reference_lib, stage_model, step as step_lib, tasks
 from jaxalign.data import pipeline, tokenize
 from jaxalign.models import lora, registry, reward
 
@@ -147,6 +147,14 @@ def compile_step(config, task, model: nnx.Module, reference: reference_lib.Refer
   return steps.lower_train(state, batch).compile(), state
 
 
+def scored_shape(host_batch, accum: int) -> tuple[int, int]:
+  """(rows, positions) at which one micro-batch of `host_batch` runs the LM head: its target arrays (chosen and
+  rejected rows together)."""
+  shapes = [getattr(host_batch, field.name).shape for field in dataclasses.fields(host_batch)
+            if field.name.endswith("targets") and getattr(host_batch, field.name) is not None]
+  return sum(shape[0] for shape in shapes) // accum, max(shape[1] for shape in shapes)
+
+
 def largest_fitting(fits, start: int, limit: int = 2**16) -> int:
   """The largest n in [1, limit] with fits(n) (assumed monotone: true up to some n, false after), found by
   doubling or halving from `start`, then bisection; 0 when n = 1 does not fit."""
@@ -214,6 +222,10 @@ def run_stage(config, memory_budget: str) -> StepMemory:
         f"its largest batch, {config.training.batch_size} rows of {length} tokens every position scored, "
         f"{config.training.grad_accum} micro-batch(es), on a {dict(mesh.shape)} mesh of {device.device_kind} "
         f"devices; XLA's memory analysis per device:\n{describe(memory)}")
+  if isinstance(task, tasks.ReadsLMHead):
+    rows, scored = scored_shape(largest_batch(config, task, reference, config.training.batch_size),
+                                config.training.grad_accum)
+    print(f"  log-probs: {logprobs.describe(task.logprob_chunks, model, rows, scored)}")
   if memory_budget:
     budget = config_lib.parse_bytes(memory_budget)
     unit = config.training.grad_accum * mesh.size  # batch sizes split evenly into micro-batches and devices

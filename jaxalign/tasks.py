@@ -166,7 +166,7 @@ class ScoredPairCounts:
 @dataclasses.dataclass(frozen=True)
 class ReadsLMHead:
   """A task whose loss reads token log-probs off the LM head, chunked as `logprob_chunks` says (config
-  model.logprob_chunk and model.logprob_vocab_chunk; by default unchunked)."""
+  model.logprob_chunk, logprob_vocab_chunk and logprob_chunk_above_mib; unchunked when built without a config)."""
 
   logprob_chunks: logprobs.Chunks = logprobs.UNCHUNKED
 

@@ -9,16 +9,21 @@ from jaxalign import config_lib, dry_run, parallel, step as step_lib, trainer
 from jaxalign.data import pipeline
 from helpers import prepared, tiny_config
 
-STAGES = {"sft": ("sft", {}),
-          "dpo-shared-live-reference": ("dpo", {"data.prefix_sharing": True, "dpo.reference": "model"})}
+# (task, fields, how the step computes its log-probs): the tiny SFT step's logits are far below the chunking size;
+# the DPO stage chunks at any size, so its figures are the fused head's.
+STAGES = {"sft": ("sft", {}, "log-probs: unchunked, 0.00 GiB"),
+          "dpo-shared-live-reference": ("dpo", {"data.prefix_sharing": True, "dpo.reference": "model",
+                                                "model.logprob_chunk_above_mib": 0},
+                                        "log-probs: fused LM head, ")}
 
 
 @pytest.mark.parametrize("name", STAGES)
 def test_dry_run_figures_equal_the_training_steps_memory_analysis(cache_dir, name, capsys):
-  task_name, fields = STAGES[name]
+  task_name, fields, logprob_path = STAGES[name]
   config = tiny_config(cache_dir, task_name, **fields, **{"dry_run": True, "mesh.num_devices": 1})
   [figures] = trainer.run(config, "unused-workdir")
-  assert "total per device" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "total per device" in out and logprob_path in out
 
   # What training builds: real weights, optimizer state, reference and data.
   task, model, data, reference, mesh = prepared(config)

@@ -52,9 +52,10 @@ def test_chunked_logprobs_and_entropy_equal_the_full_softmax_with_gradients(chun
   assert_trees_close(objective(chunk), objective(0))
 
 
+@pytest.mark.parametrize("with_entropy", [True, False], ids=["logps+entropy", "logps"])
 @pytest.mark.parametrize("vocab_first", [True, False], ids=["tied-table", "kernel"])
 @pytest.mark.parametrize("slice_size", [7, 16, 50, 64])  # 7, 16: the last slice overlaps; 64: one slice, clipped
-def test_the_fused_head_equals_the_full_softmax_with_gradients(vocab_first, slice_size):
+def test_the_fused_head_equals_the_full_softmax_with_gradients(vocab_first, slice_size, with_entropy):
   hidden, weight, targets = random_inputs(rows=1, length=37, seed=3)
   hidden, targets = hidden[0], targets[0]
   weights = jax.random.normal(jax.random.key(4), (2, 37))
@@ -63,10 +64,12 @@ def test_the_fused_head_equals_the_full_softmax_with_gradients(vocab_first, slic
   def objective(fused):
     def f(hidden, head_weight):
       if fused:
-        logps, entropy = logprobs.fused_head(hidden, head_weight, targets, jnp.float32, vocab_first, slice_size)
+        out = logprobs.fused_head(hidden, head_weight, targets, jnp.float32, vocab_first, slice_size, with_entropy)
+        logps, entropy = out if with_entropy else (out, jnp.zeros_like(out))
       else:
         logits = layers.lm_logits(hidden[None], head_weight, jnp.float32, vocab_first=vocab_first)[0]
-        logps, entropy = losses.selected_logprobs(logits, targets), losses.token_entropies(logits)
+        logps = losses.selected_logprobs(logits, targets)
+        entropy = losses.token_entropies(logits) if with_entropy else jnp.zeros_like(logps)
       return (weights[0] * logps).sum() + (weights[1] * entropy).sum(), (logps, entropy)
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head_weight)
 
@@ -129,7 +132,8 @@ def test_the_compiled_gradient_has_no_rows_by_scored_by_vocab_buffer():
   logits_bytes = rows * length * vocab * 4
   assert temporaries(0) > logits_bytes > 4 * temporaries(16)
 
-  fused = lambda h, w, t: logprobs.fused_head(h.reshape(-1, width), w, t.reshape(-1), jnp.float32, True, 256)[0].sum()
+  fused = lambda h, w, t: logprobs.fused_head(h.reshape(-1, width), w, t.reshape(-1), jnp.float32, True, 256,
+                                              False).sum()
   fused_temporaries = jax.jit(jax.grad(fused, argnums=(0, 1))).lower(*args).compile().memory_analysis()
   assert logits_bytes > 4 * fused_temporaries.temp_size_in_bytes
 
@@ -189,11 +193,32 @@ def test_sft_chunked_equals_unchunked_with_an_untied_head(packing, chunks):
 
 
 def test_the_chunk_size_comes_from_the_config_and_is_checked():
-  assert tasks.make_task(tiny_config("", "sft")).logprob_chunks == logprobs.UNCHUNKED  # off by default
-  fields = {"model.logprob_chunk": 7, "model.logprob_vocab_chunk": 512}
+  # On by default, above 1 GiB of unchunked logits: vocabulary slices where the head allows, else positions.
+  assert tasks.make_task(tiny_config("", "sft")).logprob_chunks == logprobs.Chunks(32, 8192, 2**30)
+  fields = {"model.logprob_chunk": 7, "model.logprob_vocab_chunk": 512, "model.logprob_chunk_above_mib": 3}
   for task in ("sft", "dpo", "cpo", "orpo", "kto"):
-    assert tasks.make_task(tiny_config("", task, **fields)).logprob_chunks == logprobs.Chunks(7, 512)
+    assert tasks.make_task(tiny_config("", task, **fields)).logprob_chunks == logprobs.Chunks(7, 512, 3 * 2**20)
   assert not hasattr(tasks.make_task(tiny_config("", "reward")), "logprob_chunks")  # no LM head
-  for field in ("model.logprob_chunk", "model.logprob_vocab_chunk"):
+  for field in ("model.logprob_chunk", "model.logprob_vocab_chunk", "model.logprob_chunk_above_mib"):
     with pytest.raises(config_lib.ConfigError, match=f"config.{field} = -1 is invalid"):
       config_lib.validate(tiny_config("", "sft", **{field: -1}))
+
+
+def test_chunks_apply_only_above_their_logits_size():
+  chunks = logprobs.Chunks(positions=32, vocabulary=8192, above_bytes=1000)
+  assert chunks.for_logits(rows=1, length=10, vocab=25) == logprobs.UNCHUNKED  # 1,000 bytes of fp32 logits: not above
+  assert chunks.for_logits(rows=1, length=10, vocab=26) == chunks  # 1,040 bytes
+  assert logprobs.Chunks(positions=32).for_logits(1, 1, 1) == logprobs.Chunks(positions=32)  # 0 bytes: always
+
+
+@pytest.mark.parametrize("above_bytes, chunked", [(0, True), (VOCAB * 3 * 11 * 4, False)], ids=["above", "at"])
+def test_head_logprobs_below_the_size_is_the_unchunked_program(above_bytes, chunked):
+  """At or below `above_bytes` of logits the traced program is the unchunked one (no scan, no custom VJP)."""
+  model = opt.OPTForCausalLM(dataclasses.replace(TINY, vocab_size=VOCAB, hidden_size=WIDTH, word_embed_proj_dim=WIDTH),
+                             rngs=nnx.Rngs(0))
+  hidden, _, targets = random_inputs()
+  chunks = logprobs.Chunks(positions=4, vocabulary=16, above_bytes=above_bytes)
+  program = str(jax.make_jaxpr(lambda h: logprobs.head_logprobs(model, h, targets, chunks))(hidden))
+  unchunked = str(jax.make_jaxpr(lambda h: logprobs.head_logprobs(model, h, targets, logprobs.UNCHUNKED))(hidden))
+  assert (program != unchunked) == chunked
+  assert ("scan" in program) == chunked
