@@ -42,11 +42,16 @@ SMALL_VOCAB = 1024
 
 
 def parse_chunks(text: str) -> logprobs.Chunks:
-  """"0" (off), "32" (model.logprob_chunk 32) or "v8192" (model.logprob_vocab_chunk 8192)."""
+  """"0" (off), "32" (model.logprob_chunk 32), "v8192" (model.logprob_vocab_chunk 8192) or "default" (configs/
+  common.py's settings, chunking only above model.logprob_chunk_above_mib)."""
+  if text == "default":
+    return logprobs.configured(common.get_config().model)
   return logprobs.Chunks(vocabulary=int(text[1:])) if text.startswith("v") else logprobs.Chunks(positions=int(text))
 
 
 def label(chunks: logprobs.Chunks) -> str:
+  if chunks.above_bytes:
+    return f"default (vocab {chunks.vocabulary} above {chunks.above_bytes / 2**20:.0f} MiB of logits)"
   if chunks.vocabulary:
     return f"vocab {chunks.vocabulary}"
   return str(chunks.positions) if chunks.positions else "off"
@@ -178,7 +183,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--presets", default=",".join(PRESETS))
   parser.add_argument("--chunks", default="0,32,v8192",
-                      help="model.logprob_chunk values (0 = off), or vN for model.logprob_vocab_chunk N")
+                      help="model.logprob_chunk values (0 = off), vN for model.logprob_vocab_chunk N, or default")
   parser.add_argument("--timing", action="store_true", help="time old vs new path instead of the memory table")
   parser.add_argument("--strategies", action="store_true",
                       help="the log-prob gradient alone: unchunked, plain scan, checkpointed scan per chunk")

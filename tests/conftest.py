@@ -1,12 +1,20 @@
 """Shared test fixtures: no network, no ../shared; everything tiny and generated here."""
 
 import os
+import shutil
+import tempfile
 
+# XLA:CPU compiles these tiny programs with LLVM's cheap passes only: compiling, not running, is most of a test's
+# time, and this cuts the suite's by about a fifth (the numerics do not depend on it: no fast-math either way).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Eight CPU devices so sharding tests run anywhere; unsharded code just uses the first one.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The default data cache (~/.cache/jaxalign) is this test process's own (each pytest -n worker imports this file):
+# tests never read a user's cache, and parallel workers never write one synthetic set at the same time.
+os.environ["JAXALIGN_CACHE"] = tempfile.mkdtemp(prefix="jaxalign-test-cache-")
 
 import pytest
 
@@ -40,3 +48,7 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 def cache_dir(tmp_path_factory):
   """One tokenization / reference cache for the whole session: the synthetic data is tokenized once."""
   return str(tmp_path_factory.mktemp("jaxalign-cache"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(os.environ["JAXALIGN_CACHE"], ignore_errors=True)

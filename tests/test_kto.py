@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxalign import tasks, trainer
+from jaxalign import logprobs, tasks, trainer
 from jaxalign.data import hh, pipeline, unpaired
 from jaxalign.tokenizer import load_tokenizer
 from helpers import losses_by_step, prepared, tiny_config
@@ -114,7 +114,8 @@ def test_kto_precomputed_reference_equals_the_live_one_on_packed_rows(cache_dir,
 def test_kto_task_reads_its_config():
   config = tiny_config("", "kto", **{"kto.beta": 0.3, "kto.desirable_weight": 1.2, "kto.loss_type":
                                      "apo_zero_unpaired"})
-  assert tasks.make_task(config) == tasks.KTOTask(beta=0.3, desirable_weight=1.2, loss_type="apo_zero_unpaired")
+  assert tasks.make_task(config) == tasks.KTOTask(beta=0.3, desirable_weight=1.2, loss_type="apo_zero_unpaired",
+                                                  logprob_chunks=logprobs.configured(config.model))
 
 
 @pytest.mark.slow
