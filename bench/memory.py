@@ -154,24 +154,25 @@ def timing(rounds: int, chunks, real: bool, num_layers: int = 0, pairs: int = 4,
   arch = (_with_layers(arch, num_layers) if num_layers else arch) if real else arch.replace(**SMALL_TIMING_MODEL)
   print(f"timing: {arch.num_hidden_layers} blocks, width {arch.hidden_size}, DPO, {pairs} rows x {length} tokens, "
         f"{rounds} rounds", flush=True)
-  model = registry.build_causal_lm(arch, rngs=nnx.Rngs(0))
   config = common.get_config()
   batch = jax.device_put(with_reference_logps(synthetic_batch("dpo-shared", pairs, length, arch.vocab_size)))
-  graphdef, params, rest = step_lib.split_model(model, use_lora=False)
+  graphdef, params, rest = step_lib.split_model(registry.build_causal_lm(arch, rngs=nnx.Rngs(0)), use_lora=False)
   tx = step_lib.make_optimizer(config.optimizer, total_steps=10_000)
-  steps, states = {}, {}
-  for chunk in chunks:
-    path = label(chunk)
-    steps[path] = step_lib.StepFunctions(tasks.DPOTask(logprob_chunks=chunk), graphdef, rest, tx, jax.random.key(0),
-                                         accum=1, reference=reference_lib.Reference("precomputed"))
-    states[path] = step_lib.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
-    states[path], metrics = steps[path].train(states[path], batch)  # compile
+  # One train state goes through every path in turn (the paths compute the same step): one copy of the weights
+  # and optimizer state in memory, whatever the number of paths.
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  steps = {label(chunk): step_lib.StepFunctions(tasks.DPOTask(logprob_chunks=chunk), graphdef, rest, tx,
+                                                jax.random.key(0), accum=1,
+                                                reference=reference_lib.Reference("precomputed"))
+           for chunk in chunks}
+  for path in steps:  # compile
+    state, metrics = steps[path].train(state, batch)
     jax.block_until_ready(metrics)
   seconds = {path: [] for path in steps}
   for _ in range(rounds):
     for path in steps:
       start = time.perf_counter()
-      states[path], metrics = steps[path].train(states[path], batch)
+      state, metrics = steps[path].train(state, batch)
       jax.block_until_ready(metrics)
       seconds[path].append(time.perf_counter() - start)
   for path, values in seconds.items():

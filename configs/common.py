@@ -35,8 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   # and a backward writing each slice's weight gradient once) where the family's head is a plain product, else
   # logprob_chunk scored positions per row at a time (a checkpointed scan; Gemma 2's soft-cap, Granite's scaling).
   # Measured on CPU (BENCHMARKS.md "Memory"): the vocabulary-dependent temporaries of a Qwen2.5-0.5B DPO step, 8 pairs
-  # x 1,024 tokens, 5.92 GiB unchunked, 1.17 at 8,192 columns, 2.19 at 32 positions; the fused head costs one more
-  # head matmul in the backward pass. 0 turns a way off; `dry_run` prints which one a step uses.
+  # x 1,024 tokens, 5.92 GiB unchunked, 1.17 at 8,192 columns, 2.19 at 32 positions; the fused head's step time
+  # is the unchunked one's or better (one more head matmul, far less memory traffic), 32-position chunks are slower.
+  # 0 turns a way off; `dry_run` prints which one a step uses.
   c.model.logprob_chunk_above_mib = 1024
   c.model.logprob_vocab_chunk = 8192
   c.model.logprob_chunk = 32
