@@ -6,13 +6,15 @@
   python bench/memory.py --timing --real --chunks 0,v8192 --rounds 3   # the same on Qwen2.5-0.5B's own 24 blocks
   python bench/memory.py --strategies --chunks 16,32,64   # the log-prob gradient alone, per strategy
 
-For each preset: the DPO train step (prefix-shared rows: 8 pairs of a 512-token prompt and two 256-token responses
-in rows of 1,024 tokens, 512 scored positions a row; bf16 compute; precomputed reference log-probs; AdamW; the
-trainer's own step), compiled (never run) with abstract inputs at the real vocabulary and at a 1,024-token one. The
-difference of their temporary bytes is what the vocabulary costs; `model.logprob_chunk` 0 is the unchunked path
-(the whole [rows, scored, vocab] float32 logits and their gradient), the others chunk it. The GRPO row: the online
-methods' log-prob path alone (no GRPO task exists yet): per-token log-probs and entropies of 8 completions x 512
-tokens from final hidden states, under the model's own head, with the gradient of an advantage-weighted sum.
+For each preset (rows chosen with --paths): the DPO train step (prefix-shared rows: 8 pairs of a 512-token prompt
+and two 256-token responses in rows of 1,024 tokens, 512 scored positions a row; bf16 compute; precomputed reference
+log-probs; AdamW; the trainer's own step via the dry run); the GRPO train step (one 256-token prompt and its G = 8
+completions of 512 tokens in one group row, beta 0.04, the same way); and the GRPO log-prob path alone (per-token
+log-probs and entropies of 8 completions x 512 tokens from final hidden states under the model's own head, with the
+gradient of an advantage-weighted sum). Each is compiled (never run) with abstract inputs at the real vocabulary and
+at a 1,024-token one; the difference of their temporary bytes is what the vocabulary costs. Chunks: 0 = unchunked
+(the whole [rows, scored, vocab] float32 logits and their gradient), N = N positions a chunk, vN = the fused head
+with N columns a slice, default = configs/common.py's settings (the fused head above 1 GiB of logits).
 
 XLA:CPU's figures: its attention keeps whole score matrices, so the totals are far above a GPU's; the vocabulary
 differences are what this bench reports. Random shapes only: no weights, no network.
@@ -21,6 +23,7 @@ differences are what this bench reports. Random shapes only: no weights, no netw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -68,6 +71,22 @@ def dpo_step_temporaries(arch, chunk: logprobs.Chunks, pairs: int = 8, length: i
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+def grpo_step_temporaries(arch, chunk: logprobs.Chunks, completions: int = 8, length: int = 512,
+                          prompt: int = 256) -> int:
+  """Temporary bytes of the compiled GRPO train step (the trainer's own, via the dry run): one prompt of `prompt`
+  tokens with G = `completions` completions of `length` tokens in one row (the group layout), beta 0.04 (reference
+  log-probs in the batch), bf16, AdamW."""
+  config = common.get_config()
+  config.task, config.data.max_prompt_length, config.grpo.beta = "grpo", prompt, 0.04
+  config.online.num_generations, config.online.max_completion_length = completions, length
+  model = registry.abstract_causal_lm(arch)
+  task = dataclasses.replace(tasks.make_task(config), logprob_chunks=chunk)
+  reference = dry_run.abstract_reference(config, task, model)
+  batch = dry_run.largest_batch(config, task, reference, completions)
+  compiled, _ = dry_run.compile_step(config, task, model, reference, batch, parallel.make_mesh())
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
 def grpo_logprob_temporaries(arch, chunk: logprobs.Chunks, completions: int = 8, length: int = 512) -> int:
   """Temporary bytes of the gradient of sum(advantage x log-prob) + entropy over `completions` x `length` tokens,
   from final hidden states through the model's head (the GRPO log-prob path alone)."""
@@ -85,12 +104,17 @@ def grpo_logprob_temporaries(arch, chunk: logprobs.Chunks, completions: int = 8,
   return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+PATHS = {"dpo": ("DPO step (8 pairs x 1,024, shared)", dpo_step_temporaries),
+         "grpo": ("GRPO step (G = 8 x 512, prompt 256)", grpo_step_temporaries),
+         "grpo-logprobs": ("GRPO log-prob path (8 x 512)", grpo_logprob_temporaries)}
+
+
 def vocabulary_bytes(measure, arch, chunk: logprobs.Chunks) -> tuple[int, int]:
   """(temporaries at the real vocabulary, at SMALL_VOCAB) of `measure(arch, chunk)`."""
   return measure(arch, chunk), measure(arch.replace(vocab_size=SMALL_VOCAB), chunk)
 
 
-def memory_table(presets, chunks, num_layers: int = 0) -> None:
+def memory_table(presets, chunks, num_layers: int = 0, paths=tuple(PATHS)) -> None:
   gib = lambda n: f"{n / 2**30:.2f}"
   print("| model | vocab | path | chunk | temporaries, real vocab (GiB) | at vocab 1,024 (GiB) | vocabulary-dependent "
         "(GiB) |\n|---|---|---|---|---|---|---|", flush=True)
@@ -99,8 +123,7 @@ def memory_table(presets, chunks, num_layers: int = 0) -> None:
     if num_layers:
       arch = _with_layers(arch, num_layers)
       preset += f" ({num_layers} layers)"
-    for name, measure in (("DPO step (8 pairs x 1,024, shared)", dpo_step_temporaries),
-                          ("GRPO log-prob path (8 x 512)", grpo_logprob_temporaries)):
+    for name, measure in [PATHS[path] for path in paths]:
       for chunk in chunks:
         start = time.perf_counter()
         real, small = vocabulary_bytes(measure, arch, chunk)
@@ -192,6 +215,7 @@ def main() -> None:
   parser.add_argument("--real", action="store_true", help="--timing on Qwen2.5-0.5B's own blocks (--layers of them)")
   parser.add_argument("--pairs", type=int, default=4, help="--timing: prefix-shared rows of 512 tokens a step")
   parser.add_argument("--layers", type=int, default=0, help="keep only N blocks (faster compiles; 0 = all)")
+  parser.add_argument("--paths", default=",".join(PATHS), help=f"memory table rows, of {','.join(PATHS)}")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores visible")
   if args.timing:
@@ -199,7 +223,8 @@ def main() -> None:
   elif args.strategies:
     strategies([parse_chunks(c) for c in args.chunks.split(",")])
   else:
-    memory_table(args.presets.split(","), [parse_chunks(c) for c in args.chunks.split(",")], args.layers)
+    memory_table(args.presets.split(","), [parse_chunks(c) for c in args.chunks.split(",")], args.layers,
+                 args.paths.split(","))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import config_lib, logprobs, parallel, reference as reference_lib, stage_model, step as step_lib, tasks
-from jaxalign.data import pipeline, tokenize
+from jaxalign import (config_lib, logprobs, parallel, reference as reference_lib, rollout, stage_model,
+                      step as step_lib, tasks)
+from jaxalign.data import layouts, pipeline, tokenize
 from jaxalign.models import lora, registry, reward
 
 CPU_NOTE = ("XLA:CPU attention keeps each layer's full [heads, length, length] score matrices, so on CPU this is an "
             "upper bound: a GPU with fused (flash) attention needs less")
+
+
+GENERATION_NOTE = ("an online stage also samples its completions between steps: the sampler's key-value cache (rows x "
+                   "tokens x layers x 2 x key-value width) comes and goes beside these figures and is not in them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class StepMemory:
   arguments: int  # every input: the two above, frozen parameters, a reference copy, the batch
   outputs: int  # outputs not written over a donated input
   temporaries: int
+  beside: int = 0  # held on the device beside the step: an online stage's reference model (it scores completions)
 
   @property
   def other_inputs(self) -> int:
@@ -46,7 +52,7 @@ class StepMemory:
 
   @property
   def total(self) -> int:
-    return self.arguments + self.outputs + self.temporaries
+    return self.arguments + self.outputs + self.temporaries + self.beside
 
 
 def shard_bytes(tree) -> int:
@@ -54,13 +60,23 @@ def shard_bytes(tree) -> int:
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def step_memory(compiled, state) -> StepMemory:
-  """The memory of a compiled train step whose (abstract, sharded) state is `state`."""
+def step_memory(compiled, state, beside: int = 0) -> StepMemory:
+  """The memory of a compiled train step whose (abstract, sharded) state is `state`, with `beside` bytes held next
+  to it."""
   analysis = compiled.memory_analysis()
   return StepMemory(parameters=shard_bytes(state.params), optimizer=shard_bytes(state.opt_state),
                     arguments=analysis.argument_size_in_bytes,
                     outputs=analysis.output_size_in_bytes - analysis.alias_size_in_bytes,
-                    temporaries=analysis.temp_size_in_bytes)
+                    temporaries=analysis.temp_size_in_bytes, beside=beside)
+
+
+def held_beside_the_step(config, task, reference: reference_lib.Reference, mesh) -> int:
+  """Bytes per device of an online stage's reference model: the rollout source runs it on the completions, so the
+  step (which reads their log-probs from the batch) never takes it as an input."""
+  if task.batch_kind != "prompts" or reference.state is None:
+    return 0
+  return shard_bytes(abstract(reference.state, parallel.tree_shardings(reference.state, mesh,
+                                                                       config.mesh.min_fsdp_size)))
 
 
 def abstract(tree, shardings):
@@ -99,6 +115,10 @@ def _full_pairs(config, rows: int) -> tokenize.TokenizedPairs:
 def largest_batch(config, task, reference: reference_lib.Reference, batch_size: int):
   """A host batch of the stage's largest shape: `batch_size` rows of the layout's longest row, each position
   scored, with the per-pair arrays the step reads (precomputed reference log-probs, KTO labels, reward heads)."""
+  if task.batch_kind == "prompts":  # online: prompt groups of the longest row (what the rollout source compiles)
+    layout = rollout.group_layout(config)
+    return rollout.zero_batch(layout, batch_size // layout.num_generations, layout.ladder[-1],
+                              with_reference=task.uses_reference)
   layout = pipeline.layout_for(config, task.batch_kind)
   pairs = _full_pairs(config, 1)
   examples = layout.examples(tokenize.sft_examples(pairs, max_length=config.data.max_length)
@@ -149,7 +169,10 @@ def compile_step(config, task, model: nnx.Module, reference: reference_lib.Refer
 
 def scored_shape(host_batch, accum: int) -> tuple[int, int]:
   """(rows, positions) at which one micro-batch of `host_batch` runs the LM head: its target arrays (chosen and
-  rejected rows together)."""
+  rejected rows together; a prompt group's completions side by side in its row)."""
+  if isinstance(host_batch, layouts.RolloutBatch):
+    prompts, groups, width = host_batch.group.targets.shape
+    return prompts // accum, groups * width
   shapes = [getattr(host_batch, field.name).shape for field in dataclasses.fields(host_batch)
             if field.name.endswith("targets") and getattr(host_batch, field.name) is not None]
   return sum(shape[0] for shape in shapes) // accum, max(shape[1] for shape in shapes)
@@ -184,6 +207,7 @@ def describe(memory: StepMemory) -> str:
   rows = [("parameters (trained)", memory.parameters), ("optimizer state", memory.optimizer),
           ("other inputs (frozen parameters, reference, batch)", memory.other_inputs),
           ("temporaries", memory.temporaries), ("outputs not donated", memory.outputs),
+          *([("reference model beside the step (online)", memory.beside)] if memory.beside else []),
           ("total per device", memory.total)]
   return "\n".join(f"  {name:<52} {gib(value):>14}" for name, value in rows)
 
@@ -211,28 +235,35 @@ def run_stage(config, memory_budget: str) -> StepMemory:
   model = abstract_model(config)
   reference = abstract_reference(config, task, model)
 
+  beside = held_beside_the_step(config, task, reference, mesh)
+
   def measure(batch_size: int) -> StepMemory:
     batch = largest_batch(config, task, reference, batch_size)
-    return step_memory(*compile_step(config, task, model, reference, batch, mesh))
+    return step_memory(*compile_step(config, task, model, reference, batch, mesh), beside)
 
   memory = measure(config.training.batch_size)
-  length = pipeline.layout_for(config, task.batch_kind).row_limit
+  batch = largest_batch(config, task, reference, config.training.batch_size)
+  rows, length = jax.tree.leaves(batch)[0].shape  # the (first) input ids
   device = jax.devices()[0]
   print(f"dry run of task {config.task} ({config.model.dtype} compute, {type(model).__name__}): one train step at "
-        f"its largest batch, {config.training.batch_size} rows of {length} tokens every position scored, "
+        f"its largest batch, {rows} rows of {length} tokens every position scored, "
         f"{config.training.grad_accum} micro-batch(es), on a {dict(mesh.shape)} mesh of {device.device_kind} "
         f"devices; XLA's memory analysis per device:\n{describe(memory)}")
   if isinstance(task, tasks.ReadsLMHead):
-    rows, scored = scored_shape(largest_batch(config, task, reference, config.training.batch_size),
-                                config.training.grad_accum)
+    rows, scored = scored_shape(batch, config.training.grad_accum)
     print(f"  log-probs: {logprobs.describe(task.logprob_chunks, model, rows, scored)}")
   if memory_budget:
     budget = config_lib.parse_bytes(memory_budget)
-    unit = config.training.grad_accum * mesh.size  # batch sizes split evenly into micro-batches and devices
+    # Batch sizes split evenly into micro-batches and devices (online: of whole prompt groups of G completions).
+    online = task.batch_kind == "prompts"
+    unit = config.training.grad_accum * mesh.size * (config.online.num_generations if online else 1)
+    steps = "grad_accum x devices" + (" x online.num_generations" if online else "")
     best = largest_fitting(lambda n: measure(n * unit).total <= budget, max(config.training.batch_size // unit, 1))
     print(f"largest training.batch_size whose step fits {gib(budget)} per device: "
-          + (f"{best * unit} (in steps of {unit}: grad_accum x devices)" if best else "none (not even "
-             f"{unit} rows); lower data.max_length, or use model.remat, mesh.fsdp or LoRA"))
+          + (f"{best * unit} (in steps of {unit}: {steps})" if best else "none (not even "
+             f"{unit}); lower data.max_length, or use model.remat, mesh.fsdp or LoRA"))
+  if task.batch_kind == "prompts":
+    print(f"note: {GENERATION_NOTE}")
   if device.platform == "cpu":
     print(f"note: {CPU_NOTE}")
   return memory

@@ -170,8 +170,7 @@ class RolloutSource:
                        f"a multiple of {mesh.size}")
     self.sharding = parallel.batch_sharding(mesh)
     self.max_prompt_length = config.data.max_prompt_length
-    self.layout = layouts.GroupRows(self.max_prompt_length, online.max_completion_length, online.num_generations,
-                                    tuple(config.data.buckets))
+    self.layout = group_layout(config)
     self.rewards = _make_rewards(config)
     self.chat, self.stop_strings, self.options = _prompt_style(config, tokenizer, records)
     self.samplers: dict[int, sampling.Sampler] = {}
@@ -238,14 +237,7 @@ class RolloutSource:
 
   def zero_batch(self, length: int) -> layouts.RolloutBatch:
     """A batch of one step's shape with row length `length` and nothing in it (for compiling)."""
-    prompts, groups, width = self.prompts_per_step, self.num_generations, self.max_completion_length
-    group = self.layout.collate([], [], 0, rows=prompts, length=length)
-    group = _grouped(group, groups)
-    zeros = lambda *shape: np.zeros(shape, np.float32)
-    return layouts.RolloutBatch(group, zeros(prompts, groups), zeros(prompts, groups), zeros(prompts, groups),
-                                zeros(prompts, groups, width),
-                                zeros(prompts, groups, width) if self._ref_logps is not None else None,
-                                np.ones(prompts, np.float32))
+    return zero_batch(self.layout, self.prompts_per_step, length, with_reference=self._ref_logps is not None)
 
   # --- generating a batch
 
@@ -392,6 +384,24 @@ class RolloutSource:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def group_layout(config) -> layouts.GroupRows:
+  """The prompt-group layout of an online stage's batches."""
+  online = config.online
+  return layouts.GroupRows(config.data.max_prompt_length, online.max_completion_length, online.num_generations,
+                           tuple(config.data.buckets))
+
+
+def zero_batch(layout: layouts.GroupRows, prompts: int, length: int, *, with_reference: bool) -> layouts.RolloutBatch:
+  """A RolloutBatch of `prompts` prompt groups with rows of `length` tokens and nothing in them (for compiling);
+  reference log-probs present when `with_reference`."""
+  groups, width = layout.num_generations, layout.max_completion_length
+  group = _grouped(layout.collate([], [], 0, rows=prompts, length=length), groups)
+  zeros = lambda *shape: np.zeros(shape, np.float32)
+  return layouts.RolloutBatch(group, zeros(prompts, groups), zeros(prompts, groups), zeros(prompts, groups),
+                              zeros(prompts, groups, width), zeros(prompts, groups, width) if with_reference else None,
+                              np.ones(prompts, np.float32))
 
 
 def _or_none(value) -> float | None:

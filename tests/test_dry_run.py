@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxalign import config_lib, dry_run, parallel, step as step_lib, trainer
+from jaxalign import config_lib, dry_run, parallel, sources, step as step_lib, trainer
 from jaxalign.data import pipeline
+from jaxalign.tokenizer import load_tokenizer
 from helpers import prepared, tiny_config
 
 # (task, fields, how the step computes its log-probs): the tiny SFT step's logits are far below the chunking size;
@@ -43,6 +44,34 @@ def test_dry_run_figures_equal_the_training_steps_memory_analysis(cache_dir, nam
   assert figures.outputs == analysis.output_size_in_bytes - analysis.alias_size_in_bytes
   assert figures.parameters == sum(x.nbytes for x in jax.tree.leaves(params))
   assert figures.optimizer == sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+
+
+def test_an_online_stage_dry_run_compiles_the_batch_its_rollout_source_precompiles(cache_dir, capsys):
+  """GRPO (a KL term: reference log-probs in the batch): the dry run's batch has the shapes of the one the rollout
+  source precompiles for training (its longest rows), and its figures are that step's memory analysis."""
+  config = tiny_config(cache_dir, "grpo", **{
+      "online.rewards": "even=tests.reward_functions:even_token_share", "online.num_generations": 4,
+      "online.max_completion_length": 8, "training.batch_size": 8, "grpo.beta": 0.04, "data.eval_pairs": 0,
+      "model.logprob_chunk_above_mib": 0, "dry_run": True, "mesh.num_devices": 1})
+  [figures] = trainer.run(config, "unused-workdir")
+  out = capsys.readouterr().out
+  assert "2 rows of" in out and "log-probs: fused LM head" in out  # 8 completions = 2 prompt groups of 4
+  assert "reference model beside the step" in out and "sampler's key-value cache" in out
+
+  task, model, data, reference, mesh = prepared(config)
+  graphdef, params, rest = step_lib.split_model(model, config.lora.enabled)
+  tokenizer = load_tokenizer(pipeline.tokenizer_path(config, ""))
+  source = sources.build(config, data, mesh, tokenizer, reference, graphdef=graphdef, rest=rest, workdir="")
+  [batch] = source.precompile_batches(10)
+  planned = dry_run.largest_batch(config, task, reference, config.training.batch_size)
+  assert jax.tree.structure(batch) == jax.tree.structure(planned)
+  assert [x.shape for x in jax.tree.leaves(batch)] == [x.shape for x in jax.tree.leaves(planned)]
+  tx = step_lib.make_optimizer(config.optimizer, total_steps=4)
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  steps = step_lib.StepFunctions(task, graphdef, rest, tx, jax.random.key(0), accum=1, reference=reference)
+  analysis = steps.lower_train(state, batch).compile().memory_analysis()
+  assert figures.temporaries == analysis.temp_size_in_bytes > 0
+  assert figures.beside == sum(x.nbytes for x in jax.tree.leaves(reference.state)) > 0  # the source runs it
 
 
 def test_the_largest_batch_that_fits_is_found_and_printed(cache_dir, capsys):
