@@ -118,6 +118,37 @@ def test_group_logprobs_chunked_equal_unchunked_with_gradients(with_entropies, c
   assert_trees_close(objective(chunks), objective(logprobs.UNCHUNKED))
 
 
+ONLINE_TASKS = {"grpo": tasks.GRPOTask(num_generations=3, beta=0.04, temperature=0.7, use_old_logps=True),
+                "gspo": tasks.GRPOTask(num_generations=3, importance_sampling_level="sequence", loss_type="grpo"),
+                "rloo": tasks.RLOOTask(num_generations=3, beta=0.05)}
+
+
+@pytest.mark.parametrize("chunks", [logprobs.Chunks(positions=4), logprobs.Chunks(vocabulary=24)],
+                         ids=["positions", "vocabulary"])
+@pytest.mark.parametrize("task", ONLINE_TASKS.values(), ids=ONLINE_TASKS.keys())
+def test_online_tasks_chunked_equal_unchunked_loss_metrics_and_gradients(task, chunks):
+  """The online tasks' whole loss on a RolloutBatch (2 prompts x 3 completions; old and reference log-probs; a
+  sampling temperature): loss, metrics (the entropy among them) and every parameter's gradient."""
+  rng = np.random.default_rng(8)
+  ids = lambda n: rng.integers(3, 64, n).astype(np.int32)
+  layout = layouts.GroupRows(max_prompt_length=8, max_completion_length=6, num_generations=3)
+  group = layout.collate([ids(5), ids(7)], [[ids(n) for n in (6, 2, 4)], [ids(n) for n in (1, 6, 5)]], pad_id=1)
+  grouped = lambda x: x.reshape(2, 3, *x.shape[1:])
+  group = dataclasses.replace(group, targets=grouped(group.targets), predecessors=grouped(group.predecessors),
+                              completion_mask=grouped(group.completion_mask), row_mask=grouped(group.row_mask))
+  per_token = lambda: rng.normal(-3.0, 0.3, (2, 3, 6)).astype(np.float32)
+  batch = on_device(layouts.RolloutBatch(
+      group, rewards=rng.normal(size=(2, 3)).astype(np.float32), advantages=rng.normal(size=(2, 3)).astype(np.float32),
+      truncated=np.zeros((2, 3), np.float32), old_logps=per_token(), ref_logps=per_token(),
+      num_items=np.full(2, group.completion_mask.sum(), np.float32)))
+  model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(5))
+  (want_loss, want_metrics), want_grads = model_grads(task, model, batch)
+  (loss, metrics), grads = model_grads(dataclasses.replace(task, logprob_chunks=chunks), model, batch)
+  np.testing.assert_allclose(loss, want_loss, atol=1e-5)
+  assert_trees_close(metrics, want_metrics)
+  assert_trees_close(grads, want_grads)
+
+
 def test_the_compiled_gradient_has_no_rows_by_scored_by_vocab_buffer():
   """XLA's memory analysis of the gradient: the unchunked path's temporaries exceed one [rows, scored, vocab] fp32
   buffer, the chunked path's stay below it."""
