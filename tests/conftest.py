@@ -52,3 +52,10 @@ def cache_dir(tmp_path_factory):
 
 def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(os.environ["JAXALIGN_CACHE"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+  """The modules with end-to-end (slow) tests run first, each still in file order: parallel workers (pytest -n) then
+  end on short tests and finish together, instead of one running a minute-long test alone at the end."""
+  heavy = {getattr(item, "module", None) for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: getattr(item, "module", None) not in heavy)
