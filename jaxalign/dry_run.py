@@ -28,8 +28,6 @@ from jaxalign.models import lora, registry, reward
 
 CPU_NOTE = ("XLA:CPU attention keeps each layer's full [heads, length, length] score matrices, so on CPU this is an "
             "upper bound: a GPU with fused (flash) attention needs less")
-
-
 GENERATION_NOTE = ("an online stage also samples its completions between steps: the sampler's key-value cache (rows x "
                    "tokens x layers x 2 x key-value width) comes and goes beside these figures and is not in them")
 
@@ -237,12 +235,11 @@ def run_stage(config, memory_budget: str) -> StepMemory:
 
   beside = held_beside_the_step(config, task, reference, mesh)
 
-  def measure(batch_size: int) -> StepMemory:
-    batch = largest_batch(config, task, reference, batch_size)
+  def measure(batch) -> StepMemory:
     return step_memory(*compile_step(config, task, model, reference, batch, mesh), beside)
 
-  memory = measure(config.training.batch_size)
   batch = largest_batch(config, task, reference, config.training.batch_size)
+  memory = measure(batch)
   rows, length = jax.tree.leaves(batch)[0].shape  # the (first) input ids
   device = jax.devices()[0]
   print(f"dry run of task {config.task} ({config.model.dtype} compute, {type(model).__name__}): one train step at "
@@ -258,7 +255,8 @@ def run_stage(config, memory_budget: str) -> StepMemory:
     online = task.batch_kind == "prompts"
     unit = config.training.grad_accum * mesh.size * (config.online.num_generations if online else 1)
     steps = "grad_accum x devices" + (" x online.num_generations" if online else "")
-    best = largest_fitting(lambda n: measure(n * unit).total <= budget, max(config.training.batch_size // unit, 1))
+    fits = lambda n: measure(largest_batch(config, task, reference, n * unit)).total <= budget
+    best = largest_fitting(fits, max(config.training.batch_size // unit, 1))
     print(f"largest training.batch_size whose step fits {gib(budget)} per device: "
           + (f"{best * unit} (in steps of {unit}: {steps})" if best else "none (not even "
              f"{unit}); lower data.max_length, or use model.remat, mesh.fsdp or LoRA"))

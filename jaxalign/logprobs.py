@@ -71,9 +71,9 @@ def head_logprobs(model, hidden: jax.Array, targets: jax.Array, chunks: Chunks, 
   """log p(targets) [rows, S] (fp32) at hidden states [rows, S, D] under the model's LM head with its logits divided
   by `temperature`, and with `with_entropies` the entropy [rows, S], chunked as `chunks` says."""
   rows, length = targets.shape
-  chunks = chunks.for_logits(rows, length, model.config.vocab_size)
   head = model.head() if chunks.vocabulary else None
-  if head is not None:
+  chunks = chosen_way(chunks, rows, length, model.config.vocab_size, plain_head=head is not None)
+  if chunks.vocabulary:
     weight, vocab_first = head
     if temperature != 1.0:  # the fused head is linear (no bias): logits(h / T) = logits(h) / T
       hidden = (hidden.astype(jnp.float32) / temperature).astype(hidden.dtype)
@@ -86,14 +86,23 @@ def head_logprobs(model, hidden: jax.Array, targets: jax.Array, chunks: Chunks, 
   return chunked_logprobs(logits, hidden, targets, chunk_size=chunks.positions)
 
 
+def chosen_way(chunks: Chunks, rows: int, length: int, vocab: int, *, plain_head: bool) -> Chunks:
+  """The one way `head_logprobs` takes for targets [rows, length] under `chunks`: vocabulary slices (the fused
+  head, where the head is a plain product), position chunks, or `UNCHUNKED`."""
+  chunks = chunks.for_logits(rows, length, vocab)
+  if chunks.vocabulary and plain_head:
+    return Chunks(vocabulary=chunks.vocabulary)
+  return Chunks(positions=chunks.positions) if 0 < chunks.positions < length else UNCHUNKED
+
+
 def describe(chunks: Chunks, model, rows: int, length: int) -> str:
   """In words, what `head_logprobs` computes for targets [rows, length] of `model` under `chunks`."""
   vocab = model.config.vocab_size
   size = f"{rows * length * vocab * 4 / 2**30:.2f} GiB of float32 logits [{rows}, {length}, {vocab}]"
-  chunks = chunks.for_logits(rows, length, vocab)
-  if chunks.vocabulary and _has_plain_head(model):
+  chunks = chosen_way(chunks, rows, length, vocab, plain_head=bool(chunks.vocabulary) and _has_plain_head(model))
+  if chunks.vocabulary:
     return f"fused LM head, {min(chunks.vocabulary, vocab)} vocabulary columns a slice (instead of {size})"
-  if 0 < chunks.positions < length:
+  if chunks.positions:
     return f"{chunks.positions} scored positions per row a chunk (instead of {size})"
   return f"unchunked, {size}"
 

@@ -142,11 +142,7 @@ def test_online_tasks_chunked_equal_unchunked_loss_metrics_and_gradients(task, c
       truncated=np.zeros((2, 3), np.float32), old_logps=per_token(), ref_logps=per_token(),
       num_items=np.full(2, group.completion_mask.sum(), np.float32)))
   model = opt.OPTForCausalLM(TINY, rngs=nnx.Rngs(5))
-  (want_loss, want_metrics), want_grads = model_grads(task, model, batch)
-  (loss, metrics), grads = model_grads(dataclasses.replace(task, logprob_chunks=chunks), model, batch)
-  np.testing.assert_allclose(loss, want_loss, atol=1e-5)
-  assert_trees_close(metrics, want_metrics)
-  assert_trees_close(grads, want_grads)
+  assert_chunked_equals_unchunked(task, model, batch, chunks)
 
 
 def test_the_compiled_gradient_has_no_rows_by_scored_by_vocab_buffer():
@@ -175,6 +171,15 @@ def model_grads(task, model, batch):
   return jax.value_and_grad(loss, has_aux=True)(params)
 
 
+def assert_chunked_equals_unchunked(task, model, batch, chunks):
+  """`task`'s loss, metrics and every parameter's gradient are the same with `chunks` as unchunked."""
+  (want_loss, want_metrics), want_grads = model_grads(task, model, batch)
+  (loss, metrics), grads = model_grads(dataclasses.replace(task, logprob_chunks=chunks), model, batch)
+  np.testing.assert_allclose(loss, want_loss, atol=1e-5)
+  assert_trees_close(metrics, want_metrics)
+  assert_trees_close(grads, want_grads)
+
+
 PAIR_LAYOUTS = {"separate": layouts.SeparateRows(max_length=20), "shared": layouts.SharedRows(max_length=32),
                 "packed": layouts.SharedRows(max_length=40, packing=True)}
 PAIR_TASKS = {"dpo": tasks.DPOTask(beta=0.5), "kto": tasks.KTOTask(), "cpo": tasks.CPOTask(), "orpo": tasks.ORPOTask()}
@@ -197,11 +202,7 @@ def test_pair_tasks_chunked_equal_unchunked_loss_metrics_and_gradients(task, lay
               "reference_rejected_logps": rng.normal(-20, 3, 6).astype(np.float32)}
   examples = layout.examples(pairs)
   batch = on_device(layout.collate(examples, np.arange(len(examples)), layout.row_limit, 1, per_pair=per_pair))
-  (want_loss, want_metrics), want_grads = model_grads(task, model, batch)
-  (loss, metrics), grads = model_grads(dataclasses.replace(task, logprob_chunks=chunks), model, batch)
-  np.testing.assert_allclose(loss, want_loss, atol=1e-5)
-  assert_trees_close(metrics, want_metrics)
-  assert_trees_close(grads, want_grads)
+  assert_chunked_equals_unchunked(task, model, batch, chunks)
 
 
 def test_the_fused_head_on_a_sharded_mesh_equals_one_device():
@@ -241,10 +242,7 @@ def test_sft_chunked_equals_unchunked_with_an_untied_head(packing, chunks):
   examples = layout.examples(tokenize.sft_examples(random_pairs(6, seed=7), max_length=40))
   batch = on_device(layout.collate(examples, np.arange(len(examples.input_ids)), 40, 1))
   assert model.head()[1] is False  # the kernel's layout, [width, vocab]
-  (want_loss, _), want_grads = model_grads(tasks.SFTTask(), model, batch)
-  (loss, _), grads = model_grads(tasks.SFTTask(logprob_chunks=chunks), model, batch)
-  np.testing.assert_allclose(loss, want_loss, atol=1e-5)
-  assert_trees_close(grads, want_grads)
+  assert_chunked_equals_unchunked(tasks.SFTTask(), model, batch, chunks)
 
 
 def test_the_chunk_size_comes_from_the_config_and_is_checked():
